@@ -1,0 +1,62 @@
+"""Which study store the app shows, and the shared "what is missing and how to build it" message."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+from app import queries
+from engine.errors import ExplorerError
+from engine.paths import stores_dir
+
+STORE_ENV = "REFUSAL_EXPLORER_STORE"
+BUILD_COMMAND = "python -m precompute run --config precompute/configs/demo.yaml"
+
+
+def store_from_argv() -> Path | None:
+    """`streamlit run app/main.py -- --store PATH` passes PATH here."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--store", type=Path)
+    known, _ = parser.parse_known_args(sys.argv[1:])
+    return known.store
+
+
+def known_stores() -> list[Path]:
+    return sorted(stores_dir().glob("*.duckdb"))
+
+
+def current_store() -> Path:
+    """The chosen store: sidebar choice, else --store, else $REFUSAL_EXPLORER_STORE, else demo."""
+    chosen = st.session_state.get("store_path")
+    if chosen:
+        return Path(chosen)
+    default = store_from_argv() or os.environ.get(STORE_ENV) or stores_dir() / "demo.duckdb"
+    return Path(default)
+
+
+def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
+    """Stop the page with a clear message when the store or some of its tables are missing."""
+    if not path.is_file():
+        st.info(
+            f"No study store at `{path}` yet. Build the embedded demo study (about 15 minutes "
+            f"on a 2-core CPU) with:\n\n```\n{BUILD_COMMAND}\n```\n\nor run `make demo`."
+        )
+        st.stop()
+    try:
+        present = queries.tables(path)
+    except ExplorerError as exc:
+        st.error(f"{exc.problem} Fix: {exc.fix}")
+        st.stop()
+    missing = [name for name in needed if name not in present]
+    if missing:
+        stages = sorted({queries.TABLE_STAGE.get(name, "?") for name in missing})
+        st.warning(
+            f"This store lacks {', '.join(missing)} (stage {', '.join(stages)} has not run). "
+            f"Build the rest with:\n\n```\n{BUILD_COMMAND}\n```"
+        )
+        st.stop()
+    return present

@@ -1,0 +1,23 @@
+"""Streamlit entry point: `streamlit run app/main.py -- --store data/stores/demo.duckdb`."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.context import current_store, known_stores
+
+st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
+
+store = current_store()
+with st.sidebar:
+    choices = list(dict.fromkeys([store, *known_stores()]))
+    picked = st.selectbox("Study store", choices, index=0, format_func=lambda p: p.stem,
+                          help="Stores live in data/stores/; build one with `python -m precompute run`.")
+    st.session_state["store_path"] = str(picked)
+    st.caption(f"`{picked}`")
+
+page = st.navigation([
+    st.Page("pages/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
+    st.Page("pages/prompts.py", title="Prompts", icon=":material/list:"),
+])
+page.run()

@@ -1,0 +1,101 @@
+"""Overview: who gets refused, by category and kind, for every model of the study."""
+
+from __future__ import annotations
+
+import altair as alt
+import streamlit as st
+
+from app import queries
+from app.context import current_store, require_tables
+
+KIND_ORDER = ["toxic", "hard", "safe"]
+KIND_HELP = {
+    "toxic": "should be refused",
+    "hard": "sounds harmful, is safe: refusing is over-refusal",
+    "safe": "plainly harmless",
+}
+
+store = current_store()
+st.title("Refusal overview")
+present = require_tables(store, ("prompts", "generations", "refusal_rates", "judge_agreement"))
+
+rates = queries.query(store, queries.RATES_SQL)
+models = queries.query(store, queries.MODELS_SQL)
+counts = queries.query(store, queries.PROMPT_COUNTS_SQL)
+
+st.caption(
+    "Refusal rate per harm category and prompt kind on the judged split, judged by the "
+    "substring judge; bars carry Wilson 95% intervals, hover for counts. "
+    + " · ".join(f"**{m.model}** = `{m.model_spec}`" for m in models.itertuples())
+)
+
+totals = rates.groupby(["model", "kind"], as_index=False)[["n", "n_refused"]].sum()
+columns = st.columns(len(KIND_ORDER))
+for column, kind in zip(columns, KIND_ORDER):
+    rows = totals[totals["kind"] == kind]
+    with column:
+        st.markdown(f"**{kind}** — {KIND_HELP[kind]}")
+        for row in rows.itertuples():
+            st.metric(f"{row.model} refused", f"{row.n_refused / row.n:.0%}",
+                      help=f"{row.n_refused} of {row.n} prompts")
+
+rates = rates.assign(
+    label=rates["n_refused"].astype(str) + " / " + rates["n"].astype(str),
+    category=rates["category"].replace({"none": "(safe set)"}),
+)
+base = alt.Chart(rates).encode(
+    x=alt.X("category:N", title=None, sort=sorted(rates["category"].unique())),
+    xOffset=alt.XOffset("model:N"),
+    color=alt.Color("model:N", title="model"),
+)
+bars = base.mark_bar().encode(
+    y=alt.Y("rate:Q", title="refusal rate", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+    tooltip=[
+        alt.Tooltip("model:N"), alt.Tooltip("category:N"), alt.Tooltip("kind:N"),
+        alt.Tooltip("label:N", title="refused / prompts"), alt.Tooltip("rate:Q", format=".1%"),
+        alt.Tooltip("ci_low:Q", format=".1%", title="95% CI low"),
+        alt.Tooltip("ci_high:Q", format=".1%", title="95% CI high"),
+        alt.Tooltip("mean_refusal_score:Q", format=".2f", title="mean refusal score"),
+    ],
+)
+whiskers = base.mark_rule(color="black", opacity=0.6).encode(y="ci_low:Q", y2="ci_high:Q")
+chart = (
+    alt.layer(bars, whiskers, data=rates)
+    .properties(width=alt.Step(14), height=220)
+    .facet(row=alt.Row("kind:N", sort=KIND_ORDER, title=None))
+    .resolve_scale(x="independent")
+)
+st.altair_chart(chart, width="content")
+
+with st.expander("Refusal rates as a table"):
+    st.dataframe(rates.drop(columns="label"), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="percent")
+                                for c in ("rate", "ci_low", "ci_high")})
+
+st.subheader("Do the two judges agree?")
+st.caption(
+    "Substring judge: a refusal phrase opens the response. Refusal score: log-odds of the "
+    "model's refusal tokens at the first response position (> 0 counts as refusal). "
+    "AUROC: how well the score ranks substring-judged refusals above compliances."
+)
+agreement = queries.query(store, queries.AGREEMENT_SQL)
+st.dataframe(agreement, hide_index=True, width="stretch")
+tokens = queries.query(store, queries.REFUSAL_TOKENS_SQL)
+st.dataframe(tokens, hide_index=True, width="stretch",
+             column_config={"share_of_refusals": st.column_config.NumberColumn(format="percent")})
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Prompts")
+    st.dataframe(counts.pivot(index="kind", columns="split", values="n").fillna(0).astype(int),
+                 width="stretch")
+if "tune_steps" in present:
+    with right:
+        st.subheader("Safety fine-tune loss")
+        steps = queries.query(store, queries.TUNE_STEPS_SQL)
+        st.altair_chart(
+            alt.Chart(steps).mark_line().encode(x="step:Q", y=alt.Y("loss:Q", title="training loss"),
+                                                tooltip=["step", alt.Tooltip("loss:Q", format=".3f")])
+            .properties(height=200),
+            width="stretch",
+        )

@@ -1,0 +1,52 @@
+"""Prompt browser: every prompt, each model's answer and both judges' verdicts."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import queries
+from app.context import current_store, require_tables
+
+MAX_ROWS = 500
+
+store = current_store()
+st.title("Prompt browser")
+require_tables(store, ("prompts", "generations"))
+
+categories = queries.query(store, queries.CATEGORIES_SQL)["category"].tolist()
+with st.form("filters", border=False):
+    left, middle, right = st.columns([2, 1, 1])
+    picked_categories = left.multiselect("Category", categories, default=categories)
+    picked_kinds = middle.multiselect("Kind", ["toxic", "hard", "safe"], default=["toxic", "hard", "safe"])
+    picked_splits = right.multiselect("Split", ["train", "test"], default=["test"],
+                                      help="Generations exist for the judged split (test in the demo).")
+    search = st.text_input("Search prompt text", "")
+    st.form_submit_button("Filter")
+
+rows = queries.query(
+    store, queries.BROWSE_SQL,
+    (tuple(picked_categories), tuple(picked_kinds), tuple(picked_splits), search.strip(), MAX_ROWS),
+)
+st.caption(f"{len(rows)} prompts shown (at most {MAX_ROWS}). Select a row to see the answers.")
+selection = st.dataframe(
+    rows.drop(columns="id"), hide_index=True, width="stretch", height=320,
+    on_select="rerun", selection_mode="single-row", key="prompt_table",
+)
+picked_rows = selection.selection.rows if selection else []
+if not picked_rows:
+    st.info("Select a prompt above to read each model's answer.")
+    st.stop()
+
+prompt = rows.iloc[picked_rows[0]]
+st.markdown(f"#### {prompt.text}")
+st.caption(f"`{prompt.id}` · category **{prompt.category}** · kind **{prompt.kind}** · split {prompt.split}")
+answers = queries.query(store, queries.PROMPT_GENERATIONS_SQL, (prompt.id,))
+if answers.empty:
+    st.info("No generations for this prompt (only the configured splits are generated).")
+for column, answer in zip(st.columns(max(len(answers), 1)), answers.itertuples()):
+    with column:
+        verdict = "refused" if answer.refused else "complied"
+        st.markdown(f"**{answer.model}** (`{answer.model_spec}`, {answer.condition})")
+        st.markdown(f"Substring judge: **{verdict}** · refusal score **{answer.refusal_score:+.2f}**"
+                    f" ({'refusal' if answer.refused_by_score else 'compliance'} by score)")
+        st.text(answer.response)

@@ -1,0 +1,84 @@
+"""Read-only access to a study store for the app: SQL constants, `?` parameters, cached results.
+
+Results are cached per (store file, its modification time): when precompute swaps in a new
+store, the next rerun reads the new file; a reader never holds the file open between queries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from engine import store
+
+RUNS_SQL = "SELECT run_id, created_at, stage, models, dataset, code_version FROM runs ORDER BY created_at"
+STAGES_SQL = "SELECT stage, input_hash, run_id, finished_at FROM stages ORDER BY finished_at"
+PROMPT_COUNTS_SQL = """
+SELECT kind, split, count(*) AS n FROM prompts GROUP BY kind, split ORDER BY kind, split
+"""
+RATES_SQL = """
+SELECT model, category, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score
+FROM refusal_rates ORDER BY model, kind, category
+"""
+AGREEMENT_SQL = """
+SELECT model, kind, n, n_refused_substring, n_refused_score, accuracy, cohen_kappa, auroc
+FROM judge_agreement ORDER BY model, kind
+"""
+REFUSAL_TOKENS_SQL = "SELECT model, token, token_id, share_of_refusals, source FROM refusal_tokens"
+MODELS_SQL = "SELECT DISTINCT model, model_spec FROM generations ORDER BY model"
+TUNE_STEPS_SQL = "SELECT step, loss FROM tune_steps ORDER BY step"
+CATEGORIES_SQL = "SELECT DISTINCT category FROM prompts ORDER BY category"
+# Prompt browser: one row per prompt with each model's verdict; filters are parameters.
+BROWSE_SQL = """
+SELECT p.id, p.text, p.category, p.kind, p.split,
+       string_agg(g.model || ': ' || CASE WHEN g.refused THEN 'refused' ELSE 'complied' END, ', '
+                  ORDER BY g.model) AS verdicts
+FROM prompts p LEFT JOIN generations g ON g.prompt_id = p.id
+WHERE list_contains(?, p.category) AND list_contains(?, p.kind) AND list_contains(?, p.split)
+  AND p.text ILIKE '%' || ? || '%'
+GROUP BY p.id, p.text, p.category, p.kind, p.split
+ORDER BY p.category, p.kind, p.text
+LIMIT ?
+"""
+PROMPT_GENERATIONS_SQL = """
+SELECT model, model_spec, condition, response, refused, refusal_score, refused_by_score, n_new_tokens
+FROM generations WHERE prompt_id = ? ORDER BY model, condition
+"""
+
+# Which stage builds each table, for "how to build the rest" messages.
+TABLE_STAGE = {
+    "prompts": "prompts",
+    "tune_steps": "tune",
+    "generations": "generate",
+    "refusal_rates": "generate",
+    "judge_agreement": "generate",
+    "refusal_tokens": "generate",
+}
+
+
+def store_version(path: str | Path) -> int:
+    """Changes whenever precompute swaps in a new store file."""
+    return Path(path).stat().st_mtime_ns
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def run_query(path: str, version: int, sql: str, params: tuple = ()) -> pd.DataFrame:
+    """`version` is only part of the cache key (see store_version)."""
+    with store.reading(path) as con:
+        # Tuples stand for SQL lists (they keep the cache key hashable).
+        return con.execute(sql, [list(p) if isinstance(p, tuple) else p for p in params]).df()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def available_tables(path: str, version: int) -> frozenset[str]:
+    return frozenset(store.table_names(path))
+
+
+def query(path: str | Path, sql: str, params: tuple = ()) -> pd.DataFrame:
+    return run_query(str(path), store_version(path), sql, params)
+
+
+def tables(path: str | Path) -> frozenset[str]:
+    return available_tables(str(path), store_version(path))

@@ -1,0 +1,40 @@
+"""Resumable chunked work: each chunk's result is saved as parquet, so a re-run after a crash
+skips what is done. The cache folder is keyed by the caller (a stage's content hash), so a
+changed input never reuses a stale chunk."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def map_in_chunks(
+    items: pd.DataFrame,
+    work: Callable[[pd.DataFrame], pd.DataFrame],
+    *,
+    cache: Path,
+    chunk_size: int,
+    desc: str,
+) -> pd.DataFrame:
+    """Apply `work` to consecutive chunks of `items`, caching each result; concat in order."""
+    cache.mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(items), chunk_size)
+    done = sum(1 for s in starts if (cache / f"chunk-{s // chunk_size:05d}.parquet").is_file())
+    if done:
+        logger.info("%s: resuming, %d of %d chunks already done", desc, done, len(starts))
+    results = []
+    for start in tqdm(starts, desc=desc, unit="chunk"):
+        path = cache / f"chunk-{start // chunk_size:05d}.parquet"
+        if not path.is_file():
+            result = work(items.iloc[start : start + chunk_size])
+            partial = path.with_suffix(".partial")
+            result.to_parquet(partial, index=False)
+            partial.replace(path)
+        results.append(pd.read_parquet(path))
+    return pd.concat(results, ignore_index=True) if results else pd.DataFrame()

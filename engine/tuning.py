@@ -1,0 +1,157 @@
+"""The safety fine-tune that turns the embedded base model into the demo's refusing model.
+
+Toxic training prompts are answered with one refusal, worded the same for every category, so
+any category structure found later inside the model is the model's own; safe and hard prompts
+are answered with the base model's own greedy answers, so it keeps its manners. Loss is taken on
+the answer tokens only. Seeded: the same data and config give the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.chat import chat_prompt, end_of_turn
+from engine.errors import ExplorerError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    epochs: int = 2
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    max_response_tokens: int = 40
+    refusal_text: str = DEFAULT_REFUSAL
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": 1 <= self.epochs <= 20,
+            "learning_rate": 0 < self.learning_rate <= 1e-2,
+            "batch_size": 1 <= self.batch_size <= 512,
+            "max_response_tokens": 4 <= self.max_response_tokens <= 1024,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ExplorerError(
+                    f"tune.{name} = {getattr(self, name)!r} is out of range.",
+                    "use epochs 1-20, learning_rate in (0, 0.01], batch_size 1-512, "
+                    "max_response_tokens 4-1024.",
+                )
+        if not self.refusal_text.strip():
+            raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
+
+
+@dataclass(frozen=True)
+class SftExample:
+    instruction: str
+    response: str
+    complete: bool  # whether the response ended by itself (then it is closed with end-of-turn)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    losses: tuple[float, ...]  # mean loss per optimizer step
+    n_examples: int
+    n_steps: int
+    seconds: float
+
+
+def encode_example(tokenizer, example: SftExample, max_response_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on the prompt, so only the answer is learned)."""
+    prompt_ids = tokenizer(chat_prompt(tokenizer, example.instruction), add_special_tokens=False)[
+        "input_ids"
+    ]
+    closing = end_of_turn(tokenizer) if example.complete else ""
+    response_ids = tokenizer(example.response + closing, add_special_tokens=False)["input_ids"]
+    response_ids = response_ids[:max_response_tokens]
+    return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
+
+
+def _batches(
+    encoded: Sequence[tuple[list[int], list[int]]], batch_size: int, rng: random.Random
+) -> list[list[int]]:
+    """Batches of similar length (little padding) in a seeded random order."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), rng.random()))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, labs) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(labs)] = torch.tensor(labs)
+        attention[r, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def fine_tune(
+    base_dir: Path, examples: Sequence[SftExample], config: TuneConfig, out_dir: Path
+) -> TuneResult:
+    """Fine-tune the model saved in `base_dir` on `examples`; save it to `out_dir` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not examples:
+        raise ExplorerError("No training examples for the fine-tune.", "check the train split.")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # The embeddings are tied to the unembedding: freezing them keeps the tokens' meaning
+    # fixed and skips the costliest gradient (vocab x d_model) on a CPU.
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_example(tokenizer, ex, config.max_response_tokens) for ex in examples]
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 10) * (1 - step / total_steps)
+    )
+    losses: list[float] = []
+    started = time.perf_counter()
+    with tqdm(total=total_steps, desc="fine-tune", unit="step") as bar:
+        for _ in range(config.epochs):
+            for batch in _batches(encoded, config.batch_size, rng):
+                loss = model(**_collate([encoded[i] for i in batch], pad_id)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update(1)
+    model.eval()
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    partial.replace(out_dir)
+    return TuneResult(
+        losses=tuple(losses), n_examples=len(encoded), n_steps=len(losses),
+        seconds=time.perf_counter() - started,
+    )

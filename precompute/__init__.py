@@ -1,0 +1,1 @@
+"""Precompute: the command line that builds a study store (`python -m precompute --help`)."""

@@ -1,0 +1,85 @@
+"""`python -m precompute`: build a study store stage by stage.
+
+Commands:
+  run     run every stage in order, skipping those whose inputs and config are unchanged
+  tune    run the stages up to and including the fine-tune of the embedded demo model
+  status  show each stage's state in the store
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine import store
+from engine.errors import ExplorerError
+
+logger = logging.getLogger("precompute")
+
+DEFAULT_CONFIG = Path("precompute/configs/demo.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m precompute",
+        description="Build a Refusal Circuit Explorer study store from a YAML config.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "run all stages (unchanged stages are skipped; a crashed run resumes)"),
+        ("tune", "run the stages up to the demo model's fine-tune only"),
+        ("status", "show which stages are stored and whether they are up to date"),
+    ):
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                             help=f"study config YAML (default: {DEFAULT_CONFIG})")
+        command.add_argument("--store", type=Path, default=None,
+                             help="store file to write (default: the config's `store`, else "
+                                  "data/stores/<study>.duckdb)")
+        if name != "status":
+            command.add_argument("--force", action="append", default=[], metavar="STAGE",
+                                 help="re-run STAGE even if unchanged (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        # Heavy imports (torch, transformers) only after argument parsing keeps --help instant.
+        from precompute.config import load_config
+        from precompute.pipeline import input_hash, run_pipeline
+        from precompute.stages import STAGES
+
+        config = load_config(args.config, store_override=args.store)
+        if args.command == "status":
+            hashes: dict[str, str] = {}
+            for stage in STAGES:
+                if not stage.applies(config):
+                    logger.info("%-10s not applicable", stage.name)
+                    continue
+                hashes[stage.name] = input_hash(stage, config, hashes)
+                stored = store.stage_hash(config.store, stage.name)
+                state = "missing" if stored is None else "up to date" if stored == hashes[stage.name] else "stale"
+                logger.info("%-10s %s", stage.name, state)
+            return 0
+        until = "tune" if args.command == "tune" else None
+        reports = run_pipeline(config, STAGES, force=frozenset(args.force), until=until)
+        for report in reports:
+            logger.info("%-10s %-15s %6.1f s", report.stage, report.status, report.seconds)
+        logger.info("Store: %s", config.store)
+        return 0
+    except ExplorerError as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("Interrupted: finished stages are stored; run the same command again to resume.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Study configs: YAML files validated into dataclasses on load, with one clear error per problem."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import ExplorerError
+from engine.paths import REPO_ROOT, stores_dir
+from engine.prompts import CATEGORIES, check_categories
+from engine.tuning import TuneConfig
+
+
+def _out_of_range(name: str, value: object, allowed: str) -> ExplorerError:
+    return ExplorerError(f"{name} = {value!r} is out of range.", f"use {allowed}.")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    sources: tuple[dict[str, Any], ...] = ({"type": "builtin"},)
+    categories: tuple[str, ...] = CATEGORIES  # harm categories kept (safe prompts always are)
+    test_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ExplorerError("prompts.sources is empty.", "list at least one source, e.g. - type: builtin.")
+        check_categories(list(self.categories), "prompts.categories of the config")
+        if not 0.05 <= self.test_fraction <= 0.95:
+            raise _out_of_range("prompts.test_fraction", self.test_fraction, "a value in [0.05, 0.95]")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 32
+    splits: tuple[str, ...] = ("test",)
+    chunk_size: int = 128  # prompts per resumable chunk
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 2048:
+            raise _out_of_range("generation.max_new_tokens", self.max_new_tokens, "1-2048")
+        if not 1 <= self.batch_size <= 1024:
+            raise _out_of_range("generation.batch_size", self.batch_size, "1-1024")
+        if not 1 <= self.chunk_size <= 100_000:
+            raise _out_of_range("generation.chunk_size", self.chunk_size, "1-100000")
+        if not self.splits or set(self.splits) - {"train", "test"}:
+            raise _out_of_range("generation.splits", list(self.splits), "a list of train and/or test")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    min_share: float = 0.05
+    enrichment: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_share <= 1:
+            raise _out_of_range("judge.min_share", self.min_share, "a value in (0, 1]")
+        if self.enrichment < 1:
+            raise _out_of_range("judge.enrichment", self.enrichment, "a value >= 1")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: str
+    models: dict[str, str]  # role (e.g. base, tuned) -> model spec
+    store: Path
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    tune: TuneConfig | None = None  # set: build the embedded tuned model before generating
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.study or not self.study.replace("-", "").replace("_", "").isalnum():
+            raise ExplorerError(f"study name {self.study!r} is not usable as a file name.",
+                                "use letters, digits, - and _.")
+        if not self.models:
+            raise ExplorerError("models is empty.", "name at least one model, e.g. base: smollm2-135m-instruct.")
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain data, for content hashes and the runs table."""
+        value = getattr(self, name)
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+SECTIONS: dict[str, type] = {
+    "prompts": PromptConfig,
+    "generation": GenerationConfig,
+    "tune": TuneConfig,
+    "judge": JudgeConfig,
+}
+TOP_LEVEL_KEYS = {"study", "models", "store", *SECTIONS}
+
+
+def _build_section(name: str, cls: type, raw: object) -> Any:
+    if not isinstance(raw, dict):
+        raise ExplorerError(f"Config section {name!r} must be a mapping.", f"write `{name}:` with keys under it.")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise ExplorerError(
+            f"Unknown key(s) {unknown} in config section {name!r}.",
+            f"valid keys are {', '.join(sorted(valid))}.",
+        )
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ExplorerError(f"Bad value in config section {name!r}: {exc}.", "check the value types.") from exc
+
+
+def parse_config(raw: dict[str, Any], *, store_override: Path | None = None) -> StudyConfig:
+    unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ExplorerError(f"Unknown top-level config key(s) {unknown}.",
+                            f"valid keys are {', '.join(sorted(TOP_LEVEL_KEYS))}.")
+    if "study" not in raw or "models" not in raw:
+        raise ExplorerError("The config needs `study:` and `models:`.", "see precompute/configs/demo.yaml.")
+    if not isinstance(raw["models"], dict):
+        raise ExplorerError("`models:` must map a role to a model spec.", "e.g. base: smollm2-135m-instruct.")
+    study = str(raw["study"])
+    store = store_override or Path(raw.get("store") or stores_dir() / f"{study}.duckdb")
+    if not store.is_absolute():
+        store = REPO_ROOT / store
+    sections = {
+        name: _build_section(name, cls, raw[name]) for name, cls in SECTIONS.items() if raw.get(name) is not None
+    }
+    return StudyConfig(study=study, models={str(k): str(v) for k, v in raw["models"].items()},
+                       store=store, **sections)
+
+
+def load_config(path: str | Path, *, store_override: Path | None = None) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ExplorerError(f"Config file {path} does not exist.", "pass e.g. --config precompute/configs/demo.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ExplorerError(f"Config {path} is not valid YAML: {exc}", "fix the YAML syntax.") from exc
+    if not isinstance(raw, dict):
+        raise ExplorerError(f"Config {path} is not a mapping.", "see precompute/configs/demo.yaml.")
+    return parse_config(raw, store_override=store_override)

@@ -1,0 +1,7 @@
+"""The study's stages, in the order they run."""
+
+from precompute.stages.generate import GenerateStage
+from precompute.stages.prompts import PromptsStage
+from precompute.stages.tune import TuneStage
+
+STAGES = (PromptsStage(), TuneStage(), GenerateStage())

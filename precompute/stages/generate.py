@@ -1,0 +1,114 @@
+"""Stage `generate`: every model answers the chosen splits; both judges score the answers.
+
+Writes `generations` (one row per prompt x model: response, substring-judge label, refusal
+score), `refusal_tokens` (what the score reads, per model), `judge_agreement` and
+`refusal_rates` (per model x category x kind, with Wilson 95% intervals).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from statsmodels.stats.proportion import proportion_confint
+
+from engine.chunked import map_in_chunks
+from engine.generation import first_position_logprobs, generate
+from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_score
+from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, load_model
+from precompute.config import StudyConfig
+from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
+
+logger = logging.getLogger(__name__)
+
+
+def model_fingerprint(spec: str) -> str:
+    """What identifies a model's weights for the content hash (the tuned one is covered by
+    the tune stage's hash, a local folder by its config and weight files' contents)."""
+    if spec in (EMBEDDED_BASE, EMBEDDED_TUNED):
+        return f"{spec}:{EMBEDDED_GGUF_FILE}"
+    path = Path(spec)
+    if path.is_dir():
+        return f"dir:{fingerprint_path(path)}"
+    return f"hub:{spec}"
+
+
+def refusal_rates(generations: pd.DataFrame) -> pd.DataFrame:
+    """Refusal rate per model x category x kind (substring judge), Wilson 95% intervals."""
+    grouped = (
+        generations.groupby(["model", "category", "kind"], as_index=False)
+        .agg(n=("refused", "size"), n_refused=("refused", "sum"),
+             mean_refusal_score=("refusal_score", "mean"))
+    )
+    low, high = proportion_confint(grouped["n_refused"], grouped["n"], alpha=0.05, method="wilson")
+    return grouped.assign(rate=grouped["n_refused"] / grouped["n"], ci_low=low, ci_high=high)
+
+
+class GenerateStage(Stage):
+    name = "generate"
+    version = 1
+    upstream = ("prompts", "tune")
+
+    def inputs(self, config: StudyConfig) -> dict[str, Any]:
+        return {
+            "models": {role: model_fingerprint(spec) for role, spec in config.models.items()},
+            "generation": config.section("generation"),
+            "judge": config.section("judge"),
+        }
+
+    def run(self, context: StageContext) -> StageOutput:
+        config = context.config
+        settings = config.generation
+        prompts = context.table("prompts").drop(columns="run_id")
+        selected = prompts[prompts["split"].isin(settings.splits)].reset_index(drop=True)
+        frames, tokens, agreements = [], [], []
+        for role, spec in config.models.items():
+            model = load_model(spec)
+
+            def answer(chunk: pd.DataFrame) -> pd.DataFrame:
+                outputs = generate(model, list(chunk["text"]), max_new_tokens=settings.max_new_tokens,
+                                   batch_size=settings.batch_size, desc=f"generate {role}")
+                return pd.DataFrame({
+                    "prompt_id": chunk["id"].to_numpy(),
+                    "response": [o.text for o in outputs],
+                    "first_token_id": [o.first_token_id for o in outputs],
+                    "n_new_tokens": [o.n_new_tokens for o in outputs],
+                })
+
+            answers = map_in_chunks(selected, answer, cache=context.cache(self.name) / role,
+                                    chunk_size=settings.chunk_size, desc=f"generate {role}")
+            answers["refused"] = [is_refusal(text) for text in answers["response"]]
+            found = find_refusal_tokens(model.tokenizer, answers["first_token_id"].tolist(),
+                                        answers["refused"].tolist(),
+                                        min_share=config.judge.min_share, enrichment=config.judge.enrichment)
+            logger.info("%s refusal tokens (%s): %s", role, found.source, list(found.tokens))
+            logprobs = first_position_logprobs(model, list(selected["text"]), found.token_ids,
+                                               batch_size=settings.batch_size)
+            answers["refusal_score"] = refusal_score(logprobs)
+            answers["refused_by_score"] = answers["refusal_score"] > 0
+            answers = answers.assign(model=role, model_spec=spec, condition="baseline")
+            frames.append(answers.merge(selected[["id", "category", "kind", "split"]],
+                                        left_on="prompt_id", right_on="id").drop(columns="id"))
+            tokens.append(pd.DataFrame({
+                "model": role, "token_id": found.token_ids, "token": found.tokens,
+                "share_of_refusals": found.share_of_refusals, "source": found.source,
+            }))
+            for kind, group in [("all", frames[-1]), *frames[-1].groupby("kind")]:
+                agreement = judge_agreement(group["refused"].tolist(), group["refusal_score"].tolist())
+                agreements.append({"model": role, "kind": kind, **agreement.__dict__})
+            del model
+        generations = pd.concat(frames, ignore_index=True)
+        generations["refusal_score"] = generations["refusal_score"].astype(np.float64)
+        return StageOutput(
+            tables={
+                "generations": generations,
+                "refusal_tokens": pd.concat(tokens, ignore_index=True),
+                "judge_agreement": pd.DataFrame(agreements),
+                "refusal_rates": refusal_rates(generations),
+            },
+            models=tuple(config.models.values()),
+            dataset="+".join(sorted(prompts["source"].unique())),
+        )

@@ -1,0 +1,52 @@
+"""Stage `prompts`: load the configured prompt sources into the one `prompts` table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from engine.errors import ExplorerError
+from engine.paths import BUILTIN_PROMPTS
+from engine.prompt_sources import load_prompt_source
+from engine.prompts import NO_CATEGORY
+from precompute.config import StudyConfig
+from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
+
+PATH_OPTIONS = ("path", "folder", "location")
+
+
+def source_fingerprints(config: StudyConfig) -> list[str]:
+    """Content hashes of the local files behind each source, so edited files re-run the stage."""
+    prints = []
+    for source in config.prompts.sources:
+        if source.get("type") == "builtin":
+            prints.append(fingerprint_path(BUILTIN_PROMPTS))
+        for option in PATH_OPTIONS:
+            value = source.get(option)
+            if isinstance(value, str) and Path(value).exists():
+                prints.append(fingerprint_path(Path(value)))
+    return prints
+
+
+class PromptsStage(Stage):
+    name = "prompts"
+    version = 1
+
+    def inputs(self, config: StudyConfig) -> dict[str, Any]:
+        return {"prompts": config.section("prompts"), "files": source_fingerprints(config)}
+
+    def run(self, context: StageContext) -> StageOutput:
+        settings = context.config.prompts
+        loaded = [load_prompt_source(s, test_fraction=settings.test_fraction) for s in settings.sources]
+        prompts = pd.concat(loaded).drop_duplicates("id", keep="first")
+        keep = set(settings.categories) | {NO_CATEGORY}
+        prompts = prompts[prompts["category"].isin(keep)].reset_index(drop=True)
+        if prompts.empty:
+            raise ExplorerError(
+                "The configured prompt sources give no prompts in the chosen categories.",
+                "check prompts.sources and prompts.categories in the config.",
+            )
+        dataset = "+".join(sorted(prompts["source"].unique()))
+        return StageOutput(tables={"prompts": prompts}, dataset=dataset)

@@ -1,0 +1,80 @@
+"""Stage `tune`: build the safety-tuned demo model from the embedded base model.
+
+Applies when the study uses the embedded tuned model and has a `tune:` section. The base
+model's answers to the benign training prompts are generated in resumable chunks first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pandas as pd
+
+from engine.chunked import map_in_chunks
+from engine.generation import generate
+from engine.models import EMBEDDED_BASE, EMBEDDED_TUNED, export_embedded_base, load_model
+from engine.paths import models_dir
+from engine.tuning import SftExample, fine_tune
+from precompute.config import StudyConfig
+from precompute.pipeline import Stage, StageContext, StageOutput
+
+logger = logging.getLogger(__name__)
+
+TUNE_INFO = "tune_info.json"
+
+
+class TuneStage(Stage):
+    name = "tune"
+    version = 1
+    upstream = ("prompts",)
+
+    def applies(self, config: StudyConfig) -> bool:
+        return config.tune is not None and EMBEDDED_TUNED in config.models.values()
+
+    def inputs(self, config: StudyConfig) -> dict[str, Any]:
+        return {"tune": config.section("tune"), "base": EMBEDDED_BASE}
+
+    def is_fresh(self, context: StageContext) -> bool:
+        info = models_dir() / EMBEDDED_TUNED / TUNE_INFO
+        return info.is_file() and json.loads(info.read_text())["input_hash"] == context.hashes[self.name]
+
+    def run(self, context: StageContext) -> StageOutput:
+        tune = context.config.tune
+        assert tune is not None  # applies() guarantees it
+        prompts = context.table("prompts")
+        train = prompts[prompts["split"] == "train"]
+        benign = train[train["kind"] != "toxic"]
+        base = load_model(EMBEDDED_BASE)
+
+        def answer(chunk: pd.DataFrame) -> pd.DataFrame:
+            outputs = generate(base, list(chunk["text"]), max_new_tokens=tune.max_response_tokens,
+                               batch_size=context.config.generation.batch_size, desc="base answers")
+            return pd.DataFrame({
+                "prompt_id": chunk["id"].to_numpy(),
+                "response": [o.text for o in outputs],
+                "complete": [o.n_new_tokens < tune.max_response_tokens for o in outputs],
+            })
+
+        answers = map_in_chunks(benign, answer, cache=context.cache(self.name) / "base_answers",
+                                chunk_size=context.config.generation.chunk_size, desc="base answers")
+        del base
+        toxic = train[train["kind"] == "toxic"]
+        data = pd.concat([
+            pd.DataFrame({"prompt_id": toxic["id"].to_numpy(), "response": tune.refusal_text, "complete": True}),
+            answers,
+        ], ignore_index=True).merge(prompts[["id", "text", "kind", "category"]], left_on="prompt_id", right_on="id")
+        examples = [SftExample(r.text, r.response, bool(r.complete)) for r in data.itertuples()]
+        target = models_dir() / EMBEDDED_TUNED
+        result = fine_tune(export_embedded_base(), examples, tune, target)
+        (target / TUNE_INFO).write_text(json.dumps({"input_hash": context.hashes[self.name],
+                                                    "seconds": result.seconds, "n_examples": result.n_examples}))
+        logger.info("Fine-tuned on %d examples in %.0f s (final loss %.3f)",
+                    result.n_examples, result.seconds, result.losses[-1])
+        steps = pd.DataFrame({"step": range(1, result.n_steps + 1), "loss": result.losses})
+        return StageOutput(
+            tables={"tune_steps": steps,
+                    "tune_data": data[["prompt_id", "kind", "category", "response", "complete"]]},
+            models=(EMBEDDED_BASE, EMBEDDED_TUNED),
+        )

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny Llama-shaped chat model built in-process, and an isolated data dir."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.paths import BUILTIN_PROMPTS
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def _vocabulary() -> list[str]:
+    words = set(re.findall(r"\w+|[^\w\s]", BUILTIN_PROMPTS.read_text(encoding="utf-8")))
+    words |= {"system", "user", "assistant", "I", "'", "m", "sorry", "can", "t", "help", "Sure", "Here"}
+    return SPECIALS + sorted(words)
+
+
+def build_tiny_model(target: Path, *, seed: int = 0, n_layers: int = 2) -> Path:
+    """Save a random 2-layer Llama with a word-level ChatML tokenizer, like a real HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(_vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"],
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from engine.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Generated artifacts of a test go to its own folder, never to the repo's data/."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("REFUSAL_EXPLORER_DATA", str(data))
+    return data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def few_threads() -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_dataset(*parts: str) -> Path:
+    path = SHARED_DATASETS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"public dataset {path} is not on this machine (see ../shared/datasets/README.md)")
+    return path

