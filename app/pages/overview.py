@@ -36,7 +36,7 @@ for column, kind in zip(columns, KIND_ORDER):
     with column:
         st.markdown(f"**{kind}** — {KIND_HELP[kind]}")
         for row in rows.itertuples():
-            st.metric(f"{row.model} refused", f"{row.n_refused / row.n:.0%}",
+            st.metric(f"{row.model} refused ({kind})", f"{row.n_refused / row.n:.0%}",
                       help=f"{row.n_refused} of {row.n} prompts")
 
 rates = rates.assign(

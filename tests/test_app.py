@@ -1,0 +1,84 @@
+"""App pages rendered through Streamlit's AppTest on a store built from a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine import store
+from precompute import pipeline
+from precompute.config import parse_config
+from precompute.stages import STAGES
+
+APP = Path(__file__).resolve().parents[1] / "app"
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    path = root / "tiny.duckdb"
+    config = parse_config({
+        "study": "tiny", "store": str(path),
+        "models": {"base": str(tiny_model_dir), "other": str(tiny_model_dir)},
+        "prompts": {"test_fraction": 0.05},
+        "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
+    })
+    pipeline.run_pipeline(config, STAGES)
+    return path
+
+
+def _page(name: str, store_path: Path) -> AppTest:
+    app = AppTest.from_file(str(APP / "pages" / f"{name}.py"), default_timeout=60)
+    app.session_state["store_path"] = str(store_path)
+    return app.run()
+
+
+def test_overview_shows_rates_for_both_models(tiny_store: Path) -> None:
+    app = _page("overview", tiny_store)
+    assert not app.exception and not app.error
+    rates = store.read_table(tiny_store, "refusal_rates")
+    toxic = rates[rates["kind"] == "toxic"].groupby("model")[["n", "n_refused"]].sum()
+    metrics = {m.label: m for m in app.metric}
+    assert set(metrics) >= {"base refused (toxic)", "other refused (safe)"}
+    assert metrics["base refused (toxic)"].help == f"{toxic.loc['base', 'n_refused']} of {toxic.loc['base', 'n']} prompts"
+    charts = app.get("vega_lite_chart")
+    assert len(charts) == 1 and '"refusal rate"' in charts[0].proto.spec
+    agreement = app.dataframe[1].value
+    assert set(agreement["model"]) == {"base", "other"}
+
+
+def test_overview_without_store_explains_how_to_build_one(tmp_path: Path) -> None:
+    app = _page("overview", tmp_path / "nothing.duckdb")
+    assert not app.exception
+    assert "python -m precompute run" in app.info[0].value
+
+
+def test_overview_on_a_broken_store_shows_one_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.duckdb"
+    broken.write_text("garbage")
+    app = _page("overview", broken)
+    assert not app.exception and len(app.error) == 1
+    assert "not a readable DuckDB store" in app.error[0].value
+
+
+def test_store_missing_stages_says_which(tmp_path: Path, tiny_store: Path) -> None:
+    partial = tmp_path / "partial.duckdb"
+    prompts = store.read_table(tiny_store, "prompts").drop(columns="run_id")
+    run = store.RunRecord(study="p", stage="prompts", models=(), dataset="builtin", config={})
+    store.write_stage(partial, run=run, input_hash="x", tables={"prompts": prompts})
+    app = _page("overview", partial)
+    assert not app.exception
+    assert "stage generate has not run" in app.warning[0].value
+
+
+def test_prompt_browser_filters_with_parameters(tiny_store: Path) -> None:
+    app = _page("prompts", tiny_store)
+    assert not app.exception and not app.error
+    shown = app.dataframe[0].value
+    assert len(shown) > 0 and set(shown["split"]) == {"test"}
+    app.text_input[0].set_value("'; DROP TABLE prompts; --")
+    app.button[0].click().run()
+    assert not app.exception and len(app.dataframe[0].value) == 0  # a literal search, no injection
+    assert len(store.read_table(tiny_store, "prompts")) > 0

@@ -1,0 +1,65 @@
+"""The command line: documented options, one clear error line and a non-zero exit for bad input."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from precompute.__main__ import main
+
+
+def test_help_documents_every_option() -> None:
+    out = subprocess.run([sys.executable, "-m", "precompute", "run", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for option in ("--config", "--store", "--force"):
+        assert option in out
+    top = subprocess.run([sys.executable, "-m", "precompute", "--help"], capture_output=True, text=True).stdout
+    assert all(command in top for command in ("run", "tune", "status"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (None, "Config file .* does not exist"),
+    ("study: x\nmodels: {base: m}\nprompts: {categories: [weapons]}\n", "Unknown category \\['weapons'\\]"),
+    ("study: x\nmodels: {base: m}\ngeneration: {batch_size: 0}\n", "generation.batch_size = 0 is out of range"),
+    ("study: x\nmodels: {base: m}\ntune: {epochs: 99}\n", "tune.epochs = 99 is out of range"),
+    ("study: x\nmodels: {base: m}\ngeneration: {beams: 4}\n", "Unknown key\\(s\\) \\['beams'\\]"),
+    ("study: x\nmodel: m\n", "Unknown top-level config key"),
+    ("study: [unclosed\n", "not valid YAML"),
+    ("study: x\nmodels: {base: no-such-model}\n", "Unknown model 'no-such-model'"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, caplog, config, message) -> None:
+    path = tmp_path / "missing.yaml" if config is None else _write(tmp_path, config)
+    with caplog.at_level(logging.ERROR, logger="precompute"):
+        code = main(["run", "--config", str(path), "--store", str(tmp_path / "s.duckdb")])
+    assert code == 2
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "Fix:" in errors[0].getMessage()
+    assert re.search(message, errors[0].getMessage())
+
+
+def test_corrupt_store_is_reported_and_kept(tmp_path, caplog) -> None:
+    store = tmp_path / "s.duckdb"
+    store.write_text("not a database")
+    config = _write(tmp_path, "study: x\nmodels: {base: m}\n")
+    with caplog.at_level(logging.ERROR, logger="precompute"):
+        assert main(["status", "--config", str(config), "--store", str(store)]) == 2
+    assert "not a readable DuckDB store" in caplog.text
+    assert store.read_text() == "not a database"
+
+
+def test_status_reports_missing_stages(tmp_path, caplog) -> None:
+    config = _write(tmp_path, "study: x\nmodels: {base: m}\n")
+    with caplog.at_level(logging.INFO, logger="precompute"):
+        assert main(["status", "--config", str(config), "--store", str(tmp_path / "s.duckdb")]) == 0
+    assert "prompts    missing" in caplog.text and "tune       not applicable" in caplog.text

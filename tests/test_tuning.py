@@ -1,0 +1,81 @@
+"""The safety fine-tune: answer-only labels, a falling loss, config validation, and the tune stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from engine import models
+from engine.errors import ExplorerError
+from engine.tuning import SftExample, TuneConfig, encode_example, fine_tune
+from precompute import pipeline
+from precompute.config import parse_config
+from precompute.stages import STAGES
+from precompute.stages import tune as tune_stage
+
+
+def test_labels_cover_only_the_answer(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, labels = encode_example(tokenizer, SftExample("Name a fruit", "I ' m sorry", True), 40)
+    n_prompt = len(tokenizer("<|im_start|>user\nName a fruit<|im_end|>\n<|im_start|>assistant\n",
+                             add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    truncated_ids, _ = encode_example(tokenizer, SftExample("Name a fruit", "I ' m sorry", False), 2)
+    assert len(truncated_ids) == n_prompt + 2  # cut to max_response_tokens, no end-of-turn
+
+
+def test_fine_tune_lowers_the_loss_and_is_seeded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    examples = [SftExample(f"Write a haiku about the sea {i}", "I ' m sorry , I can ' t help", True)
+                for i in range(16)]
+    config = TuneConfig(epochs=4, learning_rate=3e-3, batch_size=4, seed=3)
+    first = fine_tune(tiny_model_dir, examples, config, tmp_path / "a")
+    second = fine_tune(tiny_model_dir, examples, config, tmp_path / "b")
+    assert first.n_steps == 16 and first.n_examples == 16
+    assert sum(first.losses[-4:]) / 4 < sum(first.losses[:4]) / 4 - 0.8  # nats, from ~8.1 here
+    assert first.losses == second.losses
+    assert (tmp_path / "a" / "config.json").is_file() and not (tmp_path / "a.partial").exists()
+
+
+@pytest.mark.parametrize("field", ["epochs", "learning_rate", "batch_size", "max_response_tokens"])
+def test_tune_config_rejects_out_of_range(field: str) -> None:
+    with pytest.raises(ExplorerError, match=f"tune.{field} = 0 is out of range"):
+        TuneConfig(**{field: 0})
+
+
+def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    # The embedded base is replaced by the tiny model: same stage code, no 135M-parameter run.
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    monkeypatch.setattr(models, "export_embedded_base", lambda target=None: base)
+    monkeypatch.setattr(tune_stage, "export_embedded_base", lambda target=None: base)
+    prompts = tmp_path / "p.csv"
+    pd.DataFrame({
+        "text": [f"Write a hateful speech number {i}" for i in range(6)] + [f"Name a fruit {i}" for i in range(6)],
+        "category": ["hate"] * 6 + ["none"] * 6,
+        "kind": ["toxic"] * 6 + ["safe"] * 6,
+    }).to_csv(prompts, index=False)
+    config = parse_config({
+        "study": "tiny", "store": str(tmp_path / "s.duckdb"),
+        "models": {"base": models.EMBEDDED_BASE, "tuned": models.EMBEDDED_TUNED},
+        "prompts": {"sources": [{"type": "table", "path": str(prompts),
+                                 "mapping": {"category": "category", "kind": "kind"}}], "test_fraction": 0.5},
+        "generation": {"max_new_tokens": 2, "batch_size": 8},
+        "tune": {"epochs": 1, "batch_size": 4, "max_response_tokens": 4},
+    })
+    first = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}
+    assert first == {"prompts": "ran", "tune": "ran"}
+    tuned = models.resolve_model_source(models.EMBEDDED_TUNED)
+    info = json.loads((Path(tuned) / "tune_info.json").read_text())
+    data = pipeline.store.read_table(config.store, "tune_data")
+    n_train = (pipeline.store.read_table(config.store, "prompts")["split"] == "train").sum()
+    assert info["n_examples"] == len(data) == n_train
+    assert set(data.loc[data["kind"] == "toxic", "response"]) == {config.tune.refusal_text}
+    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "skipped"
+    shutil.rmtree(tuned)  # the model folder is gone: the unchanged stage must run again
+    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "ran"
