@@ -33,6 +33,9 @@ class TuneConfig:
     learning_rate: float = 5e-5
     batch_size: int = 8
     max_response_tokens: int = 40
+    # Share of training examples that are toxic (toxic prompts are subsampled, per category, to
+    # reach it): a refusal is easy to learn, over-refusal of safe prompts is the risk.
+    toxic_share: float = 0.3
     refusal_text: str = DEFAULT_REFUSAL
     seed: int = 0
 
@@ -42,13 +45,14 @@ class TuneConfig:
             "learning_rate": 0 < self.learning_rate <= 1e-2,
             "batch_size": 1 <= self.batch_size <= 512,
             "max_response_tokens": 4 <= self.max_response_tokens <= 1024,
+            "toxic_share": 0 < self.toxic_share < 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ExplorerError(
                     f"tune.{name} = {getattr(self, name)!r} is out of range.",
                     "use epochs 1-20, learning_rate in (0, 0.01], batch_size 1-512, "
-                    "max_response_tokens 4-1024.",
+                    "max_response_tokens 4-1024, toxic_share in (0, 1).",
                 )
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")

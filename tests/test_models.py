@@ -82,3 +82,14 @@ def test_unreachable_hub_id_is_one_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ExplorerError, match="Could not load model 'nobody/not-a-model'"):
         models.load_model("nobody/not-a-model")
+
+
+def test_cached_generation_matches_uncached(tiny_model) -> None:
+    # Guards the transformers pin: with transformers 5.24 the bridge's attention never saw the
+    # KV cache and cached generation emitted garbage.
+    encoded = tiny_model.tokenizer(chat_prompt(tiny_model.tokenizer, "Write a short poem about the sea"),
+                                   return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        cached = tiny_model.hf_model.generate(**encoded, max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = tiny_model.hf_model.generate(**encoded, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()

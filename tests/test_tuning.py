@@ -42,7 +42,7 @@ def test_fine_tune_lowers_the_loss_and_is_seeded(tmp_path: Path, tiny_model_dir:
     assert (tmp_path / "a" / "config.json").is_file() and not (tmp_path / "a.partial").exists()
 
 
-@pytest.mark.parametrize("field", ["epochs", "learning_rate", "batch_size", "max_response_tokens"])
+@pytest.mark.parametrize("field", ["epochs", "learning_rate", "batch_size", "max_response_tokens", "toxic_share"])
 def test_tune_config_rejects_out_of_range(field: str) -> None:
     with pytest.raises(ExplorerError, match=f"tune.{field} = 0 is out of range"):
         TuneConfig(**{field: 0})
@@ -66,15 +66,17 @@ def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, 
         "prompts": {"sources": [{"type": "table", "path": str(prompts),
                                  "mapping": {"category": "category", "kind": "kind"}}], "test_fraction": 0.5},
         "generation": {"max_new_tokens": 2, "batch_size": 8},
-        "tune": {"epochs": 1, "batch_size": 4, "max_response_tokens": 4},
+        "tune": {"epochs": 1, "batch_size": 4, "max_response_tokens": 4, "toxic_share": 0.25},
     })
     first = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}
     assert first == {"prompts": "ran", "tune": "ran"}
     tuned = models.resolve_model_source(models.EMBEDDED_TUNED)
     info = json.loads((Path(tuned) / "tune_info.json").read_text())
     data = pipeline.store.read_table(config.store, "tune_data")
-    n_train = (pipeline.store.read_table(config.store, "prompts")["split"] == "train").sum()
-    assert info["n_examples"] == len(data) == n_train
+    train = pipeline.store.read_table(config.store, "prompts").query("split == 'train'")
+    n_benign = (train["kind"] != "toxic").sum()
+    assert info["n_examples"] == len(data) == n_benign + (data["kind"] == "toxic").sum()
+    assert (data["kind"] == "toxic").sum() == min((train["kind"] == "toxic").sum(), round(n_benign / 3))
     assert set(data.loc[data["kind"] == "toxic", "response"]) == {config.tune.refusal_text}
     assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "skipped"
     shutil.rmtree(tuned)  # the model folder is gone: the unchanged stage must run again

@@ -61,6 +61,8 @@ class TuneStage(Stage):
                                 chunk_size=context.config.generation.chunk_size, desc="base answers")
         del base
         toxic = train[train["kind"] == "toxic"]
+        wanted = tune.toxic_share / (1 - tune.toxic_share) * len(benign)
+        toxic = toxic.groupby("category").sample(frac=min(1.0, wanted / len(toxic)), random_state=tune.seed)
         data = pd.concat([
             pd.DataFrame({"prompt_id": toxic["id"].to_numpy(), "response": tune.refusal_text, "complete": True}),
             answers,
