@@ -55,6 +55,10 @@ TABLE_STAGE = {
     "refusal_rates": "generate",
     "judge_agreement": "generate",
     "refusal_tokens": "generate",
+    **{name: "directions" for name in (
+        "direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
+        "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
+        "category_cosines", "hard_prompt_direction")},
 }
 
 
@@ -82,3 +86,26 @@ def query(path: str | Path, sql: str, params: tuple = ()) -> pd.DataFrame:
 
 def tables(path: str | Path) -> frozenset[str]:
     return available_tables(str(path), store_version(path))
+
+CANDIDATES_SQL = """
+SELECT model, layer, position, position_label, ablation_score, induce_score, kl, eligible,
+       rejected_because, chosen
+FROM direction_candidates ORDER BY layer, position
+"""
+SEPARATION_SQL = "SELECT model, layer, separation_sigma, probe_accuracy FROM layer_separation ORDER BY model, layer"
+PROJECTIONS_SQL = """
+SELECT model, category, kind, projection FROM direction_projections
+WHERE split = 'test' AND (? = 'all' OR category = ? OR kind = 'safe')
+"""
+COSINES_SQL = "SELECT category_a, category_b, cosine, ci_low, ci_high FROM category_cosines"
+CROSS_ABLATION_SQL = """
+SELECT ablated, category, n, mean_refusal_score, refusal_rate_by_score FROM cross_ablation
+"""
+EFFECTS_SQL = """
+SELECT condition, category, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score
+FROM direction_effects ORDER BY kind, category, condition
+"""
+HARMLESSNESS_SQL = "SELECT condition, n, mean_kl, mean_cross_entropy FROM direction_harmlessness"
+HARD_DIRECTION_SQL = """
+SELECT n_refused, n_answered, cosine_with_global, ci_low, ci_high, note FROM hard_prompt_direction
+"""

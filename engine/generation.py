@@ -1,4 +1,4 @@
-"""Batched greedy generation and first-response-position log-probabilities.
+"""Batched greedy generation.
 
 Prompts are sorted by length before batching (less padding) and left-padded, so the last
 position of every row is the first response position. Generation runs Hugging Face `generate`
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -33,7 +33,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _encode_batches(
+def encode_batches(
     model: LoadedModel, instructions: Sequence[str], batch_size: int
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     tokenizer = model.tokenizer
@@ -62,7 +62,7 @@ def generate(
     results: list[Generation | None] = [None] * len(instructions)
     tokenizer = model.tokenizer
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar:
-        for batch, encoded in _encode_batches(model, instructions, batch_size):
+        for batch, encoded in encode_batches(model, instructions, batch_size):
             with torch.inference_mode():
                 output = model.hf_model.generate(
                     **encoded,
@@ -83,22 +83,15 @@ def generate(
     return [r for r in results if r is not None]
 
 
-def first_position_logprobs(
-    model: LoadedModel,
-    instructions: Sequence[str],
-    token_ids: Sequence[int],
-    *,
-    batch_size: int,
-) -> np.ndarray:
-    """Log-probabilities of `token_ids` as the first response token: [n_prompts, len(token_ids)]."""
-    rows: list[np.ndarray | None] = [None] * len(instructions)
-    wanted = torch.tensor(list(token_ids), dtype=torch.long, device=model.device)
-    for batch, encoded in _encode_batches(model, instructions, batch_size):
-        with torch.inference_mode():
-            logits = model.hf_model(**encoded).logits[:, -1, :]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)[:, wanted].cpu().numpy()
-        for row, index in enumerate(batch):
-            rows[index] = logprobs[row]
-    if not rows:
-        return np.zeros((0, len(token_ids)), dtype=np.float32)
-    return np.stack(rows)
+def answer_table(
+    model: LoadedModel, prompts: pd.DataFrame, *, max_new_tokens: int, batch_size: int, desc: str = "generate"
+) -> pd.DataFrame:
+    """Greedy answers to a prompt table's rows: prompt_id, response, first_token_id, n_new_tokens."""
+    outputs = generate(model, list(prompts["text"]), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       desc=desc)
+    return pd.DataFrame({
+        "prompt_id": prompts["id"].to_numpy(),
+        "response": [o.text for o in outputs],
+        "first_token_id": [o.first_token_id for o in outputs],
+        "n_new_tokens": [o.n_new_tokens for o in outputs],
+    })

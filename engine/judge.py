@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.stats import mannwhitneyu
 from statsmodels.stats.inter_rater import cohens_kappa
+from statsmodels.stats.proportion import proportion_confint
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +171,15 @@ def judge_agreement(refused: Sequence[bool], scores: Sequence[float]) -> JudgeAg
         cohen_kappa=kappa,
         auroc=auroc,
     )
+
+
+def refusal_rate_table(judged: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Refusal rate (substring judge) per group, with Wilson 95% intervals and the mean score.
+
+    `judged` has the grouping columns plus `refused` (bool) and `refusal_score`.
+    """
+    grouped = judged.groupby(by, as_index=False).agg(
+        n=("refused", "size"), n_refused=("refused", "sum"), mean_refusal_score=("refusal_score", "mean")
+    )
+    low, high = proportion_confint(grouped["n_refused"], grouped["n"], alpha=0.05, method="wilson")
+    return grouped.assign(rate=grouped["n_refused"] / grouped["n"], ci_low=low, ci_high=high)

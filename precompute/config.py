@@ -64,6 +64,38 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class DirectionsConfig:
+    model: str = "tuned"  # the role (in `models`) whose refusal directions are studied
+    validation_fraction: float = 0.2  # of the train split, held out for choosing the direction
+    max_validation_prompts: int = 32  # per kind, for scoring every candidate
+    layer_stride: int = 1  # score every n-th layer's candidates (all layers on a GPU)
+    max_kl: float = 0.1
+    prune_last_fraction: float = 0.2
+    addition_alpha: float = 1.0
+    bootstrap: int = 200
+    eval_max_new_tokens: int = 48
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.validation_fraction <= 0.5:
+            raise _out_of_range("directions.validation_fraction", self.validation_fraction, "0.05-0.5")
+        if not 4 <= self.max_validation_prompts <= 10_000:
+            raise _out_of_range("directions.max_validation_prompts", self.max_validation_prompts, "4-10000")
+        if not 1 <= self.layer_stride <= 64:
+            raise _out_of_range("directions.layer_stride", self.layer_stride, "1-64")
+        if not 0 < self.max_kl <= 10:
+            raise _out_of_range("directions.max_kl", self.max_kl, "a value in (0, 10]")
+        if not 0 <= self.prune_last_fraction < 1:
+            raise _out_of_range("directions.prune_last_fraction", self.prune_last_fraction, "[0, 1)")
+        if not 0 < self.addition_alpha <= 20:
+            raise _out_of_range("directions.addition_alpha", self.addition_alpha, "(0, 20]")
+        if not 10 <= self.bootstrap <= 100_000:
+            raise _out_of_range("directions.bootstrap", self.bootstrap, "10-100000")
+        if not 1 <= self.eval_max_new_tokens <= 2048:
+            raise _out_of_range("directions.eval_max_new_tokens", self.eval_max_new_tokens, "1-2048")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: str
     models: dict[str, str]  # role (e.g. base, tuned) -> model spec
@@ -72,6 +104,7 @@ class StudyConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     tune: TuneConfig | None = None  # set: build the embedded tuned model before generating
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    directions: DirectionsConfig | None = None  # set: find and test refusal directions
 
     def __post_init__(self) -> None:
         if not self.study or not self.study.replace("-", "").replace("_", "").isalnum():
@@ -79,6 +112,11 @@ class StudyConfig:
                                 "use letters, digits, - and _.")
         if not self.models:
             raise ExplorerError("models is empty.", "name at least one model, e.g. base: smollm2-135m-instruct.")
+        if self.directions is not None and self.directions.model not in self.models:
+            raise ExplorerError(
+                f"directions.model = {self.directions.model!r} is not one of the study's models.",
+                f"use one of {', '.join(self.models)}.",
+            )
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data, for content hashes and the runs table."""
@@ -91,6 +129,7 @@ SECTIONS: dict[str, type] = {
     "generation": GenerationConfig,
     "tune": TuneConfig,
     "judge": JudgeConfig,
+    "directions": DirectionsConfig,
 }
 TOP_LEVEL_KEYS = {"study", "models", "store", *SECTIONS}
 

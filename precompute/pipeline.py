@@ -21,7 +21,7 @@ import pandas as pd
 from engine import store
 from engine.errors import ExplorerError
 from engine.paths import cache_dir
-from precompute.config import StudyConfig
+from precompute.config import SECTIONS, StudyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def run_pipeline(
                 run = store.RunRecord(
                     study=config.study, stage=stage.name, models=output.models,
                     dataset=output.dataset,
-                    config={name: config.section(name) for name in ("prompts", "generation", "tune", "judge")}
+                    config={name: config.section(name) for name in SECTIONS}
                     | {"models": config.models},
                 )
                 store.write_stage(config.store, run=run, input_hash=digest, tables=output.tables)

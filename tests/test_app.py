@@ -24,6 +24,8 @@ def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
         "models": {"base": str(tiny_model_dir), "other": str(tiny_model_dir)},
         "prompts": {"test_fraction": 0.05},
         "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
+        "directions": {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
+                       "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3},
     })
     pipeline.run_pipeline(config, STAGES)
     return path
@@ -82,3 +84,15 @@ def test_prompt_browser_filters_with_parameters(tiny_store: Path) -> None:
     app.button[0].click().run()
     assert not app.exception and len(app.dataframe[0].value) == 0  # a literal search, no injection
     assert len(store.read_table(tiny_store, "prompts")) > 0
+
+
+def test_directions_page_marks_the_chosen_candidate(tiny_store: Path) -> None:
+    app = _page("directions", tiny_store)
+    assert not app.exception and not app.error
+    candidates = store.read_table(tiny_store, "direction_candidates")
+    chosen = candidates[candidates["chosen"]].iloc[0]
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Chosen layer / position"] == f"{chosen['layer']} / {chosen['position_label']}"
+    assert len(app.get("vega_lite_chart")) >= 6
+    app.radio[0].set_value("kl").run()
+    assert not app.exception

@@ -10,7 +10,8 @@ import torch
 from engine import models
 from engine.chat import chat_prompt, end_of_turn
 from engine.errors import ExplorerError
-from engine.generation import first_position_logprobs, generate, length_sorted_batches
+from engine.generation import generate, length_sorted_batches
+from engine.scoring import next_token_logprobs
 
 
 def test_tiny_model_loads_through_bridge_with_hook_names(tiny_model) -> None:
@@ -42,11 +43,11 @@ def test_batched_generation_matches_one_by_one(tiny_model) -> None:
     single = [generate(tiny_model, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
     assert [g.first_token_id for g in batched] == [g.first_token_id for g in single]
     assert [g.text for g in batched] == [g.text for g in single]
-    logprobs = first_position_logprobs(tiny_model, prompts, [g.first_token_id for g in single], batch_size=2)
+    logprobs = next_token_logprobs(tiny_model, prompts, token_ids=[g.first_token_id for g in single], batch_size=2)
     assert logprobs.shape == (3, 3)
     # greedy decoding picks the argmax, so each prompt's own first token has the row's top log-prob
     for row, gen in enumerate(single):
-        own = first_position_logprobs(tiny_model, [prompts[row]], range(len(tiny_model.tokenizer)), batch_size=1)
+        own = next_token_logprobs(tiny_model, [prompts[row]], batch_size=1)
         assert own[0].argmax() == gen.first_token_id
 
 

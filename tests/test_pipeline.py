@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -79,23 +80,24 @@ def test_unchanged_stages_are_skipped_and_changes_invalidate(tmp_path, tiny_mode
 
 def test_crashed_stage_resumes_from_finished_chunks(tmp_path, tiny_model_dir, prompt_file, monkeypatch) -> None:
     config = _config(tmp_path, tiny_model_dir, prompt_file, chunk_size=4)
-    real_generate = generate_stage.generate
+    real_answer_table = generate_stage.answer_table
     calls: list[int] = []
 
-    def crash_on_third_chunk(model, instructions, **kwargs):
-        calls.append(len(instructions))
+    def crash_on_third_chunk(model, chunk, **kwargs):
+        calls.append(len(chunk))
         if len(calls) == 3:
             raise RuntimeError("power cut")
-        return real_generate(model, instructions, **kwargs)
+        return real_answer_table(model, chunk, **kwargs)
 
-    monkeypatch.setattr(generate_stage, "generate", crash_on_third_chunk)
+    monkeypatch.setattr(generate_stage, "answer_table", crash_on_third_chunk)
     with pytest.raises(RuntimeError, match="power cut"):
         pipeline.run_pipeline(config, STAGES)
     assert store.stage_hash(config.store, "generate") is None  # nothing half-written
     assert store.stage_hash(config.store, "prompts") is not None  # finished stages are kept
     n_chunks = -(-len(store.read_table(config.store, "prompts").query("split == 'test'")) // 4)
     calls.clear()
-    monkeypatch.setattr(generate_stage, "generate", lambda *a, **k: (calls.append(1), real_generate(*a, **k))[1])
+    monkeypatch.setattr(generate_stage, "answer_table",
+                        lambda *a, **k: (calls.append(1), real_answer_table(*a, **k))[1])
     reports = pipeline.run_pipeline(config, STAGES)
     assert _statuses(reports) == {"prompts": "skipped", "tune": "not applicable", "generate": "ran"}
     assert len(calls) == n_chunks - 2  # the two chunks finished before the crash are reused
@@ -106,3 +108,36 @@ def test_unknown_stage_name_is_rejected(tmp_path, tiny_model_dir, prompt_file) -
 
     with pytest.raises(ExplorerError, match="Unknown stage 'judge'.*prompts, tune, generate"):
         pipeline.run_pipeline(_config(tmp_path, tiny_model_dir, prompt_file), STAGES, force=frozenset({"judge"}))
+
+
+def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir) -> None:
+    config = parse_config({
+        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"),
+        "models": {"base": str(tiny_model_dir), "tuned": str(tiny_model_dir)},
+        "prompts": {"test_fraction": 0.3},
+        "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 1024},
+        "directions": {"model": "tuned", "max_validation_prompts": 8, "bootstrap": 20,
+                       "eval_max_new_tokens": 2, "prune_last_fraction": 0.0, "max_kl": 10.0},
+    })
+    reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
+    assert reports["directions"] == "ran"
+    read = lambda name: store.read_table(config.store, name)  # noqa: E731
+    candidates = read("direction_candidates")
+    assert len(candidates) == 2 * 4 and candidates["chosen"].sum() == 1  # 2 layers x 4 positions
+    chosen = candidates[candidates["chosen"]].iloc[0]
+    directions = read("refusal_directions")
+    global_rows = directions[directions["scope"] == "global"]
+    assert len(global_rows) == 2 and global_rows["chosen"].sum() == 1
+    assert global_rows.loc[global_rows["chosen"], "layer"].item() == chosen["layer"]
+    assert len(global_rows["vector"].iloc[0]) == 64
+    effects = read("direction_effects")
+    assert set(effects["condition"]) == {"baseline", "ablation", "addition"}
+    assert set(effects.loc[effects["condition"] == "ablation", "kind"]) == {"toxic", "hard"}
+    cross = read("cross_ablation")
+    assert {"none", "global", "hate"} <= set(cross["ablated"]) and set(cross["category"]) >= {"hate", "violence"}
+    cosines = read("category_cosines")
+    assert len(cosines) == 100 and np.allclose(cosines.query("category_a == category_b")["cosine"], 1, atol=1e-5)
+    separation = read("layer_separation")
+    assert set(separation["model"]) == {"base", "tuned"} and len(separation) == 4
+    assert set(read("direction_projections")["model"]) == {"base", "tuned"}
+    assert read("direction_harmlessness")["condition"].tolist() == ["baseline", "ablation"]

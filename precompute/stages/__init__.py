@@ -1,7 +1,8 @@
 """The study's stages, in the order they run."""
 
+from precompute.stages.directions import DirectionsStage
 from precompute.stages.generate import GenerateStage
 from precompute.stages.prompts import PromptsStage
 from precompute.stages.tune import TuneStage
 
-STAGES = (PromptsStage(), TuneStage(), GenerateStage())
+STAGES = (PromptsStage(), TuneStage(), GenerateStage(), DirectionsStage())

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.proportion import proportion_confint
 
 from engine.chunked import map_in_chunks
-from engine.generation import first_position_logprobs, generate
-from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_score
+from engine.generation import answer_table
+from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_rate_table, refusal_score
+from engine.scoring import next_token_logprobs
 from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, load_model
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
@@ -34,17 +34,6 @@ def model_fingerprint(spec: str) -> str:
     if path.is_dir():
         return f"dir:{fingerprint_path(path)}"
     return f"hub:{spec}"
-
-
-def refusal_rates(generations: pd.DataFrame) -> pd.DataFrame:
-    """Refusal rate per model x category x kind (substring judge), Wilson 95% intervals."""
-    grouped = (
-        generations.groupby(["model", "category", "kind"], as_index=False)
-        .agg(n=("refused", "size"), n_refused=("refused", "sum"),
-             mean_refusal_score=("refusal_score", "mean"))
-    )
-    low, high = proportion_confint(grouped["n_refused"], grouped["n"], alpha=0.05, method="wilson")
-    return grouped.assign(rate=grouped["n_refused"] / grouped["n"], ci_low=low, ci_high=high)
 
 
 class GenerateStage(Stage):
@@ -69,14 +58,8 @@ class GenerateStage(Stage):
             model = load_model(spec)
 
             def answer(chunk: pd.DataFrame) -> pd.DataFrame:
-                outputs = generate(model, list(chunk["text"]), max_new_tokens=settings.max_new_tokens,
-                                   batch_size=settings.batch_size, desc=f"generate {role}")
-                return pd.DataFrame({
-                    "prompt_id": chunk["id"].to_numpy(),
-                    "response": [o.text for o in outputs],
-                    "first_token_id": [o.first_token_id for o in outputs],
-                    "n_new_tokens": [o.n_new_tokens for o in outputs],
-                })
+                return answer_table(model, chunk, max_new_tokens=settings.max_new_tokens,
+                                    batch_size=settings.batch_size, desc=f"generate {role}")
 
             answers = map_in_chunks(selected, answer, cache=context.cache(self.name) / role,
                                     chunk_size=settings.chunk_size, desc=f"generate {role}")
@@ -85,8 +68,8 @@ class GenerateStage(Stage):
                                         answers["refused"].tolist(),
                                         min_share=config.judge.min_share, enrichment=config.judge.enrichment)
             logger.info("%s refusal tokens (%s): %s", role, found.source, list(found.tokens))
-            logprobs = first_position_logprobs(model, list(selected["text"]), found.token_ids,
-                                               batch_size=settings.batch_size)
+            logprobs = next_token_logprobs(model, list(selected["text"]), token_ids=found.token_ids,
+                                           batch_size=settings.batch_size)
             answers["refusal_score"] = refusal_score(logprobs)
             answers["refused_by_score"] = answers["refusal_score"] > 0
             answers = answers.assign(model=role, model_spec=spec, condition="baseline")
@@ -107,7 +90,7 @@ class GenerateStage(Stage):
                 "generations": generations,
                 "refusal_tokens": pd.concat(tokens, ignore_index=True),
                 "judge_agreement": pd.DataFrame(agreements),
-                "refusal_rates": refusal_rates(generations),
+                "refusal_rates": refusal_rate_table(generations, ["model", "category", "kind"]),
             },
             models=tuple(config.models.values()),
             dataset="+".join(sorted(prompts["source"].unique())),

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from engine.chunked import map_in_chunks
-from engine.generation import generate
+from engine.generation import answer_table
 from engine.models import EMBEDDED_BASE, EMBEDDED_TUNED, export_embedded_base, load_model
 from engine.paths import models_dir
 from engine.tuning import SftExample, fine_tune
@@ -49,13 +49,10 @@ class TuneStage(Stage):
         base = load_model(EMBEDDED_BASE)
 
         def answer(chunk: pd.DataFrame) -> pd.DataFrame:
-            outputs = generate(base, list(chunk["text"]), max_new_tokens=tune.max_response_tokens,
-                               batch_size=context.config.generation.batch_size, desc="base answers")
-            return pd.DataFrame({
-                "prompt_id": chunk["id"].to_numpy(),
-                "response": [o.text for o in outputs],
-                "complete": [o.n_new_tokens < tune.max_response_tokens for o in outputs],
-            })
+            answers = answer_table(base, chunk, max_new_tokens=tune.max_response_tokens,
+                                   batch_size=context.config.generation.batch_size, desc="base answers")
+            return answers.assign(complete=answers["n_new_tokens"] < tune.max_response_tokens)[
+                ["prompt_id", "response", "complete"]]
 
         answers = map_in_chunks(benign, answer, cache=context.cache(self.name) / "base_answers",
                                 chunk_size=context.config.generation.chunk_size, desc="base answers")

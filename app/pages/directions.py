@@ -1,0 +1,126 @@
+"""Directions: which refusal direction was chosen, what it does causally, and how the
+categories' directions relate."""
+
+from __future__ import annotations
+
+import altair as alt
+import streamlit as st
+
+from app import queries
+from app.context import current_store, require_tables
+
+store = current_store()
+st.title("Refusal directions")
+require_tables(store, ("direction_candidates", "direction_effects", "layer_separation", "category_cosines",
+                       "cross_ablation", "direction_projections", "direction_harmlessness",
+                       "hard_prompt_direction"))
+
+candidates = queries.query(store, queries.CANDIDATES_SQL)
+chosen = candidates[candidates["chosen"]].iloc[0]
+effects = queries.query(store, queries.EFFECTS_SQL)
+harmlessness = queries.query(store, queries.HARMLESSNESS_SQL).set_index("condition")
+
+
+def rate(condition: str, kind: str) -> tuple[float, int, int]:
+    rows = effects[(effects["condition"] == condition) & (effects["kind"] == kind)]
+    return rows["n_refused"].sum() / max(rows["n"].sum(), 1), int(rows["n_refused"].sum()), int(rows["n"].sum())
+
+
+st.caption(
+    f"Difference of mean activations (toxic minus safe, train split) in `blocks.{int(chosen.layer)}."
+    f"hook_resid_pre` at the prompt position `{chosen.position_label}` of model **{chosen.model}**, "
+    "chosen among all candidates by the Arditi et al. (2024) rule; effects measured on the test split."
+)
+base_toxic, abl_toxic = rate("baseline", "toxic"), rate("ablation", "toxic")
+base_safe, add_safe = rate("baseline", "safe"), rate("addition", "safe")
+cols = st.columns(4)
+cols[0].metric("Chosen layer / position", f"{int(chosen.layer)} / {chosen.position_label}")
+cols[1].metric("Toxic refused, ablated", f"{abl_toxic[0]:.0%}", f"{abl_toxic[0] - base_toxic[0]:+.0%} vs baseline",
+               delta_color="inverse", help=f"{abl_toxic[1]} of {abl_toxic[2]} (baseline {base_toxic[1]} of {base_toxic[2]})")
+cols[2].metric("Safe refused, direction added", f"{add_safe[0]:.0%}", f"{add_safe[0] - base_safe[0]:+.0%} vs baseline",
+               delta_color="off", help=f"{add_safe[1]} of {add_safe[2]} (baseline {base_safe[1]} of {base_safe[2]})")
+cols[3].metric("KL on safe prompts, ablated", f"{harmlessness.loc['ablation', 'mean_kl']:.3f}",
+               help=f"cross-entropy of safe completions {harmlessness.loc['baseline', 'mean_cross_entropy']:.2f} -> "
+                    f"{harmlessness.loc['ablation', 'mean_cross_entropy']:.2f} nats/token under ablation")
+
+st.subheader("Every candidate")
+metric = st.radio("Colour by", ["ablation_score", "induce_score", "kl"], horizontal=True,
+                  captions=["refusal score on toxic prompts, direction ablated (low = bypass)",
+                            "refusal score on safe prompts, direction added (high = induces refusal)",
+                            "KL on safe prompts under ablation (low = harmless)"])
+heat = alt.Chart(candidates).mark_rect().encode(
+    x=alt.X("layer:O", title="layer"),
+    y=alt.Y("position_label:N", title="position", sort=list(dict.fromkeys(candidates["position_label"]))),
+    color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis", reverse=metric == "ablation_score")),
+    tooltip=["layer", "position_label", alt.Tooltip("ablation_score:Q", format=".2f"),
+             alt.Tooltip("induce_score:Q", format=".2f"), alt.Tooltip("kl:Q", format=".3f"),
+             "eligible", "rejected_because"],
+)
+mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(shape="diamond", size=160, color="red", filled=True).encode(
+    x="layer:O", y=alt.Y("position_label:N", sort=list(dict.fromkeys(candidates["position_label"]))),
+    tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
+st.altair_chart((heat + mark).properties(height=200), width="stretch")
+st.caption("Red diamond: the chosen candidate. Hover a cell for its scores and, if rejected, why. "
+           "Layers in the last part of the model are not scored (the rule excludes them).")
+
+st.subheader("Bypass and induced refusal, by category")
+effects = effects.assign(label=effects["n_refused"].astype(str) + " / " + effects["n"].astype(str))
+kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxic", key="effects_kind") or "toxic"
+shown = effects[effects["kind"] == kinds]
+bars = alt.Chart(shown).encode(x=alt.X("category:N", title=None), xOffset="condition:N",
+                               color=alt.Color("condition:N", sort=["baseline", "ablation", "addition"]))
+st.altair_chart(
+    (bars.mark_bar().encode(y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"),
+                                    scale=alt.Scale(domain=[0, 1])),
+                            tooltip=["condition", "category", alt.Tooltip("label:N", title="refused / prompts"),
+                                     alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
+                                     alt.Tooltip("ci_high:Q", format=".0%")])
+     + bars.mark_rule(color="black").encode(y="ci_low:Q", y2="ci_high:Q")).properties(height=260),
+    width="stretch")
+
+st.subheader("Where is harmfulness linearly readable?")
+separation = queries.query(store, queries.SEPARATION_SQL)
+left, right = st.columns(2)
+for column, field, title in ((left, "separation_sigma", "separation (sigma), held out"),
+                             (right, "probe_accuracy", "linear probe accuracy, held out")):
+    column.altair_chart(alt.Chart(separation).mark_line(point=True).encode(
+        x="layer:Q", y=alt.Y(f"{field}:Q", title=title), color="model:N",
+        tooltip=["model", "layer", alt.Tooltip(f"{field}:Q", format=".2f")]).properties(height=220), width="stretch")
+
+st.subheader("Projections on the refusal direction (test split)")
+category = st.selectbox("Category", ["all", *sorted(effects["category"].unique().tolist())], key="projection_category")
+projections = queries.query(store, queries.PROJECTIONS_SQL, (category, category))
+st.altair_chart(alt.Chart(projections).mark_bar(opacity=0.6).encode(
+    x=alt.X("projection:Q", bin=alt.Bin(maxbins=40)), y=alt.Y("count():Q", stack=None),
+    color=alt.Color("kind:N", sort=["toxic", "hard", "safe"]), column=alt.Column("model:N"),
+    tooltip=["kind", "count()"]).properties(height=200, width=320))
+
+st.subheader("How do the categories' directions relate?")
+cosines = queries.query(store, queries.COSINES_SQL)
+cross = queries.query(store, queries.CROSS_ABLATION_SQL)
+left, right = st.columns(2)
+left.altair_chart(alt.Chart(cosines).mark_rect().encode(
+    x=alt.X("category_b:N", title=None), y=alt.Y("category_a:N", title=None),
+    color=alt.Color("cosine:Q", scale=alt.Scale(domain=[0, 1], scheme="blues")),
+    tooltip=["category_a", "category_b", alt.Tooltip("cosine:Q", format=".2f"),
+             alt.Tooltip("ci_low:Q", format=".2f", title="95% CI low"),
+             alt.Tooltip("ci_high:Q", format=".2f", title="95% CI high")]).properties(
+    title="cosine of category directions (bootstrap 95% CI on hover)", height=320), width="stretch")
+order = ["none", "global", *sorted(c for c in cross["ablated"].unique() if c not in ("none", "global"))]
+right.altair_chart(alt.Chart(cross).mark_rect().encode(
+    x=alt.X("category:N", title="refusal measured on"), y=alt.Y("ablated:N", sort=order, title="direction ablated"),
+    color=alt.Color("refusal_rate_by_score:Q", scale=alt.Scale(domain=[0, 1], scheme="reds")),
+    tooltip=["ablated", "category", "n", alt.Tooltip("refusal_rate_by_score:Q", format=".0%"),
+             alt.Tooltip("mean_refusal_score:Q", format=".2f")]).properties(
+    title="cross-ablation: toxic prompts refused (score > 0)", height=320), width="stretch")
+
+hard = queries.query(store, queries.HARD_DIRECTION_SQL).iloc[0]
+st.subheader("Refused vs answered hard prompts")
+if hard.note:
+    st.info(f"Not computed: {hard.note} ({hard.n_refused} refused, {hard.n_answered} answered).")
+else:
+    st.metric("Cosine with the refusal direction", f"{hard.cosine_with_global:.2f}",
+              help=f"95% bootstrap CI [{hard.ci_low:.2f}, {hard.ci_high:.2f}]; {hard.n_refused} refused and "
+                   f"{hard.n_answered} answered hard (safe-but-sounds-harmful) test prompts")
+    st.caption(f"95% CI [{hard.ci_low:.2f}, {hard.ci_high:.2f}] from {hard.n_refused} refused and "
+               f"{hard.n_answered} answered hard prompts: how much over-refusal uses the same direction.")

@@ -1,0 +1,134 @@
+"""Refusal directions as differences of means, their selection, and their geometry.
+
+Pure array functions: activations in, named results out. The model-facing parts (scoring a
+candidate by intervening) live in engine.direction_scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+
+
+def mean_difference(activations: np.ndarray, harmful: np.ndarray, harmless: np.ndarray) -> np.ndarray:
+    """Mean over `harmful` rows minus mean over `harmless` rows: [n, ...] -> [...]."""
+    if not harmful.any() or not harmless.any():
+        raise ValueError("both prompt groups need at least one prompt")
+    return activations[harmful].mean(axis=0) - activations[harmless].mean(axis=0)
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """Normalise along the last axis (zero vectors stay zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def cosine_matrix(directions: np.ndarray) -> np.ndarray:
+    """Pairwise cosine similarity of [k, d] directions -> [k, k]."""
+    normed = unit(directions)
+    return normed @ normed.T
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """Arditi et al. 2024: discard candidates that disturb harmless behaviour (KL), that do not
+    induce refusal when added, or that sit in the last layers; keep the best ablation score."""
+
+    max_kl: float = 0.1
+    min_induce_score: float = 0.0
+    prune_last_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_kl <= 0 or not 0 <= self.prune_last_fraction < 1:
+            raise ValueError("max_kl must be > 0 and prune_last_fraction in [0, 1)")
+
+
+def select_candidate(candidates: pd.DataFrame, n_layers: int, rule: SelectionRule) -> pd.DataFrame:
+    """Mark each candidate `eligible` (with the reason when not) and the `chosen` one.
+
+    `candidates` has columns layer, position, ablation_score, induce_score, kl.
+    """
+    table = candidates.copy()
+    max_layer = n_layers * (1 - rule.prune_last_fraction)
+    reasons = np.select(
+        [table["layer"] >= max_layer, table["kl"] > rule.max_kl, table["induce_score"] < rule.min_induce_score],
+        [f"in the last {rule.prune_last_fraction:.0%} of layers", f"KL > {rule.max_kl}",
+         f"induce score < {rule.min_induce_score}"],
+        default="",
+    )
+    table["rejected_because"] = reasons
+    table["eligible"] = table["rejected_because"] == ""
+    table["chosen"] = False
+    eligible = table[table["eligible"]]
+    if not eligible.empty:
+        table.loc[eligible["ablation_score"].idxmin(), "chosen"] = True
+    return table
+
+
+def separation_sigma(projections: np.ndarray, harmful: np.ndarray, harmless: np.ndarray) -> float:
+    """(mean harmful projection - mean harmless projection) / pooled standard deviation."""
+    a, b = projections[harmful], projections[harmless]
+    pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+    return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("inf")
+
+
+def layer_separation(
+    activations: np.ndarray, harmful: np.ndarray, fit: np.ndarray, held_out: np.ndarray
+) -> pd.DataFrame:
+    """Per layer, on held-out prompts: separation (sigma) along the fit split's mean-difference
+    direction and the accuracy of a logistic-regression probe trained on the fit split.
+
+    `activations` [n, n_layers, d]; `harmful` labels rows (True toxic, False safe); `fit` and
+    `held_out` are disjoint row masks.
+    """
+    rows = []
+    for layer in range(activations.shape[1]):
+        x = activations[:, layer, :]
+        direction = unit(mean_difference(x[fit], harmful[fit], ~harmful[fit]))
+        projections = x[held_out] @ direction
+        probe = LogisticRegression(max_iter=2000, C=1.0).fit(x[fit], harmful[fit])
+        rows.append({
+            "layer": layer,
+            "separation_sigma": separation_sigma(projections, harmful[held_out], ~harmful[held_out]),
+            "probe_accuracy": float(probe.score(x[held_out], harmful[held_out])),
+        })
+    return pd.DataFrame(rows)
+
+
+def bootstrap_cosines(
+    activations: np.ndarray,
+    groups: np.ndarray,
+    names: list[str],
+    baseline: np.ndarray,
+    *,
+    n_boot: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Cosine between every two groups' directions (group mean minus baseline mean), with a
+    percentile 95% bootstrap interval from resampling prompts within each group and baseline.
+
+    `activations` [n, d]; `groups` [n] holds a name from `names` or anything else; `baseline` is
+    a row mask (the safe prompts).
+    """
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(groups == name) for name in names]
+    base_rows = np.flatnonzero(baseline)
+
+    def directions(pick) -> np.ndarray:
+        base_mean = activations[pick(base_rows)].mean(axis=0)
+        return np.stack([activations[pick(rows)].mean(axis=0) - base_mean for rows in members])
+
+    point = cosine_matrix(directions(lambda rows: rows))
+    draws = np.stack([
+        cosine_matrix(directions(lambda rows: rng.choice(rows, size=len(rows), replace=True)))
+        for _ in range(n_boot)
+    ])
+    low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+    return pd.DataFrame([
+        {"category_a": a, "category_b": b, "cosine": float(point[i, j]),
+         "ci_low": float(low[i, j]), "ci_high": float(high[i, j])}
+        for i, a in enumerate(names) for j, b in enumerate(names)
+    ])

@@ -1,0 +1,60 @@
+"""Interventions on the residual stream, as TransformerLens hooks attached only inside a context.
+
+- Directional ablation (Arditi et al. 2024): project a direction out of the residual stream
+  before every block and out of every attention and MLP output, so no layer can write it back.
+- Activation addition: add `alpha` times a direction to the residual stream before one block,
+  at every position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from engine.errors import ExplorerError
+from engine.models import LoadedModel
+
+Hook = tuple[str, Callable[[torch.Tensor, object], torch.Tensor]]
+
+
+def _unit(direction: torch.Tensor) -> torch.Tensor:
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ExplorerError("The direction to ablate has zero or non-finite norm.",
+                            "pick a direction computed from two different prompt groups.")
+    return direction / norm
+
+
+def ablation_hooks(model: LoadedModel, directions: torch.Tensor) -> list[Hook]:
+    """Hooks projecting the span of `directions` ([d_model] or [k, d_model]) out everywhere."""
+    stacked = torch.stack([_unit(row) for row in directions.reshape(-1, model.d_model).float()])
+    basis = torch.linalg.qr(stacked.T).Q.to(model.device)  # orthonormal columns spanning them
+
+    def project_out(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        b = basis.to(activation.dtype)
+        return activation - (activation @ b) @ b.T
+
+    sites = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+    return [(f"blocks.{layer}.{site}", project_out) for layer in range(model.n_layers) for site in sites]
+
+
+def addition_hooks(model: LoadedModel, direction: torch.Tensor, layer: int, alpha: float) -> list[Hook]:
+    """A hook adding `alpha * direction` to the residual stream entering block `layer`."""
+    if not 0 <= layer < model.n_layers:
+        raise ExplorerError(f"Layer {layer} does not exist in {model.name} ({model.n_layers} layers).",
+                            f"pick a layer in 0..{model.n_layers - 1}.")
+    shift = (alpha * direction.float()).to(model.device)
+
+    def add(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        return activation + shift.to(activation.dtype)
+
+    return [(f"blocks.{layer}.hook_resid_pre", add)]
+
+
+@contextmanager
+def applied(model: LoadedModel, hooks: Sequence[Hook]) -> Iterator[None]:
+    """Attach hooks for the duration of the block; they are removed even if it raises."""
+    with model.bridge.hooks(fwd_hooks=list(hooks)):
+        yield

@@ -1,0 +1,230 @@
+"""Stage `directions`: refusal directions per layer and category, chosen and tested causally.
+
+1. Capture the residual stream (`blocks.{l}.hook_resid_pre`) at the prompt-end positions.
+2. Candidates: difference of means, toxic minus safe, on the train split minus a validation
+   part, for every (layer, position): one global set and one per category.
+3. Score candidates on the validation part and choose one (Arditi et al. 2024).
+4. Test it on the test split: generation with the direction ablated (toxic, hard) and added
+   (safe, hard); KL and completion cross-entropy on safe prompts.
+5. Geometry: separation and probe accuracy per layer for every model, projections, category
+   cosines with bootstrap intervals, a refused-vs-answered direction from hard prompts, and the
+   cross-ablation matrix (ablate category k's direction, measure category j's refusal score).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from engine.activations import capture, prompt_end_positions
+from engine.direction_scoring import refusal_scores_under_ablation, score_candidates
+from engine.directions import (
+    SelectionRule, bootstrap_cosines, layer_separation, mean_difference, select_candidate, unit,
+)
+from engine.generation import answer_table
+from engine.interventions import ablation_hooks, addition_hooks, applied
+from engine.judge import is_refusal, refusal_rate_table, refusal_score
+from engine.models import LoadedModel, load_model
+from engine.prompts import CATEGORIES, stable_split
+from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
+from precompute.config import StudyConfig
+from precompute.pipeline import Stage, StageContext, StageOutput
+from precompute.stages.generate import model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def _judged(model: LoadedModel, prompts: pd.DataFrame, condition: str, hooks, token_ids, *,
+            max_new_tokens: int, batch_size: int) -> pd.DataFrame:
+    """Answers under `hooks`, judged by both judges (score under the same intervention)."""
+    with applied(model, hooks):
+        answers = answer_table(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               desc=condition)
+        scores = refusal_score(next_token_logprobs(model, list(prompts["text"]), batch_size=batch_size,
+                                                   token_ids=token_ids))
+    answers["refused"] = [is_refusal(t) for t in answers["response"]]
+    answers["refusal_score"] = scores
+    return answers.assign(condition=condition)
+
+
+def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answered: np.ndarray,
+                           global_direction: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """Refused-minus-answered hard prompts' direction and its cosine with the global one."""
+    row: dict[str, Any] = {"n_refused": int(hard_refused.sum()), "n_answered": int(hard_answered.sum())}
+    if min(row["n_refused"], row["n_answered"]) < 3:
+        return row | {"cosine_with_global": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                      "note": "fewer than 3 hard prompts in one group"}
+    rng = np.random.default_rng(seed)
+    target = unit(global_direction)
+    refused_rows, answered_rows = np.flatnonzero(hard_refused), np.flatnonzero(hard_answered)
+
+    def cosine(a_rows, b_rows) -> float:
+        return float(unit(acts[a_rows].mean(0) - acts[b_rows].mean(0)) @ target)
+
+    draws = [cosine(rng.choice(refused_rows, len(refused_rows)), rng.choice(answered_rows, len(answered_rows)))
+             for _ in range(n_boot)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return row | {"cosine_with_global": cosine(refused_rows, answered_rows), "ci_low": float(low),
+                  "ci_high": float(high), "note": ""}
+
+
+class DirectionsStage(Stage):
+    name = "directions"
+    version = 1
+    upstream = ("prompts", "generate")
+
+    def applies(self, config: StudyConfig) -> bool:
+        return config.directions is not None
+
+    def inputs(self, config: StudyConfig) -> dict[str, Any]:
+        return {
+            "directions": config.section("directions"),
+            "models": {role: model_fingerprint(spec) for role, spec in config.models.items()},
+            "batch_size": config.generation.batch_size,
+        }
+
+    def run(self, context: StageContext) -> StageOutput:
+        config = context.config
+        settings = config.directions
+        assert settings is not None  # applies() guarantees it
+        batch_size = config.generation.batch_size
+        role = settings.model
+        prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
+        generations = context.table("generations").drop(columns="run_id")
+        tokens = context.table("refusal_tokens")
+        token_ids = tokens.loc[tokens["model"] == role, "token_id"].astype(int).tolist()
+        model = load_model(config.models[role])
+        positions = prompt_end_positions(model.tokenizer)
+        hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
+
+        kind = prompts["kind"].to_numpy()
+        category = prompts["category"].to_numpy()
+        toxic, safe = kind == "toxic", kind == "safe"
+        train = (prompts["split"] == "train").to_numpy()
+        validation = train & np.array(
+            [stable_split("validation:" + t, settings.validation_fraction) == "test" for t in prompts["text"]])
+        fit, test = train & ~validation, (prompts["split"] == "test").to_numpy()
+
+        acts = capture(model, list(prompts["text"]), hooks, positions.offsets, batch_size=batch_size,
+                       desc=f"capture {role}")  # [n, layers, positions, d_model]
+        global_candidates = mean_difference(acts[fit], toxic[fit], safe[fit])
+        categories = [c for c in CATEGORIES if (toxic & fit & (category == c)).any()]
+
+        rng = np.random.default_rng(settings.seed)
+
+        def sample(mask: np.ndarray) -> list[str]:
+            rows = np.flatnonzero(mask)
+            rows = rng.choice(rows, size=min(len(rows), settings.max_validation_prompts), replace=False)
+            return list(prompts["text"].to_numpy()[np.sort(rows)])
+
+        cutoff = model.n_layers * (1 - settings.prune_last_fraction)
+        layers = [layer for layer in range(0, model.n_layers, settings.layer_stride) if layer < cutoff]
+        scored = score_candidates(model, global_candidates, layers, positions.labels, token_ids,
+                                  sample(validation & toxic), sample(validation & safe),
+                                  alpha=settings.addition_alpha, batch_size=batch_size)
+        rule = SelectionRule(max_kl=settings.max_kl, prune_last_fraction=settings.prune_last_fraction)
+        candidates = select_candidate(scored, model.n_layers, rule)
+        if not candidates["chosen"].any():
+            best = candidates["ablation_score"].idxmin()
+            candidates.loc[best, "chosen"] = True
+            logger.warning("No candidate passed the selection filters; using the lowest ablation score "
+                           "(layer %d), marked in direction_candidates.", candidates.loc[best, "layer"])
+        chosen = candidates[candidates["chosen"]].iloc[0]
+        layer, position = int(chosen["layer"]), int(chosen["position"])
+        logger.info("Chosen direction: layer %d, position %s (ablation %.2f, induce %.2f, KL %.3f)",
+                    layer, chosen["position_label"], chosen["ablation_score"], chosen["induce_score"], chosen["kl"])
+        direction = global_candidates[layer, position]
+        # Per category, every layer at the chosen position: [layers, d_model] each.
+        category_candidates = {c: mean_difference(acts[fit, :, position], (toxic & (category == c))[fit],
+                                                  safe[fit]) for c in categories}
+        category_directions = {c: vectors[layer] for c, vectors in category_candidates.items()}
+
+        # Causal evaluation on the test split.
+        test_prompts = prompts[test]
+        tensor = torch.from_numpy(direction)
+        evaluation = pd.concat([
+            _judged(model, test_prompts[test_prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
+                    token_ids, max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size),
+            _judged(model, test_prompts[test_prompts["kind"] != "toxic"], "addition",
+                    addition_hooks(model, tensor, layer, settings.addition_alpha), token_ids,
+                    max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size),
+        ], ignore_index=True)
+        baseline = generations[(generations["model"] == role) & generations["prompt_id"].isin(test_prompts["id"])]
+        judged = pd.concat([baseline.assign(condition="baseline"), evaluation], ignore_index=True)
+        judged = judged.drop(columns=["category", "kind", "split"], errors="ignore").merge(
+            prompts[["id", "category", "kind"]], left_on="prompt_id", right_on="id").drop(columns="id")
+        effects = refusal_rate_table(judged, ["condition", "category", "kind"])
+
+        safe_test = test_prompts[test_prompts["kind"] == "safe"]
+        safe_answers = baseline.set_index("prompt_id").loc[safe_test["id"], "response"].tolist()
+        plain = next_token_logprobs(model, list(safe_test["text"]), batch_size=batch_size)
+        with applied(model, ablation_hooks(model, tensor)):
+            ablated = next_token_logprobs(model, list(safe_test["text"]), batch_size=batch_size)
+            ce_ablated = completion_cross_entropy(model, list(safe_test["text"]), safe_answers, batch_size=batch_size)
+        ce_plain = completion_cross_entropy(model, list(safe_test["text"]), safe_answers, batch_size=batch_size)
+        harmlessness = pd.DataFrame([
+            {"condition": "baseline", "n": len(safe_test), "mean_kl": 0.0, "mean_cross_entropy": float(np.nanmean(ce_plain))},
+            {"condition": "ablation", "n": len(safe_test), "mean_kl": float(kl_divergence(plain, ablated).mean()),
+             "mean_cross_entropy": float(np.nanmean(ce_ablated))},
+        ])
+
+        # Cross-ablation: ablate each direction, read each category's toxic test prompts.
+        toxic_test = test_prompts[test_prompts["kind"] == "toxic"]
+        cross_rows = []
+        for name, vector in [("none", None), ("global", direction), *category_directions.items()]:
+            scores = refusal_scores_under_ablation(
+                model, None if vector is None else torch.from_numpy(vector), list(toxic_test["text"]),
+                token_ids, batch_size=batch_size)
+            for target, group in toxic_test.assign(score=scores).groupby("category"):
+                cross_rows.append({"ablated": name, "category": target, "n": len(group),
+                                   "mean_refusal_score": float(group["score"].mean()),
+                                   "refusal_rate_by_score": float((group["score"] > 0).mean())})
+
+        # Geometry at the chosen position, for every model of the study.
+        separation_rows, projection_frames = [], []
+        harmful = toxic[toxic | safe]
+        for other_role, spec in config.models.items():
+            other = model if other_role == role else load_model(spec)
+            layer_acts = (acts[:, :, position, :] if other_role == role else capture(
+                other, list(prompts["text"]), hooks, [positions.offsets[position]], batch_size=batch_size,
+                desc=f"capture {other_role}")[:, :, 0, :])
+            both = toxic | safe
+            separation = layer_separation(layer_acts[both], harmful, train[both], test[both])
+            separation_rows.append(separation.assign(model=other_role))
+            own = unit(mean_difference(layer_acts[train, layer], toxic[train], safe[train]))
+            projection_frames.append(prompts[["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
+                                     .assign(model=other_role, projection=layer_acts[:, layer] @ own))
+        cosines = bootstrap_cosines(acts[fit, layer, position], np.where(toxic[fit], category[fit], ""),
+                                    categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
+        verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])
+        hard_refused = (kind == "hard") & verdict.eq(True).to_numpy()
+        hard_answered = (kind == "hard") & verdict.eq(False).to_numpy()
+        hard_direction = _hard_prompt_direction(acts[:, layer, position], hard_refused, hard_answered, direction,
+                                                n_boot=settings.bootstrap, seed=settings.seed)
+
+        vectors = [{"scope": "global", "layer": lay, "position": position, "chosen": lay == layer,
+                    "norm": float(np.linalg.norm(global_candidates[lay, position])),
+                    "vector": global_candidates[lay, position].astype(np.float32).tolist()}
+                   for lay in range(model.n_layers)]
+        vectors += [{"scope": name, "layer": lay, "position": position, "chosen": lay == layer,
+                     "norm": float(np.linalg.norm(per_layer[lay])), "vector": per_layer[lay].astype(np.float32).tolist()}
+                    for name, per_layer in category_candidates.items() for lay in range(model.n_layers)]
+        return StageOutput(
+            tables={
+                "direction_candidates": candidates.assign(model=role),
+                "refusal_directions": pd.DataFrame(vectors).assign(model=role),
+                "direction_generations": judged.assign(model=role),
+                "direction_effects": effects.assign(model=role),
+                "direction_harmlessness": harmlessness.assign(model=role),
+                "cross_ablation": pd.DataFrame(cross_rows).assign(model=role),
+                "layer_separation": pd.concat(separation_rows, ignore_index=True),
+                "direction_projections": pd.concat(projection_frames, ignore_index=True),
+                "category_cosines": cosines.assign(model=role),
+                "hard_prompt_direction": pd.DataFrame([hard_direction]).assign(model=role),
+            },
+            models=tuple(config.models.values()),
+        )

@@ -1,0 +1,68 @@
+"""Direction math on hand-made arrays: means, selection rule, separation, probe, bootstrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine.directions import (
+    SelectionRule, bootstrap_cosines, cosine_matrix, layer_separation, mean_difference,
+    select_candidate, separation_sigma,
+)
+
+
+def test_mean_difference_is_harmful_minus_harmless() -> None:
+    acts = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    harmful = np.array([True, True, False, False])
+    assert mean_difference(acts, harmful, ~harmful).tolist() == [2.0, -2.0]
+    with pytest.raises(ValueError):
+        mean_difference(acts, harmful, np.zeros(4, bool))
+
+
+def test_selection_follows_the_three_filters() -> None:
+    table = pd.DataFrame({
+        "layer":          [1,    2,    3,    4,    9],
+        "position":       [0,    0,    0,    0,    0],
+        "ablation_score": [-5.0, -9.0, -8.0, -2.0, -20.0],
+        "induce_score":   [3.0,  2.0,  -1.0, 1.0,  5.0],
+        "kl":             [0.05, 0.3,  0.01, 0.02, 0.01],
+    })
+    result = select_candidate(table, n_layers=10, rule=SelectionRule())
+    assert result.loc[result["chosen"], "layer"].tolist() == [1]
+    assert result["rejected_because"].tolist() == [
+        "", "KL > 0.1", "induce score < 0.0", "", "in the last 20% of layers"]
+
+
+def test_separation_sigma_on_known_groups() -> None:
+    projections = np.array([2.0, 4.0, 0.0, 2.0])  # means 3 and 1, both variances 2
+    harmful = np.array([True, True, False, False])
+    assert separation_sigma(projections, harmful, ~harmful) == pytest.approx(2 / np.sqrt(2))
+
+
+def test_layer_separation_finds_the_informative_layer() -> None:
+    rng = np.random.default_rng(0)
+    n, d = 200, 8
+    harmful = np.arange(n) % 2 == 0
+    acts = rng.normal(size=(n, 2, d))
+    acts[harmful, 1, 0] += 4.0  # only layer 1 carries the label
+    fit = np.arange(n) < 140
+    result = layer_separation(acts, harmful, fit, ~fit).set_index("layer")
+    assert result.loc[1, "separation_sigma"] > 3 and abs(result.loc[0, "separation_sigma"]) < 1
+    assert result.loc[1, "probe_accuracy"] > 0.95 and result.loc[0, "probe_accuracy"] < 0.75
+
+
+def test_bootstrap_cosines_bracket_the_point_estimate() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(60, 16))
+    shared = np.zeros(16)
+    shared[0] = 5
+    other = np.zeros(16)
+    other[1] = 5
+    acts = np.concatenate([base, base[:30] + shared, base[30:] + shared, base[:30] + other])
+    groups = np.array([""] * 60 + ["a"] * 30 + ["b"] * 30 + ["c"] * 30)
+    result = bootstrap_cosines(acts, groups, ["a", "b", "c"], groups == "", n_boot=100, seed=0)
+    pairs = result.set_index(["category_a", "category_b"])
+    assert pairs.loc[("a", "b"), "cosine"] > 0.9 and abs(pairs.loc[("a", "c"), "cosine"]) < 0.3
+    assert (result["ci_low"] <= result["cosine"] + 1e-9).all() and (result["cosine"] <= result["ci_high"] + 1e-9).all()
+    assert np.allclose(np.diag(cosine_matrix(np.eye(3))), 1)

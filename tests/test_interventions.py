@@ -1,0 +1,96 @@
+"""Interventions, activation capture and forward-pass scores on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.activations import capture, post_instruction_tokens, prompt_end_positions
+from engine.chat import chat_prompt
+from engine.interventions import ablation_hooks, addition_hooks, applied
+from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
+
+PROMPTS = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
+
+
+def _resid(model, prompt: str, layers: range) -> dict[int, torch.Tensor]:
+    ids = model.tokenizer(chat_prompt(model.tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+    _, cache = model.bridge.run_with_cache(ids["input_ids"])
+    return {layer: cache[f"blocks.{layer}.hook_resid_pre"][0] for layer in layers}
+
+
+def test_prompt_end_positions_follow_the_template(tiny_model) -> None:
+    assert post_instruction_tokens(tiny_model.tokenizer) == ["<|im_end|>", "<|im_start|>", "assistant"]
+    positions = prompt_end_positions(tiny_model.tokenizer)
+    assert positions.offsets == (-4, -3, -2, -1) and positions.labels[0] == "<instruction end>"
+
+
+def test_capture_matches_run_with_cache_in_any_batch(tiny_model) -> None:
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    batched = capture(tiny_model, PROMPTS, hooks, [-3, -1], batch_size=3)
+    assert batched.shape == (3, 2, 2, 64)
+    for i, prompt in enumerate(PROMPTS):
+        reference = _resid(tiny_model, prompt, range(2))
+        for h in range(2):
+            assert np.allclose(batched[i, h], reference[h][[-3, -1]].numpy(), atol=1e-4)
+
+
+def test_ablation_removes_the_direction_at_every_layer(tiny_model) -> None:
+    direction = torch.randn(64)
+    seen: list[float] = []
+
+    def record(activation, hook):
+        seen.append(float((activation.detach() @ (direction / direction.norm())).abs().max()))
+        return activation
+
+    taps = [(f"blocks.{layer}.hook_resid_post", record) for layer in range(2)]
+    ids = tiny_model.tokenizer(chat_prompt(tiny_model.tokenizer, PROMPTS[0]), return_tensors="pt",
+                               add_special_tokens=False)["input_ids"]
+    with applied(tiny_model, ablation_hooks(tiny_model, direction) + taps):
+        tiny_model.hf_model(ids)
+    assert max(seen) < 1e-4
+    seen.clear()
+    with applied(tiny_model, taps):
+        tiny_model.hf_model(ids)
+    assert max(seen) > 1e-2  # without ablation the component is there
+
+
+def test_addition_shifts_one_layer_and_hooks_never_leak(tiny_model) -> None:
+    direction = torch.randn(64)
+    before = _resid(tiny_model, PROMPTS[1], range(2))
+    with applied(tiny_model, addition_hooks(tiny_model, direction, layer=1, alpha=2.0)):
+        during = _resid(tiny_model, PROMPTS[1], range(2))
+    assert torch.allclose(during[0], before[0], atol=1e-5)
+    assert torch.allclose(during[1], before[1] + 2.0 * direction, atol=1e-4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with applied(tiny_model, addition_hooks(tiny_model, direction, layer=1, alpha=2.0)):
+            raise RuntimeError("boom")
+    after = _resid(tiny_model, PROMPTS[1], range(2))
+    assert torch.allclose(after[1], before[1], atol=1e-6)
+
+
+def test_bad_layer_is_one_clear_error(tiny_model) -> None:
+    from engine.errors import ExplorerError
+
+    with pytest.raises(ExplorerError, match="Layer 5 does not exist.*0..1"):
+        addition_hooks(tiny_model, torch.zeros(64), layer=5, alpha=1.0)
+    with pytest.raises(ExplorerError, match="zero or non-finite norm"):
+        ablation_hooks(tiny_model, torch.zeros(64))
+
+
+def test_kl_and_cross_entropy(tiny_model) -> None:
+    logprobs = next_token_logprobs(tiny_model, PROMPTS, batch_size=2)
+    assert np.allclose(kl_divergence(logprobs, logprobs), 0, atol=1e-6)
+    with applied(tiny_model, addition_hooks(tiny_model, torch.randn(64) * 5, layer=0, alpha=1.0)):
+        shifted = next_token_logprobs(tiny_model, PROMPTS, batch_size=2)
+    assert (kl_divergence(logprobs, shifted) > 1e-4).all()
+    completions = ["Sure , here", "I can help"]
+    ce = completion_cross_entropy(tiny_model, PROMPTS[:2], completions, batch_size=2)
+    for i in range(2):  # against a direct, unbatched computation
+        prompt_ids = tiny_model.tokenizer(chat_prompt(tiny_model.tokenizer, PROMPTS[i]), add_special_tokens=False)["input_ids"]
+        answer_ids = tiny_model.tokenizer(completions[i], add_special_tokens=False)["input_ids"]
+        logits = tiny_model.hf_model(torch.tensor([prompt_ids + answer_ids])).logits[0].float()
+        predicted = torch.log_softmax(logits, -1)[len(prompt_ids) - 1:-1]
+        expected = -predicted.gather(-1, torch.tensor(answer_ids)[:, None]).mean()
+        assert ce[i] == pytest.approx(float(expected), abs=1e-4)
