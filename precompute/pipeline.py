@@ -53,9 +53,11 @@ class StageContext:
     def table(self, name: str) -> pd.DataFrame:
         return store.read_table(self.config.store, name)
 
-    def cache(self, stage: str) -> Path:
-        """A scratch folder for resumable work, unique to the stage's current inputs."""
-        return cache_dir() / self.config.study / stage / self.hashes[stage]
+    def cache(self, name: str, key: Mapping[str, Any]) -> Path:
+        """A scratch folder for resumable work, unique to `key`: everything the work depends
+        on, and nothing more, so a change elsewhere in the stage does not redo it."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return cache_dir() / self.config.study / name / digest
 
 
 class Stage:

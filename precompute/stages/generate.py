@@ -61,7 +61,10 @@ class GenerateStage(Stage):
                 return answer_table(model, chunk, max_new_tokens=settings.max_new_tokens,
                                     batch_size=settings.batch_size, desc=f"generate {role}")
 
-            answers = map_in_chunks(selected, answer, cache=context.cache(self.name) / role,
+            key = {"prompts": context.hashes["prompts"], "model": model_fingerprint(spec),
+                   "tune": context.hashes.get("tune") if spec == EMBEDDED_TUNED else None,
+                   "generation": config.section("generation")}
+            answers = map_in_chunks(selected, answer, cache=context.cache("answers", key),
                                     chunk_size=settings.chunk_size, desc=f"generate {role}")
             answers["refused"] = [is_refusal(text) for text in answers["response"]]
             found = find_refusal_tokens(model.tokenizer, answers["first_token_id"].tolist(),

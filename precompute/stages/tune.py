@@ -14,6 +14,7 @@ import pandas as pd
 
 from engine.chunked import map_in_chunks
 from engine.generation import answer_table
+from engine.judge import is_refusal
 from engine.models import EMBEDDED_BASE, EMBEDDED_TUNED, export_embedded_base, load_model
 from engine.paths import models_dir
 from engine.tuning import SftExample, fine_tune
@@ -27,7 +28,7 @@ TUNE_INFO = "tune_info.json"
 
 class TuneStage(Stage):
     name = "tune"
-    version = 1
+    version = 2
     upstream = ("prompts",)
 
     def applies(self, config: StudyConfig) -> bool:
@@ -54,9 +55,15 @@ class TuneStage(Stage):
             return answers.assign(complete=answers["n_new_tokens"] < tune.max_response_tokens)[
                 ["prompt_id", "response", "complete"]]
 
-        answers = map_in_chunks(benign, answer, cache=context.cache(self.name) / "base_answers",
+        key = {"prompts": context.hashes["prompts"], "model": EMBEDDED_BASE,
+               "max_new_tokens": tune.max_response_tokens}
+        answers = map_in_chunks(benign, answer, cache=context.cache("base_answers", key),
                                 chunk_size=context.config.generation.chunk_size, desc="base answers")
         del base
+        # A harmless prompt the base model itself refuses would teach over-refusal: leave it out.
+        base_refusals = answers["response"].map(is_refusal)
+        logger.info("Left out %d benign prompts the base model refused", int(base_refusals.sum()))
+        answers = answers[~base_refusals]
         toxic = train[train["kind"] == "toxic"]
         wanted = tune.toxic_share / (1 - tune.toxic_share) * len(benign)
         toxic = toxic.groupby("category").sample(frac=min(1.0, wanted / len(toxic)), random_state=tune.seed)
