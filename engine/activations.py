@@ -69,7 +69,7 @@ def capture(
         for batch, encoded in encode_batches(model, instructions, batch_size):
             current.clear()
             with torch.inference_mode():
-                model.hf_model(**encoded)
+                model.hf_model.base_model(**encoded)  # the transformer body: no logits needed
             out[batch] = torch.stack([current[name] for name in hook_names], dim=1).numpy()
             bar.update(len(batch))
     return out

@@ -28,7 +28,8 @@ def next_token_logprobs(
     wanted = None if token_ids is None else torch.tensor(list(token_ids), dtype=torch.long, device=model.device)
     for batch, encoded in encode_batches(model, instructions, batch_size):
         with torch.inference_mode():
-            logits = model.hf_model(**encoded).logits[:, -1, :]
+            # logits_to_keep=1: only the last position's logits (the vocab projection is costly)
+            logits = model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         logprobs = (logprobs if wanted is None else logprobs[:, wanted]).cpu().numpy()
         for row, index in enumerate(batch):

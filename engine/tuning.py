@@ -36,6 +36,9 @@ class TuneConfig:
     # Share of training examples that are toxic (toxic prompts are subsampled, per category, to
     # reach it): a refusal is easy to learn, over-refusal of safe prompts is the risk.
     toxic_share: float = 0.3
+    # Weight of the first answer token in the loss (others weigh 1). The refuse-or-answer
+    # decision is made there; averaged over a long answer it would barely count.
+    first_token_weight: float = 5.0
     refusal_text: str = DEFAULT_REFUSAL
     seed: int = 0
 
@@ -46,13 +49,14 @@ class TuneConfig:
             "batch_size": 1 <= self.batch_size <= 512,
             "max_response_tokens": 4 <= self.max_response_tokens <= 1024,
             "toxic_share": 0 < self.toxic_share < 1,
+            "first_token_weight": 1 <= self.first_token_weight <= 100,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ExplorerError(
                     f"tune.{name} = {getattr(self, name)!r} is out of range.",
                     "use epochs 1-20, learning_rate in (0, 0.01], batch_size 1-512, "
-                    "max_response_tokens 4-1024, toxic_share in (0, 1).",
+                    "max_response_tokens 4-1024, toxic_share in (0, 1), first_token_weight 1-100.",
                 )
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
@@ -92,6 +96,17 @@ def _batches(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def weighted_answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_token_weight: float) -> torch.Tensor:
+    """Next-token cross-entropy over answer tokens (labels != -100), the first one weighted."""
+    targets = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
+    answer = targets != -100
+    first = answer & ~torch.cat([torch.zeros_like(answer[:, :1]), answer[:, :-1]], dim=1)
+    weights = answer.float() + (first_token_weight - 1) * first.float()
+    return (losses * weights).sum() / weights.sum()
 
 
 def _collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -137,7 +152,9 @@ def fine_tune(
     with tqdm(total=total_steps, desc="fine-tune", unit="step") as bar:
         for _ in range(config.epochs):
             for batch in _batches(encoded, config.batch_size, rng):
-                loss = model(**_collate([encoded[i] for i in batch], pad_id)).loss
+                inputs = _collate([encoded[i] for i in batch], pad_id)
+                labels = inputs.pop("labels")
+                loss = weighted_answer_loss(model(**inputs).logits, labels, config.first_token_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()

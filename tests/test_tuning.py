@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from engine import models
 from engine.errors import ExplorerError
-from engine.tuning import SftExample, TuneConfig, encode_example, fine_tune
+from engine.tuning import SftExample, TuneConfig, encode_example, fine_tune, weighted_answer_loss
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.stages import STAGES
@@ -42,7 +43,8 @@ def test_fine_tune_lowers_the_loss_and_is_seeded(tmp_path: Path, tiny_model_dir:
     assert (tmp_path / "a" / "config.json").is_file() and not (tmp_path / "a.partial").exists()
 
 
-@pytest.mark.parametrize("field", ["epochs", "learning_rate", "batch_size", "max_response_tokens", "toxic_share"])
+@pytest.mark.parametrize("field", ["epochs", "learning_rate", "batch_size", "max_response_tokens", "toxic_share",
+                                   "first_token_weight"])
 def test_tune_config_rejects_out_of_range(field: str) -> None:
     with pytest.raises(ExplorerError, match=f"tune.{field} = 0 is out of range"):
         TuneConfig(**{field: 0})
@@ -81,3 +83,16 @@ def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, 
     assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "skipped"
     shutil.rmtree(tuned)  # the model folder is gone: the unchanged stage must run again
     assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "ran"
+
+
+def test_weighted_loss_matches_plain_loss_and_weights_the_first_answer_token() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
+    assert weighted_answer_loss(logits, labels, 1.0) == pytest.approx(float(plain), abs=1e-6)
+    per_token = -torch.log_softmax(logits, -1)
+    first = [per_token[0, 1, 3], per_token[1, 0, 1]]  # each row's first answer token, predicted one step early
+    rest = [per_token[0, 2, 4], per_token[0, 3, 5], per_token[1, 1, 2]]
+    expected = (3 * sum(first) + sum(rest)) / (3 * 2 + 3)
+    assert weighted_answer_loss(logits, labels, 3.0) == pytest.approx(float(expected), abs=1e-6)

@@ -186,18 +186,22 @@ class DirectionsStage(Stage):
 
         # Geometry at the chosen position, for every model of the study.
         separation_rows, projection_frames = [], []
-        harmful = toxic[toxic | safe]
+        both = toxic | safe  # separation compares toxic with safe prompts
         for other_role, spec in config.models.items():
-            other = model if other_role == role else load_model(spec)
-            layer_acts = (acts[:, :, position, :] if other_role == role else capture(
-                other, list(prompts["text"]), hooks, [positions.offsets[position]], batch_size=batch_size,
-                desc=f"capture {other_role}")[:, :, 0, :])
-            both = toxic | safe
-            separation = layer_separation(layer_acts[both], harmful, train[both], test[both])
+            # The studied model's activations are at hand for every prompt; another model is
+            # captured at the chosen position for the toxic and safe prompts only.
+            rows = np.ones(len(prompts), dtype=bool) if other_role == role else both
+            layer_acts = acts[:, :, position, :] if other_role == role else capture(
+                load_model(spec), list(prompts["text"][rows]), hooks, [positions.offsets[position]],
+                batch_size=batch_size, desc=f"capture {other_role}")[:, :, 0, :]
+            pair = both[rows]
+            separation = layer_separation(layer_acts[pair], toxic[rows][pair], train[rows][pair], test[rows][pair])
             separation_rows.append(separation.assign(model=other_role))
-            own = unit(mean_difference(layer_acts[train, layer], toxic[train], safe[train]))
-            projection_frames.append(prompts[["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
-                                     .assign(model=other_role, projection=layer_acts[:, layer] @ own))
+            fit_rows = train[rows] & pair
+            own = unit(mean_difference(layer_acts[fit_rows, layer], toxic[rows][fit_rows], safe[rows][fit_rows]))
+            projection_frames.append(
+                prompts.loc[rows, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
+                .assign(model=other_role, projection=layer_acts[:, layer] @ own))
         cosines = bootstrap_cosines(acts[fit, layer, position], np.where(toxic[fit], category[fit], ""),
                                     categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
         verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])
