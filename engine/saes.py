@@ -1,0 +1,169 @@
+"""Sparse autoencoders through SAELens: build, train, save, load, and measure quality.
+
+A small registry maps an architecture name to SAELens' training config and class, in the
+SAELens manner. Training runs SAELens' own `SAETrainer`, fed by a plain iterator over captured
+activations; pretrained SAEs (Gemma Scope, Llama Scope, ...) load through `SAE.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sae_lens import SAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+
+from engine.errors import ExplorerError
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = {
+    "topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
+    "jumprelu": (JumpReLUTrainingSAEConfig, JumpReLUTrainingSAE),
+    "standard": (StandardTrainingSAEConfig, StandardTrainingSAE),
+}
+
+
+@dataclass(frozen=True)
+class SaeTraining:
+    """What to train: architecture, width, sparsity and the optimisation budget."""
+
+    architecture: str = "topk"
+    expansion: int = 4  # d_sae = expansion * d_in
+    k: int = 32  # topk only
+    sparsity_coefficient: float = 5.0  # l1 (standard) or l0 (jumprelu) coefficient
+    steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 4e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ExplorerError(f"Unknown SAE architecture {self.architecture!r}.",
+                                f"use one of {', '.join(ARCHITECTURES)}.")
+        if not 1 <= self.expansion <= 256 or not 1 <= self.k <= 4096:
+            raise ExplorerError(f"SAE width x{self.expansion} or k={self.k} is out of range.",
+                                "use expansion 1-256 and k 1-4096.")
+        if not 1 <= self.steps <= 10_000_000 or not 1 <= self.batch_size <= 1_000_000 or not 0 < self.lr < 1:
+            raise ExplorerError("SAE steps, batch_size or lr out of range.",
+                                "use steps >= 1, batch_size >= 1, lr in (0, 1).")
+
+
+def build_training_sae(training: SaeTraining, d_in: int, hook_name: str, model_name: str):
+    config_class, sae_class = ARCHITECTURES[training.architecture]
+    options: dict = {"d_in": d_in, "d_sae": training.expansion * d_in, "device": "cpu"}
+    if training.architecture == "topk":
+        options["k"] = training.k
+    elif training.architecture == "jumprelu":
+        options["l0_coefficient"] = training.sparsity_coefficient
+    else:
+        options["l1_coefficient"] = training.sparsity_coefficient
+    sae = sae_class(config_class(**options))
+    sae.cfg.metadata.hook_name = hook_name
+    sae.cfg.metadata.model_name = model_name
+    return sae
+
+
+def _batches(activations: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for index in torch.randperm(len(activations), generator=generator).split(batch_size):
+            if len(index) == batch_size:
+                yield activations[index]
+
+
+def train_sae(training: SaeTraining, activations: torch.Tensor, hook_name: str, model_name: str) -> SAE:
+    """Train with SAELens' SAETrainer on [n_tokens, d_in] activations; return the inference SAE."""
+    if len(activations) < training.batch_size:
+        raise ExplorerError(f"Only {len(activations)} activation rows for SAE batches of {training.batch_size}.",
+                            "capture more tokens or lower the SAE batch_size.")
+    torch.manual_seed(training.seed)
+    sae = build_training_sae(training, activations.shape[1], hook_name, model_name)
+    trainer_config = SAETrainerConfig(
+        total_training_samples=training.steps * training.batch_size,
+        train_batch_size_samples=training.batch_size,
+        lr=training.lr, lr_end=training.lr / 10, lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=min(100, training.steps // 10), device="cpu", n_checkpoints=0,
+        dead_feature_window=max(1, training.steps // 4), feature_sampling_window=max(1, training.steps // 4),
+        n_batches_for_norm_estimate=1,
+    )
+    trained = SAETrainer(trainer_config, sae, _batches(activations, training.batch_size, training.seed)).fit()
+    return inference_copy(trained)
+
+
+def inference_copy(training_sae) -> SAE:
+    """The inference SAE (SAELens' own conversion, through its save format)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        training_sae.save_inference_model(folder)
+        return SAE.load_from_disk(folder, device="cpu")
+
+
+def save_sae(sae: SAE, folder: Path) -> Path:
+    partial = folder.with_name(folder.name + ".partial")
+    sae.save_model(partial)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    partial.replace(folder)
+    return folder
+
+
+def load_sae(source: str, sae_id: str | None = None) -> SAE:
+    """A saved SAE folder, or `release` + `sae_id` from SAELens' pretrained registry."""
+    path = Path(source)
+    if sae_id is None:
+        if not (path / "cfg.json").is_file():
+            raise ExplorerError(f"No SAE at {path} (cfg.json missing).",
+                                "train one with `python -m precompute run` or pass a release and sae_id.")
+        return SAE.load_from_disk(str(path), device="cpu")
+    try:
+        return SAE.from_pretrained(source, sae_id, device="cpu")
+    except (ValueError, KeyError, OSError) as exc:
+        raise ExplorerError(f"Could not load pretrained SAE {source}/{sae_id}: {exc}",
+                            "check the release and sae_id against SAELens' pretrained_saes.yaml; "
+                            "the hub must be reachable.") from exc
+
+
+@dataclass(frozen=True)
+class SaeQuality:
+    l0: float  # mean number of active latents per token
+    fraction_variance_unexplained: float
+    dead_fraction: float  # latents that never fire on the held-out tokens
+
+
+def sae_quality(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) -> SaeQuality:
+    """Reconstruction and sparsity on held-out activations [n_tokens, d_in]."""
+    l0_total, squared_error, fired = 0.0, 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    with torch.inference_mode():
+        for chunk in activations.split(batch_size):
+            codes = sae.encode(chunk)
+            reconstruction = sae.decode(codes)
+            l0_total += float((codes > 0).sum())
+            squared_error += float(((reconstruction - chunk) ** 2).sum())
+            fired |= (codes > 0).any(dim=0)
+    total_variance = float(((activations - activations.mean(0)) ** 2).sum())
+    return SaeQuality(
+        l0=l0_total / len(activations),
+        fraction_variance_unexplained=squared_error / total_variance,
+        dead_fraction=float(1 - fired.float().mean()),
+    )
+
+
+def top_k_examples(activations: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest entries of each column of [n, n_features]."""
+    k = min(k, activations.shape[0])
+    index = np.argpartition(-activations, k - 1, axis=0)[:k]
+    values = np.take_along_axis(activations, index, axis=0)
+    order = np.argsort(-values, axis=0)
+    return np.take_along_axis(index, order, axis=0), np.take_along_axis(values, order, axis=0)
