@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt
-from engine.generation import encode_batches
+from engine.generation import encode_batches, length_sorted_batches
 from engine.interventions import applied
 from engine.models import LoadedModel
 
@@ -73,3 +73,64 @@ def capture(
             out[batch] = torch.stack([current[name] for name in hook_names], dim=1).numpy()
             bar.update(len(batch))
     return out
+
+
+@dataclass(frozen=True)
+class TokenActivations:
+    """Activations at every kept token of many texts, flattened: row i is one token."""
+
+    values: np.ndarray  # [n_tokens, n_hooks, d_model]
+    text_index: np.ndarray  # [n_tokens] which text the token belongs to
+    position: np.ndarray  # [n_tokens] its position in that text's token sequence
+    token_id: np.ndarray  # [n_tokens]
+
+
+def capture_tokens(
+    model: LoadedModel,
+    texts: Sequence[str],
+    hook_names: Sequence[str],
+    *,
+    batch_size: int,
+    skip_token_ids: Sequence[int] = (),
+    desc: str = "capture tokens",
+) -> TokenActivations:
+    """Activations at every token of already-formatted `texts`, except padding, the first token
+    and `skip_token_ids` (template and special tokens carry outsized activations that would
+    dominate an SAE's loss and its variance-explained)."""
+    tokenizer = model.tokenizer
+    encoded_texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    skip = torch.tensor(sorted(set(skip_token_ids)), dtype=torch.long)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(activation: torch.Tensor, hook: object) -> torch.Tensor:
+            current[name] = activation.detach().float().cpu()
+            return activation
+        return hook
+
+    lengths = [len(ids) for ids in encoded_texts]
+
+    with tqdm(total=len(texts), desc=desc, unit="text", leave=False) as bar, \
+            applied(model, [(name, keep(name)) for name in hook_names]):
+        for batch in length_sorted_batches(lengths, batch_size):
+            width = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                ids[row, : lengths[i]] = torch.tensor(encoded_texts[i])  # right padding: positions are real
+                mask[row, : lengths[i]] = 1
+            with torch.inference_mode():
+                model.hf_model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+            kept = mask.bool() & ~torch.isin(ids, skip)
+            kept[:, 0] = False
+            rows, cols = kept.nonzero(as_tuple=True)
+            stacked = torch.stack([current[name][rows, cols] for name in hook_names], dim=1)
+            parts.append((stacked.numpy(), np.asarray(batch)[rows.numpy()], cols.numpy(), ids[rows, cols].numpy()))
+            bar.update(len(batch))
+    return TokenActivations(
+        values=np.concatenate([p[0] for p in parts]),
+        text_index=np.concatenate([p[1] for p in parts]),
+        position=np.concatenate([p[2] for p in parts]),
+        token_id=np.concatenate([p[3] for p in parts]),
+    )

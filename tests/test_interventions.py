@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.activations import capture, post_instruction_tokens, prompt_end_positions
+from engine.activations import capture, capture_tokens, post_instruction_tokens, prompt_end_positions
 from engine.chat import chat_prompt
 from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
@@ -94,3 +94,19 @@ def test_kl_and_cross_entropy(tiny_model) -> None:
         predicted = torch.log_softmax(logits, -1)[len(prompt_ids) - 1:-1]
         expected = -predicted.gather(-1, torch.tensor(answer_ids)[:, None]).mean()
         assert ce[i] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_capture_tokens_keeps_real_tokens_and_matches_the_cache(tiny_model) -> None:
+    texts = [chat_prompt(tiny_model.tokenizer, p) for p in PROMPTS]
+    special = tiny_model.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    result = capture_tokens(tiny_model, texts, ["blocks.1.hook_resid_pre"], batch_size=2, skip_token_ids=special)
+    for i, text in enumerate(texts):
+        ids = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        expected_positions = [p for p, t in enumerate(ids) if p > 0 and t not in special]
+        mine = result.position[result.text_index == i]
+        assert sorted(mine.tolist()) == expected_positions
+        _, cache = tiny_model.bridge.run_with_cache(torch.tensor([ids]))
+        reference = cache["blocks.1.hook_resid_pre"][0].numpy()
+        rows = np.flatnonzero(result.text_index == i)
+        assert np.allclose(result.values[rows, 0], reference[result.position[rows]], atol=1e-4)
+        assert (result.token_id[rows] == np.array(ids)[result.position[rows]]).all()
