@@ -28,7 +28,9 @@ def post_instruction_tokens(tokenizer) -> list[str]:
     text = chat_prompt(tokenizer, PROBE_INSTRUCTION)
     tail = text.split(PROBE_INSTRUCTION, 1)[1]
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    return [tokenizer.decode([i]) for i in ids]
+    # Whitespace tokens are shown escaped ("\\n"), so labels stay readable in tables and charts.
+    escapes = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
+    return [tokenizer.decode([i]).translate(escapes) for i in ids]
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answ
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 1
+    version = 2
     upstream = ("prompts", "generate")
 
     def applies(self, config: StudyConfig) -> bool:
