@@ -46,7 +46,7 @@ def test_overview_shows_rates_for_both_models(tiny_store: Path) -> None:
     assert set(metrics) >= {"base refused (toxic)", "other refused (safe)"}
     assert metrics["base refused (toxic)"].help == f"{toxic.loc['base', 'n_refused']} of {toxic.loc['base', 'n']} prompts"
     charts = app.get("vega_lite_chart")
-    assert len(charts) == 1 and '"refusal rate"' in charts[0].proto.spec
+    assert len(charts) == 2 and all('"refusal rate"' in chart.proto.spec for chart in charts)
     agreement = app.dataframe[1].value
     assert set(agreement["model"]) == {"base", "other"}
 

@@ -16,7 +16,11 @@ require_tables(store, ("direction_candidates", "direction_effects", "layer_separ
                        "hard_prompt_direction"))
 
 candidates = queries.query(store, queries.CANDIDATES_SQL)
+# Template tokens repeat (two "\n" tokens), so a position is named by its index and its token.
+candidates["position_name"] = candidates["position"].astype(str) + " · " + candidates["position_label"]
+position_order = list(dict.fromkeys(candidates.sort_values("position")["position_name"]))
 chosen = candidates[candidates["chosen"]].iloc[0]
+CONDITION_COLORS = alt.Scale(domain=["baseline", "ablation", "addition"], range=["#9e9e9e", "#1f77b4", "#d62728"])
 effects = queries.query(store, queries.EFFECTS_SQL)
 harmlessness = queries.query(store, queries.HARMLESSNESS_SQL).set_index("condition")
 
@@ -34,7 +38,8 @@ st.caption(
 base_toxic, abl_toxic = rate("baseline", "toxic"), rate("ablation", "toxic")
 base_safe, add_safe = rate("baseline", "safe"), rate("addition", "safe")
 cols = st.columns(4)
-cols[0].metric("Chosen layer / position", f"{int(chosen.layer)} / {chosen.position_label}")
+cols[0].metric("Chosen layer / position", f"{int(chosen.layer)} / {chosen.position_label}",
+               help=f"position {int(chosen.position)} of the prompt-end positions (0 = last instruction token)")
 cols[1].metric("Toxic refused, ablated", f"{abl_toxic[0]:.0%}", f"{abl_toxic[0] - base_toxic[0]:+.0%} vs baseline",
                delta_color="inverse", help=f"{abl_toxic[1]} of {abl_toxic[2]} (baseline {base_toxic[1]} of {base_toxic[2]})")
 cols[2].metric("Safe refused, direction added", f"{add_safe[0]:.0%}", f"{add_safe[0] - base_safe[0]:+.0%} vs baseline",
@@ -50,14 +55,14 @@ metric = st.radio("Colour by", ["ablation_score", "induce_score", "kl"], horizon
                             "KL on safe prompts under ablation (low = harmless)"])
 heat = alt.Chart(candidates).mark_rect().encode(
     x=alt.X("layer:O", title="layer"),
-    y=alt.Y("position_label:N", title="position", sort=list(dict.fromkeys(candidates["position_label"]))),
+    y=alt.Y("position_name:N", title="prompt position", sort=position_order),
     color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis", reverse=metric == "ablation_score")),
     tooltip=["layer", "position_label", alt.Tooltip("ablation_score:Q", format=".2f"),
              alt.Tooltip("induce_score:Q", format=".2f"), alt.Tooltip("kl:Q", format=".3f"),
              "eligible", "rejected_because"],
 )
 mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(shape="diamond", size=160, color="red", filled=True).encode(
-    x="layer:O", y=alt.Y("position_label:N", sort=list(dict.fromkeys(candidates["position_label"]))),
+    x="layer:O", y=alt.Y("position_name:N", sort=position_order),
     tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
 st.altair_chart((heat + mark).properties(height=200), width="stretch")
 st.caption("Red diamond: the chosen candidate. Hover a cell for its scores and, if rejected, why. "
@@ -68,14 +73,15 @@ effects = effects.assign(label=effects["n_refused"].astype(str) + " / " + effect
 kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxic", key="effects_kind") or "toxic"
 shown = effects[effects["kind"] == kinds]
 bars = alt.Chart(shown).encode(x=alt.X("category:N", title=None), xOffset="condition:N",
-                               color=alt.Color("condition:N", sort=["baseline", "ablation", "addition"]))
+                               color=alt.Color("condition:N", scale=CONDITION_COLORS))
 st.altair_chart(
     (bars.mark_bar().encode(y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"),
                                     scale=alt.Scale(domain=[0, 1])),
                             tooltip=["condition", "category", alt.Tooltip("label:N", title="refused / prompts"),
                                      alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
                                      alt.Tooltip("ci_high:Q", format=".0%")])
-     + bars.mark_rule(color="black").encode(y="ci_low:Q", y2="ci_high:Q")).properties(height=260),
+     + bars.mark_bar(size=2, opacity=0.7).encode(y="ci_low:Q", y2="ci_high:Q", color=alt.value("black"))
+     ).properties(height=260),
     width="stretch")
 
 st.subheader("Where is harmfulness linearly readable?")
