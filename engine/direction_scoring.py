@@ -30,10 +30,12 @@ def score_candidates(
     toxic_prompts: Sequence[str],
     safe_prompts: Sequence[str],
     *,
-    alpha: float,
+    alpha: float | None,
     batch_size: int,
 ) -> pd.DataFrame:
-    """Score `candidates[layer, position]` ([n_layers, n_positions, d_model]) for the given layers."""
+    """Score `candidates[layer, position]` ([n_layers, n_positions, d_model]) for the given layers.
+
+    Addition uses `alpha` times the unit direction, or the candidate's own norm when None."""
     ids = list(refusal_token_ids)
     baseline_safe = next_token_logprobs(model, safe_prompts, batch_size=batch_size)
     both = list(toxic_prompts) + list(safe_prompts)
@@ -44,7 +46,8 @@ def score_candidates(
         direction = torch.from_numpy(candidates[layer, position])
         with applied(model, ablation_hooks(model, direction)):
             ablated = next_token_logprobs(model, both, batch_size=batch_size)
-        with applied(model, addition_hooks(model, direction, layer, alpha)):
+        scale = float(direction.norm()) if alpha is None else alpha
+        with applied(model, addition_hooks(model, direction, layer, scale)):
             added = next_token_logprobs(model, safe_prompts, batch_size=batch_size, token_ids=ids)
         rows.append({
             "layer": layer,

@@ -2,8 +2,8 @@
 
 - Directional ablation (Arditi et al. 2024): project a direction out of the residual stream
   before every block and out of every attention and MLP output, so no layer can write it back.
-- Activation addition: add `alpha` times a direction to the residual stream before one block,
-  at every position.
+- Activation addition: add `alpha` times the unit direction to the residual stream before one
+  block, at every position.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from engine.models import LoadedModel
 Hook = tuple[str, Callable[[torch.Tensor, object], torch.Tensor]]
 
 
-def _unit(direction: torch.Tensor) -> torch.Tensor:
+def _unit(direction: torch.Tensor, d_model: int) -> torch.Tensor:
+    if direction.shape != (d_model,):
+        raise ExplorerError(f"A direction of shape {tuple(direction.shape)} does not fit this model.",
+                            f"use a vector of size d_model = {d_model} (from the same model).")
     norm = direction.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise ExplorerError("The direction to ablate has zero or non-finite norm.",
@@ -29,7 +32,8 @@ def _unit(direction: torch.Tensor) -> torch.Tensor:
 
 def ablation_hooks(model: LoadedModel, directions: torch.Tensor) -> list[Hook]:
     """Hooks projecting the span of `directions` ([d_model] or [k, d_model]) out everywhere."""
-    stacked = torch.stack([_unit(row) for row in directions.reshape(-1, model.d_model).float()])
+    rows = directions.float()[None] if directions.dim() == 1 else directions.float()
+    stacked = torch.stack([_unit(row, model.d_model) for row in rows])
     basis = torch.linalg.qr(stacked.T).Q.to(model.device)  # orthonormal columns spanning them
 
     def project_out(activation: torch.Tensor, hook: object) -> torch.Tensor:
@@ -41,11 +45,13 @@ def ablation_hooks(model: LoadedModel, directions: torch.Tensor) -> list[Hook]:
 
 
 def addition_hooks(model: LoadedModel, direction: torch.Tensor, layer: int, alpha: float) -> list[Hook]:
-    """A hook adding `alpha * direction` to the residual stream entering block `layer`."""
+    """A hook adding `alpha` times the unit `direction` to the residual stream entering block `layer`.
+
+    With alpha equal to the difference-of-means norm this is Arditi et al.'s activation addition."""
     if not 0 <= layer < model.n_layers:
         raise ExplorerError(f"Layer {layer} does not exist in {model.name} ({model.n_layers} layers).",
                             f"pick a layer in 0..{model.n_layers - 1}.")
-    shift = (alpha * direction.float()).to(model.device)
+    shift = (alpha * _unit(direction.float(), model.d_model)).to(model.device)
 
     def add(activation: torch.Tensor, hook: object) -> torch.Tensor:
         return activation + shift.to(activation.dtype)

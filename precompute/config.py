@@ -71,7 +71,7 @@ class DirectionsConfig:
     layer_stride: int = 1  # score every n-th layer's candidates (all layers on a GPU)
     max_kl: float = 0.1
     prune_last_fraction: float = 0.2
-    addition_alpha: float = 1.0
+    addition_alpha: float | None = None  # times the unit direction; None: its own norm (Arditi)
     bootstrap: int = 200
     eval_max_new_tokens: int = 48
     seed: int = 0
@@ -87,8 +87,8 @@ class DirectionsConfig:
             raise _out_of_range("directions.max_kl", self.max_kl, "a value in (0, 10]")
         if not 0 <= self.prune_last_fraction < 1:
             raise _out_of_range("directions.prune_last_fraction", self.prune_last_fraction, "[0, 1)")
-        if not 0 < self.addition_alpha <= 20:
-            raise _out_of_range("directions.addition_alpha", self.addition_alpha, "(0, 20]")
+        if self.addition_alpha is not None and not 0 < self.addition_alpha <= 1000:
+            raise _out_of_range("directions.addition_alpha", self.addition_alpha, "(0, 1000] or null")
         if not 10 <= self.bootstrap <= 100_000:
             raise _out_of_range("directions.bootstrap", self.bootstrap, "10-100000")
         if not 1 <= self.eval_max_new_tokens <= 2048:

@@ -66,3 +66,18 @@ def test_bootstrap_cosines_bracket_the_point_estimate() -> None:
     assert pairs.loc[("a", "b"), "cosine"] > 0.9 and abs(pairs.loc[("a", "c"), "cosine"]) < 0.3
     assert (result["ci_low"] <= result["cosine"] + 1e-9).all() and (result["cosine"] <= result["ci_high"] + 1e-9).all()
     assert np.allclose(np.diag(cosine_matrix(np.eye(3))), 1)
+
+
+def test_bootstrap_interval_covers_a_known_cosine() -> None:
+    # Population directions with cosine exactly 0.6: a = 4u, b = 4(0.6u + 0.8v); unit-variance noise.
+    rng = np.random.default_rng(2)
+    d, n = 8, 400
+    u, v = np.eye(d)[0], np.eye(d)[1]
+    safe = rng.normal(size=(n, d))
+    a = rng.normal(size=(n, d)) + 4 * u
+    b = rng.normal(size=(n, d)) + 4 * (0.6 * u + 0.8 * v)
+    acts = np.concatenate([safe, a, b])
+    groups = np.array([""] * n + ["a"] * n + ["b"] * n)
+    result = bootstrap_cosines(acts, groups, ["a", "b"], groups == "", n_boot=300, seed=0)
+    row = result.set_index(["category_a", "category_b"]).loc[("a", "b")]
+    assert row["ci_low"] < 0.6 < row["ci_high"] and row["ci_high"] - row["ci_low"] < 0.1

@@ -62,7 +62,7 @@ def test_addition_shifts_one_layer_and_hooks_never_leak(tiny_model) -> None:
     with applied(tiny_model, addition_hooks(tiny_model, direction, layer=1, alpha=2.0)):
         during = _resid(tiny_model, PROMPTS[1], range(2))
     assert torch.allclose(during[0], before[0], atol=1e-5)
-    assert torch.allclose(during[1], before[1] + 2.0 * direction, atol=1e-4)
+    assert torch.allclose(during[1], before[1] + 2.0 * direction / direction.norm(), atol=1e-4)
     with pytest.raises(RuntimeError, match="boom"):
         with applied(tiny_model, addition_hooks(tiny_model, direction, layer=1, alpha=2.0)):
             raise RuntimeError("boom")
@@ -77,6 +77,10 @@ def test_bad_layer_is_one_clear_error(tiny_model) -> None:
         addition_hooks(tiny_model, torch.zeros(64), layer=5, alpha=1.0)
     with pytest.raises(ExplorerError, match="zero or non-finite norm"):
         ablation_hooks(tiny_model, torch.zeros(64))
+    with pytest.raises(ExplorerError, match=r"shape \(576,\) does not fit.*d_model = 64"):
+        ablation_hooks(tiny_model, torch.ones(576))
+    with pytest.raises(ExplorerError, match="does not fit"):
+        addition_hooks(tiny_model, torch.ones(32), layer=0, alpha=1.0)
 
 
 def test_kl_and_cross_entropy(tiny_model) -> None:
@@ -90,7 +94,8 @@ def test_kl_and_cross_entropy(tiny_model) -> None:
     for i in range(2):  # against a direct, unbatched computation
         prompt_ids = tiny_model.tokenizer(chat_prompt(tiny_model.tokenizer, PROMPTS[i]), add_special_tokens=False)["input_ids"]
         answer_ids = tiny_model.tokenizer(completions[i], add_special_tokens=False)["input_ids"]
-        logits = tiny_model.hf_model(torch.tensor([prompt_ids + answer_ids])).logits[0].float()
+        with torch.inference_mode():
+            logits = tiny_model.hf_model(torch.tensor([prompt_ids + answer_ids])).logits[0].float()
         predicted = torch.log_softmax(logits, -1)[len(prompt_ids) - 1:-1]
         expected = -predicted.gather(-1, torch.tensor(answer_ids)[:, None]).mean()
         assert ce[i] == pytest.approx(float(expected), abs=1e-4)

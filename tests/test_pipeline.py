@@ -141,3 +141,20 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     assert set(separation["model"]) == {"base", "tuned"} and len(separation) == 4
     assert set(read("direction_projections")["model"]) == {"base", "tuned"}
     assert read("direction_harmlessness")["condition"].tolist() == ["baseline", "ablation"]
+
+
+def test_directions_stage_names_an_empty_category(tmp_path, tiny_model_dir, prompt_file) -> None:
+    from engine.errors import ExplorerError
+
+    config = parse_config({
+        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(tiny_model_dir)},
+        "prompts": {"sources": [{"type": "table", "path": str(prompt_file),
+                                 "mapping": {"category": "category", "kind": "kind"}}],
+                    "test_fraction": 0.5, "categories": ["hate", "violence"]},
+        "generation": {"max_new_tokens": 2, "batch_size": 64},
+        "directions": {"model": "base", "bootstrap": 10, "eval_max_new_tokens": 2},
+    })
+    prompts = pd.read_csv(prompt_file)
+    prompts[~((prompts["category"] == "violence") & (prompts["kind"] == "toxic"))].to_csv(prompt_file, index=False)
+    with pytest.raises(ExplorerError, match=r"No toxic training prompts in category \['violence'\]"):
+        pipeline.run_pipeline(config, STAGES)

@@ -25,6 +25,7 @@ from engine.direction_scoring import refusal_scores_under_ablation, score_candid
 from engine.directions import (
     SelectionRule, bootstrap_cosines, layer_separation, mean_difference, select_candidate, unit,
 )
+from engine.errors import ExplorerError
 from engine.generation import answer_table
 from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.judge import is_refusal, refusal_rate_table, refusal_score
@@ -74,7 +75,7 @@ def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answ
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 2
+    version = 3
     upstream = ("prompts", "generate")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -112,7 +113,13 @@ class DirectionsStage(Stage):
         acts = capture(model, list(prompts["text"]), hooks, positions.offsets, batch_size=batch_size,
                        desc=f"capture {role}")  # [n, layers, positions, d_model]
         global_candidates = mean_difference(acts[fit], toxic[fit], safe[fit])
-        categories = [c for c in CATEGORIES if (toxic & fit & (category == c)).any()]
+        wanted = [c for c in config.prompts.categories if c in CATEGORIES]
+        categories = [c for c in wanted if (toxic & fit & (category == c)).any()]
+        if empty := sorted(set(wanted) - set(categories)):
+            raise ExplorerError(
+                f"No toxic training prompts in categor{'y' if len(empty) == 1 else 'ies'} {empty}: "
+                "no category direction can be computed.",
+                "add toxic prompts for it or drop it from prompts.categories in the config.")
 
         rng = np.random.default_rng(settings.seed)
 
@@ -138,6 +145,7 @@ class DirectionsStage(Stage):
         logger.info("Chosen direction: layer %d, position %s (ablation %.2f, induce %.2f, KL %.3f)",
                     layer, chosen["position_label"], chosen["ablation_score"], chosen["induce_score"], chosen["kl"])
         direction = global_candidates[layer, position]
+        alpha = settings.addition_alpha if settings.addition_alpha is not None else float(np.linalg.norm(direction))
         # Per category, every layer at the chosen position: [layers, d_model] each.
         category_candidates = {c: mean_difference(acts[fit, :, position], (toxic & (category == c))[fit],
                                                   safe[fit]) for c in categories}
@@ -150,7 +158,7 @@ class DirectionsStage(Stage):
             _judged(model, test_prompts[test_prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
                     token_ids, max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size),
             _judged(model, test_prompts[test_prompts["kind"] != "toxic"], "addition",
-                    addition_hooks(model, tensor, layer, settings.addition_alpha), token_ids,
+                    addition_hooks(model, tensor, layer, alpha), token_ids,
                     max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size),
         ], ignore_index=True)
         baseline = generations[(generations["model"] == role) & generations["prompt_id"].isin(test_prompts["id"])]
