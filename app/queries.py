@@ -103,9 +103,22 @@ SELECT ablated, category, n, mean_refusal_score, refusal_rate_by_score FROM cros
 """
 EFFECTS_SQL = """
 SELECT condition, category, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score
-FROM direction_effects ORDER BY kind, category, condition
+FROM direction_effects WHERE model = ? ORDER BY kind, category, condition
 """
-HARMLESSNESS_SQL = "SELECT condition, n, mean_kl, mean_cross_entropy FROM direction_harmlessness"
+HARMLESSNESS_SQL = "SELECT condition, n, mean_kl, mean_cross_entropy FROM direction_harmlessness WHERE model = ?"
+# One row per model: the direction's effect summed over categories (the headline numbers).
+EFFECT_SUMMARY_SQL = """
+SELECT e.model,
+       sum(e.n_refused) FILTER (WHERE e.condition = 'baseline' AND e.kind = 'toxic') AS toxic_refused_baseline,
+       sum(e.n_refused) FILTER (WHERE e.condition = 'ablation' AND e.kind = 'toxic') AS toxic_refused_ablated,
+       sum(e.n) FILTER (WHERE e.condition = 'ablation' AND e.kind = 'toxic') AS toxic_n,
+       sum(e.n_refused) FILTER (WHERE e.condition = 'baseline' AND e.kind = 'safe') AS safe_refused_baseline,
+       sum(e.n_refused) FILTER (WHERE e.condition = 'addition' AND e.kind = 'safe') AS safe_refused_added,
+       sum(e.n) FILTER (WHERE e.condition = 'addition' AND e.kind = 'safe') AS safe_n,
+       any_value(h.mean_kl) AS kl_ablated
+FROM direction_effects e JOIN direction_harmlessness h ON h.model = e.model AND h.condition = 'ablation'
+GROUP BY e.model ORDER BY e.model
+"""
 HARD_DIRECTION_SQL = """
 SELECT n_refused, n_answered, cosine_with_global, ci_low, ci_high, note FROM hard_prompt_direction
 """

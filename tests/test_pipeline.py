@@ -140,7 +140,10 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     separation = read("layer_separation")
     assert set(separation["model"]) == {"base", "tuned"} and len(separation) == 4
     assert set(read("direction_projections")["model"]) == {"base", "tuned"}
-    assert read("direction_harmlessness")["condition"].tolist() == ["baseline", "ablation"]
+    harmlessness = read("direction_harmlessness")
+    assert harmlessness[["model", "condition"]].values.tolist() == [
+        ["tuned", "baseline"], ["tuned", "ablation"], ["base", "baseline"], ["base", "ablation"]]
+    assert set(effects["model"]) == {"base", "tuned"}  # the other model is tested at the same site
 
 
 def test_directions_stage_names_an_empty_category(tmp_path, tiny_model_dir, prompt_file) -> None:

@@ -21,8 +21,8 @@ candidates["position_name"] = candidates["position"].astype(str) + " · " + cand
 position_order = list(dict.fromkeys(candidates.sort_values("position")["position_name"]))
 chosen = candidates[candidates["chosen"]].iloc[0]
 CONDITION_COLORS = alt.Scale(domain=["baseline", "ablation", "addition"], range=["#9e9e9e", "#1f77b4", "#d62728"])
-effects = queries.query(store, queries.EFFECTS_SQL)
-harmlessness = queries.query(store, queries.HARMLESSNESS_SQL).set_index("condition")
+effects = queries.query(store, queries.EFFECTS_SQL, (chosen.model,))
+harmlessness = queries.query(store, queries.HARMLESSNESS_SQL, (chosen.model,)).set_index("condition")
 
 
 def rate(condition: str, kind: str) -> tuple[float, int, int]:
@@ -47,6 +47,12 @@ cols[2].metric("Safe refused, direction added", f"{add_safe[0]:.0%}", f"{add_saf
 cols[3].metric("KL on safe prompts, ablated", f"{harmlessness.loc['ablation', 'mean_kl']:.3f}",
                help=f"cross-entropy of safe completions {harmlessness.loc['baseline', 'mean_cross_entropy']:.2f} -> "
                     f"{harmlessness.loc['ablation', 'mean_cross_entropy']:.2f} nats/token under ablation")
+
+summary = queries.query(store, queries.EFFECT_SUMMARY_SQL)
+st.caption("Every model, with its own difference-of-means direction at the same layer and position "
+           "(only the studied model's was chosen by search):")
+st.dataframe(summary, hide_index=True, width="stretch", column_config={
+    "kl_ablated": st.column_config.NumberColumn("KL on safe, ablated", format="%.3f")})
 
 st.subheader("Every candidate")
 metric = st.radio("Colour by", ["ablation_score", "induce_score", "kl"], horizontal=True,

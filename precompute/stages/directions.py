@@ -52,6 +52,40 @@ def _judged(model: LoadedModel, prompts: pd.DataFrame, condition: str, hooks, to
     return answers.assign(condition=condition)
 
 
+def evaluate_direction(model: LoadedModel, role: str, prompts: pd.DataFrame, baseline: pd.DataFrame,
+                       direction: np.ndarray, layer: int, alpha: float, token_ids: list[int], *,
+                       max_new_tokens: int, batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test-split effects of one direction on one model: answers under ablation (toxic, hard)
+    and addition (safe, hard) next to the baseline, plus KL and completion cross-entropy on
+    safe prompts under ablation. Returns (judged answers, harmlessness)."""
+    tensor = torch.from_numpy(direction)
+    evaluation = pd.concat([
+        _judged(model, prompts[prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
+                token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        _judged(model, prompts[prompts["kind"] != "toxic"], "addition", addition_hooks(model, tensor, layer, alpha),
+                token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
+    ], ignore_index=True)
+    baseline = baseline[(baseline["model"] == role) & baseline["prompt_id"].isin(prompts["id"])]
+    judged = pd.concat([baseline.assign(condition="baseline"), evaluation], ignore_index=True)
+    judged = judged.drop(columns=["category", "kind", "split"], errors="ignore").merge(
+        prompts[["id", "category", "kind"]], left_on="prompt_id", right_on="id").drop(columns="id")
+
+    safe = prompts[prompts["kind"] == "safe"]
+    texts = list(safe["text"])
+    answers = baseline.set_index("prompt_id").loc[safe["id"], "response"].tolist()
+    plain = next_token_logprobs(model, texts, batch_size=batch_size)
+    ce_plain = completion_cross_entropy(model, texts, answers, batch_size=batch_size)
+    with applied(model, ablation_hooks(model, tensor)):
+        ablated = next_token_logprobs(model, texts, batch_size=batch_size)
+        ce_ablated = completion_cross_entropy(model, texts, answers, batch_size=batch_size)
+    harmlessness = pd.DataFrame([
+        {"condition": "baseline", "n": len(safe), "mean_kl": 0.0, "mean_cross_entropy": float(np.nanmean(ce_plain))},
+        {"condition": "ablation", "n": len(safe), "mean_kl": float(kl_divergence(plain, ablated).mean()),
+         "mean_cross_entropy": float(np.nanmean(ce_ablated))},
+    ])
+    return judged.assign(model=role), harmlessness.assign(model=role)
+
+
 def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answered: np.ndarray,
                            global_direction: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
     """Refused-minus-answered hard prompts' direction and its cosine with the global one."""
@@ -75,7 +109,7 @@ def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answ
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 3
+    version = 4
     upstream = ("prompts", "generate")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -153,32 +187,12 @@ class DirectionsStage(Stage):
 
         # Causal evaluation on the test split.
         test_prompts = prompts[test]
-        tensor = torch.from_numpy(direction)
-        evaluation = pd.concat([
-            _judged(model, test_prompts[test_prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
-                    token_ids, max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size),
-            _judged(model, test_prompts[test_prompts["kind"] != "toxic"], "addition",
-                    addition_hooks(model, tensor, layer, alpha), token_ids,
-                    max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size),
-        ], ignore_index=True)
-        baseline = generations[(generations["model"] == role) & generations["prompt_id"].isin(test_prompts["id"])]
-        judged = pd.concat([baseline.assign(condition="baseline"), evaluation], ignore_index=True)
-        judged = judged.drop(columns=["category", "kind", "split"], errors="ignore").merge(
-            prompts[["id", "category", "kind"]], left_on="prompt_id", right_on="id").drop(columns="id")
-        effects = refusal_rate_table(judged, ["condition", "category", "kind"])
-
-        safe_test = test_prompts[test_prompts["kind"] == "safe"]
-        safe_answers = baseline.set_index("prompt_id").loc[safe_test["id"], "response"].tolist()
-        plain = next_token_logprobs(model, list(safe_test["text"]), batch_size=batch_size)
-        with applied(model, ablation_hooks(model, tensor)):
-            ablated = next_token_logprobs(model, list(safe_test["text"]), batch_size=batch_size)
-            ce_ablated = completion_cross_entropy(model, list(safe_test["text"]), safe_answers, batch_size=batch_size)
-        ce_plain = completion_cross_entropy(model, list(safe_test["text"]), safe_answers, batch_size=batch_size)
-        harmlessness = pd.DataFrame([
-            {"condition": "baseline", "n": len(safe_test), "mean_kl": 0.0, "mean_cross_entropy": float(np.nanmean(ce_plain))},
-            {"condition": "ablation", "n": len(safe_test), "mean_kl": float(kl_divergence(plain, ablated).mean()),
-             "mean_cross_entropy": float(np.nanmean(ce_ablated))},
-        ])
+        evaluate = dict(max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size)
+        judged_frames, harmless_frames = [], []
+        judged, harmlessness = evaluate_direction(model, role, test_prompts, generations, direction, layer, alpha,
+                                                  token_ids, **evaluate)
+        judged_frames.append(judged)
+        harmless_frames.append(harmlessness)
 
         # Cross-ablation: ablate each direction, read each category's toxic test prompts.
         toxic_test = test_prompts[test_prompts["kind"] == "toxic"]
@@ -199,14 +213,24 @@ class DirectionsStage(Stage):
             # The studied model's activations are at hand for every prompt; another model is
             # captured at the chosen position for the toxic and safe prompts only.
             rows = np.ones(len(prompts), dtype=bool) if other_role == role else both
+            other = model if other_role == role else load_model(spec)
             layer_acts = acts[:, :, position, :] if other_role == role else capture(
-                load_model(spec), list(prompts["text"][rows]), hooks, [positions.offsets[position]],
+                other, list(prompts["text"][rows]), hooks, [positions.offsets[position]],
                 batch_size=batch_size, desc=f"capture {other_role}")[:, :, 0, :]
             pair = both[rows]
             separation = layer_separation(layer_acts[pair], toxic[rows][pair], train[rows][pair], test[rows][pair])
             separation_rows.append(separation.assign(model=other_role))
-            fit_rows = train[rows] & pair
-            own = unit(mean_difference(layer_acts[fit_rows, layer], toxic[rows][fit_rows], safe[rows][fit_rows]))
+            fit_rows = fit[rows] & pair
+            own_vector = mean_difference(layer_acts[fit_rows, layer], toxic[rows][fit_rows], safe[rows][fit_rows])
+            own = unit(own_vector)
+            if other_role != role:
+                # The same site's direction in the other model, tested the same way (no search).
+                other_tokens = tokens.loc[tokens["model"] == other_role, "token_id"].astype(int).tolist()
+                other_alpha = settings.addition_alpha or float(np.linalg.norm(own_vector))
+                judged, harmlessness = evaluate_direction(other, other_role, test_prompts, generations, own_vector,
+                                                          layer, other_alpha, other_tokens, **evaluate)
+                judged_frames.append(judged)
+                harmless_frames.append(harmlessness)
             projection_frames.append(
                 prompts.loc[rows, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
                 .assign(model=other_role, projection=layer_acts[:, layer] @ own))
@@ -229,9 +253,10 @@ class DirectionsStage(Stage):
             tables={
                 "direction_candidates": candidates.assign(model=role),
                 "refusal_directions": pd.DataFrame(vectors).assign(model=role),
-                "direction_generations": judged.assign(model=role),
-                "direction_effects": effects.assign(model=role),
-                "direction_harmlessness": harmlessness.assign(model=role),
+                "direction_generations": pd.concat(judged_frames, ignore_index=True),
+                "direction_effects": refusal_rate_table(pd.concat(judged_frames, ignore_index=True),
+                                                        ["model", "condition", "category", "kind"]),
+                "direction_harmlessness": pd.concat(harmless_frames, ignore_index=True),
                 "cross_ablation": pd.DataFrame(cross_rows).assign(model=role),
                 "layer_separation": pd.concat(separation_rows, ignore_index=True),
                 "direction_projections": pd.concat(projection_frames, ignore_index=True),
