@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt
+from engine.errors import ExplorerError
 from engine.generation import encode_batches, length_sorted_batches
 from engine.interventions import applied
 from engine.models import LoadedModel
@@ -56,6 +57,9 @@ def capture(
     desc: str = "capture",
 ) -> np.ndarray:
     """Activations [n_prompts, n_hooks, n_offsets, d_model] (float32) in input order."""
+    if any(offset >= 0 for offset in offsets):
+        raise ExplorerError(f"Positions {list(offsets)} must be negative offsets from the prompt's end.",
+                            "use e.g. -1 for the last prompt token (see prompt_end_positions).")
     out = np.zeros((len(instructions), len(hook_names), len(offsets), model.d_model), dtype=np.float32)
     index = torch.tensor(list(offsets))
     current: dict[str, torch.Tensor] = {}
@@ -69,6 +73,10 @@ def capture(
     hooks = [(name, keep(name)) for name in hook_names]
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar, applied(model, hooks):
         for batch, encoded in encode_batches(model, instructions, batch_size):
+            shortest = int(encoded["attention_mask"].sum(dim=1).min())
+            if -min(offsets) > shortest:
+                raise ExplorerError(f"Position {min(offsets)} lies before the start of a {shortest}-token prompt.",
+                                    f"use offsets between -{shortest} and -1.")
             current.clear()
             with torch.inference_mode():
                 model.hf_model.base_model(**encoded)  # the transformer body: no logits needed

@@ -36,6 +36,15 @@ def test_capture_matches_run_with_cache_in_any_batch(tiny_model) -> None:
             assert np.allclose(batched[i, h], reference[h][[-3, -1]].numpy(), atol=1e-4)
 
 
+def test_capture_rejects_positions_out_of_range(tiny_model) -> None:
+    from engine.errors import ExplorerError
+
+    with pytest.raises(ExplorerError, match="must be negative offsets"):
+        capture(tiny_model, PROMPTS, ["blocks.0.hook_resid_pre"], [0], batch_size=2)
+    with pytest.raises(ExplorerError, match="Position -500 lies before the start"):
+        capture(tiny_model, PROMPTS, ["blocks.0.hook_resid_pre"], [-500], batch_size=2)
+
+
 def test_ablation_removes_the_direction_at_every_layer(tiny_model) -> None:
     direction = torch.randn(64)
     seen: list[float] = []
