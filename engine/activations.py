@@ -55,12 +55,20 @@ def capture(
     *,
     batch_size: int,
     desc: str = "capture",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Activations [n_prompts, n_hooks, n_offsets, d_model] (float32) in input order."""
+    """Activations [n_prompts, n_hooks, n_offsets, d_model] (float32) in input order.
+
+    Pass `out` (e.g. `np.lib.format.open_memmap(...)`) to stream them to disk batch by batch
+    instead of holding them in memory."""
     if any(offset >= 0 for offset in offsets):
         raise ExplorerError(f"Positions {list(offsets)} must be negative offsets from the prompt's end.",
                             "use e.g. -1 for the last prompt token (see prompt_end_positions).")
-    out = np.zeros((len(instructions), len(hook_names), len(offsets), model.d_model), dtype=np.float32)
+    shape = (len(instructions), len(hook_names), len(offsets), model.d_model)
+    if out is None:
+        out = np.zeros(shape, dtype=np.float32)
+    elif out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
     index = torch.tensor(list(offsets))
     current: dict[str, torch.Tensor] = {}
 

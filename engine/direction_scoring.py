@@ -44,6 +44,11 @@ def score_candidates(
     pairs = [(layer, position) for layer in layers for position in range(candidates.shape[1])]
     for layer, position in tqdm(pairs, desc="score candidates", unit="candidate"):
         direction = torch.from_numpy(candidates[layer, position])
+        if float(direction.norm()) == 0.0:
+            # e.g. layer 0 at a template token: every prompt has the same activation there
+            rows.append({"layer": layer, "position": position, "position_label": position_labels[position],
+                         "ablation_score": np.nan, "induce_score": np.nan, "kl": np.nan})
+            continue
         with applied(model, ablation_hooks(model, direction)):
             ablated = next_token_logprobs(model, both, batch_size=batch_size)
         scale = float(direction.norm()) if alpha is None else alpha

@@ -13,11 +13,22 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
 
-def mean_difference(activations: np.ndarray, harmful: np.ndarray, harmless: np.ndarray) -> np.ndarray:
-    """Mean over `harmful` rows minus mean over `harmless` rows: [n, ...] -> [...]."""
+def mean_difference(
+    activations: np.ndarray, harmful: np.ndarray, harmless: np.ndarray, *, block: int = 1024
+) -> np.ndarray:
+    """Mean over `harmful` rows minus mean over `harmless` rows: [n, ...] -> [...].
+
+    Reads `activations` (an array or a disk-backed memmap) `block` rows at a time, so memory
+    stays bounded by one block whatever the number of prompts.
+    """
     if not harmful.any() or not harmless.any():
         raise ValueError("both prompt groups need at least one prompt")
-    return activations[harmful].mean(axis=0) - activations[harmless].mean(axis=0)
+    sums = [np.zeros(activations.shape[1:], dtype=np.float64) for _ in range(2)]
+    for start in range(0, len(activations), block):
+        chunk = np.asarray(activations[start : start + block], dtype=np.float64)
+        for total, mask in zip(sums, (harmful, harmless)):
+            total += chunk[mask[start : start + block]].sum(axis=0)
+    return (sums[0] / harmful.sum() - sums[1] / harmless.sum()).astype(np.float32)
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
@@ -54,9 +65,10 @@ def select_candidate(candidates: pd.DataFrame, n_layers: int, rule: SelectionRul
     table = candidates.copy()
     max_layer = n_layers * (1 - rule.prune_last_fraction)
     reasons = np.select(
-        [table["layer"] >= max_layer, table["kl"] > rule.max_kl, table["induce_score"] < rule.min_induce_score],
-        [f"in the last {rule.prune_last_fraction:.0%} of layers", f"KL > {rule.max_kl}",
-         f"induce score < {rule.min_induce_score}"],
+        [table["ablation_score"].isna(), table["layer"] >= max_layer, table["kl"] > rule.max_kl,
+         table["induce_score"] < rule.min_induce_score],
+        ["zero direction (same activation for every prompt)", f"in the last {rule.prune_last_fraction:.0%} of layers",
+         f"KL > {rule.max_kl}", f"induce score < {rule.min_induce_score}"],
         default="",
     )
     table["rejected_because"] = reasons
@@ -81,12 +93,13 @@ def layer_separation(
     """Per layer, on held-out prompts: separation (sigma) along the fit split's mean-difference
     direction and the accuracy of a logistic-regression probe trained on the fit split.
 
-    `activations` [n, n_layers, d]; `harmful` labels rows (True toxic, False safe); `fit` and
-    `held_out` are disjoint row masks.
+    `activations` [n, n_layers, d] (array or memmap: one layer is read at a time); `harmful`
+    labels rows (True toxic, False safe); `fit` and `held_out` are disjoint row masks, rows in
+    neither are ignored.
     """
     rows = []
     for layer in range(activations.shape[1]):
-        x = activations[:, layer, :]
+        x = np.asarray(activations[:, layer, :])
         direction = unit(mean_difference(x[fit], harmful[fit], ~harmful[fit]))
         projections = x[held_out] @ direction
         probe = LogisticRegression(max_iter=2000, C=1.0).fit(x[fit], harmful[fit])

@@ -20,18 +20,29 @@ def test_mean_difference_is_harmful_minus_harmless() -> None:
         mean_difference(acts, harmful, np.zeros(4, bool))
 
 
+def test_mean_difference_in_blocks_matches_the_plain_mean(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    acts = rng.normal(size=(50, 3, 4)).astype(np.float32)
+    on_disk = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.float32, shape=acts.shape)
+    on_disk[:] = acts
+    harmful = rng.random(50) < 0.4
+    expected = acts[harmful].mean(0) - acts[~harmful].mean(0)
+    assert np.allclose(mean_difference(on_disk, harmful, ~harmful, block=7), expected, atol=1e-5)
+
+
 def test_selection_follows_the_three_filters() -> None:
     table = pd.DataFrame({
-        "layer":          [1,    2,    3,    4,    9],
-        "position":       [0,    0,    0,    0,    0],
-        "ablation_score": [-5.0, -9.0, -8.0, -2.0, -20.0],
-        "induce_score":   [3.0,  2.0,  -1.0, 1.0,  5.0],
-        "kl":             [0.05, 0.3,  0.01, 0.02, 0.01],
+        "layer":          [1,    2,    3,    4,    9,     0],
+        "position":       [0,    0,    0,    0,    0,     0],
+        "ablation_score": [-5.0, -9.0, -8.0, -2.0, -20.0, np.nan],
+        "induce_score":   [3.0,  2.0,  -1.0, 1.0,  5.0,   np.nan],
+        "kl":             [0.05, 0.3,  0.01, 0.02, 0.01,  np.nan],
     })
     result = select_candidate(table, n_layers=10, rule=SelectionRule())
     assert result.loc[result["chosen"], "layer"].tolist() == [1]
     assert result["rejected_because"].tolist() == [
-        "", "KL > 0.1", "induce score < 0.0", "", "in the last 20% of layers"]
+        "", "KL > 0.1", "induce score < 0.0", "", "in the last 20% of layers",
+        "zero direction (same activation for every prompt)"]
 
 
 def test_separation_sigma_on_known_groups() -> None:

@@ -36,6 +36,15 @@ def test_capture_matches_run_with_cache_in_any_batch(tiny_model) -> None:
             assert np.allclose(batched[i, h], reference[h][[-3, -1]].numpy(), atol=1e-4)
 
 
+def test_capture_streams_into_a_disk_array(tiny_model, tmp_path) -> None:
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    in_memory = capture(tiny_model, PROMPTS, hooks, [-2, -1], batch_size=2)
+    on_disk = np.lib.format.open_memmap(tmp_path / "acts.npy", mode="w+", dtype=np.float32, shape=in_memory.shape)
+    assert capture(tiny_model, PROMPTS, hooks, [-2, -1], batch_size=2, out=on_disk) is on_disk
+    on_disk.flush()
+    assert np.allclose(np.load(tmp_path / "acts.npy"), in_memory, atol=1e-6)
+
+
 def test_capture_rejects_positions_out_of_range(tiny_model) -> None:
     from engine.errors import ExplorerError
 

@@ -109,7 +109,7 @@ def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answ
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 4
+    version = 5
     upstream = ("prompts", "generate")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -144,9 +144,18 @@ class DirectionsStage(Stage):
             [stable_split("validation:" + t, settings.validation_fraction) == "test" for t in prompts["text"]])
         fit, test = train & ~validation, (prompts["split"] == "test").to_numpy()
 
+        # [n, layers, positions, d_model], streamed to a disk-backed array: memory stays bounded
+        # however many prompts there are; every reader below takes a block or one slice at a time.
+        scratch = context.cache("activations", self.inputs(config) | {"prompts": context.hashes["prompts"]})
+        scratch.mkdir(parents=True, exist_ok=True)
+
+        def disk_array(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            return np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+
         acts = capture(model, list(prompts["text"]), hooks, positions.offsets, batch_size=batch_size,
-                       desc=f"capture {role}")  # [n, layers, positions, d_model]
-        global_candidates = mean_difference(acts[fit], toxic[fit], safe[fit])
+                       desc=f"capture {role}",
+                       out=disk_array(role, (len(prompts), model.n_layers, len(positions.offsets), model.d_model)))
+        global_candidates = mean_difference(acts, toxic & fit, safe & fit)
         wanted = [c for c in config.prompts.categories if c in CATEGORIES]
         categories = [c for c in wanted if (toxic & fit & (category == c)).any()]
         if empty := sorted(set(wanted) - set(categories)):
@@ -181,8 +190,8 @@ class DirectionsStage(Stage):
         direction = global_candidates[layer, position]
         alpha = settings.addition_alpha if settings.addition_alpha is not None else float(np.linalg.norm(direction))
         # Per category, every layer at the chosen position: [layers, d_model] each.
-        category_candidates = {c: mean_difference(acts[fit, :, position], (toxic & (category == c))[fit],
-                                                  safe[fit]) for c in categories}
+        category_candidates = {c: mean_difference(acts[:, :, position], toxic & fit & (category == c), safe & fit)
+                               for c in categories}
         category_directions = {c: vectors[layer] for c, vectors in category_candidates.items()}
 
         # Causal evaluation on the test split.
@@ -216,13 +225,12 @@ class DirectionsStage(Stage):
             other = model if other_role == role else load_model(spec)
             layer_acts = acts[:, :, position, :] if other_role == role else capture(
                 other, list(prompts["text"][rows]), hooks, [positions.offsets[position]],
-                batch_size=batch_size, desc=f"capture {other_role}")[:, :, 0, :]
-            pair = both[rows]
-            separation = layer_separation(layer_acts[pair], toxic[rows][pair], train[rows][pair], test[rows][pair])
+                batch_size=batch_size, desc=f"capture {other_role}",
+                out=disk_array(other_role, (int(rows.sum()), model.n_layers, 1, model.d_model)))[:, :, 0, :]
+            fit_rows = (fit & both)[rows]
+            separation = layer_separation(layer_acts, toxic[rows], fit_rows, (test & both)[rows])
             separation_rows.append(separation.assign(model=other_role))
-            fit_rows = fit[rows] & pair
-            own_vector = mean_difference(layer_acts[fit_rows, layer], toxic[rows][fit_rows], safe[rows][fit_rows])
-            own = unit(own_vector)
+            own_vector = mean_difference(layer_acts[:, layer], toxic[rows] & fit_rows, safe[rows] & fit_rows)
             if other_role != role:
                 # The same site's direction in the other model, tested the same way (no search).
                 other_tokens = tokens.loc[tokens["model"] == other_role, "token_id"].astype(int).tolist()
@@ -233,13 +241,14 @@ class DirectionsStage(Stage):
                 harmless_frames.append(harmlessness)
             projection_frames.append(
                 prompts.loc[rows, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
-                .assign(model=other_role, projection=layer_acts[:, layer] @ own))
-        cosines = bootstrap_cosines(acts[fit, layer, position], np.where(toxic[fit], category[fit], ""),
+                .assign(model=other_role, projection=np.asarray(layer_acts[:, layer]) @ unit(own_vector)))
+        site = np.asarray(acts[:, layer, position])  # [n, d_model]
+        cosines = bootstrap_cosines(site[fit], np.where(toxic[fit], category[fit], ""),
                                     categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
         verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])
         hard_refused = (kind == "hard") & verdict.eq(True).to_numpy()
         hard_answered = (kind == "hard") & verdict.eq(False).to_numpy()
-        hard_direction = _hard_prompt_direction(acts[:, layer, position], hard_refused, hard_answered, direction,
+        hard_direction = _hard_prompt_direction(site, hard_refused, hard_answered, direction,
                                                 n_boot=settings.bootstrap, seed=settings.seed)
 
         vectors = [{"scope": "global", "layer": lay, "position": position, "chosen": lay == layer,

@@ -48,44 +48,53 @@ class GenerateStage(Stage):
             "judge": config.section("judge"),
         }
 
+    @staticmethod
+    def _answer_and_judge(
+        context: StageContext, role: str, spec: str, selected: pd.DataFrame
+    ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+        """One model's judged answers, refusal tokens and judge agreement (the model is freed
+        on return, before the next one loads)."""
+        config, settings = context.config, context.config.generation
+        model = load_model(spec)
+
+        def answer(chunk: pd.DataFrame) -> pd.DataFrame:
+            return answer_table(model, chunk, max_new_tokens=settings.max_new_tokens,
+                                batch_size=settings.batch_size, desc=f"generate {role}")
+
+        key = {"prompts": context.hashes["prompts"], "model": model_fingerprint(spec),
+               "tune": context.hashes.get("tune") if spec == EMBEDDED_TUNED else None,
+               "generation": config.section("generation")}
+        answers = map_in_chunks(selected, answer, cache=context.cache("answers", key),
+                                chunk_size=settings.chunk_size, desc=f"generate {role}")
+        answers["refused"] = [is_refusal(text) for text in answers["response"]]
+        found = find_refusal_tokens(model.tokenizer, answers["first_token_id"].tolist(), answers["refused"].tolist(),
+                                    min_share=config.judge.min_share, enrichment=config.judge.enrichment)
+        logger.info("%s refusal tokens (%s): %s", role, found.source, list(found.tokens))
+        logprobs = next_token_logprobs(model, list(selected["text"]), token_ids=found.token_ids,
+                                       batch_size=settings.batch_size)
+        answers["refusal_score"] = refusal_score(logprobs)
+        answers["refused_by_score"] = answers["refusal_score"] > 0
+        frame = answers.assign(model=role, model_spec=spec, condition="baseline").merge(
+            selected[["id", "category", "kind", "split"]], left_on="prompt_id", right_on="id").drop(columns="id")
+        tokens = pd.DataFrame({"model": role, "token_id": found.token_ids, "token": found.tokens,
+                               "share_of_refusals": found.share_of_refusals, "source": found.source})
+        agreements = [
+            {"model": role, "kind": kind, **judge_agreement(group["refused"].tolist(),
+                                                            group["refusal_score"].tolist()).__dict__}
+            for kind, group in [("all", frame), *frame.groupby("kind")]
+        ]
+        return frame, tokens, agreements
+
     def run(self, context: StageContext) -> StageOutput:
         config = context.config
-        settings = config.generation
         prompts = context.table("prompts").drop(columns="run_id")
-        selected = prompts[prompts["split"].isin(settings.splits)].reset_index(drop=True)
+        selected = prompts[prompts["split"].isin(config.generation.splits)].reset_index(drop=True)
         frames, tokens, agreements = [], [], []
         for role, spec in config.models.items():
-            model = load_model(spec)
-
-            def answer(chunk: pd.DataFrame) -> pd.DataFrame:
-                return answer_table(model, chunk, max_new_tokens=settings.max_new_tokens,
-                                    batch_size=settings.batch_size, desc=f"generate {role}")
-
-            key = {"prompts": context.hashes["prompts"], "model": model_fingerprint(spec),
-                   "tune": context.hashes.get("tune") if spec == EMBEDDED_TUNED else None,
-                   "generation": config.section("generation")}
-            answers = map_in_chunks(selected, answer, cache=context.cache("answers", key),
-                                    chunk_size=settings.chunk_size, desc=f"generate {role}")
-            answers["refused"] = [is_refusal(text) for text in answers["response"]]
-            found = find_refusal_tokens(model.tokenizer, answers["first_token_id"].tolist(),
-                                        answers["refused"].tolist(),
-                                        min_share=config.judge.min_share, enrichment=config.judge.enrichment)
-            logger.info("%s refusal tokens (%s): %s", role, found.source, list(found.tokens))
-            logprobs = next_token_logprobs(model, list(selected["text"]), token_ids=found.token_ids,
-                                           batch_size=settings.batch_size)
-            answers["refusal_score"] = refusal_score(logprobs)
-            answers["refused_by_score"] = answers["refusal_score"] > 0
-            answers = answers.assign(model=role, model_spec=spec, condition="baseline")
-            frames.append(answers.merge(selected[["id", "category", "kind", "split"]],
-                                        left_on="prompt_id", right_on="id").drop(columns="id"))
-            tokens.append(pd.DataFrame({
-                "model": role, "token_id": found.token_ids, "token": found.tokens,
-                "share_of_refusals": found.share_of_refusals, "source": found.source,
-            }))
-            for kind, group in [("all", frames[-1]), *frames[-1].groupby("kind")]:
-                agreement = judge_agreement(group["refused"].tolist(), group["refusal_score"].tolist())
-                agreements.append({"model": role, "kind": kind, **agreement.__dict__})
-            del model
+            frame, found, agreement = self._answer_and_judge(context, role, spec, selected)
+            frames.append(frame)
+            tokens.append(found)
+            agreements.extend(agreement)
         generations = pd.concat(frames, ignore_index=True)
         generations["refusal_score"] = generations["refusal_score"].astype(np.float64)
         return StageOutput(

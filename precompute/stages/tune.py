@@ -41,12 +41,10 @@ class TuneStage(Stage):
         info = models_dir() / EMBEDDED_TUNED / TUNE_INFO
         return info.is_file() and json.loads(info.read_text())["input_hash"] == context.hashes[self.name]
 
-    def run(self, context: StageContext) -> StageOutput:
+    @staticmethod
+    def _base_answers(context: StageContext, benign: pd.DataFrame) -> pd.DataFrame:
+        """The base model's own greedy answers (resumable chunks; the model is freed on return)."""
         tune = context.config.tune
-        assert tune is not None  # applies() guarantees it
-        prompts = context.table("prompts")
-        train = prompts[prompts["split"] == "train"]
-        benign = train[train["kind"] != "toxic"]
         base = load_model(EMBEDDED_BASE)
 
         def answer(chunk: pd.DataFrame) -> pd.DataFrame:
@@ -57,9 +55,16 @@ class TuneStage(Stage):
 
         key = {"prompts": context.hashes["prompts"], "model": EMBEDDED_BASE,
                "max_new_tokens": tune.max_response_tokens}
-        answers = map_in_chunks(benign, answer, cache=context.cache("base_answers", key),
-                                chunk_size=context.config.generation.chunk_size, desc="base answers")
-        del base
+        return map_in_chunks(benign, answer, cache=context.cache("base_answers", key),
+                             chunk_size=context.config.generation.chunk_size, desc="base answers")
+
+    def run(self, context: StageContext) -> StageOutput:
+        tune = context.config.tune
+        assert tune is not None  # applies() guarantees it
+        prompts = context.table("prompts")
+        train = prompts[prompts["split"] == "train"]
+        benign = train[train["kind"] != "toxic"]
+        answers = self._base_answers(context, benign)
         # A harmless prompt the base model itself refuses would teach over-refusal: leave it out.
         base_refusals = answers["response"].map(is_refusal)
         logger.info("Left out %d benign prompts the base model refused", int(base_refusals.sum()))
