@@ -164,7 +164,7 @@ def judge_agreement(refused: Sequence[bool], scores: Sequence[float]) -> JudgeAg
         else float("nan")
     )
     return JudgeAgreement(
-        n=int(len(labels)),
+        n=len(labels),
         n_refused_substring=int(labels.sum()),
         n_refused_score=int(by_score.sum()),
         accuracy=float(np.mean(labels == by_score)) if len(labels) else float("nan"),

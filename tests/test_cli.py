@@ -18,7 +18,7 @@ def test_help_documents_every_option() -> None:
                          capture_output=True, text=True, check=True).stdout
     for option in ("--config", "--store", "--force"):
         assert option in out
-    top = subprocess.run([sys.executable, "-m", "precompute", "--help"], capture_output=True, text=True).stdout
+    top = subprocess.run([sys.executable, "-m", "precompute", "--help"], capture_output=True, text=True, check=True).stdout
     assert all(command in top for command in ("run", "tune", "status"))
 
 

@@ -6,10 +6,10 @@ import pytest
 
 from engine import store
 from engine.models import EMBEDDED_BASE, load_model
+from engine.paths import REPO_ROOT
 from precompute.config import load_config
 from precompute.pipeline import run_pipeline
 from precompute.stages import STAGES
-from engine.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

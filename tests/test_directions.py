@@ -7,8 +7,13 @@ import pandas as pd
 import pytest
 
 from engine.directions import (
-    SelectionRule, bootstrap_cosines, cosine_matrix, layer_separation, mean_difference,
-    select_candidate, separation_sigma,
+    SelectionRule,
+    bootstrap_cosines,
+    cosine_matrix,
+    layer_separation,
+    mean_difference,
+    select_candidate,
+    separation_sigma,
 )
 
 

@@ -121,7 +121,7 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     })
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports["directions"] == "ran"
-    read = lambda name: store.read_table(config.store, name)  # noqa: E731
+    read = lambda name: store.read_table(config.store, name)
     candidates = read("direction_candidates")
     assert len(candidates) == 2 * 4 and candidates["chosen"].sum() == 1  # 2 layers x 4 positions
     chosen = candidates[candidates["chosen"]].iloc[0]

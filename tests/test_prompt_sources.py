@@ -10,8 +10,13 @@ import pytest
 
 from engine.errors import ExplorerError
 from engine.prompt_sources import (
-    ColumnMapping, load_advbench, load_builtin, load_orbench, load_prompt_source,
-    load_refusal_direction, load_table,
+    ColumnMapping,
+    load_advbench,
+    load_builtin,
+    load_orbench,
+    load_prompt_source,
+    load_refusal_direction,
+    load_table,
 )
 from engine.prompts import CATEGORIES, PROMPT_COLUMNS, stable_split
 from tests.conftest import shared_dataset

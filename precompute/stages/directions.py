@@ -23,7 +23,12 @@ import torch
 from engine.activations import capture, prompt_end_positions
 from engine.direction_scoring import refusal_scores_under_ablation, score_candidates
 from engine.directions import (
-    SelectionRule, bootstrap_cosines, layer_separation, mean_difference, select_candidate, unit,
+    SelectionRule,
+    bootstrap_cosines,
+    layer_separation,
+    mean_difference,
+    select_candidate,
+    unit,
 )
 from engine.errors import ExplorerError
 from engine.generation import answer_table
@@ -196,7 +201,7 @@ class DirectionsStage(Stage):
 
         # Causal evaluation on the test split.
         test_prompts = prompts[test]
-        evaluate = dict(max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size)
+        evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
         judged_frames, harmless_frames = [], []
         judged, harmlessness = evaluate_direction(model, role, test_prompts, generations, direction, layer, alpha,
                                                   token_ids, **evaluate)

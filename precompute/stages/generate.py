@@ -17,8 +17,8 @@ import pandas as pd
 from engine.chunked import map_in_chunks
 from engine.generation import answer_table
 from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_rate_table, refusal_score
-from engine.scoring import next_token_logprobs
 from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, load_model
+from engine.scoring import next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
 
