@@ -10,7 +10,7 @@ st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
 
 store = current_store()
 with st.sidebar:
-    choices = list(dict.fromkeys([store, *known_stores()]))
+    choices = list(dict.fromkeys(path.resolve() for path in [store, *known_stores()]))
     picked = st.selectbox("Study store", choices, index=0, format_func=lambda p: p.stem,
                           help="Stores live in data/stores/; build one with `python -m precompute run`.")
     st.session_state["store_path"] = str(picked)

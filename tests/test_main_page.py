@@ -1,0 +1,21 @@
+"""The router page: one entry per store in the picker, whatever path form names it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
+
+
+def test_store_picker_lists_each_store_once(isolated_data_dir: Path, monkeypatch) -> None:
+    stores = isolated_data_dir / "stores"
+    stores.mkdir(parents=True)
+    (stores / "demo.duckdb").write_text("")
+    (stores / "other.duckdb").write_text("")
+    monkeypatch.chdir(isolated_data_dir.parent)
+    monkeypatch.setenv("REFUSAL_EXPLORER_STORE", "data/stores/demo.duckdb")  # relative on purpose
+    app = AppTest.from_file(str(MAIN), default_timeout=60).run()
+    options = app.sidebar.selectbox[0].options
+    assert sorted(options) == ["demo", "other"]
