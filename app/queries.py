@@ -13,8 +13,6 @@ import streamlit as st
 
 from engine import store
 
-RUNS_SQL = "SELECT run_id, created_at, stage, models, dataset, code_version FROM runs ORDER BY created_at"
-STAGES_SQL = "SELECT stage, input_hash, run_id, finished_at FROM stages ORDER BY finished_at"
 PROMPT_COUNTS_SQL = """
 SELECT kind, split, count(*) AS n FROM prompts GROUP BY kind, split ORDER BY kind, split
 """

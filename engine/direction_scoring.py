@@ -51,8 +51,7 @@ def score_candidates(
             continue
         with applied(model, ablation_hooks(model, direction)):
             ablated = next_token_logprobs(model, both, batch_size=batch_size)
-        scale = float(direction.norm()) if alpha is None else alpha
-        with applied(model, addition_hooks(model, direction, layer, scale)):
+        with applied(model, addition_hooks(model, direction, layer, alpha)):
             added = next_token_logprobs(model, safe_prompts, batch_size=batch_size, token_ids=ids)
         rows.append({
             "layer": layer,

@@ -44,14 +44,19 @@ def ablation_hooks(model: LoadedModel, directions: torch.Tensor) -> list[Hook]:
     return [(f"blocks.{layer}.{site}", project_out) for layer in range(model.n_layers) for site in sites]
 
 
-def addition_hooks(model: LoadedModel, direction: torch.Tensor, layer: int, alpha: float) -> list[Hook]:
+def addition_hooks(
+    model: LoadedModel, direction: torch.Tensor, layer: int, alpha: float | None = None
+) -> list[Hook]:
     """A hook adding `alpha` times the unit `direction` to the residual stream entering block `layer`.
 
-    With alpha equal to the difference-of-means norm this is Arditi et al.'s activation addition."""
+    `alpha=None` uses the direction's own norm, i.e. adds the difference of means itself
+    (Arditi et al.'s activation addition)."""
     if not 0 <= layer < model.n_layers:
         raise ExplorerError(f"Layer {layer} does not exist in {model.name} ({model.n_layers} layers).",
                             f"pick a layer in 0..{model.n_layers - 1}.")
-    shift = (alpha * _unit(direction.float(), model.d_model)).to(model.device)
+    unit_direction = _unit(direction.float(), model.d_model)
+    scale = float(direction.float().norm()) if alpha is None else alpha
+    shift = (scale * unit_direction).to(model.device)
 
     def add(activation: torch.Tensor, hook: object) -> torch.Tensor:
         return activation + shift.to(activation.dtype)

@@ -81,6 +81,9 @@ def test_addition_shifts_one_layer_and_hooks_never_leak(tiny_model) -> None:
         during = _resid(tiny_model, PROMPTS[1], range(2))
     assert torch.allclose(during[0], before[0], atol=1e-5)
     assert torch.allclose(during[1], before[1] + 2.0 * direction / direction.norm(), atol=1e-4)
+    with applied(tiny_model, addition_hooks(tiny_model, direction, layer=1)):  # alpha=None: its own norm
+        raw = _resid(tiny_model, PROMPTS[1], range(2))
+    assert torch.allclose(raw[1], before[1] + direction, atol=1e-4)
     with pytest.raises(RuntimeError, match="boom"), applied(
             tiny_model, addition_hooks(tiny_model, direction, layer=1, alpha=2.0)):
         raise RuntimeError("boom")

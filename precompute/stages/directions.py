@@ -58,7 +58,7 @@ def _judged(model: LoadedModel, prompts: pd.DataFrame, condition: str, hooks, to
 
 
 def evaluate_direction(model: LoadedModel, role: str, prompts: pd.DataFrame, baseline: pd.DataFrame,
-                       direction: np.ndarray, layer: int, alpha: float, token_ids: list[int], *,
+                       direction: np.ndarray, layer: int, alpha: float | None, token_ids: list[int], *,
                        max_new_tokens: int, batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Test-split effects of one direction on one model: answers under ablation (toxic, hard)
     and addition (safe, hard) next to the baseline, plus KL and completion cross-entropy on
@@ -193,7 +193,6 @@ class DirectionsStage(Stage):
         logger.info("Chosen direction: layer %d, position %s (ablation %.2f, induce %.2f, KL %.3f)",
                     layer, chosen["position_label"], chosen["ablation_score"], chosen["induce_score"], chosen["kl"])
         direction = global_candidates[layer, position]
-        alpha = settings.addition_alpha if settings.addition_alpha is not None else float(np.linalg.norm(direction))
         # Per category, every layer at the chosen position: [layers, d_model] each.
         category_candidates = {c: mean_difference(acts[:, :, position], toxic & fit & (category == c), safe & fit)
                                for c in categories}
@@ -203,7 +202,8 @@ class DirectionsStage(Stage):
         test_prompts = prompts[test]
         evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
         judged_frames, harmless_frames = [], []
-        judged, harmlessness = evaluate_direction(model, role, test_prompts, generations, direction, layer, alpha,
+        judged, harmlessness = evaluate_direction(model, role, test_prompts, generations, direction, layer,
+                                                  settings.addition_alpha,
                                                   token_ids, **evaluate)
         judged_frames.append(judged)
         harmless_frames.append(harmlessness)
@@ -239,9 +239,8 @@ class DirectionsStage(Stage):
             if other_role != role:
                 # The same site's direction in the other model, tested the same way (no search).
                 other_tokens = tokens.loc[tokens["model"] == other_role, "token_id"].astype(int).tolist()
-                other_alpha = settings.addition_alpha or float(np.linalg.norm(own_vector))
                 judged, harmlessness = evaluate_direction(other, other_role, test_prompts, generations, own_vector,
-                                                          layer, other_alpha, other_tokens, **evaluate)
+                                                          layer, settings.addition_alpha, other_tokens, **evaluate)
                 judged_frames.append(judged)
                 harmless_frames.append(harmlessness)
             projection_frames.append(
