@@ -45,6 +45,39 @@ SELECT model, model_spec, condition, response, refused, refusal_score, refused_b
 FROM generations WHERE prompt_id = ? ORDER BY model, condition
 """
 
+SAES_SQL = """
+SELECT hook, layer, source, path, release, sae_id, architecture, d_in, d_sae, n_corpus_tokens, n_train_tokens, n_held_out_tokens,
+       l0, fraction_variance_unexplained, dead_fraction, ce_clean, ce_spliced, ce_zero_ablated, ce_loss_recovered,
+       model
+FROM saes ORDER BY layer, hook
+"""
+# The feature table: one row per feature of one SAE; the page filters and sorts it in memory.
+FEATURES_SQL = """
+SELECT feature, refusal_cosine, attribution, attribution_se, toxic_rate, safe_rate, hard_rate,
+       n_toxic_fired, n_toxic, n_safe_fired, n_safe, density, max_activation, top_category, top_category_share,
+       array_to_string(top_tokens[1:5], ' | ') AS top_tokens
+FROM features WHERE hook = ? ORDER BY feature
+"""
+FEATURE_SQL = """
+SELECT feature, density, max_activation, mean_activation, histogram, refusal_cosine, toxic_rate, hard_rate,
+       safe_rate, n_toxic_fired, n_toxic, n_safe_fired, n_safe, top_category, top_category_share, attribution,
+       attribution_se, error_attribution, top_tokens, bottom_tokens
+FROM features WHERE hook = ? AND feature = ?
+"""
+FEATURE_EXAMPLES_SQL = """
+SELECT e.rank, e.activation, e.position, e.token_activations, c.tokens, c.prompt_tokens, c.source, c.category,
+       c.kind, c.prompt_id
+FROM feature_examples e JOIN sae_corpus c USING (text_id)
+WHERE e.hook = ? AND e.feature = ? ORDER BY e.rank
+"""
+FEATURE_GROUPS_SQL = """
+SELECT category, kind, n, mean_activation, firing_rate FROM feature_groups WHERE hook = ? AND feature = ?
+"""
+FEATURE_COSINES_SQL = """
+SELECT scope, cosine FROM feature_direction_cosines WHERE hook = ? AND feature = ? ORDER BY scope
+"""
+MODEL_SPEC_SQL = "SELECT any_value(model_spec) AS model_spec FROM generations WHERE model = ?"
+
 # Which stage builds each table, for "how to build the rest" messages.
 TABLE_STAGE = {
     "prompts": "prompts",
@@ -57,6 +90,8 @@ TABLE_STAGE = {
         "direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
         "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
         "category_cosines", "hard_prompt_direction")},
+    **{name: "saes" for name in (
+        "saes", "sae_corpus", "features", "feature_examples", "feature_groups", "feature_direction_cosines")},
 }
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt
 from engine.errors import ExplorerError
-from engine.generation import encode_batches, length_sorted_batches
+from engine.generation import encode_batches, right_padded_batches
 from engine.interventions import applied
 from engine.models import LoadedModel
 
@@ -103,21 +103,28 @@ class TokenActivations:
     token_id: np.ndarray  # [n_tokens]
 
 
+def kept_token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_token_ids: Sequence[int]) -> torch.Tensor:
+    """The token positions an SAE reads: real tokens except the first and `skip_token_ids`."""
+    skip = torch.tensor(sorted(set(skip_token_ids)), dtype=torch.long)
+    kept = mask.bool() & ~torch.isin(ids, skip)
+    kept[:, 0] = False
+    return kept
+
+
 def capture_tokens(
     model: LoadedModel,
-    texts: Sequence[str],
+    sequences: Sequence[Sequence[int]],
     hook_names: Sequence[str],
     *,
     batch_size: int,
     skip_token_ids: Sequence[int] = (),
     desc: str = "capture tokens",
 ) -> TokenActivations:
-    """Activations at every token of already-formatted `texts`, except padding, the first token
-    and `skip_token_ids` (template and special tokens carry outsized activations that would
-    dominate an SAE's loss and its variance-explained)."""
+    """Activations at every token of token-id `sequences`, except padding, the first token and
+    `skip_token_ids` (template and special tokens carry outsized activations that would dominate
+    an SAE's loss and its variance-explained)."""
     tokenizer = model.tokenizer
-    encoded_texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    skip = torch.tensor(sorted(set(skip_token_ids)), dtype=torch.long)
+    encoded_texts = [list(ids) for ids in sequences]
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     current: dict[str, torch.Tensor] = {}
 
@@ -127,21 +134,12 @@ def capture_tokens(
             return activation
         return hook
 
-    lengths = [len(ids) for ids in encoded_texts]
-
-    with tqdm(total=len(texts), desc=desc, unit="text", leave=False) as bar, \
+    with tqdm(total=len(encoded_texts), desc=desc, unit="text", leave=False) as bar, \
             applied(model, [(name, keep(name)) for name in hook_names]):
-        for batch in length_sorted_batches(lengths, batch_size):
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = torch.tensor(encoded_texts[i])  # right padding: positions are real
-                mask[row, : lengths[i]] = 1
+        for batch, ids, mask in right_padded_batches(encoded_texts, batch_size, tokenizer.pad_token_id):
             with torch.inference_mode():
                 model.hf_model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-            kept = mask.bool() & ~torch.isin(ids, skip)
-            kept[:, 0] = False
+            kept = kept_token_mask(ids, mask, skip_token_ids)
             rows, cols = kept.nonzero(as_tuple=True)
             stacked = torch.stack([current[name][rows, cols] for name in hook_names], dim=1)
             parts.append((stacked.numpy(), np.asarray(batch)[rows.numpy()], cols.numpy(), ids[rows, cols].numpy()))

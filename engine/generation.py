@@ -50,6 +50,22 @@ def encode_batches(
         yield batch, dict(encoded)
 
 
+def right_padded_batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, pad_token_id: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(indices, input_ids, attention_mask) for token-id sequences, length-sorted and right-padded,
+    so a token's position in the batch is its position in its own sequence."""
+    lengths = [len(ids) for ids in sequences]
+    for batch in length_sorted_batches(lengths, batch_size):
+        width = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[i]] = torch.tensor(list(sequences[i]))
+            mask[row, : lengths[i]] = 1
+        yield batch, ids, mask
+
+
 def generate(
     model: LoadedModel,
     instructions: Sequence[str],

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.stats import mannwhitneyu
 from statsmodels.stats.inter_rater import cohens_kappa
 from statsmodels.stats.proportion import proportion_confint
@@ -127,11 +128,17 @@ def find_refusal_tokens(
     )
 
 
+def refusal_log_odds(token_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) where p sums the refusal tokens' probabilities; input [n, n_tokens].
+
+    Differentiable, so attribution can take its gradient; `refusal_score` is the numpy view."""
+    log_p = torch.logsumexp(token_logprobs, dim=-1).clamp(max=-1e-12)  # p == 1: infinite odds
+    return log_p - torch.log(-torch.expm1(log_p))
+
+
 def refusal_score(token_logprobs: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)) where p sums the refusal tokens' probabilities; input [n, n_tokens]."""
-    log_p = np.logaddexp.reduce(token_logprobs.astype(np.float64), axis=1)
-    log_p = np.minimum(log_p, -1e-12)  # p == 1 would make the odds infinite
-    return log_p - np.log(-np.expm1(log_p))
+    """`refusal_log_odds` in float64 on numpy arrays."""
+    return refusal_log_odds(torch.from_numpy(np.asarray(token_logprobs, dtype=np.float64))).numpy()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ activations; pretrained SAEs (Gemma Scope, Llama Scope, ...) load through `SAE.f
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,11 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
+from engine.activations import kept_token_mask
 from engine.errors import ExplorerError
+from engine.generation import right_padded_batches
+from engine.interventions import applied
+from engine.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +171,64 @@ def top_k_examples(activations: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     values = np.take_along_axis(activations, index, axis=0)
     order = np.argsort(-values, axis=0)
     return np.take_along_axis(index, order, axis=0), np.take_along_axis(values, order, axis=0)
+
+
+def check_sae_fits(sae: SAE, model: LoadedModel) -> str:
+    """The SAE's hook name, after checking the model has that hook with the SAE's width."""
+    hook_name = sae.cfg.metadata.hook_name
+    if hook_name not in model.bridge.hook_dict:
+        raise ExplorerError(f"The SAE reads hook {hook_name!r}, which {model.name} does not have.",
+                            "use an SAE trained on this model (TransformerLens hook names, e.g. "
+                            "blocks.3.hook_resid_pre).")
+    if sae.cfg.d_in != model.d_model:
+        raise ExplorerError(f"The SAE at {hook_name} has d_in={sae.cfg.d_in}, but {model.name} has "
+                            f"d_model={model.d_model}.", "use an SAE trained on this model.")
+    return hook_name
+
+
+@dataclass(frozen=True)
+class CeRecovered:
+    """Next-token cross-entropy with the SAE spliced in, against the clean model and zero ablation."""
+
+    clean: float
+    spliced: float
+    zero_ablated: float
+
+    @property
+    def recovered(self) -> float:
+        """1 when splicing costs nothing, 0 when it is as bad as zeroing the site."""
+        return (self.zero_ablated - self.spliced) / (self.zero_ablated - self.clean)
+
+
+def ce_loss_recovered(model: LoadedModel, sae: SAE, sequences: Sequence[Sequence[int]], *, batch_size: int,
+                      skip_token_ids: Sequence[int] = ()) -> CeRecovered:
+    """Mean next-token cross-entropy over `sequences` (token ids) three ways. The splice replaces
+    the activation only at the tokens the SAE was trained on (`kept_token_mask`)."""
+    hook_name = check_sae_fits(sae, model)
+    kept: list[torch.Tensor] = []
+
+    def replace(by: str):
+        def hook(activation: torch.Tensor, hook: object) -> torch.Tensor:
+            where = kept[0].to(activation.device)[..., None]
+            if by == "zero":
+                return torch.where(where, torch.zeros_like(activation), activation)
+            reconstruction = sae(activation.float()).to(activation.dtype)
+            return torch.where(where, reconstruction, activation)
+        return hook
+
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    n_tokens = 0
+    for _, ids, mask in right_padded_batches(sequences, batch_size, model.tokenizer.pad_token_id):
+        kept[:] = [kept_token_mask(ids, mask, skip_token_ids)]
+        targets = ids[:, 1:].to(model.device)
+        real = mask[:, 1:].bool().to(model.device)
+        n_tokens += int(real.sum())
+        for condition in totals:
+            hooks = [] if condition == "clean" else [(hook_name, replace(condition))]
+            with applied(model, hooks), torch.inference_mode():
+                logits = model.hf_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                                       reduction="none")
+            totals[condition] += float(losses[real].sum())
+    return CeRecovered(clean=totals["clean"] / n_tokens, spliced=totals["sae"] / n_tokens,
+                       zero_ablated=totals["zero"] / n_tokens)

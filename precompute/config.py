@@ -12,6 +12,7 @@ import yaml
 from engine.errors import ExplorerError
 from engine.paths import REPO_ROOT, stores_dir
 from engine.prompts import CATEGORIES, check_categories
+from engine.saes import SaeTraining
 from engine.tuning import TuneConfig
 
 
@@ -96,6 +97,53 @@ class DirectionsConfig:
 
 
 @dataclass(frozen=True)
+class SaesConfig:
+    """Sparse autoencoders: trained here with SAELens, or loaded through its pretrained registry."""
+
+    model: str = "tuned"  # the role whose activations the SAEs read
+    # Residual-stream SAEs at the chosen refusal layer plus these offsets (ignored if `hooks` is set).
+    layer_offsets: tuple[int, ...] = (-4, 0)
+    hooks: tuple[str, ...] = ()  # explicit TransformerLens hook names
+    # Load instead of training: entries {release, sae_id} (SAELens registry) or {path} (a saved SAE).
+    pretrained: tuple[dict[str, str], ...] = ()
+    architecture: str = "topk"
+    expansion: int = 4
+    k: int = 32
+    sparsity_coefficient: float = 5.0
+    steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 4e-4
+    held_out_fraction: float = 0.1  # of the corpus texts, for quality numbers
+    top_examples: int = 8  # texts shown per feature
+    top_logits: int = 10
+    histogram_bins: int = 24
+    attribution_prompts: int = 64  # toxic prompts (and as many safe ones as the baseline)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.training()  # validates architecture, width, sparsity and budget
+        if not 0.01 <= self.held_out_fraction <= 0.5:
+            raise _out_of_range("saes.held_out_fraction", self.held_out_fraction, "0.01-0.5")
+        if not 1 <= self.top_examples <= 100 or not 1 <= self.top_logits <= 100:
+            raise _out_of_range("saes.top_examples/top_logits", (self.top_examples, self.top_logits), "1-100")
+        if not 4 <= self.histogram_bins <= 200:
+            raise _out_of_range("saes.histogram_bins", self.histogram_bins, "4-200")
+        if not 4 <= self.attribution_prompts <= 100_000:
+            raise _out_of_range("saes.attribution_prompts", self.attribution_prompts, "4-100000")
+        if not (self.layer_offsets or self.hooks or self.pretrained):
+            raise ExplorerError("saes names no SAE.", "set layer_offsets (e.g. [0]), hooks or pretrained.")
+        for entry in self.pretrained:
+            if not isinstance(entry, dict) or not ({"release", "sae_id"} <= set(entry) or "path" in entry):
+                raise ExplorerError(f"saes.pretrained entry {entry!r} names no SAE.",
+                                    "write {release: ..., sae_id: ...} or {path: a saved SAE folder}.")
+
+    def training(self) -> SaeTraining:
+        return SaeTraining(architecture=self.architecture, expansion=self.expansion, k=self.k,
+                           sparsity_coefficient=self.sparsity_coefficient, steps=self.steps,
+                           batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: str
     models: dict[str, str]  # role (e.g. base, tuned) -> model spec
@@ -105,6 +153,7 @@ class StudyConfig:
     tune: TuneConfig | None = None  # set: build the embedded tuned model before generating
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     directions: DirectionsConfig | None = None  # set: find and test refusal directions
+    saes: SaesConfig | None = None  # set: train or load SAEs and compute feature statistics
 
     def __post_init__(self) -> None:
         if not self.study or not self.study.replace("-", "").replace("_", "").isalnum():
@@ -117,6 +166,12 @@ class StudyConfig:
                 f"directions.model = {self.directions.model!r} is not one of the study's models.",
                 f"use one of {', '.join(self.models)}.",
             )
+        if self.saes is not None and self.saes.model not in self.models:
+            raise ExplorerError(f"saes.model = {self.saes.model!r} is not one of the study's models.",
+                                f"use one of {', '.join(self.models)}.")
+        if self.saes is not None and not self.saes.hooks and not self.saes.pretrained and self.directions is None:
+            raise ExplorerError("saes.layer_offsets count from the refusal layer, but the config has no "
+                                "`directions:` section.", "add one, or list the SAE hooks under saes.hooks.")
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data, for content hashes and the runs table."""
@@ -130,6 +185,7 @@ SECTIONS: dict[str, type] = {
     "tune": TuneConfig,
     "judge": JudgeConfig,
     "directions": DirectionsConfig,
+    "saes": SaesConfig,
 }
 TOP_LEVEL_KEYS = {"study", "models", "store", *SECTIONS}
 

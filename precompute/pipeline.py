@@ -53,6 +53,11 @@ class StageContext:
     def table(self, name: str) -> pd.DataFrame:
         return store.read_table(self.config.store, name)
 
+    @property
+    def available(self) -> set[str]:
+        """Tables the store holds so far (optional stages may not have run)."""
+        return store.table_names(self.config.store) if self.config.store.exists() else set()
+
     def cache(self, name: str, key: Mapping[str, Any]) -> Path:
         """A scratch folder for resumable work, unique to `key`: everything the work depends
         on, and nothing more, so a change elsewhere in the stage does not redo it."""

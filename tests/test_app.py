@@ -26,6 +26,8 @@ def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
         "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
         "directions": {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
                        "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3},
+        "saes": {"model": "other", "hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"], "expansion": 2,
+                 "k": 8, "steps": 40, "batch_size": 128, "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
     })
     pipeline.run_pipeline(config, STAGES)
     return path
@@ -96,3 +98,49 @@ def test_directions_page_marks_the_chosen_candidate(tiny_store: Path) -> None:
     assert len(app.get("vega_lite_chart")) >= 6
     app.radio[0].set_value("kl").run()
     assert not app.exception
+
+
+def test_features_page_renders_a_feature_dashboard(tiny_store: Path) -> None:
+    app = AppTest.from_file(str(APP / "pages" / "features.py"), default_timeout=60)
+    app.session_state["store_path"] = str(tiny_store)
+    app.query_params["hook"] = "blocks.1.hook_resid_pre"
+    app.query_params["feature"] = "5"
+    app.run()
+    assert not app.exception and not app.error
+    assert app.selectbox[0].value == "blocks.1.hook_resid_pre"
+    assert app.header[0].value == "Feature 5"
+    saes = store.read_table(tiny_store, "saes").set_index("hook")
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["L0"] == f"{saes.loc['blocks.1.hook_resid_pre', 'l0']:.1f}"
+    features = store.read_table(tiny_store, "features").query("hook == 'blocks.1.hook_resid_pre'")
+    assert app.dataframe[0].value.shape[0] == len(features) == 128
+    feature = features.set_index("feature").loc[5]
+    assert metrics["Max activation"] == f"{feature['max_activation']:.2f}"
+    examples = store.read_table(tiny_store, "feature_examples").query(
+        "hook == 'blocks.1.hook_resid_pre' and feature == 5")
+    shown = [m.value for m in app.markdown if m.value.startswith("**#")]
+    assert len(shown) == len(examples) and f"peak {examples['activation'].max():.2f}" in shown[0]
+
+    # search filters the table; a feature id out of range is one clear error
+    app.text_input(key="feature_search").input("5").run()
+    assert app.dataframe[0].value["feature"].tolist() == [5]
+    app.number_input[0].set_value(999).run()
+    assert not app.exception and "Feature 999 does not exist" in app.error[0].value
+
+    # live encoding of the reader's own text on the loaded model and SAE
+    app.number_input[0].set_value(5).run()
+    app.button[0].click().run()
+    assert not app.exception and not app.error
+    assert any("Peak" in c.value for c in app.caption)
+
+
+def test_features_page_names_a_missing_sae_folder(tiny_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(tiny_store, copy)  # the store without its SAE folders beside it
+    app = AppTest.from_file(str(APP / "pages" / "features.py"), default_timeout=60)
+    app.session_state["store_path"] = str(copy)
+    app.run()
+    app.button[0].click().run()
+    assert not app.exception and "cfg.json missing" in app.error[0].value

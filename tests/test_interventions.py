@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from engine.activations import capture, capture_tokens, post_instruction_tokens, prompt_end_positions
+from engine.attribution import refusal_score_gradients
 from engine.chat import chat_prompt
 from engine.interventions import ablation_hooks, addition_hooks, applied
+from engine.judge import refusal_score
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 
 PROMPTS = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
@@ -125,9 +127,9 @@ def test_kl_and_cross_entropy(tiny_model) -> None:
 def test_capture_tokens_keeps_real_tokens_and_matches_the_cache(tiny_model) -> None:
     texts = [chat_prompt(tiny_model.tokenizer, p) for p in PROMPTS]
     special = tiny_model.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    result = capture_tokens(tiny_model, texts, ["blocks.1.hook_resid_pre"], batch_size=2, skip_token_ids=special)
-    for i, text in enumerate(texts):
-        ids = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    sequences = [tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    result = capture_tokens(tiny_model, sequences, ["blocks.1.hook_resid_pre"], batch_size=2, skip_token_ids=special)
+    for i, ids in enumerate(sequences):
         expected_positions = [p for p, t in enumerate(ids) if p > 0 and t not in special]
         mine = result.position[result.text_index == i]
         assert sorted(mine.tolist()) == expected_positions
@@ -136,3 +138,25 @@ def test_capture_tokens_keeps_real_tokens_and_matches_the_cache(tiny_model) -> N
         rows = np.flatnonzero(result.text_index == i)
         assert np.allclose(result.values[rows, 0], reference[result.position[rows]], atol=1e-4)
         assert (result.token_id[rows] == np.array(ids)[result.position[rows]]).all()
+
+
+def test_refusal_score_gradients_match_a_finite_difference(tiny_model) -> None:
+    token_ids = tiny_model.tokenizer.convert_tokens_to_ids(["I", "cannot"])
+    hook = "blocks.1.hook_resid_pre"
+    result = refusal_score_gradients(tiny_model, PROMPTS, [hook], [-2, -1], token_ids, batch_size=2)
+    assert result.gradients.shape == (3, 1, 2, 64)
+    direction = torch.from_numpy(result.gradients[0, 0, 1]).float()
+    step = 1e-2 / float(direction.norm())
+
+    def nudge(activation, hook):
+        activation = activation.clone()
+        activation[:, -1] += step * direction
+        return activation
+
+    plain = refusal_score(next_token_logprobs(tiny_model, PROMPTS[:1], batch_size=1, token_ids=token_ids))
+    with applied(tiny_model, [(hook, nudge)]):
+        nudged = refusal_score(next_token_logprobs(tiny_model, PROMPTS[:1], batch_size=1, token_ids=token_ids))
+    assert result.refusal_score[0] == pytest.approx(plain[0], abs=1e-4)
+    assert (nudged - plain)[0] == pytest.approx(step * float(direction @ direction), rel=0.05)
+    captured = capture(tiny_model, PROMPTS, [hook], [-2, -1], batch_size=3)
+    assert np.allclose(result.activations, captured, atol=1e-4)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from engine import store
 from engine.prompt_sources import load_builtin
@@ -40,7 +41,7 @@ def _config(tmp_path: Path, model_dir: Path, prompt_file: Path, **generation) ->
 
 
 def _statuses(reports) -> dict[str, str]:
-    return {r.stage: r.status for r in reports if r.stage != "directions"}
+    return {r.stage: r.status for r in reports if r.stage not in ("directions", "saes")}
 
 
 def test_pipeline_writes_judged_generations(tmp_path, tiny_model_dir, prompt_file) -> None:
@@ -161,3 +162,78 @@ def test_directions_stage_names_an_empty_category(tmp_path, tiny_model_dir, prom
     prompts[~((prompts["category"] == "violence") & (prompts["kind"] == "toxic"))].to_csv(prompt_file, index=False)
     with pytest.raises(ExplorerError, match=r"No toxic training prompts in category \['violence'\]"):
         pipeline.run_pipeline(config, STAGES)
+
+
+def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir) -> None:
+    config = parse_config({
+        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(tiny_model_dir)},
+        "prompts": {"test_fraction": 0.3},
+        "generation": {"max_new_tokens": 4, "batch_size": 64, "chunk_size": 1024},
+        "directions": {"model": "base", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
+                       "prune_last_fraction": 0.0, "max_kl": 10.0},
+        "saes": {"model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 60, "batch_size": 128,
+                 "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
+    })
+    reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
+    assert reports["saes"] == "ran"
+    read = lambda name: store.read_table(config.store, name)
+    chosen = read("refusal_directions").query("scope == 'global' and chosen")["layer"].item()
+    saes = read("saes")
+    assert saes["hook"].tolist() == [f"blocks.{chosen}.hook_resid_pre"] and saes["d_sae"].item() == 128
+    row = saes.iloc[0]
+    assert row["l0"] == pytest.approx(8, abs=0.01) and 0 < row["fraction_variance_unexplained"] < 1
+    assert row["ce_clean"] <= row["ce_spliced"] and row["n_train_tokens"] + row["n_held_out_tokens"] <= row[
+        "n_corpus_tokens"]
+    assert (config.store.parent / row["path"] / "cfg.json").is_file()
+    features = read("features")
+    assert len(features) == 128 and features["density"].between(0, 1).all()
+    assert features["density"].sum() == pytest.approx(8, abs=0.01)  # top-k: k latents fire per token
+    examples = read("feature_examples")
+    corpus = read("sae_corpus")
+    for example in examples.head(20).itertuples():
+        tokens = corpus.loc[corpus["text_id"] == example.text_id, "tokens"].item()
+        assert len(example.token_activations) == len(tokens)
+        assert example.token_activations[example.position] == pytest.approx(example.activation, rel=1e-5)
+        assert max(example.token_activations) == pytest.approx(example.activation, rel=1e-5)
+    assert examples.groupby("feature")["rank"].max().max() <= 2
+    groups = read("feature_groups")
+    assert set(groups["kind"]) == {"toxic", "hard", "safe"} and groups["firing_rate"].between(0, 1).all()
+    cosines = read("feature_direction_cosines")
+    assert {"global", "hate"} <= set(cosines["scope"]) and cosines["cosine"].abs().max() <= 1 + 1e-6
+    assert np.isfinite(features["attribution"]).all()
+    assert all(len(t) == 10 for t in features["top_tokens"])
+    # unchanged: skipped; trained SAE folder gone: re-run
+    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}["saes"] == "skipped"
+    import shutil
+
+    shutil.rmtree(config.store.parent / row["path"])
+    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}["saes"] == "ran"
+
+
+def test_saes_stage_loads_a_saved_sae_through_the_pretrained_path(tmp_path, tiny_model_dir, prompt_file) -> None:
+    from engine.errors import ExplorerError
+    from engine.saes import SaeTraining, save_sae, train_sae
+
+    hook = "blocks.1.hook_resid_pre"
+    training = SaeTraining(expansion=2, k=4, steps=20, batch_size=64)
+    saved = save_sae(train_sae(training, torch.randn(256, 64), hook, "tiny"), tmp_path / "my_sae")
+    raw = {
+        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(tiny_model_dir)},
+        "prompts": {"sources": [{"type": "table", "path": str(prompt_file),
+                                 "mapping": {"category": "category", "kind": "kind"}}], "test_fraction": 0.5},
+        "generation": {"max_new_tokens": 3, "batch_size": 64},
+        "saes": {"model": "base", "pretrained": [{"path": str(saved)}], "attribution_prompts": 4},
+    }
+    config = parse_config(raw)
+    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}["saes"] == "ran"
+    row = store.read_table(config.store, "saes").iloc[0]
+    assert (row["hook"], row["source"], row["path"], row["d_sae"]) == (hook, "pretrained", str(saved), 128)
+    assert len(store.read_table(config.store, "features")) == 128
+
+    narrow = save_sae(train_sae(training, torch.randn(256, 16), hook, "other"), tmp_path / "narrow")
+    raw["saes"]["pretrained"] = [{"path": str(narrow)}]
+    with pytest.raises(ExplorerError, match="d_in=16, but .* d_model=64"):
+        pipeline.run_pipeline(parse_config(raw), STAGES)
+    raw["saes"]["pretrained"] = [{"path": str(tmp_path / "missing")}]
+    with pytest.raises(ExplorerError, match="No SAE at .*missing"):
+        pipeline.run_pipeline(parse_config(raw), STAGES)

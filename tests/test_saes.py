@@ -5,9 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from engine.errors import ExplorerError
-from engine.saes import SaeTraining, load_sae, sae_quality, save_sae, top_k_examples, train_sae
+from engine.features import (
+    decoder_cosines,
+    feature_attribution,
+    logit_effects,
+    summarize,
+    token_activations,
+    top_texts,
+)
+from engine.saes import (
+    SaeTraining,
+    check_sae_fits,
+    load_sae,
+    sae_quality,
+    save_sae,
+    top_k_examples,
+    train_sae,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +78,54 @@ def test_bad_sae_settings_are_clear_errors(sparse_activations) -> None:
         SaeTraining(architecture="gated2")
     with pytest.raises(ExplorerError, match="Only 10 activation rows"):
         train_sae(SaeTraining(batch_size=64), sparse_activations[:10], "blocks.0.hook_resid_pre", "m")
+
+
+def test_attribution_splits_the_linear_effect_exactly(trained, sparse_activations) -> None:
+    """Features plus error term add up to (x - mean baseline) . gradient, position by position."""
+    generator = torch.Generator().manual_seed(1)
+    x = sparse_activations[:12].reshape(4, 3, 16).numpy()
+    baseline = sparse_activations[100:110].reshape(5, 2, 16)[:, :1].expand(5, 3, 16).numpy().copy()
+    gradients = torch.randn(4, 3, 16, generator=generator).numpy()
+    attribution = feature_attribution(trained, x, gradients, baseline)
+    total = attribution.feature_effects.sum(1) + attribution.error_effects
+    expected = ((x - baseline.mean(0)) * gradients).sum((1, 2))
+    assert np.allclose(total, expected, atol=1e-3)
+    assert attribution.feature_effects.shape == (4, 64)
+
+
+def test_feature_statistics_on_known_codes() -> None:
+    codes = sparse.csc_array(np.array([[0, 2.0], [1.0, 0], [3.0, 4.0], [0, 1.0], [2.0, 0]]))
+    text_index, position = np.array([0, 0, 1, 1, 2]), np.array([1, 2, 1, 2, 1])
+    summary = summarize(codes, bins=2)
+    assert summary.density.tolist() == [0.6, 0.6] and summary.max_activation.tolist() == [3.0, 4.0]
+    assert summary.histogram.tolist() == [[1, 2], [1, 2]]  # [0, 1.5), [1.5, 3] and [0, 2), [2, 4]
+    top = top_texts(codes, text_index, position, k=2)
+    assert list(zip(top.feature.tolist(), top.text_index.tolist(), top.position.tolist(), strict=True)) == [
+        (0, 1, 1), (0, 2, 1), (1, 1, 1), (1, 0, 1)]
+    assert token_activations(codes, text_index, position, feature=1, text=1, length=4).tolist() == [0, 4, 1, 0]
+
+
+def test_logit_effects_and_cosines_read_the_decoder(trained) -> None:
+    unembedding = torch.eye(16)  # token t's logit is the decoder's coordinate t
+    top, bottom = logit_effects(trained, unembedding, k=2)
+    decoder = trained.W_dec.detach().numpy()
+    assert top[0].tolist() == np.argsort(-decoder[0])[:2].tolist()
+    assert bottom[0].tolist() == np.argsort(decoder[0])[:2].tolist()
+    cosines = decoder_cosines(trained, decoder[3] * 5)
+    assert cosines[3] == pytest.approx(1, abs=1e-5) and np.abs(cosines).max() <= 1 + 1e-5
+
+
+def test_sae_that_does_not_fit_the_model_is_a_clear_error(trained, tiny_model) -> None:
+    with pytest.raises(ExplorerError, match="has d_in=16, but .* has d_model=64"):
+        check_sae_fits(trained, tiny_model)  # the hook exists, the width does not match
+    trained.cfg.metadata.hook_name = "blocks.7.hook_resid_pre"
+    try:
+        with pytest.raises(ExplorerError, match="reads hook 'blocks.7.hook_resid_pre', which .* does not have"):
+            check_sae_fits(trained, tiny_model)
+    finally:
+        trained.cfg.metadata.hook_name = "blocks.0.hook_resid_pre"
+
+
+def test_unknown_pretrained_release_is_a_clear_error() -> None:
+    with pytest.raises(ExplorerError, match="Could not load pretrained SAE no-such-release/layer_3.*Fix: check"):
+        load_sae("no-such-release", "layer_3")

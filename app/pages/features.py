@@ -1,0 +1,215 @@
+"""Features: the SAEs' quality, a sortable feature table, and one feature's dashboard
+(histogram, top logits, top texts with token highlighting, activation by category x kind,
+and live encoding of the reader's own text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import queries
+from app.components import highlighted_tokens
+from app.context import current_store, require_tables
+from engine.errors import ExplorerError
+from engine.features import feature_on_text
+from engine.models import load_model
+from engine.saes import load_sae
+
+RATIO = 3.0  # "fires on toxic prompts at >= 3x its rate on safe prompts"
+SORTS = {
+    "refusal alignment (|cosine| with the refusal direction)": ("refusal_alignment", False),
+    "attribution to the refusal score (|effect|)": ("attribution_size", False),
+    "toxic vs safe firing (rate ratio)": ("toxic_safe_ratio", False),
+    "category specificity (share of the top category)": ("top_category_share", False),
+    "density": ("density", False),
+    "feature id": ("feature", True),
+}
+
+store = current_store()
+st.title("SAE features")
+require_tables(store, ("saes", "features", "feature_examples", "feature_groups", "sae_corpus"))
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def cached_model(spec: str):
+    return load_model(spec)
+
+
+@st.cache_resource(show_spinner="Loading the SAE…", max_entries=8)
+def cached_sae(source: str, sae_id: str | None):
+    return load_sae(source, sae_id)
+
+
+def sae_of(row) -> object:
+    """The SAE a `saes` row names: a registry entry, or a folder (relative: beside the store)."""
+    if pd.notna(row.release):
+        return cached_sae(row.release, row.sae_id)
+    path = Path(row.path)
+    return cached_sae(str(path if path.is_absolute() else Path(store).parent / path), None)
+
+
+saes = queries.query(store, queries.SAES_SQL)
+params = st.query_params
+hooks = saes["hook"].tolist()
+hook = st.selectbox("SAE", hooks, index=hooks.index(params["hook"]) if params.get("hook") in hooks else len(hooks) - 1,
+                    help="One SAE per hook; the refusal direction's layer is the last one by default.")
+sae_row = saes[saes["hook"] == hook].iloc[0]
+cols = st.columns(5)
+cols[0].metric("L0", f"{sae_row.l0:.1f}", help="mean active features per token (held-out transcripts)")
+cols[1].metric("Variance unexplained", f"{sae_row.fraction_variance_unexplained:.3f}")
+cols[2].metric("Dead features", f"{sae_row.dead_fraction:.1%}", help="never fire on the held-out tokens")
+cols[3].metric("CE loss recovered", f"{sae_row.ce_loss_recovered:.3f}",
+               help=f"next-token CE {sae_row.ce_clean:.3f} clean, {sae_row.ce_spliced:.3f} with the SAE spliced in, "
+                    f"{sae_row.ce_zero_ablated:.3f} with the site zeroed")
+cols[4].metric("Training tokens", f"{sae_row.n_train_tokens:,}",
+               help=f"{sae_row.n_corpus_tokens:,} corpus tokens; {sae_row.n_held_out_tokens:,} held out; "
+                    "template and special tokens are not read")
+st.caption(f"{sae_row.architecture} SAE, {sae_row.d_sae:,} features on `{hook}` of model **{sae_row.model}** "
+           f"({sae_row.source}).")
+
+features = queries.query(store, queries.FEATURES_SQL, (hook,))
+# Add-half smoothing keeps the ratio finite when a feature never fires on safe prompts.
+features["toxic_safe_ratio"] = ((features["n_toxic_fired"] + 0.5) / (features["n_toxic"] + 1)) / (
+    (features["n_safe_fired"] + 0.5) / (features["n_safe"] + 1))
+features["refusal_alignment"] = features["refusal_cosine"].abs()
+features["attribution_size"] = features["attribution"].abs()
+
+st.subheader("The most refusal-aligned features")
+aligned = features.nlargest(20, "refusal_alignment")
+n_selective = int((aligned["toxic_safe_ratio"] >= RATIO).sum())
+st.markdown(
+    f"Of the 20 features whose decoder direction is closest to the refusal direction, **{n_selective}** fire on "
+    f"toxic prompts at ≥ {RATIO:.0f}× their rate on safe prompts (at the refusal-decision token, all splits).")
+ratio_chart = alt.Chart(aligned.assign(toxic=aligned["toxic_rate"], safe=aligned["safe_rate"])).transform_fold(
+    ["toxic", "safe"], as_=["prompts", "firing rate"]).mark_bar().encode(
+    x=alt.X("feature:N", sort=aligned["feature"].tolist()), xOffset="prompts:N",
+    y=alt.Y("firing rate:Q", axis=alt.Axis(format="%")),
+    color=alt.Color("prompts:N", scale=alt.Scale(domain=["toxic", "safe"], range=["#d62728", "#1f77b4"])),
+    tooltip=["feature", "prompts:N", alt.Tooltip("firing rate:Q", format=".1%"),
+             alt.Tooltip("refusal_cosine:Q", format="+.3f"), "n_toxic_fired", "n_toxic", "n_safe_fired", "n_safe"])
+st.altair_chart(ratio_chart.properties(height=220), width="stretch")
+
+st.subheader("All features")
+left, middle, right = st.columns([2, 2, 1])
+search = left.text_input("Search", placeholder="feature id or a top token", key="feature_search").strip()
+sort_label = middle.selectbox("Sort by", list(SORTS))
+selective_only = right.checkbox(f"toxic ≥ {RATIO:.0f}× safe", help="fires on toxic prompts at least "
+                                f"{RATIO:.0f} times as often as on safe ones")
+categories = sorted(features["top_category"].dropna().unique())
+picked_categories = st.multiselect("Top category (where the feature is most active on toxic prompts)", categories)
+max_density = float(features["density"].max()) or 1.0
+density_range = st.slider("Density (fraction of tokens)", 0.0, max_density, (0.0, max_density), format="%.4f")
+
+shown = features[features["density"].between(*density_range)]
+if search:
+    shown = shown[(shown["feature"].astype(str) == search)
+                  | shown["top_tokens"].str.contains(search, case=False, regex=False)]
+if selective_only:
+    shown = shown[shown["toxic_safe_ratio"] >= RATIO]
+if picked_categories:
+    shown = shown[shown["top_category"].isin(picked_categories)]
+column, ascending = SORTS[sort_label]
+shown = shown.sort_values(column, ascending=ascending)
+st.caption(f"{len(shown):,} of {len(features):,} features. Select a row to open its dashboard.")
+table = st.dataframe(
+    shown[["feature", "refusal_cosine", "attribution", "toxic_rate", "safe_rate", "toxic_safe_ratio", "density",
+           "top_category", "top_category_share", "top_tokens"]],
+    hide_index=True, width="stretch", height=320, on_select="rerun", selection_mode="single-row",
+    key="feature_table",
+    column_config={
+        "refusal_cosine": st.column_config.NumberColumn("cos(refusal)", format="%+.3f"),
+        "attribution": st.column_config.NumberColumn("attribution", format="%+.4f",
+                                                     help="effect on the refusal score of toxic prompts"),
+        "toxic_rate": st.column_config.NumberColumn("toxic rate", format="percent"),
+        "safe_rate": st.column_config.NumberColumn("safe rate", format="percent"),
+        "toxic_safe_ratio": st.column_config.NumberColumn("toxic÷safe", format="%.1f"),
+        "density": st.column_config.NumberColumn("density", format="%.4f"),
+        "top_category_share": st.column_config.NumberColumn("top category share", format="percent"),
+        "top_tokens": st.column_config.TextColumn("promotes"),
+    })
+
+selected_rows = table.selection.rows if table is not None else []
+default_feature = (int(shown["feature"].iloc[selected_rows[0]]) if selected_rows
+                   else int(params.get("feature", aligned["feature"].iloc[0])))
+d_sae = int(sae_row.d_sae)
+feature = st.number_input(f"Feature (0–{d_sae - 1})", value=default_feature, step=1,
+                          help="or select a row in the table above")
+if not 0 <= feature < d_sae:
+    st.error(f"Feature {feature} does not exist: this SAE has {d_sae:,} features. Fix: pick 0–{d_sae - 1}.")
+    st.stop()
+params["hook"], params["feature"] = hook, str(feature)
+
+row = queries.query(store, queries.FEATURE_SQL, (hook, int(feature))).iloc[0]
+st.header(f"Feature {feature}")
+cols = st.columns(5)
+cols[0].metric("Density", f"{row.density:.3%}", help="fraction of corpus tokens where it fires")
+cols[1].metric("Max activation", f"{row.max_activation:.2f}")
+cols[2].metric("Toxic / safe firing", f"{row.toxic_rate:.0%} / {row.safe_rate:.0%}",
+               help=f"at the refusal-decision token: {row.n_toxic_fired} of {row.n_toxic} toxic prompts, "
+                    f"{row.n_safe_fired} of {row.n_safe} safe prompts (hard: {row.hard_rate:.0%})")
+cols[3].metric("cos(refusal direction)", f"{row.refusal_cosine:+.3f}" if pd.notna(row.refusal_cosine) else "—")
+cols[4].metric("Attribution", f"{row.attribution:+.4f}", help=f"± {row.attribution_se:.4f} (standard error over "
+               "toxic prompts): (activation − mean safe activation) × gradient of the refusal score, summed over "
+               f"the prompt-end positions. The SAE error term's: {row.error_attribution:+.4f}")
+
+left, right = st.columns(2)
+with left:
+    edges = np.linspace(0, row.max_activation or 1.0, len(row.histogram) + 1)
+    histogram = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": row.histogram})
+    st.altair_chart(alt.Chart(histogram).mark_bar().encode(
+        x=alt.X("from:Q", bin="binned", title="activation"), x2="to:Q", y=alt.Y("tokens:Q", title="tokens"),
+        tooltip=[alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), "tokens"],
+    ).properties(height=200, title="Activation histogram (tokens where it fires)"), width="stretch")
+with right:
+    logits = pd.DataFrame({"promoted": list(row.top_tokens), "suppressed": list(row.bottom_tokens)})
+    st.caption("Output tokens the decoder direction promotes and suppresses most (through the unembedding)")
+    st.dataframe(logits.map(repr), hide_index=True, width="stretch", height=220)
+
+groups = queries.query(store, queries.FEATURE_GROUPS_SQL, (hook, int(feature)))
+st.altair_chart(alt.Chart(groups).mark_rect().encode(
+    x=alt.X("category:N", title=None), y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None),
+    color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
+    tooltip=["category", "kind", "n", alt.Tooltip("mean_activation:Q", format=".3f"),
+             alt.Tooltip("firing_rate:Q", format=".0%")],
+).properties(height=140, title="Mean activation at the refusal-decision token, by category and kind"),
+    width="stretch")
+
+cosines = queries.query(store, queries.FEATURE_COSINES_SQL, (hook, int(feature)))
+if not cosines.empty:
+    st.altair_chart(alt.Chart(cosines).mark_bar().encode(
+        x=alt.X("scope:N", title="refusal direction", sort=["global"]), y=alt.Y("cosine:Q"),
+        color=alt.condition("datum.scope == 'global'", alt.value("#d62728"), alt.value("#7f7f7f")),
+        tooltip=["scope", alt.Tooltip("cosine:Q", format="+.3f")],
+    ).properties(height=180, title="Cosine of the decoder direction with each refusal direction"), width="stretch")
+
+st.subheader("Top activating texts")
+examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))
+if examples.empty:
+    st.info("This feature never fires on the corpus (a dead feature).")
+for example in examples.itertuples():
+    st.markdown(f"**#{example.rank + 1}** · peak {example.activation:.2f} · {example.kind} · {example.category} "
+                f"· {example.source} · prompt `{example.prompt_id}`")
+    st.html(highlighted_tokens(list(example.tokens), list(example.token_activations), float(row.max_activation),
+                               peak=int(example.position)))
+
+st.subheader("Try your own text")
+text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000)
+as_chat = st.checkbox("Format as a user turn of the chat template", value=True)
+if st.button("Encode", type="primary"):
+    spec = queries.query(store, queries.MODEL_SPEC_SQL, (sae_row.model,))["model_spec"].iloc[0]
+    try:
+        if spec is None:
+            raise ExplorerError(f"The store does not say which model {sae_row.model!r} is.",
+                                "rebuild the store with `python -m precompute run`.")
+        live = feature_on_text(cached_model(spec), sae_of(sae_row), int(feature), text, as_chat_prompt=as_chat)
+    except ExplorerError as exc:
+        st.error(f"{exc.problem} Fix: {exc.fix}")
+    else:
+        peak = int(np.argmax(live.activations))
+        st.caption(f"Peak {live.activations.max():.2f} at token {peak} ({live.tokens[peak]!r}); shading is relative "
+                   f"to the feature's corpus maximum {row.max_activation:.2f}.")
+        st.html(highlighted_tokens(live.tokens, live.activations.tolist(), float(row.max_activation), peak=peak))
