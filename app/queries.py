@@ -53,7 +53,7 @@ FROM saes ORDER BY layer, hook
 """
 # The feature table: one row per feature of one SAE; the page filters and sorts it in memory.
 FEATURES_SQL = """
-SELECT feature, refusal_cosine, attribution, attribution_se, toxic_rate, safe_rate, hard_rate,
+SELECT feature, refusal_cosine, attribution, attribution_se, toxic_rate, safe_rate, hard_rate, toxic_safe_ratio,
        n_toxic_fired, n_toxic, n_safe_fired, n_safe, density, max_activation, top_category, top_category_share,
        array_to_string(top_tokens[1:5], ' | ') AS top_tokens
 FROM features WHERE hook = ? ORDER BY feature

@@ -164,15 +164,6 @@ def sae_quality(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) -> 
     )
 
 
-def top_k_examples(activations: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest entries of each column of [n, n_features]."""
-    k = min(k, activations.shape[0])
-    index = np.argpartition(-activations, k - 1, axis=0)[:k]
-    values = np.take_along_axis(activations, index, axis=0)
-    order = np.argsort(-values, axis=0)
-    return np.take_along_axis(index, order, axis=0), np.take_along_axis(values, order, axis=0)
-
-
 def check_sae_fits(sae: SAE, model: LoadedModel) -> str:
     """The SAE's hook name, after checking the model has that hook with the SAE's width."""
     hook_name = sae.cfg.metadata.hook_name

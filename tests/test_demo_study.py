@@ -46,3 +46,19 @@ def test_embedded_model_answers_coherently(monkeypatch) -> None:
     model = load_model(EMBEDDED_BASE, device="cpu")
     answer = generate(model, ["What is the capital of France?"], max_new_tokens=12, batch_size=1)[0]
     assert "Paris" in answer.text
+
+
+def test_demo_saes_meet_quality_targets(demo_store) -> None:
+    saes = store.read_table(demo_store, "saes")
+    assert len(saes) == 2 and (saes["source"] == "trained").all()
+    assert (saes["fraction_variance_unexplained"] <= 0.3).all()
+    assert (saes["dead_fraction"] <= 0.2).all()
+    assert (saes["ce_loss_recovered"] >= 0.8).all()
+
+
+def test_a_refusal_aligned_feature_prefers_toxic_prompts(demo_store) -> None:
+    features = store.read_table(demo_store, "features")
+    layer = store.read_table(demo_store, "saes")["layer"].max()  # the refusal layer's SAE
+    here = features[features["hook"] == f"blocks.{layer}.hook_resid_pre"]
+    aligned = here.assign(alignment=here["refusal_cosine"].abs()).nlargest(20, "alignment")
+    assert (aligned["toxic_safe_ratio"] >= 3).any()

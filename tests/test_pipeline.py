@@ -201,6 +201,19 @@ def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir) -> N
     cosines = read("feature_direction_cosines")
     assert {"global", "hate"} <= set(cosines["scope"]) and cosines["cosine"].abs().max() <= 1 + 1e-6
     assert np.isfinite(features["attribution"]).all()
+    # per-prompt statistics read each prompt's own decision token (the chosen direction's position)
+    from engine.activations import capture, prompt_end_positions
+    from engine.models import load_model
+    from engine.saes import load_sae
+
+    model, sae = load_model(str(tiny_model_dir)), load_sae(str(config.store.parent / row["path"]))
+    position = read("refusal_directions").query("scope == 'global' and chosen")["position"].item()
+    offset = prompt_end_positions(model.tokenizer).offsets[position]
+    prompts = read("prompts").query("category == 'hate' and kind == 'toxic'")
+    acts = capture(model, list(prompts["text"]), [row["hook"]], [offset], batch_size=8)[:, 0, 0]
+    expected = sae.encode(torch.from_numpy(acts)).detach().numpy().mean(0)
+    stored = groups.query("category == 'hate' and kind == 'toxic'").sort_values("feature")["mean_activation"]
+    assert np.allclose(stored.to_numpy(), expected, atol=1e-4)
     assert all(len(t) == 10 for t in features["top_tokens"])
     # unchanged: skipped; trained SAE folder gone: re-run
     assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}["saes"] == "skipped"

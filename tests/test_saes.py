@@ -9,6 +9,8 @@ from scipy import sparse
 
 from engine.errors import ExplorerError
 from engine.features import (
+    check_feature,
+    feature_on_text,
     decoder_cosines,
     feature_attribution,
     logit_effects,
@@ -22,7 +24,6 @@ from engine.saes import (
     load_sae,
     sae_quality,
     save_sae,
-    top_k_examples,
     train_sae,
 )
 
@@ -66,13 +67,6 @@ def test_save_load_round_trip_is_exact(trained, sparse_activations, tmp_path) ->
         load_sae(str(tmp_path / "nothing"))
 
 
-def test_top_k_examples_returns_true_maxima() -> None:
-    activations = np.array([[0.1, 5.0], [3.0, 0.0], [2.0, 7.0], [9.0, 1.0], [0.0, 6.0]])
-    index, values = top_k_examples(activations, k=3)
-    assert index[:, 0].tolist() == [3, 1, 2] and values[:, 0].tolist() == [9.0, 3.0, 2.0]
-    assert index[:, 1].tolist() == [2, 4, 0] and values[:, 1].tolist() == [7.0, 6.0, 5.0]
-
-
 def test_bad_sae_settings_are_clear_errors(sparse_activations) -> None:
     with pytest.raises(ExplorerError, match="Unknown SAE architecture 'gated2'"):
         SaeTraining(architecture="gated2")
@@ -103,6 +97,14 @@ def test_feature_statistics_on_known_codes() -> None:
     assert list(zip(top.feature.tolist(), top.text_index.tolist(), top.position.tolist(), strict=True)) == [
         (0, 1, 1), (0, 2, 1), (1, 1, 1), (1, 0, 1)]
     assert token_activations(codes, text_index, position, feature=1, text=1, length=4).tolist() == [0, 4, 1, 0]
+    assert top_texts(codes, text_index, position, k=1).activation.tolist() == [3.0, 4.0]  # the true maxima
+
+
+def test_feature_ids_out_of_range_are_clear_errors(trained, tiny_model) -> None:
+    with pytest.raises(ExplorerError, match="Feature 64 does not exist: this SAE has 64 features"):
+        check_feature(trained, 64)
+    with pytest.raises(ExplorerError, match="Feature -1 does not exist"):
+        feature_on_text(tiny_model, trained, -1, "hello", as_chat_prompt=True)
 
 
 def test_logit_effects_and_cosines_read_the_decoder(trained) -> None:

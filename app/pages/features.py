@@ -72,9 +72,6 @@ st.caption(f"{sae_row.architecture} SAE, {sae_row.d_sae:,} features on `{hook}` 
            f"({sae_row.source}).")
 
 features = queries.query(store, queries.FEATURES_SQL, (hook,))
-# Add-half smoothing keeps the ratio finite when a feature never fires on safe prompts.
-features["toxic_safe_ratio"] = ((features["n_toxic_fired"] + 0.5) / (features["n_toxic"] + 1)) / (
-    (features["n_safe_fired"] + 0.5) / (features["n_safe"] + 1))
 features["refusal_alignment"] = features["refusal_cosine"].abs()
 features["attribution_size"] = features["attribution"].abs()
 

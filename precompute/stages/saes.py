@@ -292,6 +292,9 @@ class SaesStage(Stage):
             "top_tokens": [[decode(i) for i in row] for row in top_ids.tolist()],
             "bottom_tokens": [[decode(i) for i in row] for row in bottom_ids.tolist()],
         })
+        # Add-half smoothing keeps the ratio finite when a feature never fires on safe prompts.
+        features["toxic_safe_ratio"] = ((features["n_toxic_fired"] + 0.5) / (features["n_toxic"] + 1)) / (
+            (features["n_safe_fired"] + 0.5) / (features["n_safe"] + 1))
         features["error_attribution"] = float(attribution.error_effects.mean())
         return features, examples, pd.concat(groups, ignore_index=True), cosines
 
