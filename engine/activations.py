@@ -34,6 +34,24 @@ def post_instruction_tokens(tokenizer) -> list[str]:
     return [tokenizer.decode([i]).translate(escapes) for i in ids]
 
 
+class _Captured(Exception):
+    """Raised once every wanted hook has fired: the layers above them need not run."""
+
+
+def stop_when_complete(current: dict[str, torch.Tensor], hook_names: Sequence[str]) -> None:
+    if len(current) == len(set(hook_names)):
+        raise _Captured
+
+
+def body_until_captured(model: LoadedModel, inputs: dict[str, torch.Tensor]) -> None:
+    """Run the transformer body (no unembedding) until the capture hooks have all fired."""
+    try:
+        with torch.inference_mode():
+            model.hf_model.base_model(**inputs)
+    except _Captured:
+        pass
+
+
 @dataclass(frozen=True)
 class PositionSet:
     offsets: tuple[int, ...]  # negative offsets from the end of the prompt, e.g. (-6, ..., -1)
@@ -75,6 +93,7 @@ def capture(
     def keep(name: str):
         def hook(activation: torch.Tensor, hook: object) -> torch.Tensor:
             current[name] = activation[:, index, :].detach().float().cpu()
+            stop_when_complete(current, hook_names)
             return activation
         return hook
 
@@ -86,8 +105,7 @@ def capture(
                 raise ExplorerError(f"Position {min(offsets)} lies before the start of a {shortest}-token prompt.",
                                     f"use offsets between -{shortest} and -1.")
             current.clear()
-            with torch.inference_mode():
-                model.hf_model.base_model(**encoded)  # the transformer body: no logits needed
+            body_until_captured(model, encoded)
             out[batch] = torch.stack([current[name] for name in hook_names], dim=1).numpy()
             bar.update(len(batch))
     return out
@@ -131,14 +149,15 @@ def capture_tokens(
     def keep(name: str):
         def hook(activation: torch.Tensor, hook: object) -> torch.Tensor:
             current[name] = activation.detach().float().cpu()
+            stop_when_complete(current, hook_names)
             return activation
         return hook
 
     with tqdm(total=len(encoded_texts), desc=desc, unit="text", leave=False) as bar, \
             applied(model, [(name, keep(name)) for name in hook_names]):
         for batch, ids, mask in right_padded_batches(encoded_texts, batch_size, tokenizer.pad_token_id):
-            with torch.inference_mode():
-                model.hf_model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+            current.clear()
+            body_until_captured(model, {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)})
             kept = kept_token_mask(ids, mask, skip_token_ids)
             rows, cols = kept.nonzero(as_tuple=True)
             stacked = torch.stack([current[name][rows, cols] for name in hook_names], dim=1)

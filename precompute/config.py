@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from engine.errors import ExplorerError
@@ -14,6 +15,8 @@ from engine.paths import REPO_ROOT, stores_dir
 from engine.prompts import CATEGORIES, check_categories
 from engine.saes import SaeTraining
 from engine.tuning import TuneConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _out_of_range(name: str, value: object, allowed: str) -> ExplorerError:
@@ -40,8 +43,17 @@ class GenerationConfig:
     batch_size: int = 32
     splits: tuple[str, ...] = ("test",)
     chunk_size: int = 128  # prompts per resumable chunk
+    # Every forward pass and generation of every stage (the fine-tune always trains in float32).
+    # bfloat16 is 2-3x faster on CPUs with AVX512-BF16 and on GPUs.
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise _out_of_range("generation.dtype", self.dtype, " or ".join(DTYPES))
         if not 1 <= self.max_new_tokens <= 2048:
             raise _out_of_range("generation.max_new_tokens", self.max_new_tokens, "1-2048")
         if not 1 <= self.batch_size <= 1024:

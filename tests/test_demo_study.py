@@ -59,6 +59,6 @@ def test_demo_saes_meet_quality_targets(demo_store) -> None:
 def test_a_refusal_aligned_feature_prefers_toxic_prompts(demo_store) -> None:
     features = store.read_table(demo_store, "features")
     layer = store.read_table(demo_store, "saes")["layer"].max()  # the refusal layer's SAE
-    here = features[features["hook"] == f"blocks.{layer}.hook_resid_pre"]
+    here = features[(features["hook"] == f"blocks.{layer}.hook_resid_pre") & (features["density"] > 0)]
     aligned = here.assign(alignment=here["refusal_cosine"].abs()).nlargest(20, "alignment")
     assert (aligned["toxic_safe_ratio"] >= 3).any()

@@ -160,3 +160,20 @@ def test_refusal_score_gradients_match_a_finite_difference(tiny_model) -> None:
     assert (nudged - plain)[0] == pytest.approx(step * float(direction @ direction), rel=0.05)
     captured = capture(tiny_model, PROMPTS, [hook], [-2, -1], batch_size=3)
     assert np.allclose(result.activations, captured, atol=1e-4)
+
+
+def test_capture_stops_once_its_hooks_have_fired(tiny_model) -> None:
+    later: list[int] = []
+
+    def count(activation, hook):
+        later.append(1)
+        return activation
+
+    with applied(tiny_model, [("blocks.1.hook_resid_pre", count)]):
+        captured = capture(tiny_model, PROMPTS, ["blocks.0.hook_resid_pre"], [-1], batch_size=3)
+    assert later == [] and np.abs(captured).sum() > 0  # block 1 never ran
+    with applied(tiny_model, [("blocks.1.hook_resid_pre", count)]):
+        capture(tiny_model, PROMPTS, ["blocks.0.hook_resid_pre"] * 2, [-1], batch_size=3)
+    assert later == []
+    # the model still runs whole afterwards
+    assert np.isfinite(next_token_logprobs(tiny_model, PROMPTS, batch_size=3)).all()

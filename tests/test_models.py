@@ -11,6 +11,7 @@ from engine import models
 from engine.chat import chat_prompt, end_of_turn
 from engine.errors import ExplorerError
 from engine.generation import generate, length_sorted_batches
+from engine.models import load_model
 from engine.scoring import next_token_logprobs
 
 
@@ -94,3 +95,13 @@ def test_cached_generation_matches_uncached(tiny_model) -> None:
         cached = tiny_model.hf_model.generate(**encoded, max_new_tokens=8, do_sample=False, use_cache=True)
         uncached = tiny_model.hf_model.generate(**encoded, max_new_tokens=8, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist()
+
+
+def test_bfloat16_scores_stay_close_to_float32(tiny_model_dir) -> None:
+    from engine.scoring import kl_divergence
+
+    prompts = ["Name a fruit", "Explain why ice floats on water"]
+    full = next_token_logprobs(load_model(str(tiny_model_dir)), prompts, batch_size=2)
+    half = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
+    assert half.hf_model.dtype == torch.bfloat16
+    assert kl_divergence(full, next_token_logprobs(half, prompts, batch_size=2)).max() < 0.01

@@ -10,9 +10,9 @@ from scipy import sparse
 from engine.errors import ExplorerError
 from engine.features import (
     check_feature,
-    feature_on_text,
     decoder_cosines,
     feature_attribution,
+    feature_on_text,
     logit_effects,
     summarize,
     token_activations,

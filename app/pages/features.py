@@ -76,10 +76,10 @@ features["refusal_alignment"] = features["refusal_cosine"].abs()
 features["attribution_size"] = features["attribution"].abs()
 
 st.subheader("The most refusal-aligned features")
-aligned = features.nlargest(20, "refusal_alignment")
+aligned = features[features["density"] > 0].nlargest(20, "refusal_alignment")
 n_selective = int((aligned["toxic_safe_ratio"] >= RATIO).sum())
 st.markdown(
-    f"Of the 20 features whose decoder direction is closest to the refusal direction, **{n_selective}** fire on "
+    f"Of the 20 live features whose decoder direction is closest to the refusal direction, **{n_selective}** fire on "
     f"toxic prompts at ≥ {RATIO:.0f}× their rate on safe prompts (at the refusal-decision token, all splits).")
 ratio_chart = alt.Chart(aligned.assign(toxic=aligned["toxic_rate"], safe=aligned["safe_rate"])).transform_fold(
     ["toxic", "safe"], as_=["prompts", "firing rate"]).mark_bar().encode(

@@ -125,6 +125,7 @@ class DirectionsStage(Stage):
             "directions": config.section("directions"),
             "models": {role: model_fingerprint(spec) for role, spec in config.models.items()},
             "batch_size": config.generation.batch_size,
+            "dtype": config.generation.dtype,
         }
 
     def run(self, context: StageContext) -> StageOutput:
@@ -137,7 +138,7 @@ class DirectionsStage(Stage):
         generations = context.table("generations").drop(columns="run_id")
         tokens = context.table("refusal_tokens")
         token_ids = tokens.loc[tokens["model"] == role, "token_id"].astype(int).tolist()
-        model = load_model(config.models[role])
+        model = load_model(config.models[role], dtype=config.generation.torch_dtype)
         positions = prompt_end_positions(model.tokenizer)
         hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
 
@@ -227,7 +228,7 @@ class DirectionsStage(Stage):
             # The studied model's activations are at hand for every prompt; another model is
             # captured at the chosen position for the toxic and safe prompts only.
             rows = np.ones(len(prompts), dtype=bool) if other_role == role else both
-            other = model if other_role == role else load_model(spec)
+            other = model if other_role == role else load_model(spec, dtype=config.generation.torch_dtype)
             layer_acts = acts[:, :, position, :] if other_role == role else capture(
                 other, list(prompts["text"][rows]), hooks, [positions.offsets[position]],
                 batch_size=batch_size, desc=f"capture {other_role}",

@@ -55,7 +55,7 @@ class GenerateStage(Stage):
         """One model's judged answers, refusal tokens and judge agreement (the model is freed
         on return, before the next one loads)."""
         config, settings = context.config, context.config.generation
-        model = load_model(spec)
+        model = load_model(spec, dtype=config.generation.torch_dtype)
 
         def answer(chunk: pd.DataFrame) -> pd.DataFrame:
             return answer_table(model, chunk, max_new_tokens=settings.max_new_tokens,

@@ -86,7 +86,7 @@ class SaesStage(Stage):
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
         assert config.saes is not None
         return {"saes": config.section("saes"), "model": model_fingerprint(config.models[config.saes.model]),
-                "batch_size": config.generation.batch_size}
+                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype}
 
     @staticmethod
     def folder(context: StageContext) -> Path:
@@ -117,7 +117,7 @@ class SaesStage(Stage):
         settings: SaesConfig = config.saes
         batch_size = config.generation.batch_size
         role = settings.model
-        model = load_model(config.models[role])
+        model = load_model(config.models[role], dtype=config.generation.torch_dtype)
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         tables = {name: context.table(name).drop(columns="run_id") for name in
                   ("generations", "tune_data", "direction_generations", "refusal_tokens", "refusal_directions")
@@ -285,7 +285,7 @@ class SaesStage(Stage):
             "toxic_rate": rates["toxic"], "hard_rate": rates["hard"], "safe_rate": rates["safe"],
             "n_toxic_fired": fired["toxic"], "n_toxic": int((kinds == "toxic").sum()),
             "n_safe_fired": fired["safe"], "n_safe": int((kinds == "safe").sum()),
-            "top_category": toxic_by_category.idxmax(1).reindex(range(d_sae)).to_numpy(),
+            "top_category": toxic_by_category.idxmax(1).where(totals.notna()).reindex(range(d_sae)).to_numpy(),
             "top_category_share": (toxic_by_category.max(1) / totals).reindex(range(d_sae)).to_numpy(),
             "attribution": effects.mean(0),
             "attribution_se": effects.std(0, ddof=1) / np.sqrt(len(effects)),

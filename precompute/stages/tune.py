@@ -35,7 +35,7 @@ class TuneStage(Stage):
         return config.tune is not None and EMBEDDED_TUNED in config.models.values()
 
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
-        return {"tune": config.section("tune"), "base": EMBEDDED_BASE}
+        return {"tune": config.section("tune"), "base": EMBEDDED_BASE, "dtype": config.generation.dtype}
 
     def is_fresh(self, context: StageContext) -> bool:
         info = models_dir() / EMBEDDED_TUNED / TUNE_INFO
@@ -45,7 +45,7 @@ class TuneStage(Stage):
     def _base_answers(context: StageContext, benign: pd.DataFrame) -> pd.DataFrame:
         """The base model's own greedy answers (resumable chunks; the model is freed on return)."""
         tune = context.config.tune
-        base = load_model(EMBEDDED_BASE)
+        base = load_model(EMBEDDED_BASE, dtype=context.config.generation.torch_dtype)
 
         def answer(chunk: pd.DataFrame) -> pd.DataFrame:
             answers = answer_table(base, chunk, max_new_tokens=tune.max_response_tokens,
@@ -54,7 +54,7 @@ class TuneStage(Stage):
                 ["prompt_id", "response", "complete"]]
 
         key = {"prompts": context.hashes["prompts"], "model": EMBEDDED_BASE,
-               "max_new_tokens": tune.max_response_tokens}
+               "max_new_tokens": tune.max_response_tokens, "dtype": context.config.generation.dtype}
         return map_in_chunks(benign, answer, cache=context.cache("base_answers", key),
                              chunk_size=context.config.generation.chunk_size, desc="base answers")
 
