@@ -66,6 +66,9 @@ def addition_hooks(
 
 @contextmanager
 def applied(model: LoadedModel, hooks: Sequence[Hook]) -> Iterator[None]:
-    """Attach hooks for the duration of the block; they are removed even if it raises."""
-    with model.bridge.hooks(fwd_hooks=list(hooks)):
+    """Attach hooks for the duration of the block; they are removed even if it raises.
+
+    Holds the model's lock throughout: run un-hooked work on a shared model as `applied(model, [])`
+    so that it cannot overlap another thread's hooks."""
+    with model.lock, model.bridge.hooks(fwd_hooks=list(hooks)):
         yield

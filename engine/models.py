@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ class LoadedModel:
     bridge: TransformerBridge
     tokenizer: Any  # a transformers PreTrainedTokenizerBase with a chat template
     device: torch.device
+    # Held while hooks are attached (engine.interventions.applied): two threads sharing one cached
+    # model (two app sessions) take turns, so one's hooks never run in the other's forward pass.
+    lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @property
     def hf_model(self) -> torch.nn.Module:
