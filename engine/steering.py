@@ -7,15 +7,19 @@ reconstruct, are left exactly as they were.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sae_lens import SAE
+from transformers import TextStreamer
 
+from engine.chat import chat_prompt
 from engine.errors import ExplorerError
 from engine.features import check_feature
-from engine.interventions import Hook, ablation_hooks, addition_hooks
+from engine.interventions import Hook, ablation_hooks, addition_hooks, applied
+from engine.judge import refusal_log_odds
 from engine.models import LoadedModel
 from engine.saes import check_sae_fits
 
@@ -74,3 +78,73 @@ def clamp_hook(model: LoadedModel, clamp: FeatureClamp) -> Hook:
 
     return hook_name, steer
 
+
+
+@dataclass(frozen=True)
+class SteeringLimits:
+    """What the live steering accepts (a 2-core CPU must answer within seconds)."""
+
+    max_prompt_chars: int = 1000
+    max_new_tokens: int = 128
+    max_abs_alpha: float = 500.0
+    max_abs_feature_value: float = 1000.0
+
+    def check(self, instruction: str, max_new_tokens: int, steering: Steering) -> None:
+        if not instruction.strip():
+            raise ExplorerError("The prompt is empty.", "type a prompt or pick one from the set.")
+        if len(instruction) > self.max_prompt_chars:
+            raise ExplorerError(f"The prompt has {len(instruction)} characters, over the limit of "
+                                f"{self.max_prompt_chars}.", "shorten it: live steering must answer in seconds.")
+        if not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise ExplorerError(f"{max_new_tokens} new tokens is out of range.",
+                                f"use 1-{self.max_new_tokens} (longer answers take too long on a CPU).")
+        for addition in steering.add:
+            if addition.alpha is not None and abs(addition.alpha) > self.max_abs_alpha:
+                raise ExplorerError(f"alpha = {addition.alpha} is out of range.",
+                                    f"use |alpha| <= {self.max_abs_alpha:g}; beyond that the model only "
+                                    "produces noise.")
+        for clamp in steering.clamp:
+            if clamp.value is not None and abs(clamp.value) > self.max_abs_feature_value:
+                raise ExplorerError(f"Feature value {clamp.value} is out of range.",
+                                    f"use |value| <= {self.max_abs_feature_value:g}.")
+
+
+@dataclass(frozen=True)
+class SteeredAnswer:
+    text: str
+    refusal_score: float  # at the first response position, under the steering
+    top_tokens: list[tuple[str, float]]  # the most likely first tokens and their probabilities
+
+
+class _Callback(TextStreamer):
+    """Hands each finished piece of text to a callback (Streamlit placeholders, logs)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.on_text(text)
+
+
+def steered_answer(model: LoadedModel, instruction: str, steering: Steering, refusal_token_ids: Sequence[int], *,
+                   max_new_tokens: int, top_k: int = 8, on_text: Callable[[str], None] | None = None,
+                   limits: SteeringLimits = SteeringLimits()) -> SteeredAnswer:
+    """Greedy answer to one prompt under `steering`, streamed to `on_text` piece by piece."""
+    limits.check(instruction, max_new_tokens, steering)
+    tokenizer = model.tokenizer
+    encoded = tokenizer(chat_prompt(tokenizer, instruction), return_tensors="pt",
+                        add_special_tokens=False).to(model.device)
+    streamer = _Callback(tokenizer, on_text) if on_text is not None else None
+    with applied(model, steering.hooks(model)), torch.inference_mode():
+        logits = model.hf_model(**encoded, logits_to_keep=1).logits[0, -1].float()
+        output = model.hf_model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top = logprobs.topk(top_k)
+    ids = torch.tensor(list(refusal_token_ids), dtype=torch.long, device=logprobs.device)
+    return SteeredAnswer(
+        text=tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip(),
+        refusal_score=float(refusal_log_odds(logprobs[ids][None])[0]),
+        top_tokens=[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(top.indices, top.values.exp(), strict=True)],
+    )
