@@ -26,13 +26,20 @@ class ChatCorpus:
         return sum(len(s) for s in self.sequences)
 
 
-def chat_corpus(tokenizer, instructions: Sequence[str], responses: Sequence[str]) -> ChatCorpus:
-    """Transcripts of one user turn and the assistant's answer (empty: the prompt alone)."""
+def chat_sequences(tokenizer, instructions: Sequence[str], responses: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids of each transcript (one user turn, then the answer; empty: the prompt alone) and
+    each one's prompt length."""
     sequences, lengths = [], []
     for instruction, response in zip(instructions, responses, strict=True):
         prompt_ids = tokenizer(chat_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
         sequences.append(list(prompt_ids) + list(answer_ids))
         lengths.append(len(prompt_ids))
+    return sequences, np.array(lengths, dtype=np.int64)
+
+
+def chat_corpus(tokenizer, instructions: Sequence[str], responses: Sequence[str]) -> ChatCorpus:
+    """`chat_sequences` plus every token as text."""
+    sequences, lengths = chat_sequences(tokenizer, instructions, responses)
     vocabulary = {i: tokenizer.decode([i]) for i in {t for s in sequences for t in s}}
-    return ChatCorpus(sequences, np.array(lengths), [[vocabulary[t] for t in s] for s in sequences])
+    return ChatCorpus(sequences, lengths, [[vocabulary[t] for t in s] for s in sequences])

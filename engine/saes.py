@@ -138,6 +138,15 @@ def load_sae(source: str, sae_id: str | None = None) -> SAE:
                             "the hub must be reachable.") from exc
 
 
+def stored_sae_source(store: Path, row: dict) -> tuple[str, str | None]:
+    """`load_sae` arguments for a row of a store's `saes` table: a registry entry (release,
+    sae_id), or a folder; a relative folder lies beside the store (where the stage saves them)."""
+    if isinstance(row.get("release"), str):
+        return row["release"], row["sae_id"]
+    path = Path(row["path"])
+    return str(path if path.is_absolute() else Path(store).parent / path), None
+
+
 @dataclass(frozen=True)
 class SaeQuality:
     l0: float  # mean number of active latents per token

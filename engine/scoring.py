@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine.chat import chat_prompt
-from engine.generation import encode_batches, length_sorted_batches
+from engine.corpus import chat_sequences
+from engine.generation import encode_batches, right_padded_batches
 from engine.models import LoadedModel
 
 
@@ -47,27 +47,17 @@ def completion_cross_entropy(
     model: LoadedModel, instructions: Sequence[str], completions: Sequence[str], *, batch_size: int
 ) -> np.ndarray:
     """Mean cross-entropy (nats/token) of each completion given its chat-formatted instruction."""
-    tokenizer = model.tokenizer
-    prompts = [tokenizer(chat_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in instructions]
-    answers = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    sequences, prompt_lengths = chat_sequences(model.tokenizer, instructions, completions)
     result = np.full(len(instructions), np.nan)
-    lengths = [len(p) + len(a) for p, a in zip(prompts, answers, strict=True)]
-    for batch in length_sorted_batches(lengths, batch_size):
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            sequence = prompts[i] + answers[i]
-            ids[row, width - len(sequence):] = torch.tensor(sequence)  # left padding
-            mask[row, width - len(sequence):] = 1
+    for batch, ids, mask in right_padded_batches(sequences, batch_size, model.tokenizer.pad_token_id):
         with torch.inference_mode():
             logprobs = torch.log_softmax(model.hf_model(input_ids=ids.to(model.device),
                                                         attention_mask=mask.to(model.device)).logits.float(), -1)
         for row, i in enumerate(batch):
-            n = len(answers[i])
-            if n == 0:
-                continue
-            targets = ids[row, width - n:].to(logprobs.device)
-            predicted = logprobs[row, width - n - 1: width - 1]
+            start, end = int(prompt_lengths[i]), len(sequences[i])
+            if end == start:
+                continue  # an empty completion has no cross-entropy
+            targets = ids[row, start:end].to(logprobs.device)
+            predicted = logprobs[row, start - 1:end - 1]
             result[i] = float(-predicted.gather(-1, targets[:, None]).mean())
     return result

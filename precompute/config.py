@@ -156,6 +156,24 @@ class SaesConfig:
 
 
 @dataclass(frozen=True)
+class SteeringConfig:
+    """Batch steering on the test split: the global and category directions and the top features."""
+
+    model: str = "tuned"
+    top_features: int = 3  # features with the largest attribution at the refusal layer's SAE
+    feature_force_multiple: float = 2.0  # force refusal: set a feature to this x its corpus maximum
+    eval_max_new_tokens: int = 32  # answers generated for the global direction and the features
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.top_features <= 100:
+            raise _out_of_range("steering.top_features", self.top_features, "0-100")
+        if not 0 < self.feature_force_multiple <= 100:
+            raise _out_of_range("steering.feature_force_multiple", self.feature_force_multiple, "(0, 100]")
+        if not 1 <= self.eval_max_new_tokens <= 2048:
+            raise _out_of_range("steering.eval_max_new_tokens", self.eval_max_new_tokens, "1-2048")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: str
     models: dict[str, str]  # role (e.g. base, tuned) -> model spec
@@ -166,6 +184,7 @@ class StudyConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     directions: DirectionsConfig | None = None  # set: find and test refusal directions
     saes: SaesConfig | None = None  # set: train or load SAEs and compute feature statistics
+    steering: SteeringConfig | None = None  # set: measure steering in batch (needs directions)
 
     def __post_init__(self) -> None:
         if not self.study or not self.study.replace("-", "").replace("_", "").isalnum():
@@ -181,6 +200,9 @@ class StudyConfig:
         if self.saes is not None and self.saes.model not in self.models:
             raise ExplorerError(f"saes.model = {self.saes.model!r} is not one of the study's models.",
                                 f"use one of {', '.join(self.models)}.")
+        if self.steering is not None and (self.directions is None or self.steering.model not in self.models):
+            raise ExplorerError("steering needs a `directions:` section and one of the study's models.",
+                                f"add directions, and set steering.model to one of {', '.join(self.models)}.")
         if self.saes is not None and not self.saes.hooks and not self.saes.pretrained and self.directions is None:
             raise ExplorerError("saes.layer_offsets count from the refusal layer, but the config has no "
                                 "`directions:` section.", "add one, or list the SAE hooks under saes.hooks.")
@@ -198,6 +220,7 @@ SECTIONS: dict[str, type] = {
     "judge": JudgeConfig,
     "directions": DirectionsConfig,
     "saes": SaesConfig,
+    "steering": SteeringConfig,
 }
 TOP_LEVEL_KEYS = {"study", "models", "store", *SECTIONS}
 

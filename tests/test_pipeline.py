@@ -250,3 +250,38 @@ def test_saes_stage_loads_a_saved_sae_through_the_pretrained_path(tmp_path, tiny
     raw["saes"]["pretrained"] = [{"path": str(tmp_path / "missing")}]
     with pytest.raises(ExplorerError, match="No SAE at .*missing"):
         pipeline.run_pipeline(parse_config(raw), STAGES)
+
+
+def test_steering_stage_measures_every_intervention(tmp_path, tiny_model_dir) -> None:
+    config = parse_config({
+        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(tiny_model_dir)},
+        "prompts": {"test_fraction": 0.2},
+        "generation": {"max_new_tokens": 3, "batch_size": 64, "chunk_size": 1024},
+        "directions": {"model": "base", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
+                       "prune_last_fraction": 0.0, "max_kl": 10.0},
+        "saes": {"model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 40, "batch_size": 128,
+                 "attribution_prompts": 8},
+        "steering": {"model": "base", "top_features": 2, "eval_max_new_tokens": 2},
+    })
+    reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
+    assert reports["steering"] == "ran"
+    read = lambda name: store.read_table(config.store, name)
+    effects = read("steering_effects")
+    features = read("features").query("density > 0").nlargest(2, "attribution")["feature"]
+    names = {"global", *read("prompts").query("kind == 'toxic'")["category"].unique(),
+             *(f"feature {f}" for f in features)}
+    assert set(effects["intervention"]) == names
+    prompts = read("prompts").query("split == 'test'")
+    suppress = effects.query("intervention == 'global' and mode == 'suppress'")
+    assert suppress["n"].sum() == len(prompts)  # every test prompt, once
+    force = effects.query("intervention == 'global' and mode == 'force'")
+    assert set(force["kind"]) == {"hard", "safe"} and force["n"].sum() == (prompts["kind"] != "toxic").sum()
+    # the baseline column is the same for every intervention: one unsteered pass
+    assert effects.groupby(["mode", "category", "kind"])["baseline_rate_by_score"].nunique().max() == 1
+    harmlessness = read("steering_harmlessness").set_index("intervention")
+    assert harmlessness.loc["global", "mean_kl"] > 0 and np.isfinite(harmlessness.loc["global", "cross_entropy"])
+    assert np.isnan(harmlessness.loc["hate", "cross_entropy"])  # completions scored for global and features
+    rates = read("steering_rates")
+    assert set(rates["intervention"]) == {"global", *(f"feature {f}" for f in features)}
+    toxic = (prompts["kind"] == "toxic").sum()
+    assert rates.query("intervention == 'global' and mode == 'suppress'")["n"].item() == toxic

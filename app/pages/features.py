@@ -4,8 +4,6 @@ and live encoding of the reader's own text)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import altair as alt
 import numpy as np
 import pandas as pd
@@ -17,7 +15,7 @@ from app.context import current_store, require_tables
 from engine.errors import ExplorerError
 from engine.features import feature_on_text
 from engine.models import load_model
-from engine.saes import load_sae
+from engine.saes import load_sae, stored_sae_source
 
 RATIO = 3.0  # "fires on toxic prompts at >= 3x its rate on safe prompts"
 SORTS = {
@@ -42,14 +40,6 @@ def cached_model(spec: str):
 @st.cache_resource(show_spinner="Loading the SAE…", max_entries=8)
 def cached_sae(source: str, sae_id: str | None):
     return load_sae(source, sae_id)
-
-
-def sae_of(row) -> object:
-    """The SAE a `saes` row names: a registry entry, or a folder (relative: beside the store)."""
-    if pd.notna(row.release):
-        return cached_sae(row.release, row.sae_id)
-    path = Path(row.path)
-    return cached_sae(str(path if path.is_absolute() else Path(store).parent / path), None)
 
 
 saes = queries.query(store, queries.SAES_SQL)
@@ -202,7 +192,7 @@ if st.button("Encode", type="primary"):
         if spec is None:
             raise ExplorerError(f"The store does not say which model {sae_row.model!r} is.",
                                 "rebuild the store with `python -m precompute run`.")
-        live = feature_on_text(cached_model(spec), sae_of(sae_row), int(feature), text, as_chat_prompt=as_chat)
+        live = feature_on_text(cached_model(spec), cached_sae(*stored_sae_source(store, sae_row.to_dict())), int(feature), text, as_chat_prompt=as_chat)
     except ExplorerError as exc:
         st.error(f"{exc.problem} Fix: {exc.fix}")
     else:

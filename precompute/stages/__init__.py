@@ -4,6 +4,7 @@ from precompute.stages.directions import DirectionsStage
 from precompute.stages.generate import GenerateStage
 from precompute.stages.prompts import PromptsStage
 from precompute.stages.saes import SaesStage
+from precompute.stages.steering import SteeringStage
 from precompute.stages.tune import TuneStage
 
-STAGES = (PromptsStage(), TuneStage(), GenerateStage(), DirectionsStage(), SaesStage())
+STAGES = (PromptsStage(), TuneStage(), GenerateStage(), DirectionsStage(), SaesStage(), SteeringStage())

@@ -31,9 +31,9 @@ from engine.directions import (
     unit,
 )
 from engine.errors import ExplorerError
-from engine.generation import answer_table
+from engine.evaluation import judged_answers
 from engine.interventions import ablation_hooks, addition_hooks, applied
-from engine.judge import is_refusal, refusal_rate_table, refusal_score
+from engine.judge import refusal_rate_table
 from engine.models import LoadedModel, load_model
 from engine.prompts import CATEGORIES, stable_split
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
@@ -44,19 +44,6 @@ from precompute.stages.generate import model_fingerprint
 logger = logging.getLogger(__name__)
 
 
-def _judged(model: LoadedModel, prompts: pd.DataFrame, condition: str, hooks, token_ids, *,
-            max_new_tokens: int, batch_size: int) -> pd.DataFrame:
-    """Answers under `hooks`, judged by both judges (score under the same intervention)."""
-    with applied(model, hooks):
-        answers = answer_table(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               desc=condition)
-        scores = refusal_score(next_token_logprobs(model, list(prompts["text"]), batch_size=batch_size,
-                                                   token_ids=token_ids))
-    answers["refused"] = [is_refusal(t) for t in answers["response"]]
-    answers["refusal_score"] = scores
-    return answers.assign(condition=condition)
-
-
 def evaluate_direction(model: LoadedModel, role: str, prompts: pd.DataFrame, baseline: pd.DataFrame,
                        direction: np.ndarray, layer: int, alpha: float | None, token_ids: list[int], *,
                        max_new_tokens: int, batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -65,9 +52,9 @@ def evaluate_direction(model: LoadedModel, role: str, prompts: pd.DataFrame, bas
     safe prompts under ablation. Returns (judged answers, harmlessness)."""
     tensor = torch.from_numpy(direction)
     evaluation = pd.concat([
-        _judged(model, prompts[prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
+        judged_answers(model, prompts[prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
                 token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
-        _judged(model, prompts[prompts["kind"] != "toxic"], "addition", addition_hooks(model, tensor, layer, alpha),
+        judged_answers(model, prompts[prompts["kind"] != "toxic"], "addition", addition_hooks(model, tensor, layer, alpha),
                 token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
     ], ignore_index=True)
     baseline = baseline[(baseline["model"] == role) & baseline["prompt_id"].isin(prompts["id"])]

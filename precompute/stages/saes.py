@@ -37,7 +37,15 @@ from engine.features import (
 )
 from engine.models import LoadedModel, load_model
 from engine.prompts import stable_split
-from engine.saes import ce_loss_recovered, check_sae_fits, load_sae, sae_quality, save_sae, train_sae
+from engine.saes import (
+    ce_loss_recovered,
+    check_sae_fits,
+    load_sae,
+    sae_quality,
+    save_sae,
+    stored_sae_source,
+    train_sae,
+)
 from precompute.config import SaesConfig, StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
 from precompute.stages.generate import model_fingerprint
@@ -96,8 +104,9 @@ class SaesStage(Stage):
         return store_path.parent / f"{store_path.stem}.saes" / context.hashes["saes"]
 
     def is_fresh(self, context: StageContext) -> bool:
-        trained = context.table("saes").query("source == 'trained'")["path"]
-        return all((context.config.store.parent / p / "cfg.json").is_file() for p in trained)
+        trained = context.table("saes").query("source == 'trained'")
+        return all((Path(stored_sae_source(context.config.store, row)[0]) / "cfg.json").is_file()
+                   for row in trained.to_dict("records"))
 
     def _hooks(self, context: StageContext, model: LoadedModel) -> list[str]:
         settings = context.config.saes

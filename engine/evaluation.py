@@ -1,0 +1,26 @@
+"""Answers generated under interventions, judged by both judges."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from engine.generation import answer_table
+from engine.interventions import Hook, applied
+from engine.judge import is_refusal, refusal_score
+from engine.models import LoadedModel
+from engine.scoring import next_token_logprobs
+
+
+def judged_answers(model: LoadedModel, prompts: pd.DataFrame, condition: str, hooks: Sequence[Hook],
+                   token_ids: Sequence[int], *, max_new_tokens: int, batch_size: int) -> pd.DataFrame:
+    """Answers under `hooks`, judged by both judges (score under the same intervention)."""
+    with applied(model, hooks):
+        answers = answer_table(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               desc=condition)
+        scores = refusal_score(next_token_logprobs(model, list(prompts["text"]), batch_size=batch_size,
+                                                   token_ids=token_ids))
+    answers["refused"] = [is_refusal(t) for t in answers["response"]]
+    answers["refusal_score"] = scores
+    return answers.assign(condition=condition)
