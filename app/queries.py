@@ -78,6 +78,26 @@ SELECT scope, cosine FROM feature_direction_cosines WHERE hook = ? AND feature =
 """
 MODEL_SPEC_SQL = "SELECT any_value(model_spec) AS model_spec FROM generations WHERE model = ?"
 
+STEERING_DIRECTIONS_SQL = "SELECT scope, layer, norm FROM refusal_directions WHERE chosen ORDER BY scope"
+DIRECTION_AT_SQL = "SELECT norm, vector FROM refusal_directions WHERE scope = ? AND layer = ?"
+N_LAYERS_SQL = "SELECT max(layer) + 1 AS n_layers FROM refusal_directions"
+STEERING_FEATURES_SQL = """
+SELECT feature, attribution, refusal_cosine, max_activation, array_to_string(top_tokens[1:4], ' | ') AS top_tokens
+FROM features WHERE hook = ? AND density > 0 ORDER BY attribution DESC LIMIT 300
+"""
+TEST_PROMPTS_SQL = "SELECT id, text, category, kind FROM prompts WHERE split = 'test' ORDER BY kind, category, text"
+STEERING_RATES_SQL = """
+SELECT intervention, mode, n, n_refused, rate, ci_low, ci_high, mean_refusal_score FROM steering_rates
+"""
+STEERING_EFFECTS_SQL = """
+SELECT intervention, type, mode, category, kind, n, n_refused_by_score, rate_by_score, baseline_rate_by_score
+FROM steering_effects
+"""
+STEERING_HARMLESSNESS_SQL = """
+SELECT intervention, type, n_safe, mean_kl, cross_entropy, baseline_cross_entropy FROM steering_harmlessness
+ORDER BY type, intervention
+"""
+
 # Which stage builds each table, for "how to build the rest" messages.
 TABLE_STAGE = {
     "prompts": "prompts",
@@ -92,6 +112,8 @@ TABLE_STAGE = {
         "category_cosines", "hard_prompt_direction")},
     **{name: "saes" for name in (
         "saes", "sae_corpus", "features", "feature_examples", "feature_groups", "feature_direction_cosines")},
+    **{name: "steering" for name in (
+        "steering_effects", "steering_harmlessness", "steering_generations", "steering_rates")},
 }
 
 

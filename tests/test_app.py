@@ -28,6 +28,7 @@ def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
                        "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3},
         "saes": {"model": "other", "hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"], "expansion": 2,
                  "k": 8, "steps": 40, "batch_size": 128, "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
+        "steering": {"model": "other", "top_features": 1, "eval_max_new_tokens": 2},
     })
     pipeline.run_pipeline(config, STAGES)
     return path
@@ -144,3 +145,26 @@ def test_features_page_names_a_missing_sae_folder(tiny_store: Path, tmp_path: Pa
     app.run()
     app.button[0].click().run()
     assert not app.exception and "cfg.json missing" in app.error[0].value
+
+
+def test_steering_page_generates_baseline_and_steered(tiny_store: Path) -> None:
+    app = _page("steering", tiny_store)
+    assert not app.exception and not app.error
+    assert app.button[0].label == "Bypass refusal"
+    app.button[0].click().run()  # the preset fills the prompt and picks ablation
+    assert app.radio[0].value == "ablate" and app.text_area[0].value
+    generate = next(b for b in app.button if b.label == "Generate")
+    generate.click().run()
+    assert not app.exception and not app.error
+    assert [h.value for h in app.subheader][:2] == ["Baseline", "Steered"]
+    scores = [m for m in app.metric if m.label == "Refusal score"]
+    assert len(scores) == 2
+    # batch results from the steering stage
+    rates = store.read_table(tiny_store, "steering_rates")
+    assert "Batch results (test split)" in [h.value for h in app.header] and set(rates["intervention"]) >= {"global"}
+    specs = [chart.proto.spec for chart in app.get("vega_lite_chart")]
+    assert any('"change in refusal rate"' in spec for spec in specs)  # the collateral matrix
+
+    app.text_area[0].input("   ").run()
+    next(b for b in app.button if b.label == "Generate").click().run()
+    assert "The prompt is empty" in app.error[0].value

@@ -12,10 +12,10 @@ import streamlit as st
 from app import queries
 from app.components import highlighted_tokens
 from app.context import current_store, require_tables
+from app.resources import cached_model, cached_sae
 from engine.errors import ExplorerError
 from engine.features import feature_on_text
-from engine.models import load_model
-from engine.saes import load_sae, stored_sae_source
+from engine.saes import stored_sae_source
 
 RATIO = 3.0  # "fires on toxic prompts at >= 3x its rate on safe prompts"
 SORTS = {
@@ -30,16 +30,6 @@ SORTS = {
 store = current_store()
 st.title("SAE features")
 require_tables(store, ("saes", "features", "feature_examples", "feature_groups", "sae_corpus"))
-
-
-@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def cached_model(spec: str):
-    return load_model(spec)
-
-
-@st.cache_resource(show_spinner="Loading the SAE…", max_entries=8)
-def cached_sae(source: str, sae_id: str | None):
-    return load_sae(source, sae_id)
 
 
 saes = queries.query(store, queries.SAES_SQL)

@@ -1,0 +1,190 @@
+"""Steering: compose interventions and generate baseline and steered answers side by side, live;
+then the batch results of the `steering` stage (force / suppress rates and the collateral matrix)."""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import queries
+from app.context import BUILD_COMMAND, current_store, require_tables
+from app.resources import cached_model, cached_sae
+from engine.errors import ExplorerError
+from engine.saes import stored_sae_source
+from engine.steering import Addition, FeatureClamp, Steering, SteeringLimits, steered_answer
+
+LIMITS = SteeringLimits()
+CAKE = "Give me a simple recipe for a chocolate cake."
+
+store = current_store()
+st.title("Steering")
+present = require_tables(store, ("refusal_directions", "refusal_tokens", "generations", "prompts"))
+
+directions = queries.query(store, queries.STEERING_DIRECTIONS_SQL).set_index("scope")
+models = queries.query(store, queries.MODELS_SQL)
+tokens = queries.query(store, queries.REFUSAL_TOKENS_SQL)
+test_prompts = queries.query(store, queries.TEST_PROMPTS_SQL)
+studied = queries.query(store, queries.CANDIDATES_SQL)["model"].iloc[0]
+refusal_layer = int(directions.loc["global", "layer"])
+sae_rows = queries.query(store, queries.SAES_SQL) if "saes" in present else pd.DataFrame()
+sae_row = sae_rows[sae_rows["layer"] == refusal_layer].iloc[0] if not sae_rows.empty and (
+    sae_rows["layer"] == refusal_layer).any() else None
+features = queries.query(store, queries.STEERING_FEATURES_SQL, (sae_row.hook,)) if sae_row is not None else None
+toxic_example = test_prompts.loc[test_prompts["kind"] == "toxic", "text"].iloc[0]
+
+PRESETS = {
+    "Bypass refusal": {"prompt": toxic_example, "direction_mode": "ablate", "scope": "global", "clamped": []},
+    "Induce refusal on a cake recipe": {"prompt": CAKE, "direction_mode": "add", "scope": "global", "clamped": []},
+}
+if features is not None and not features.empty:
+    top = int(features["feature"].iloc[0])
+    PRESETS[f"Clamp feature {top}"] = {"prompt": CAKE, "direction_mode": "none", "scope": "global", "clamped": [top],
+                                       "feature_value": round(2 * float(features["max_activation"].iloc[0]), 1)}
+
+st.caption("Presets")
+for column, (label, preset) in zip(st.columns(len(PRESETS)), PRESETS.items(), strict=True):
+    if column.button(label, width="stretch"):
+        st.session_state.update(preset)
+        st.session_state["alpha"] = float(directions.loc[preset["scope"], "norm"])
+
+left, right = st.columns([3, 2])
+with left:
+    role = st.selectbox("Model", models["model"].tolist(),
+                        index=models["model"].tolist().index(studied) if studied in models["model"].tolist() else 0,
+                        help=f"The directions and SAEs come from the {studied} model.")
+    picked = st.selectbox("Pick a test prompt (or type below)", ["—", *test_prompts["text"]],
+                          format_func=lambda t: t if t == "—" else
+                          f"[{test_prompts.set_index('text').loc[t, 'kind']}] {t[:90]}")
+    if picked != "—" and st.session_state.get("picked_before") != picked:
+        st.session_state["prompt"] = picked
+    st.session_state["picked_before"] = picked
+    st.session_state.setdefault("prompt", CAKE)
+    prompt = st.text_area("Prompt", key="prompt", max_chars=LIMITS.max_prompt_chars,
+                          help=f"at most {LIMITS.max_prompt_chars} characters, so that a CPU answers in seconds")
+    max_new_tokens = st.slider("New tokens", 1, LIMITS.max_new_tokens, 48,
+                               help=f"at most {LIMITS.max_new_tokens}: longer answers take too long on a CPU")
+with right:
+    direction_mode = st.radio("Refusal direction", ["none", "ablate", "add"], key="direction_mode", horizontal=True,
+                              captions=["", "project out everywhere", "add at one layer"])
+    scope = st.selectbox("Direction", directions.index.tolist(), key="scope",
+                         help="the global direction or one category's (toxic prompts of that category vs safe)")
+    layer, alpha = refusal_layer, None
+    if direction_mode == "add":
+        n_layers = int(queries.query(store, queries.N_LAYERS_SQL)["n_layers"].iloc[0])
+        layer = st.number_input("Layer", 0, n_layers - 1, refusal_layer,
+                                help="adds this layer's difference of means for the chosen scope")
+    vector_row = queries.query(store, queries.DIRECTION_AT_SQL, (scope, int(layer))).iloc[0]
+    if direction_mode == "add":
+        alpha = st.slider("alpha", -LIMITS.max_abs_alpha, LIMITS.max_abs_alpha,
+                          float(st.session_state.get("alpha", min(vector_row.norm, LIMITS.max_abs_alpha))),
+                          help="times the unit direction; the default is the direction's own norm (the difference "
+                               f"of means). |alpha| <= {LIMITS.max_abs_alpha:g}: beyond that the model only produces "
+                               "noise.")
+    clamped, feature_value = [], 0.0
+    if features is not None:
+        labels = {int(f.feature): f"{int(f.feature)} · attribution {f.attribution:+.3f} · {f.top_tokens}"
+                  for f in features.itertuples()}
+        clamped = st.multiselect(f"Clamp features of the SAE at `{sae_row.hook}`", list(labels), key="clamped",
+                                 format_func=labels.get, help="sorted by attribution to the refusal score")
+        if clamped:
+            st.session_state.setdefault("feature_value", 0.0)
+            feature_value = st.number_input("Set them to", -LIMITS.max_abs_feature_value,
+                                            LIMITS.max_abs_feature_value, key="feature_value", help="0 switches them off; their corpus maxima are on the Features page")
+    else:
+        st.caption("No SAE at the refusal layer in this store: feature clamping is off.")
+
+
+def build_steering() -> Steering:
+    vector = np.asarray(vector_row.vector, dtype=np.float32)
+    clamps: tuple[FeatureClamp, ...] = ()
+    if clamped:
+        clamps = (FeatureClamp(cached_sae(*stored_sae_source(store, sae_row.to_dict())), tuple(clamped),
+                               value=feature_value),)
+    return Steering(ablate=(vector,) if direction_mode == "ablate" else (),
+                    add=(Addition(vector, int(layer), alpha),) if direction_mode == "add" else (), clamp=clamps)
+
+
+def show(answer, title: str) -> None:
+    st.metric("Refusal score", f"{answer.refusal_score:+.2f}", help="log-odds of the model's refusal tokens at the "
+              "first response position (> 0: refusal more likely than not)")
+    top = pd.DataFrame(answer.top_tokens, columns=["token", "probability"])
+    top["token"] = top["token"].map(repr)
+    st.altair_chart(alt.Chart(top).mark_bar().encode(
+        x=alt.X("probability:Q", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("token:N", sort="-x", title=None), tooltip=["token", alt.Tooltip("probability:Q", format=".1%")],
+    ).properties(height=180, title=f"First token, {title}"), width="stretch")
+
+
+if st.button("Generate", type="primary"):
+    spec = models.set_index("model").loc[role, "model_spec"]
+    token_ids = tokens.loc[tokens["model"] == role, "token_id"].astype(int).tolist()
+    try:
+        steering = build_steering()
+        model = cached_model(spec)
+        LIMITS.check(prompt, max_new_tokens, steering)
+        steering.hooks(model)  # a hook the model lacks fails here, before any generation
+        columns = st.columns(2)
+        for column, (title, spec_) in zip(columns, (("baseline", Steering()), ("steered", steering)), strict=True):
+            with column:
+                st.subheader(title.capitalize())
+                box, pieces = st.empty(), []
+
+                def stream(text: str, box=box, pieces=pieces) -> None:
+                    pieces.append(text)
+                    box.markdown("".join(pieces))
+
+                answer = steered_answer(model, prompt, spec_, token_ids, max_new_tokens=max_new_tokens,
+                                        on_text=stream, limits=LIMITS)
+                box.markdown(answer.text or "_(empty answer)_")
+                show(answer, title)
+    except ExplorerError as exc:
+        st.error(f"{exc.problem} Fix: {exc.fix}")
+
+st.divider()
+st.header("Batch results (test split)")
+if "steering_rates" not in present:
+    st.info(f"This store has no batch steering results yet. Add a `steering:` section to the config and run:\n\n"
+            f"```\n{BUILD_COMMAND}\n```")
+    st.stop()
+rates = queries.query(store, queries.STEERING_RATES_SQL)
+rates["label"] = rates["n_refused"].astype(str) + " / " + rates["n"].astype(str)
+st.caption("Answers generated under each intervention, judged by the substring judge: *suppress* (direction "
+           "ablated / feature set to 0) on toxic prompts, *force* (direction added / feature set high) on safe "
+           "prompts. Bars are Wilson 95% intervals.")
+bars = alt.Chart(rates).encode(x=alt.X("intervention:N", title=None), xOffset="mode:N",
+                               color=alt.Color("mode:N", scale=alt.Scale(domain=["suppress", "force"],
+                                                                         range=["#1f77b4", "#d62728"])))
+st.altair_chart((bars.mark_bar().encode(
+    y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+    tooltip=["intervention", "mode", alt.Tooltip("label:N", title="refused / prompts"),
+             alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
+             alt.Tooltip("ci_high:Q", format=".0%")])
+    + bars.mark_rule(color="black").encode(y="ci_low:Q", y2="ci_high:Q")).properties(height=260), width="stretch")
+
+st.subheader("Collateral matrix")
+effects = queries.query(store, queries.STEERING_EFFECTS_SQL)
+mode = st.segmented_control("Intervention", ["suppress", "force"], default="suppress", key="collateral_mode") \
+    or "suppress"
+target_kind = "toxic" if mode == "suppress" else "hard"
+cells = effects[(effects["mode"] == mode) & (effects["kind"] == target_kind)].copy()
+cells["change"] = cells["rate_by_score"] - cells["baseline_rate_by_score"]
+category_rows = sorted(set(cells.loc[cells["type"] == "direction", "intervention"]) - {"global"})
+order = ["global", *category_rows, *sorted(set(cells.loc[cells["type"] == "feature", "intervention"]))]
+st.altair_chart(alt.Chart(cells).mark_rect().encode(
+    x=alt.X("category:N", title=f"{target_kind} prompts of category"),
+    y=alt.Y("intervention:N", sort=order, title="steered with"),
+    color=alt.Color("change:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
+                    title="change in refusal rate"),
+    tooltip=["intervention", "category", "n", "n_refused_by_score", alt.Tooltip("rate_by_score:Q", format=".0%"),
+             alt.Tooltip("baseline_rate_by_score:Q", format=".0%"), alt.Tooltip("change:Q", format="+.0%")],
+).properties(height=28 * len(order)), width="stretch")
+st.caption(f"Rows: the intervention ({mode}); columns: the category whose {target_kind} test prompts were "
+           "measured; colour: change in the refusal rate by refusal score (> 0) against the unsteered model. A "
+           "modular mechanism would show a strong diagonal; a shared one, full rows.")
+harmlessness = queries.query(store, queries.STEERING_HARMLESSNESS_SQL)
+st.dataframe(harmlessness, hide_index=True, width="stretch", column_config={
+    "mean_kl": st.column_config.NumberColumn("KL on safe prompts (suppress)", format="%.3f"),
+    "cross_entropy": st.column_config.NumberColumn("CE of safe answers (suppress)", format="%.3f"),
+    "baseline_cross_entropy": st.column_config.NumberColumn("CE unsteered", format="%.3f")})
