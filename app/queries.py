@@ -77,6 +77,10 @@ FEATURE_COSINES_SQL = """
 SELECT scope, cosine FROM feature_direction_cosines WHERE hook = ? AND feature = ? ORDER BY scope
 """
 MODEL_SPEC_SQL = "SELECT any_value(model_spec) AS model_spec FROM generations WHERE model = ?"
+STUDY_DTYPE_SQL = """
+SELECT coalesce(json_extract_string(config, '$.generation.dtype'), 'float32') AS dtype FROM runs
+WHERE stage = 'generate' ORDER BY created_at DESC LIMIT 1
+"""
 
 STEERING_DIRECTIONS_SQL = "SELECT scope, layer, norm FROM refusal_directions WHERE chosen ORDER BY scope"
 DIRECTION_AT_SQL = "SELECT norm, vector FROM refusal_directions WHERE scope = ? AND layer = ?"

@@ -4,6 +4,7 @@ Commands:
   run     run every stage in order, skipping those whose inputs and config are unchanged
   tune    run the stages up to and including the fine-tune of the embedded demo model
   status  show each stage's state in the store
+  bench   speed figures on a built study (live steering latency, capture throughput)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run all stages (unchanged stages are skipped; a crashed run resumes)"),
         ("tune", "run the stages up to the demo model's fine-tune only"),
         ("status", "show which stages are stored and whether they are up to date"),
+        ("bench", "measure live steering latency and capture throughput on a built study"),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
@@ -39,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--store", type=Path, default=None,
                              help="store file to write (default: the config's `store`, else "
                                   "data/stores/<study>.duckdb)")
-        if name != "status":
+        if name == "bench":
+            command.add_argument("--only", choices=["all", "steering", "capture"], default="all")
+            command.add_argument("--new-tokens", type=int, default=48, help="per live answer (default 48)")
+            command.add_argument("--repeats", type=int, default=3)
+            command.add_argument("--prompts", type=int, default=256, help="prompts for the capture figure")
+        elif name != "status":
             command.add_argument("--force", action="append", default=[], metavar="STAGE",
                                  help="re-run STAGE even if unchanged (repeatable)")
     return parser
@@ -66,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                 stored = store.stage_hash(config.store, stage.name)
                 state = "missing" if stored is None else "up to date" if stored == hashes[stage.name] else "stale"
                 logger.info("%-10s %s", stage.name, state)
+            return 0
+        if args.command == "bench":
+            from precompute.bench import run_bench
+
+            run_bench(config, which=args.only, new_tokens=args.new_tokens, repeats=args.repeats,
+                      n_prompts=args.prompts)
             return 0
         until = "tune" if args.command == "tune" else None
         reports = run_pipeline(config, STAGES, force=frozenset(args.force), until=until)

@@ -19,7 +19,7 @@ def test_help_documents_every_option() -> None:
     for option in ("--config", "--store", "--force"):
         assert option in out
     top = subprocess.run([sys.executable, "-m", "precompute", "--help"], capture_output=True, text=True, check=True).stdout
-    assert all(command in top for command in ("run", "tune", "status"))
+    assert all(command in top for command in ("run", "tune", "status", "bench"))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -70,3 +70,29 @@ def test_status_reports_missing_stages(tmp_path, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="precompute"):
         assert main(["status", "--config", str(config), "--store", str(tmp_path / "s.duckdb")]) == 0
     assert "prompts    missing" in caplog.text and "tune       not applicable" in caplog.text
+
+
+def test_bench_prints_its_figures(tmp_path, caplog, tiny_model_dir) -> None:
+    config = _write(tmp_path, f"""
+study: tiny
+models: {{base: {tiny_model_dir}}}
+prompts: {{test_fraction: 0.3}}
+generation: {{max_new_tokens: 2, batch_size: 64}}
+directions: {{model: base, max_validation_prompts: 4, bootstrap: 10, eval_max_new_tokens: 2,
+             prune_last_fraction: 0.0, max_kl: 10.0}}
+""")
+    store_path = str(tmp_path / "s.duckdb")
+    with caplog.at_level(logging.ERROR, logger="precompute"):
+        assert main(["bench", "--config", str(config), "--store", store_path]) == 2
+    assert "No study store at" in caplog.text
+    assert main(["run", "--config", str(config), "--store", store_path]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="precompute"):
+        code = main(["bench", "--config", str(config), "--store", store_path, "--new-tokens", "4",
+                     "--repeats", "1", "--prompts", "16"])
+    assert code == 0
+    figures = {line.split("  ")[0].strip(): line for line in caplog.messages}
+    assert {"steering: baseline + steered answer", "plain forward", "capture, every layer",
+            "capture / plain forward", "peak resident memory"} <= set(figures)
+    ratio = float(figures["capture / plain forward"].split()[4])
+    assert 0 < ratio < 10

@@ -12,7 +12,7 @@ import streamlit as st
 from app import queries
 from app.components import highlighted_tokens
 from app.context import current_store, require_tables
-from app.resources import cached_model, cached_sae
+from app.resources import cached_sae, study_model
 from engine.errors import ExplorerError
 from engine.features import feature_on_text
 from engine.saes import stored_sae_source
@@ -177,12 +177,8 @@ st.subheader("Try your own text")
 text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000)
 as_chat = st.checkbox("Format as a user turn of the chat template", value=True)
 if st.button("Encode", type="primary"):
-    spec = queries.query(store, queries.MODEL_SPEC_SQL, (sae_row.model,))["model_spec"].iloc[0]
     try:
-        if spec is None:
-            raise ExplorerError(f"The store does not say which model {sae_row.model!r} is.",
-                                "rebuild the store with `python -m precompute run`.")
-        live = feature_on_text(cached_model(spec), cached_sae(*stored_sae_source(store, sae_row.to_dict())), int(feature), text, as_chat_prompt=as_chat)
+        live = feature_on_text(study_model(store, sae_row.model), cached_sae(*stored_sae_source(store, sae_row.to_dict())), int(feature), text, as_chat_prompt=as_chat)
     except ExplorerError as exc:
         st.error(f"{exc.problem} Fix: {exc.fix}")
     else:

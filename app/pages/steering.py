@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import queries
 from app.context import BUILD_COMMAND, current_store, require_tables
-from app.resources import cached_model, cached_sae
+from app.resources import cached_sae, study_model
 from engine.errors import ExplorerError
 from engine.saes import stored_sae_source
 from engine.steering import Addition, FeatureClamp, Steering, SteeringLimits, steered_answer
@@ -118,11 +118,10 @@ def show(answer, title: str) -> None:
 
 
 if st.button("Generate", type="primary"):
-    spec = models.set_index("model").loc[role, "model_spec"]
     token_ids = tokens.loc[tokens["model"] == role, "token_id"].astype(int).tolist()
     try:
         steering = build_steering()
-        model = cached_model(spec)
+        model = study_model(store, role)
         LIMITS.check(prompt, max_new_tokens, steering)
         steering.hooks(model)  # a hook the model lacks fails here, before any generation
         columns = st.columns(2)

@@ -1,0 +1,100 @@
+"""`python -m precompute bench`: speed figures measured on a built study, never asserted in tests.
+
+- steering: one live answer of N new tokens, baseline and steered (the global direction
+  ablated), as the Steering page runs them; seconds for the pair.
+- capture: tokens per second of activation capture at every layer's residual stream next to a
+  plain Hugging Face forward pass over the same prompts and batches; the ratio is the figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine import store
+from engine.activations import capture, prompt_end_positions
+from engine.errors import ExplorerError
+from engine.generation import encode_batches
+from engine.models import LoadedModel, load_model
+from engine.steering import Steering, steered_answer
+from precompute.config import StudyConfig
+
+logger = logging.getLogger("precompute.bench")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    name: str
+    value: float
+    unit: str
+    detail: str = ""
+
+
+def _studied_model(config: StudyConfig) -> tuple[str, LoadedModel]:
+    if config.directions is None:
+        raise ExplorerError("The config has no `directions:` section to benchmark.", "use a study with one.")
+    role = config.directions.model
+    return role, load_model(config.models[role], dtype=config.generation.torch_dtype)
+
+
+def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_tokens: int, repeats: int
+                   ) -> list[BenchResult]:
+    directions = store.read_table(config.store, "refusal_directions").query("scope == 'global' and chosen")
+    tokens = store.read_table(config.store, "refusal_tokens").query("model == @role")["token_id"].astype(int)
+    prompt = store.read_table(config.store, "prompts").query("split == 'test' and kind == 'toxic'")["text"].iloc[0]
+    steering = Steering(ablate=(np.asarray(directions["vector"].iloc[0], np.float32),))
+    steered_answer(model, prompt, steering, tokens.tolist(), max_new_tokens=2)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for spec in (Steering(), steering):
+            steered_answer(model, prompt, spec, tokens.tolist(), max_new_tokens=new_tokens)
+        seconds.append(time.perf_counter() - started)
+    return [BenchResult("steering: baseline + steered answer", float(np.median(seconds)), "s",
+                        f"{new_tokens} new tokens each, median of {repeats}, {config.generation.dtype}")]
+
+
+def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) -> list[BenchResult]:
+    prompts = store.read_table(config.store, "prompts")["text"].head(n_prompts).tolist()
+    batch_size = config.generation.batch_size
+    n_tokens = sum(int(encoded["attention_mask"].sum()) for _, encoded in encode_batches(model, prompts, batch_size))
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
+    offsets = prompt_end_positions(model.tokenizer).offsets
+
+    def plain() -> None:
+        for _, encoded in encode_batches(model, prompts, batch_size):
+            with torch.inference_mode():
+                model.hf_model.base_model(**encoded)
+
+    timings = {}
+    for name, work in (("plain forward", plain),
+                       ("capture", lambda: capture(model, prompts, hooks, offsets, batch_size=batch_size))):
+        work()  # warm-up
+        started = time.perf_counter()
+        work()
+        timings[name] = n_tokens / (time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [BenchResult("plain forward", timings["plain forward"], "tokens/s", f"{n_prompts} prompts"),
+            BenchResult("capture, every layer", timings["capture"], "tokens/s",
+                        f"{len(hooks)} hooks x {len(offsets)} positions"),
+            BenchResult("capture / plain forward", timings["capture"] / timings["plain forward"], "x"),
+            BenchResult("peak resident memory", peak, "MiB")]
+
+
+def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int, n_prompts: int) -> list[BenchResult]:
+    if not config.store.is_file():
+        raise ExplorerError(f"No study store at {config.store}.", "build it first: python -m precompute run.")
+    role, model = _studied_model(config)
+    results = []
+    if which in ("all", "steering"):
+        results += bench_steering(config, model, role, new_tokens=new_tokens, repeats=repeats)
+    if which in ("all", "capture"):
+        results += bench_capture(config, model, n_prompts=n_prompts)
+    for result in results:
+        logger.info("%-38s %10.3f %-9s %s", result.name, result.value, result.unit, result.detail)
+    return results
