@@ -164,7 +164,10 @@ EFFECTS_SQL = """
 SELECT condition, category, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score
 FROM direction_effects WHERE model = ? ORDER BY kind, category, condition
 """
-HARMLESSNESS_SQL = "SELECT condition, n, mean_kl, mean_cross_entropy FROM direction_harmlessness WHERE model = ?"
+HARMLESSNESS_SQL = """
+SELECT condition, n, mean_kl, median_kl, n_not_leaning, mean_kl_not_leaning, mean_cross_entropy
+FROM direction_harmlessness WHERE model = ?
+"""
 # One row per model: the direction's effect summed over categories (the headline numbers).
 EFFECT_SUMMARY_SQL = """
 SELECT e.model,

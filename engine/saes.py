@@ -47,6 +47,7 @@ class SaeTraining:
     batch_size: int = 1024
     lr: float = 4e-4
     seed: int = 0
+    autocast: bool = False  # bfloat16 matmuls (weights stay float32): ~2.5x faster on CPUs with AVX512-BF16
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -96,7 +97,7 @@ def train_sae(training: SaeTraining, activations: torch.Tensor, hook_name: str, 
         lr=training.lr, lr_end=training.lr / 10, lr_scheduler_name="cosineannealing",
         lr_warm_up_steps=min(100, training.steps // 10), device="cpu", n_checkpoints=0,
         dead_feature_window=max(1, training.steps // 4), feature_sampling_window=max(1, training.steps // 4),
-        n_batches_for_norm_estimate=1,
+        n_batches_for_norm_estimate=1, autocast=training.autocast,
     )
     trained = SAETrainer(trainer_config, sae, _batches(activations, training.batch_size, training.seed)).fit()
     return inference_copy(trained)

@@ -131,6 +131,7 @@ class SaesConfig:
     histogram_bins: int = 24
     attribution_prompts: int = 64  # toxic prompts (and as many safe ones as the baseline)
     seed: int = 0
+    autocast: bool = False  # train in bfloat16 autocast (weights stay float32)
 
     def __post_init__(self) -> None:
         self.training()  # validates architecture, width, sparsity and budget
@@ -152,7 +153,7 @@ class SaesConfig:
     def training(self) -> SaeTraining:
         return SaeTraining(architecture=self.architecture, expansion=self.expansion, k=self.k,
                            sparsity_coefficient=self.sparsity_coefficient, steps=self.steps,
-                           batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+                           batch_size=self.batch_size, lr=self.lr, seed=self.seed, autocast=self.autocast)
 
 
 @dataclass(frozen=True)

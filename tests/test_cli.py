@@ -94,5 +94,4 @@ directions: {{model: base, max_validation_prompts: 4, bootstrap: 10, eval_max_ne
     figures = {line.split("  ")[0].strip(): line for line in caplog.messages}
     assert {"steering: baseline + steered answer", "plain forward", "capture, every layer",
             "capture / plain forward", "peak resident memory"} <= set(figures)
-    ratio = float(figures["capture / plain forward"].split()[4])
-    assert 0 < ratio < 10
+    assert float(figures["capture / plain forward"].split()[4]) > 0  # a figure, never a timed assertion

@@ -41,7 +41,7 @@ def _config(tmp_path: Path, model_dir: Path, prompt_file: Path, **generation) ->
 
 
 def _statuses(reports) -> dict[str, str]:
-    return {r.stage: r.status for r in reports if r.stage not in ("directions", "saes")}
+    return {r.stage: r.status for r in reports if r.stage not in ("directions", "saes", "steering")}
 
 
 def test_pipeline_writes_judged_generations(tmp_path, tiny_model_dir, prompt_file) -> None:
@@ -142,6 +142,8 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     assert set(separation["model"]) == {"base", "tuned"} and len(separation) == 4
     assert set(read("direction_projections")["model"]) == {"base", "tuned"}
     harmlessness = read("direction_harmlessness")
+    ablated = harmlessness.query("condition == 'ablation'")
+    assert (ablated["n_not_leaning"] <= ablated["n"]).all() and (ablated["median_kl"] >= 0).all()
     assert harmlessness[["model", "condition"]].values.tolist() == [
         ["tuned", "baseline"], ["tuned", "ablation"], ["base", "baseline"], ["base", "ablation"]]
     assert set(effects["model"]) == {"base", "tuned"}  # the other model is tested at the same site

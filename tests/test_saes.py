@@ -131,3 +131,10 @@ def test_sae_that_does_not_fit_the_model_is_a_clear_error(trained, tiny_model) -
 def test_unknown_pretrained_release_is_a_clear_error() -> None:
     with pytest.raises(ExplorerError, match="Could not load pretrained SAE no-such-release/layer_3.*Fix: check"):
         load_sae("no-such-release", "layer_3")
+
+
+def test_autocast_training_still_learns(sparse_activations) -> None:
+    training = SaeTraining(architecture="topk", expansion=4, k=4, steps=300, batch_size=256, lr=3e-3, autocast=True)
+    sae = train_sae(training, sparse_activations[:5000], "blocks.0.hook_resid_pre", "synthetic")
+    assert sae.W_dec.dtype == torch.float32  # weights stay float32
+    assert sae_quality(sae, sparse_activations[5000:]).fraction_variance_unexplained < 0.3

@@ -44,9 +44,13 @@ cols[1].metric("Toxic refused, ablated", f"{abl_toxic[0]:.0%}", f"{abl_toxic[0] 
                delta_color="inverse", help=f"{abl_toxic[1]} of {abl_toxic[2]} (baseline {base_toxic[1]} of {base_toxic[2]})")
 cols[2].metric("Safe refused, direction added", f"{add_safe[0]:.0%}", f"{add_safe[0] - base_safe[0]:+.0%} vs baseline",
                delta_color="off", help=f"{add_safe[1]} of {add_safe[2]} (baseline {base_safe[1]} of {base_safe[2]})")
-cols[3].metric("KL on safe prompts, ablated", f"{harmlessness.loc['ablation', 'mean_kl']:.3f}",
-               help=f"cross-entropy of safe completions {harmlessness.loc['baseline', 'mean_cross_entropy']:.2f} -> "
-                    f"{harmlessness.loc['ablation', 'mean_cross_entropy']:.2f} nats/token under ablation")
+ablated = harmlessness.loc["ablation"]
+cols[3].metric("KL on safe prompts, ablated", f"{ablated.mean_kl:.3f}",
+               help=f"mean over {ablated.n} safe test prompts (median {ablated.median_kl:.3f}); "
+                    f"{ablated.mean_kl_not_leaning:.3f} on the {ablated.n_not_leaning} the model does not lean to "
+                    "refuse (refusal tokens < 5%): ablation also removes the others' pull towards refusing. "
+                    f"Cross-entropy of safe completions {harmlessness.loc['baseline', 'mean_cross_entropy']:.2f} -> "
+                    f"{ablated.mean_cross_entropy:.2f} nats/token under ablation.")
 
 summary = queries.query(store, queries.EFFECT_SUMMARY_SQL)
 st.caption("Every model, with its own difference-of-means direction at the same layer and position "

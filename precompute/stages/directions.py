@@ -33,7 +33,7 @@ from engine.directions import (
 from engine.errors import ExplorerError
 from engine.evaluation import judged_answers
 from engine.interventions import ablation_hooks, addition_hooks, applied
-from engine.judge import refusal_rate_table
+from engine.judge import refusal_rate_table, refusal_score
 from engine.models import LoadedModel, load_model
 from engine.prompts import CATEGORIES, stable_split
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
@@ -70,9 +70,15 @@ def evaluate_direction(model: LoadedModel, role: str, prompts: pd.DataFrame, bas
     with applied(model, ablation_hooks(model, tensor)):
         ablated = next_token_logprobs(model, texts, batch_size=batch_size)
         ce_ablated = completion_cross_entropy(model, texts, answers, batch_size=batch_size)
+    kl = kl_divergence(plain, ablated)
+    # Ablation also removes a safe prompt's own pull towards refusing, which counts as KL: report
+    # the KL on the safe prompts the model does not lean to refuse (refusal tokens < 5%) as well.
+    settled = refusal_score(plain[:, token_ids]) < np.log(0.05 / 0.95)
     harmlessness = pd.DataFrame([
-        {"condition": "baseline", "n": len(safe), "mean_kl": 0.0, "mean_cross_entropy": float(np.nanmean(ce_plain))},
-        {"condition": "ablation", "n": len(safe), "mean_kl": float(kl_divergence(plain, ablated).mean()),
+        {"condition": "baseline", "n": len(safe), "mean_kl": 0.0, "median_kl": 0.0, "n_not_leaning": int(settled.sum()),
+         "mean_kl_not_leaning": 0.0, "mean_cross_entropy": float(np.nanmean(ce_plain))},
+        {"condition": "ablation", "n": len(safe), "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)),
+         "n_not_leaning": int(settled.sum()), "mean_kl_not_leaning": float(kl[settled].mean()),
          "mean_cross_entropy": float(np.nanmean(ce_ablated))},
     ])
     return judged.assign(model=role), harmlessness.assign(model=role)
@@ -101,7 +107,7 @@ def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answ
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 5
+    version = 6
     upstream = ("prompts", "generate")
 
     def applies(self, config: StudyConfig) -> bool:
