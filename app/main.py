@@ -17,10 +17,10 @@ with st.sidebar:
     st.caption(f"`{picked}`")
 
 page = st.navigation([
-    st.Page("pages/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
-    st.Page("pages/directions.py", title="Directions", icon=":material/explore:"),
-    st.Page("pages/features.py", title="Features", icon=":material/hub:"),
-    st.Page("pages/steering.py", title="Steering", icon=":material/tune:"),
-    st.Page("pages/prompts.py", title="Prompts", icon=":material/list:"),
+    st.Page("views/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
+    st.Page("views/directions.py", title="Directions", icon=":material/explore:"),
+    st.Page("views/features.py", title="Features", icon=":material/hub:"),
+    st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
+    st.Page("views/prompts.py", title="Prompts", icon=":material/list:"),
 ])
 page.run()

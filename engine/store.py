@@ -199,6 +199,9 @@ def write_stage(
                 ],
             )
             for name, frame in tables.items():
+                # DOUBLE, not FLOAT: float32 columns do not survive Streamlit's Arrow path to Vega charts.
+                float32 = frame.select_dtypes("float32").columns
+                frame = frame.astype(dict.fromkeys(float32, "float64"))
                 con.register("incoming", frame.assign(run_id=run.run_id))
                 con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM incoming")
                 con.unregister("incoming")

@@ -35,7 +35,7 @@ def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def _page(name: str, store_path: Path) -> AppTest:
-    app = AppTest.from_file(str(APP / "pages" / f"{name}.py"), default_timeout=60)
+    app = AppTest.from_file(str(APP / "views" / f"{name}.py"), default_timeout=60)
     app.session_state["store_path"] = str(store_path)
     return app.run()
 
@@ -102,7 +102,7 @@ def test_directions_page_marks_the_chosen_candidate(tiny_store: Path) -> None:
 
 
 def test_features_page_renders_a_feature_dashboard(tiny_store: Path) -> None:
-    app = AppTest.from_file(str(APP / "pages" / "features.py"), default_timeout=60)
+    app = AppTest.from_file(str(APP / "views" / "features.py"), default_timeout=60)
     app.session_state["store_path"] = str(tiny_store)
     app.query_params["hook"] = "blocks.1.hook_resid_pre"
     app.query_params["feature"] = "5"
@@ -140,7 +140,7 @@ def test_features_page_names_a_missing_sae_folder(tiny_store: Path, tmp_path: Pa
 
     copy = tmp_path / "copy.duckdb"
     shutil.copy(tiny_store, copy)  # the store without its SAE folders beside it
-    app = AppTest.from_file(str(APP / "pages" / "features.py"), default_timeout=60)
+    app = AppTest.from_file(str(APP / "views" / "features.py"), default_timeout=60)
     app.session_state["store_path"] = str(copy)
     app.run()
     app.button[0].click().run()

@@ -119,3 +119,14 @@ def test_foreign_duckdb_and_newer_schema(tmp_path: Path) -> None:
 def test_missing_store_says_how_to_build_it(tmp_path: Path) -> None:
     with pytest.raises(ExplorerError, match="python -m precompute run"):
         store.connect_readonly(tmp_path / "none.duckdb")
+
+
+def test_float32_columns_are_stored_as_double(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "s.duckdb"
+    store.write_stage(path, run=_run("prompts"), input_hash="h",
+                      tables={"numbers": pd.DataFrame({"x": np.array([0.1, 0.2], dtype=np.float32)})})
+    with store.reading(path) as con:
+        assert con.execute("SELECT data_type FROM information_schema.columns WHERE column_name = 'x'").fetchall() \
+            == [("DOUBLE",)]

@@ -135,33 +135,36 @@ cols[4].metric("Attribution", f"{row.attribution:+.4f}", help=f"± {row.attribut
 
 left, right = st.columns(2)
 with left:
+    st.markdown("**Activation histogram** (tokens where it fires)")
     edges = np.linspace(0, row.max_activation or 1.0, len(row.histogram) + 1)
     histogram = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": row.histogram})
     st.altair_chart(alt.Chart(histogram).mark_bar().encode(
         x=alt.X("from:Q", bin="binned", title="activation"), x2="to:Q", y=alt.Y("tokens:Q", title="tokens"),
         tooltip=[alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), "tokens"],
-    ).properties(height=200, title="Activation histogram (tokens where it fires)"), width="stretch")
+    ).properties(height=200), width="stretch")
 with right:
     logits = pd.DataFrame({"promoted": list(row.top_tokens), "suppressed": list(row.bottom_tokens)})
     st.caption("Output tokens the decoder direction promotes and suppresses most (through the unembedding)")
     st.dataframe(logits.map(repr), hide_index=True, width="stretch", height=220)
 
 groups = queries.query(store, queries.FEATURE_GROUPS_SQL, (hook, int(feature)))
+st.markdown("**Mean activation at the refusal-decision token, by category and kind**")
 st.altair_chart(alt.Chart(groups).mark_rect().encode(
-    x=alt.X("category:N", title=None), y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None),
+    x=alt.X("category:N", title=None, axis=alt.Axis(labelAngle=-30)),
+    y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None, axis=alt.Axis(labelOverlap=False)),
     color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
     tooltip=["category", "kind", "n", alt.Tooltip("mean_activation:Q", format=".3f"),
              alt.Tooltip("firing_rate:Q", format=".0%")],
-).properties(height=140, title="Mean activation at the refusal-decision token, by category and kind"),
-    width="stretch")
+).properties(height=140), width="stretch")
 
 cosines = queries.query(store, queries.FEATURE_COSINES_SQL, (hook, int(feature)))
 if not cosines.empty:
+    st.markdown("**Cosine of the decoder direction with each refusal direction**")
     st.altair_chart(alt.Chart(cosines).mark_bar().encode(
         x=alt.X("scope:N", title="refusal direction", sort=["global"]), y=alt.Y("cosine:Q"),
         color=alt.condition("datum.scope == 'global'", alt.value("#d62728"), alt.value("#7f7f7f")),
         tooltip=["scope", alt.Tooltip("cosine:Q", format="+.3f")],
-    ).properties(height=180, title="Cosine of the decoder direction with each refusal direction"), width="stretch")
+    ).properties(height=180), width="stretch")
 
 st.subheader("Top activating texts")
 examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))

@@ -109,12 +109,13 @@ def build_steering() -> Steering:
 def show(answer, title: str) -> None:
     st.metric("Refusal score", f"{answer.refusal_score:+.2f}", help="log-odds of the model's refusal tokens at the "
               "first response position (> 0: refusal more likely than not)")
+    st.markdown(f"**First token, {title}**")
     top = pd.DataFrame(answer.top_tokens, columns=["token", "probability"])
     top["token"] = top["token"].map(repr)
     st.altair_chart(alt.Chart(top).mark_bar().encode(
         x=alt.X("probability:Q", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("token:N", sort="-x", title=None), tooltip=["token", alt.Tooltip("probability:Q", format=".1%")],
-    ).properties(height=180, title=f"First token, {title}"), width="stretch")
+    ).properties(height=180), width="stretch")
 
 
 if st.button("Generate", type="primary"):
