@@ -9,7 +9,7 @@ STORE ?= data/stores/demo.duckdb
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: venv study demo app test test-slow
+.PHONY: venv study demo app test test-slow bench
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,6 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m precompute bench --config $(CONFIG) --store $(STORE)

@@ -137,14 +137,15 @@ def steered_answer(model: LoadedModel, instruction: str, steering: Steering, ref
                         add_special_tokens=False).to(model.device)
     streamer = _Callback(tokenizer, on_text) if on_text is not None else None
     with applied(model, steering.hooks(model)), torch.inference_mode():
-        logits = model.hf_model(**encoded, logits_to_keep=1).logits[0, -1].float()
+        # The first step's logits come with the generation: no extra forward pass.
         output = model.hf_model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id, streamer=streamer)
-    logprobs = torch.log_softmax(logits, dim=-1)
+                                         pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                                         return_dict_in_generate=True, output_logits=True)
+    logprobs = torch.log_softmax(output.logits[0][0].float(), dim=-1)
     top = logprobs.topk(top_k)
     ids = torch.tensor(list(refusal_token_ids), dtype=torch.long, device=logprobs.device)
     return SteeredAnswer(
-        text=tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip(),
+        text=tokenizer.decode(output.sequences[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip(),
         refusal_score=float(refusal_log_odds(logprobs[ids][None])[0]),
         top_tokens=[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(top.indices, top.values.exp(), strict=True)],
     )
