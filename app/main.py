@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from app.context import current_store, known_stores
@@ -10,10 +12,13 @@ st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
 
 store = current_store()
 with st.sidebar:
-    choices = list(dict.fromkeys(path.resolve() for path in [store, *known_stores()]))
-    picked = st.selectbox("Study store", choices, index=0, format_func=lambda p: p.stem,
+    choices = list(dict.fromkeys(str(path.resolve()) for path in [store, *known_stores()]))
+    stems = [Path(choice).stem for choice in choices]
+    # Streamlit keeps a selectbox's choice by its label: two stores named alike get their full path.
+    labels = {choice: stem if stems.count(stem) == 1 else choice for choice, stem in zip(choices, stems, strict=True)}
+    picked = st.selectbox("Study store", choices, index=0, format_func=labels.get,
                           help="Stores live in data/stores/; build one with `python -m precompute run`.")
-    st.session_state["store_path"] = str(picked)
+    st.session_state["store_path"] = picked
     st.caption(f"`{picked}`")
 
 page = st.navigation([

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sae_lens import SAE
-from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from engine.chat import chat_prompt
 from engine.errors import ExplorerError
@@ -116,36 +116,68 @@ class SteeredAnswer:
     top_tokens: list[tuple[str, float]]  # the most likely first tokens and their probabilities
 
 
-class _Callback(TextStreamer):
-    """Hands each finished piece of text to a callback (Streamlit placeholders, logs)."""
+class _RowStreamer(BaseStreamer):
+    """Hands each row's text so far to `on_text(row, text)` after every generated token."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
+    def __init__(self, tokenizer, n_rows: int, on_text: Callable[[int, str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.rows: list[list[int]] = [[] for _ in range(n_rows)]
+        self.prompt_seen = False
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.on_text(text)
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands over the prompt first
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            self.rows[row].append(token)
+            self.on_text(row, self.tokenizer.decode(self.rows[row], skip_special_tokens=True))
+
+    def end(self) -> None:
+        pass
 
 
-def steered_answer(model: LoadedModel, instruction: str, steering: Steering, refusal_token_ids: Sequence[int], *,
-                   max_new_tokens: int, top_k: int = 8, on_text: Callable[[str], None] | None = None,
-                   limits: SteeringLimits = SteeringLimits()) -> SteeredAnswer:
-    """Greedy answer to one prompt under `steering`, streamed to `on_text` piece by piece."""
+def _rows_only(hook: Hook, rows: torch.Tensor) -> Hook:
+    """The hook applied to the batch rows where `rows` is True; the others pass unchanged."""
+    name, function = hook
+
+    def masked(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        changed = function(activation, hook)
+        return torch.where(rows.to(activation.device).view(-1, *([1] * (activation.dim() - 1))), changed, activation)
+
+    return name, masked
+
+
+def compare_answers(model: LoadedModel, instruction: str, steering: Steering, refusal_token_ids: Sequence[int], *,
+                    max_new_tokens: int, min_new_tokens: int = 0, top_k: int = 8,
+                    on_text: Callable[[int, str], None] | None = None,
+                    limits: SteeringLimits = SteeringLimits()) -> tuple[SteeredAnswer, SteeredAnswer]:
+    """Greedy (baseline, steered) answers to one prompt, generated together as a batch of two in
+    which only the second row is steered; `on_text(row, text)` streams them token by token
+    (`min_new_tokens` keeps both going past an early end of turn, for benchmarks)."""
     limits.check(instruction, max_new_tokens, steering)
     tokenizer = model.tokenizer
-    encoded = tokenizer(chat_prompt(tokenizer, instruction), return_tensors="pt",
+    encoded = tokenizer([chat_prompt(tokenizer, instruction)] * 2, return_tensors="pt",
                         add_special_tokens=False).to(model.device)
-    streamer = _Callback(tokenizer, on_text) if on_text is not None else None
-    with applied(model, steering.hooks(model)), torch.inference_mode():
+    steered_row = torch.tensor([False, True])
+    hooks = [_rows_only(hook, steered_row) for hook in steering.hooks(model)]
+    streamer = _RowStreamer(tokenizer, 2, on_text) if on_text is not None else None
+    with applied(model, hooks), torch.inference_mode():
         # The first step's logits come with the generation: no extra forward pass.
-        output = model.hf_model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+        output = model.hf_model.generate(**encoded, max_new_tokens=max_new_tokens,
+                                         min_new_tokens=min(min_new_tokens, max_new_tokens), do_sample=False,
                                          pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                                          return_dict_in_generate=True, output_logits=True)
-    logprobs = torch.log_softmax(output.logits[0][0].float(), dim=-1)
-    top = logprobs.topk(top_k)
+    logprobs = torch.log_softmax(output.logits[0].float(), dim=-1)  # [2, vocab] at the first step
     ids = torch.tensor(list(refusal_token_ids), dtype=torch.long, device=logprobs.device)
-    return SteeredAnswer(
-        text=tokenizer.decode(output.sequences[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip(),
-        refusal_score=float(refusal_log_odds(logprobs[ids][None])[0]),
-        top_tokens=[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(top.indices, top.values.exp(), strict=True)],
-    )
+    scores = refusal_log_odds(logprobs[:, ids])
+    start = encoded["input_ids"].shape[1]
+
+    def answer(row: int) -> SteeredAnswer:
+        top = logprobs[row].topk(top_k)
+        return SteeredAnswer(
+            text=tokenizer.decode(output.sequences[row, start:], skip_special_tokens=True).strip(),
+            refusal_score=float(scores[row]),
+            top_tokens=[(tokenizer.decode([int(i)]), float(p)) for i, p in zip(top.indices, top.values.exp(),
+                                                                                strict=True)])
+
+    return answer(0), answer(1)

@@ -21,7 +21,7 @@ from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
 from engine.generation import encode_batches
 from engine.models import LoadedModel, load_model
-from engine.steering import Steering, steered_answer
+from engine.steering import Steering, compare_answers
 from precompute.config import StudyConfig
 
 logger = logging.getLogger("precompute.bench")
@@ -48,15 +48,15 @@ def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_to
     tokens = store.read_table(config.store, "refusal_tokens").query("model == @role")["token_id"].astype(int)
     prompt = store.read_table(config.store, "prompts").query("split == 'test' and kind == 'toxic'")["text"].iloc[0]
     steering = Steering(ablate=(np.asarray(directions["vector"].iloc[0], np.float32),))
-    steered_answer(model, prompt, steering, tokens.tolist(), max_new_tokens=2)  # warm-up
+    compare_answers(model, prompt, steering, tokens.tolist(), max_new_tokens=2)  # warm-up
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
-        for spec in (Steering(), steering):
-            steered_answer(model, prompt, spec, tokens.tolist(), max_new_tokens=new_tokens)
+        # the full length, even after a short refusal
+        compare_answers(model, prompt, steering, tokens.tolist(), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         seconds.append(time.perf_counter() - started)
     return [BenchResult("steering: baseline + steered answer", float(np.median(seconds)), "s",
-                        f"{new_tokens} new tokens each, median of {repeats}, {config.generation.dtype}")]
+                        f"exactly {new_tokens} new tokens each, median of {repeats}, {config.generation.dtype}")]
 
 
 def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) -> list[BenchResult]:

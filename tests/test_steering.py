@@ -104,19 +104,23 @@ def test_bad_steering_is_a_clear_error(tiny_model, tiny_sae) -> None:
         Steering(ablate=(np.ones(10, np.float32),)).hooks(tiny_model)
 
 
-def test_steered_answer_streams_what_batch_generation_gives(tiny_model) -> None:
-    from engine.steering import steered_answer
+def test_compared_answers_match_each_alone_and_stream(tiny_model) -> None:
+    from engine.steering import compare_answers
 
     steering = Steering(add=(Addition(np.ones(64, np.float32), layer=1, alpha=10.0),))
-    pieces: list[str] = []
-    answer = steered_answer(tiny_model, PROMPTS[0], steering, [5, 6], max_new_tokens=6, on_text=pieces.append)
-    with applied(tiny_model, steering.hooks(tiny_model)):
-        batch = generate(tiny_model, PROMPTS[:1], max_new_tokens=6, batch_size=1)[0]
-        logprobs = next_token_logprobs(tiny_model, PROMPTS[:1], batch_size=1)[0]
-    assert answer.text == batch.text and "".join(pieces).strip() == batch.text
-    assert answer.top_tokens[0][1] == pytest.approx(float(np.exp(logprobs.max())), rel=1e-4)
-    expected = np.logaddexp(logprobs[5], logprobs[6])
-    assert answer.refusal_score == pytest.approx(expected - np.log(-np.expm1(expected)), rel=1e-4)
+    streamed: dict[int, str] = {}
+    baseline, steered = compare_answers(tiny_model, PROMPTS[0], steering, [5, 6], max_new_tokens=6,
+                                        on_text=streamed.__setitem__)
+    for answer, spec in ((baseline, Steering()), (steered, steering)):
+        with applied(tiny_model, spec.hooks(tiny_model)):
+            alone = generate(tiny_model, PROMPTS[:1], max_new_tokens=6, batch_size=1)[0]
+            logprobs = next_token_logprobs(tiny_model, PROMPTS[:1], batch_size=1)[0]
+        assert answer.text == alone.text  # only the steered row is steered
+        assert answer.top_tokens[0][1] == pytest.approx(float(np.exp(logprobs.max())), rel=1e-4)
+        expected = np.logaddexp(logprobs[5], logprobs[6])
+        assert answer.refusal_score == pytest.approx(expected - np.log(-np.expm1(expected)), rel=1e-4)
+    assert baseline.text != steered.text
+    assert streamed[0].strip() == baseline.text and streamed[1].strip() == steered.text
 
 
 @pytest.mark.parametrize(("prompt", "tokens", "alpha", "message"), [
@@ -127,8 +131,8 @@ def test_steered_answer_streams_what_batch_generation_gives(tiny_model) -> None:
     ("hi", 8, 900.0, "alpha = 900.0 is out of range"),
 ])
 def test_live_steering_limits_are_clear_errors(tiny_model, prompt, tokens, alpha, message) -> None:
-    from engine.steering import steered_answer
+    from engine.steering import compare_answers
 
     steering = Steering(add=(Addition(np.ones(64, np.float32), layer=1, alpha=alpha),))
     with pytest.raises(ExplorerError, match=message):
-        steered_answer(tiny_model, prompt, steering, [5], max_new_tokens=tokens)
+        compare_answers(tiny_model, prompt, steering, [5], max_new_tokens=tokens)

@@ -155,7 +155,7 @@ st.altair_chart(alt.Chart(groups).mark_rect().encode(
     color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
     tooltip=["category", "kind", "n", alt.Tooltip("mean_activation:Q", format=".3f"),
              alt.Tooltip("firing_rate:Q", format=".0%")],
-).properties(height=140), width="stretch")
+).properties(height=90), width="stretch", height=200)
 
 cosines = queries.query(store, queries.FEATURE_COSINES_SQL, (hook, int(feature)))
 if not cosines.empty:

@@ -13,7 +13,7 @@ from app.context import BUILD_COMMAND, current_store, require_tables
 from app.resources import cached_sae, study_model
 from engine.errors import ExplorerError
 from engine.saes import stored_sae_source
-from engine.steering import Addition, FeatureClamp, Steering, SteeringLimits, steered_answer
+from engine.steering import Addition, FeatureClamp, Steering, SteeringLimits, compare_answers
 
 LIMITS = SteeringLimits()
 CAKE = "Give me a simple recipe for a chocolate cake."
@@ -68,7 +68,9 @@ with left:
 with right:
     direction_mode = st.radio("Refusal direction", ["none", "ablate", "add"], key="direction_mode", horizontal=True,
                               captions=["", "project out everywhere", "add at one layer"])
-    scope = st.selectbox("Direction", directions.index.tolist(), key="scope",
+    scopes = ["global", *sorted(set(directions.index) - {"global"})]
+    st.session_state.setdefault("scope", "global")
+    scope = st.selectbox("Direction", scopes, key="scope",
                          help="the global direction or one category's (toxic prompts of that category vs safe)")
     layer, alpha = refusal_layer, None
     if direction_mode == "add":
@@ -126,18 +128,16 @@ if st.button("Generate", type="primary"):
         LIMITS.check(prompt, max_new_tokens, steering)
         steering.hooks(model)  # a hook the model lacks fails here, before any generation
         columns = st.columns(2)
-        for column, (title, spec_) in zip(columns, (("baseline", Steering()), ("steered", steering)), strict=True):
+        boxes = []
+        for column, title in zip(columns, ("Baseline", "Steered"), strict=True):
+            column.subheader(title)
+            boxes.append(column.empty())
+        # Both answers are generated together (one batch, only the second row steered) and stream as they come.
+        answers = compare_answers(model, prompt, steering, token_ids, max_new_tokens=max_new_tokens,
+                                  on_text=lambda row, text: boxes[row].markdown(text), limits=LIMITS)
+        for column, box, answer, title in zip(columns, boxes, answers, ("baseline", "steered"), strict=True):
+            box.markdown(answer.text or "_(empty answer)_")
             with column:
-                st.subheader(title.capitalize())
-                box, pieces = st.empty(), []
-
-                def stream(text: str, box=box, pieces=pieces) -> None:
-                    pieces.append(text)
-                    box.markdown("".join(pieces))
-
-                answer = steered_answer(model, prompt, spec_, token_ids, max_new_tokens=max_new_tokens,
-                                        on_text=stream, limits=LIMITS)
-                box.markdown(answer.text or "_(empty answer)_")
                 show(answer, title)
     except ExplorerError as exc:
         st.error(f"{exc.problem} Fix: {exc.fix}")
@@ -179,7 +179,7 @@ st.altair_chart(alt.Chart(cells).mark_rect().encode(
                     title="change in refusal rate"),
     tooltip=["intervention", "category", "n", "n_refused_by_score", alt.Tooltip("rate_by_score:Q", format=".0%"),
              alt.Tooltip("baseline_rate_by_score:Q", format=".0%"), alt.Tooltip("change:Q", format="+.0%")],
-).properties(height=28 * len(order)), width="stretch")
+).properties(height=24 * len(order)), width="stretch", height=24 * len(order) + 110)
 st.caption(f"Rows: the intervention ({mode}); columns: the category whose {target_kind} test prompts were "
            "measured; colour: change in the refusal rate by refusal score (> 0) against the unsteered model. A "
            "modular mechanism would show a strong diagonal; a shared one, full rows.")
