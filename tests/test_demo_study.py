@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def demo_store(monkeypatch):
-    """The real demo study (built here if missing: about 15 minutes on 2 cores)."""
+    """The real demo study (built here if missing: about 25 minutes on 2 cores)."""
     monkeypatch.delenv("REFUSAL_EXPLORER_DATA", raising=False)
     config = load_config(REPO_ROOT / "precompute" / "configs" / "demo.yaml")
     run_pipeline(config, STAGES)
@@ -62,3 +62,9 @@ def test_a_refusal_aligned_feature_prefers_toxic_prompts(demo_store) -> None:
     here = features[(features["hook"] == f"blocks.{layer}.hook_resid_pre") & (features["density"] > 0)]
     aligned = here.assign(alignment=here["refusal_cosine"].abs()).nlargest(20, "alignment")
     assert (aligned["toxic_safe_ratio"] >= 3).any()
+
+
+def test_global_direction_suppresses_and_forces_refusal(demo_store) -> None:
+    rates = store.read_table(demo_store, "steering_rates").query("intervention == 'global'").set_index("mode")
+    assert 1 - rates.loc["suppress", "rate"] >= 0.8  # toxic prompts answered with the direction ablated
+    assert rates.loc["force", "rate"] >= 0.8  # safe prompts refused with the direction added
