@@ -166,16 +166,22 @@ def test_directions_stage_names_an_empty_category(tmp_path, tiny_model_dir, prom
         pipeline.run_pipeline(config, STAGES)
 
 
-def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir) -> None:
-    config = parse_config({
-        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(tiny_model_dir)},
-        "prompts": {"test_fraction": 0.3},
+def _study_with_directions(tmp_path: Path, model_dir: Path, test_fraction: float, **sections) -> object:
+    """A tiny one-model study with a directions section, plus `sections`."""
+    return parse_config({
+        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(model_dir)},
+        "prompts": {"test_fraction": test_fraction},
         "generation": {"max_new_tokens": 4, "batch_size": 64, "chunk_size": 1024},
         "directions": {"model": "base", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
                        "prune_last_fraction": 0.0, "max_kl": 10.0},
-        "saes": {"model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 60, "batch_size": 128,
-                 "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
+        **sections,
     })
+
+
+def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir) -> None:
+    config = _study_with_directions(tmp_path, tiny_model_dir, 0.3, saes={
+        "model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 60, "batch_size": 128,
+        "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3})
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports["saes"] == "ran"
     read = lambda name: store.read_table(config.store, name)
@@ -255,16 +261,11 @@ def test_saes_stage_loads_a_saved_sae_through_the_pretrained_path(tmp_path, tiny
 
 
 def test_steering_stage_measures_every_intervention(tmp_path, tiny_model_dir) -> None:
-    config = parse_config({
-        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(tiny_model_dir)},
-        "prompts": {"test_fraction": 0.2},
-        "generation": {"max_new_tokens": 3, "batch_size": 64, "chunk_size": 1024},
-        "directions": {"model": "base", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
-                       "prune_last_fraction": 0.0, "max_kl": 10.0},
-        "saes": {"model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 40, "batch_size": 128,
-                 "attribution_prompts": 8},
-        "steering": {"model": "base", "top_features": 2, "eval_max_new_tokens": 2},
-    })
+    config = _study_with_directions(
+        tmp_path, tiny_model_dir, 0.2,
+        saes={"model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 40, "batch_size": 128,
+              "attribution_prompts": 8},
+        steering={"model": "base", "top_features": 2, "eval_max_new_tokens": 2})
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports["steering"] == "ran"
     read = lambda name: store.read_table(config.store, name)
