@@ -65,7 +65,7 @@ metric = st.radio("Colour by", ["ablation_score", "induce_score", "kl"], horizon
                             "KL on safe prompts under ablation (low = harmless)"])
 heat = alt.Chart(candidates).mark_rect().encode(
     x=alt.X("layer:O", title="layer"),
-    y=alt.Y("position_name:N", title="prompt position", sort=position_order),
+    y=alt.Y("position_name:N", title="prompt position", sort=position_order, axis=alt.Axis(labelOverlap=False)),
     color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis", reverse=metric == "ablation_score")),
     tooltip=["layer", "position_label", alt.Tooltip("ablation_score:Q", format=".2f"),
              alt.Tooltip("induce_score:Q", format=".2f"), alt.Tooltip("kl:Q", format=".3f"),
@@ -74,7 +74,8 @@ heat = alt.Chart(candidates).mark_rect().encode(
 mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(shape="diamond", size=160, color="red", filled=True).encode(
     x="layer:O", y=alt.Y("position_name:N", sort=position_order),
     tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
-st.altair_chart((heat + mark).properties(height=200), width="stretch")
+st.altair_chart((heat + mark).properties(height=22 * len(position_order)), width="stretch",
+                height=22 * len(position_order) + 90)
 st.caption("Red diamond: the chosen candidate. Hover a cell for its scores and, if rejected, why. "
            "Layers in the last part of the model are not scored (the rule excludes them).")
 
