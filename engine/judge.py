@@ -141,6 +141,11 @@ def refusal_score(token_logprobs: np.ndarray) -> np.ndarray:
     return refusal_log_odds(torch.from_numpy(np.asarray(token_logprobs, dtype=np.float64))).numpy()
 
 
+def refusal_token_ids(refusal_tokens: pd.DataFrame, model: str) -> list[int]:
+    """The ids of one model's refusal tokens, from a store's `refusal_tokens` table."""
+    return refusal_tokens.loc[refusal_tokens["model"] == model, "token_id"].astype(int).tolist()
+
+
 @dataclass(frozen=True)
 class JudgeAgreement:
     n: int

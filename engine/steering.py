@@ -8,7 +8,7 @@ reconstruct, are left exactly as they were.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class FeatureClamp:
 class Steering:
     ablate: tuple[np.ndarray, ...] = ()  # directions projected out everywhere
     add: tuple[Addition, ...] = ()
-    clamp: tuple[FeatureClamp, ...] = field(default_factory=tuple)
+    clamp: tuple[FeatureClamp, ...] = ()
 
     def hooks(self, model: LoadedModel) -> list[Hook]:
         hooks: list[Hook] = []

@@ -20,6 +20,7 @@ from engine import store
 from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
 from engine.generation import encode_batches
+from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, load_model
 from engine.steering import Steering, compare_answers
 from precompute.config import StudyConfig
@@ -45,15 +46,15 @@ def _studied_model(config: StudyConfig) -> tuple[str, LoadedModel]:
 def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_tokens: int, repeats: int
                    ) -> list[BenchResult]:
     directions = store.read_table(config.store, "refusal_directions").query("scope == 'global' and chosen")
-    tokens = store.read_table(config.store, "refusal_tokens").query("model == @role")["token_id"].astype(int)
+    tokens = refusal_token_ids(store.read_table(config.store, "refusal_tokens"), role)
     prompt = store.read_table(config.store, "prompts").query("split == 'test' and kind == 'toxic'")["text"].iloc[0]
     steering = Steering(ablate=(np.asarray(directions["vector"].iloc[0], np.float32),))
-    compare_answers(model, prompt, steering, tokens.tolist(), max_new_tokens=2)  # warm-up
+    compare_answers(model, prompt, steering, tokens, max_new_tokens=2)  # warm-up
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
         # the full length, even after a short refusal
-        compare_answers(model, prompt, steering, tokens.tolist(), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        compare_answers(model, prompt, steering, tokens, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         seconds.append(time.perf_counter() - started)
     return [BenchResult("steering: baseline + steered answer", float(np.median(seconds)), "s",
                         f"exactly {new_tokens} new tokens each, median of {repeats}, {config.generation.dtype}")]

@@ -12,6 +12,7 @@ from app import queries
 from app.context import BUILD_COMMAND, current_store, require_tables
 from app.resources import cached_sae, study_model
 from engine.errors import ExplorerError
+from engine.judge import refusal_token_ids
 from engine.saes import stored_sae_source
 from engine.steering import Addition, FeatureClamp, Steering, SteeringLimits, compare_answers
 
@@ -121,7 +122,7 @@ def show(answer, title: str) -> None:
 
 
 if st.button("Generate", type="primary"):
-    token_ids = tokens.loc[tokens["model"] == role, "token_id"].astype(int).tolist()
+    token_ids = refusal_token_ids(tokens, role)
     try:
         steering = build_steering()
         model = study_model(store, role)

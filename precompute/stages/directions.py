@@ -33,7 +33,7 @@ from engine.directions import (
 from engine.errors import ExplorerError
 from engine.evaluation import judged_answers
 from engine.interventions import ablation_hooks, addition_hooks, applied
-from engine.judge import refusal_rate_table, refusal_score
+from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
 from engine.models import LoadedModel, load_model
 from engine.prompts import CATEGORIES, stable_split
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
@@ -130,7 +130,7 @@ class DirectionsStage(Stage):
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         generations = context.table("generations").drop(columns="run_id")
         tokens = context.table("refusal_tokens")
-        token_ids = tokens.loc[tokens["model"] == role, "token_id"].astype(int).tolist()
+        token_ids = refusal_token_ids(tokens, role)
         model = load_model(config.models[role], dtype=config.generation.torch_dtype)
         positions = prompt_end_positions(model.tokenizer)
         hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
@@ -232,7 +232,7 @@ class DirectionsStage(Stage):
             own_vector = mean_difference(layer_acts[:, layer], toxic[rows] & fit_rows, safe[rows] & fit_rows)
             if other_role != role:
                 # The same site's direction in the other model, tested the same way (no search).
-                other_tokens = tokens.loc[tokens["model"] == other_role, "token_id"].astype(int).tolist()
+                other_tokens = refusal_token_ids(tokens, other_role)
                 judged, harmlessness = evaluate_direction(other, other_role, test_prompts, generations, own_vector,
                                                           layer, settings.addition_alpha, other_tokens, **evaluate)
                 judged_frames.append(judged)

@@ -35,6 +35,7 @@ from engine.features import (
     token_activations,
     top_texts,
 )
+from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, load_model
 from engine.prompts import stable_split
 from engine.saes import (
@@ -108,11 +109,10 @@ class SaesStage(Stage):
         return all((Path(stored_sae_source(context.config.store, row)[0]) / "cfg.json").is_file()
                    for row in trained.to_dict("records"))
 
-    def _hooks(self, context: StageContext, model: LoadedModel) -> list[str]:
-        settings = context.config.saes
+    @staticmethod
+    def _hooks(settings: SaesConfig, directions: pd.DataFrame, model: LoadedModel) -> list[str]:
         if settings.hooks:
             return list(settings.hooks)
-        directions = context.table("refusal_directions")
         chosen = directions[(directions["scope"] == "global") & directions["chosen"]]
         layer = int(chosen["layer"].iloc[0])
         layers = sorted({layer + offset for offset in settings.layer_offsets})
@@ -135,7 +135,8 @@ class SaesStage(Stage):
         for entry in settings.pretrained:
             sae = load_sae(entry["path"]) if "path" in entry else load_sae(entry["release"], entry["sae_id"])
             saes[check_sae_fits(sae, model)] = (sae, entry)
-        hooks = list(saes) or self._hooks(context, model)
+        directions = tables.get("refusal_directions", NO_DIRECTIONS)
+        hooks = list(saes) or self._hooks(settings, directions, model)
 
         rows = corpus_rows(prompts, tables["generations"], tables.get("tune_data"),
                            tables.get("direction_generations"), role)
@@ -151,7 +152,7 @@ class SaesStage(Stage):
         ce_texts = [corpus.sequences[i] for i in np.flatnonzero(held_out_text)[:MAX_CE_TEXTS]]
 
         positions = prompt_end_positions(model.tokenizer)
-        site_rows = self._decision_rows(context, tokens, corpus, len(prompts), positions.offsets)
+        site_rows = self._decision_rows(directions, tokens, corpus, len(prompts), positions.offsets)
         attribution_inputs = self._attribution_inputs(context, model, prompts, hooks, positions.offsets,
                                                       tables["refusal_tokens"], batch_size)
         unembedding = model.hf_model.get_output_embeddings().weight
@@ -183,7 +184,7 @@ class SaesStage(Stage):
                         quality.fraction_variance_unexplained, 100 * quality.dead_fraction, ce.recovered)
             features, examples, groups, cosines = self._feature_tables(
                 context, sae, hook, h, tokens, corpus, prompts, site_rows, attribution_inputs, unembedding,
-                tables.get("refusal_directions", NO_DIRECTIONS), lambda i: model.tokenizer.decode([i]))
+                directions, lambda i: model.tokenizer.decode([i]))
             feature_frames.append(features)
             example_frames.append(examples)
             group_frames.append(groups)
@@ -203,14 +204,12 @@ class SaesStage(Stage):
         )
 
     @staticmethod
-    def _decision_rows(context: StageContext, tokens, corpus: ChatCorpus, n_prompts: int,
+    def _decision_rows(directions: pd.DataFrame, tokens, corpus: ChatCorpus, n_prompts: int,
                        offsets: tuple[int, ...]) -> np.ndarray:
         """Row in `tokens` of each prompt's refusal-decision token (its transcript's position at
         the chosen direction's offset, else the first response position); -1 if not read."""
-        position = len(offsets) - 1
-        if "refusal_directions" in context.available:
-            directions = context.table("refusal_directions")
-            position = int(directions.loc[directions["scope"] == "global", "position"].iloc[0])
+        chosen = directions.loc[directions["scope"] == "global", "position"]
+        position = int(chosen.iloc[0]) if len(chosen) else len(offsets) - 1
         # Transcripts 0..n_prompts-1 are the prompts' own, in prompt order (corpus_rows).
         wanted = corpus.prompt_lengths[:n_prompts] + offsets[position]
         key = tokens.text_index.astype(np.int64) * 1_000_000 + tokens.position
@@ -232,8 +231,8 @@ class SaesStage(Stage):
             return list(texts[np.sort(rng.choice(len(texts), min(len(texts), settings.attribution_prompts),
                                                   replace=False))])
 
-        token_ids = refusal_tokens.loc[refusal_tokens["model"] == settings.model, "token_id"].astype(int).tolist()
-        gradients = refusal_score_gradients(model, sample("toxic"), hooks, offsets, token_ids,
+        gradients = refusal_score_gradients(model, sample("toxic"), hooks, offsets,
+                                            refusal_token_ids(refusal_tokens, settings.model),
                                             batch_size=max(1, batch_size // 4), desc="attribution")
         baseline = capture(model, sample("safe"), hooks, offsets, batch_size=batch_size, desc="safe baseline")
         return gradients, baseline

@@ -21,7 +21,7 @@ import pandas as pd
 
 from engine.evaluation import judged_answers
 from engine.interventions import applied
-from engine.judge import refusal_rate_table, refusal_score
+from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
 from engine.models import load_model
 from engine.saes import load_sae, stored_sae_source
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
@@ -83,7 +83,7 @@ class SteeringStage(Stage):
         model = load_model(config.models[role], dtype=config.generation.torch_dtype)
         prompts = context.table("prompts").query("split == 'test'").reset_index(drop=True)
         tokens = context.table("refusal_tokens")
-        token_ids = tokens.loc[tokens["model"] == role, "token_id"].astype(int).tolist()
+        token_ids = refusal_token_ids(tokens, role)
         generations = context.table("generations").query("model == @role").set_index("prompt_id")
         texts = list(prompts["text"])
         kind = prompts["kind"].to_numpy()
@@ -98,10 +98,13 @@ class SteeringStage(Stage):
         interventions = self._interventions(context)
         for name, kind_of, suppress, force in interventions:
             logger.info("Steering with %s", name)
+            # Completions and generated answers for the global direction and the features only
+            # (the category directions are read by the refusal score alone, to keep the stage short).
+            in_depth = name == "global" or kind_of == "feature"
             with applied(model, suppress.hooks(model)):
                 suppressed = next_token_logprobs(model, texts, batch_size=batch_size)
                 ce = completion_cross_entropy(model, list(prompts.loc[safe, "text"]), safe_answers,
-                                              batch_size=batch_size) if name == "global" or kind_of == "feature" else None
+                                              batch_size=batch_size) if in_depth else None
             with applied(model, force.hooks(model)):
                 forced = refusal_score(next_token_logprobs(
                     model, list(prompts.loc[benign, "text"]), batch_size=batch_size, token_ids=token_ids))
@@ -121,7 +124,7 @@ class SteeringStage(Stage):
                                  "mean_kl": float(kl_divergence(baseline[safe], suppressed[safe]).mean()),
                                  "cross_entropy": float(np.nanmean(ce)) if ce is not None else np.nan,
                                  "baseline_cross_entropy": baseline_ce})
-            if name == "global" or kind_of == "feature":
+            if in_depth:
                 # Generated answers: refusal as users see it (the RCM seed's force/suppress rates).
                 evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
                 answers += [
