@@ -8,6 +8,7 @@ Only those positions are copied out of each hook, never the whole sequence.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,10 +44,11 @@ def stop_when_complete(current: dict[str, torch.Tensor], hook_names: Sequence[st
         raise _Captured
 
 
-def body_until_captured(model: LoadedModel, inputs: dict[str, torch.Tensor]) -> None:
-    """Run the transformer body (no unembedding) until the capture hooks have all fired."""
+def body_until_captured(model: LoadedModel, inputs: dict[str, torch.Tensor], *, grad: bool = False) -> None:
+    """Run the transformer body (no unembedding) until the capture hooks have all fired; `grad`
+    keeps the autograd graph (the caller enables it)."""
     try:
-        with torch.inference_mode():
+        with contextlib.nullcontext() if grad else torch.inference_mode():
             model.hf_model.base_model(**inputs)
     except _Captured:
         pass
@@ -75,7 +77,8 @@ def capture(
     desc: str = "capture",
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Activations [n_prompts, n_hooks, n_offsets, d_model] (float32) in input order.
+    """Activations [n_prompts, n_hooks, n_offsets, d_model] (float32) in input order (any
+    per-position shape in place of d_model for hooks such as attn.hook_z, the same at every hook).
 
     Pass `out` (e.g. `np.lib.format.open_memmap(...)`) to stream them to disk batch by batch
     instead of holding them in memory."""
@@ -83,9 +86,7 @@ def capture(
         raise ExplorerError(f"Positions {list(offsets)} must be negative offsets from the prompt's end.",
                             "use e.g. -1 for the last prompt token (see prompt_end_positions).")
     shape = (len(instructions), len(hook_names), len(offsets), model.d_model)
-    if out is None:
-        out = np.zeros(shape, dtype=np.float32)
-    elif out.shape != shape:
+    if out is not None and out.shape != shape:
         raise ValueError(f"out has shape {out.shape}, expected {shape}")
     index = torch.tensor(list(offsets))
     current: dict[str, torch.Tensor] = {}
@@ -106,9 +107,12 @@ def capture(
                                     f"use offsets between -{shortest} and -1.")
             current.clear()
             body_until_captured(model, encoded)
-            out[batch] = torch.stack([current[name] for name in hook_names], dim=1).numpy()
+            stacked = torch.stack([current[name] for name in hook_names], dim=1).numpy()
+            if out is None:  # sized by the hook, e.g. [n_offsets, n_heads, d_head] for attn.hook_z
+                out = np.zeros((len(instructions), *stacked.shape[1:]), dtype=np.float32)
+            out[batch] = stacked
             bar.update(len(batch))
-    return out
+    return np.zeros(shape, dtype=np.float32) if out is None else out
 
 
 @dataclass(frozen=True)

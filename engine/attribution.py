@@ -1,4 +1,4 @@
-"""Gradients of the refusal score with respect to activations at hook sites.
+"""Gradients of a refusal metric with respect to activations at hook sites.
 
 Attribution patching (Nanda 2023; Marks et al. 2024) estimates the effect of moving an activation
 from a baseline to its value as (value - baseline) . gradient. The gradient at a hook is taken
@@ -19,44 +19,55 @@ from tqdm.auto import tqdm
 from engine.errors import ExplorerError
 from engine.generation import encode_batches
 from engine.interventions import applied
-from engine.judge import refusal_log_odds
 from engine.models import LoadedModel
+from engine.refusal_metric import RefusalMetric
 
 
 @dataclass(frozen=True)
 class SiteGradients:
-    """Per prompt: activations and refusal-score gradients at (hook, offset) sites, and the score."""
+    """Per prompt: activations and metric gradients at (hook, offset) sites, and the metric."""
 
     activations: np.ndarray  # [n_prompts, n_hooks, n_offsets, d_model]
     gradients: np.ndarray  # same shape
-    refusal_score: np.ndarray  # [n_prompts]
+    metric: np.ndarray  # [n_prompts]
 
 
-def refusal_score_gradients(
+def metric_gradients(
     model: LoadedModel,
     instructions: Sequence[str],
     hook_names: Sequence[str],
     offsets: Sequence[int],
-    refusal_token_ids: Sequence[int],
+    metric: RefusalMetric,
     *,
     batch_size: int,
+    interpolate: tuple[np.ndarray, float] | None = None,
     desc: str = "gradients",
 ) -> SiteGradients:
-    """Gradients of each prompt's refusal score (at the first response position) with respect to
-    the activations at `hook_names`, read at negative `offsets` from the prompt's end."""
+    """Gradients of each prompt's `metric` (at the first response position) with respect to the
+    activations at `hook_names`, read at negative `offsets` from the prompt's end.
+
+    `interpolate=(baseline, alpha)` first moves the activations at those positions to
+    baseline + alpha * (activation - baseline), baseline [n_hooks, n_offsets, ...] (one step of
+    integrated gradients); the activations returned are still the un-moved ones."""
     missing = [name for name in hook_names if name not in model.bridge.hook_dict]
     if missing:
         raise ExplorerError(f"{model.name} has no hook(s) {missing}.",
                             "use TransformerLens hook names such as blocks.3.hook_resid_pre.")
-    shape = (len(instructions), len(hook_names), len(offsets), model.d_model)
-    activations, gradients = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    activations: np.ndarray | None = None
+    gradients: np.ndarray | None = None
     scores = np.zeros(len(instructions))
     index = torch.tensor(list(offsets))
-    wanted = torch.tensor(list(refusal_token_ids), dtype=torch.long, device=model.device)
     sites: dict[str, torch.Tensor] = {}
+    originals: dict[str, torch.Tensor] = {}
 
-    def keep(name: str):
+    def keep(h: int, name: str):
         def hook(activation: torch.Tensor, hook: object) -> torch.Tensor:
+            originals[name] = activation[:, index].detach().float()
+            if interpolate is not None:  # a new leaf: upstream hooks' gradients would pass through it
+                activation = activation.detach().clone()
+                baseline = torch.from_numpy(interpolate[0][h]).to(activation.device)
+                moved = baseline + interpolate[1] * (originals[name] - baseline)
+                activation[:, index] = moved.to(activation.dtype)
             if not activation.requires_grad:  # frozen weights: start the graph here
                 activation = activation.detach().requires_grad_(True)
             sites[name] = activation
@@ -64,15 +75,48 @@ def refusal_score_gradients(
         return hook
 
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar, \
-            applied(model, [(name, keep(name)) for name in hook_names]), torch.enable_grad():
+            applied(model, [(name, keep(h, name)) for h, name in enumerate(hook_names)]), torch.enable_grad():
         for batch, encoded in encode_batches(model, instructions, batch_size):
             sites.clear()
-            logits = model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :]
-            score = refusal_log_odds(torch.log_softmax(logits.float(), dim=-1)[:, wanted])
+            score = metric(model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :])
             # Each prompt's score depends on its own row only, so the sum's gradient is per prompt.
             grads = torch.autograd.grad(score.sum(), [sites[name] for name in hook_names])
-            activations[batch] = torch.stack([sites[n][:, index] for n in hook_names], 1).detach().float().cpu().numpy()
+            values = torch.stack([originals[n] for n in hook_names], 1).cpu().numpy()
+            if activations is None:
+                activations = np.zeros((len(instructions), *values.shape[1:]), np.float32)
+                gradients = np.zeros_like(activations)
+            activations[batch] = values
             gradients[batch] = torch.stack([g[:, index] for g in grads], 1).float().cpu().numpy()
             scores[batch] = score.detach().cpu().numpy()
             bar.update(len(batch))
+    if activations is None:
+        raise ExplorerError("No prompts to take gradients on.", "pass at least one instruction.")
     return SiteGradients(activations, gradients, scores)
+
+
+def integrated_gradients(
+    model: LoadedModel,
+    instructions: Sequence[str],
+    hook_names: Sequence[str],
+    offsets: Sequence[int],
+    metric: RefusalMetric,
+    baseline: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+) -> SiteGradients:
+    """Integrated gradients from `baseline` [n_hooks, n_offsets, ...] to each prompt's activations:
+    the gradient averaged at `steps` midpoints of the straight path, one hook at a time with the
+    others left clean (Marks et al. 2024, appendix). The metric returned is the clean one."""
+    if steps < 1:
+        raise ExplorerError(f"Integrated gradients need at least one step, got {steps}.", "set steps >= 1.")
+    clean = metric_gradients(model, instructions, hook_names, offsets, metric, batch_size=batch_size,
+                             desc="gradients (clean)")
+    averaged = np.zeros_like(clean.gradients)
+    for h, name in enumerate(hook_names):
+        for step in range(steps):
+            alpha = (step + 0.5) / steps
+            moved = metric_gradients(model, instructions, [name], offsets, metric, batch_size=batch_size,
+                                     interpolate=(baseline[h : h + 1], alpha), desc=f"IG {name} {alpha:.2f}")
+            averaged[:, h] += moved.gradients[:, 0] / steps
+    return SiteGradients(clean.activations, averaged, clean.metric)

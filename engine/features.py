@@ -128,23 +128,30 @@ class NodeAttribution:
     error_effects: np.ndarray  # [n_prompts] the SAE error term's effect
 
 
-def feature_attribution(sae: SAE, activations: np.ndarray, gradients: np.ndarray,
-                        baseline_activations: np.ndarray) -> NodeAttribution:
-    """(f - f_baseline) * (W_dec . grad), summed over positions, for activations and gradients
-    [n, n_positions, d_in]; the baseline is the mean over `baseline_activations` [m, n_positions, d_in]
-    (codes and error term both), position by position."""
+def baseline_means(sae: SAE, activations: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean codes [n_positions, d_sae] and mean error term [n_positions, d_in] of an SAE over
+    reference activations [m, n_positions, d_in]: the baseline attribution patches towards."""
+    if len(activations) == 0:
+        raise ExplorerError("No baseline prompts.", "the baseline group needs at least one prompt.")
     with torch.inference_mode():
-        def codes_and_error(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            codes = sae.encode(tensor)
-            return codes, tensor - sae.decode(codes)
+        x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
+        codes = sae.encode(x)
+        return codes.mean(0), (x - sae.decode(codes)).mean(0)
 
-        codes, error = codes_and_error(activations)
-        base_codes, base_error = codes_and_error(baseline_activations)
+
+def feature_attribution(sae: SAE, activations: np.ndarray, gradients: np.ndarray,
+                        baseline: tuple[torch.Tensor, torch.Tensor]) -> NodeAttribution:
+    """(f - f_baseline) * (W_dec . grad), summed over positions, for activations and gradients
+    [n, n_positions, d_in]; `baseline` is (codes, error) from `baseline_means`, position by position."""
+    base_codes, base_error = baseline
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
+        codes = sae.encode(x)
+        error = x - sae.decode(codes)
         grad = torch.from_numpy(np.ascontiguousarray(gradients, dtype=np.float32))
         decoder_grad = grad @ sae.W_dec.detach().float().T  # [n, positions, d_sae]
-        effects = ((codes - base_codes.mean(0)) * decoder_grad).sum(1)
-        error_effects = ((error - base_error.mean(0)) * grad).sum((1, 2))
+        effects = ((codes - base_codes) * decoder_grad).sum(1)
+        error_effects = ((error - base_error) * grad).sum((1, 2))
     return NodeAttribution(effects.numpy(), error_effects.numpy())
 
 

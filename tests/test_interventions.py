@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from engine.activations import capture, capture_tokens, post_instruction_tokens, prompt_end_positions
-from engine.attribution import refusal_score_gradients
+from engine.attribution import metric_gradients
 from engine.chat import chat_prompt
 from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.judge import refusal_score
+from engine.refusal_metric import RefusalMetric
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 
 PROMPTS = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
@@ -143,7 +144,8 @@ def test_capture_tokens_keeps_real_tokens_and_matches_the_cache(tiny_model) -> N
 def test_refusal_score_gradients_match_a_finite_difference(tiny_model) -> None:
     token_ids = tiny_model.tokenizer.convert_tokens_to_ids(["I", "cannot"])
     hook = "blocks.1.hook_resid_pre"
-    result = refusal_score_gradients(tiny_model, PROMPTS, [hook], [-2, -1], token_ids, batch_size=2)
+    result = metric_gradients(tiny_model, PROMPTS, [hook], [-2, -1], RefusalMetric("refusal_score", tuple(token_ids)),
+                              batch_size=2)
     assert result.gradients.shape == (3, 1, 2, 64)
     direction = torch.from_numpy(result.gradients[0, 0, 1]).float()
     step = 1e-2 / float(direction.norm())
@@ -156,7 +158,7 @@ def test_refusal_score_gradients_match_a_finite_difference(tiny_model) -> None:
     plain = refusal_score(next_token_logprobs(tiny_model, PROMPTS[:1], batch_size=1, token_ids=token_ids))
     with applied(tiny_model, [(hook, nudge)]):
         nudged = refusal_score(next_token_logprobs(tiny_model, PROMPTS[:1], batch_size=1, token_ids=token_ids))
-    assert result.refusal_score[0] == pytest.approx(plain[0], abs=1e-4)
+    assert result.metric[0] == pytest.approx(plain[0], abs=1e-4)
     assert (nudged - plain)[0] == pytest.approx(step * float(direction @ direction), rel=0.05)
     captured = capture(tiny_model, PROMPTS, [hook], [-2, -1], batch_size=3)
     assert np.allclose(result.activations, captured, atol=1e-4)

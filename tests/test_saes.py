@@ -9,6 +9,7 @@ from scipy import sparse
 
 from engine.errors import ExplorerError
 from engine.features import (
+    baseline_means,
     check_feature,
     decoder_cosines,
     feature_attribution,
@@ -80,7 +81,7 @@ def test_attribution_splits_the_linear_effect_exactly(trained, sparse_activation
     x = sparse_activations[:12].reshape(4, 3, 16).numpy()
     baseline = sparse_activations[100:110].reshape(5, 2, 16)[:, :1].expand(5, 3, 16).numpy().copy()
     gradients = torch.randn(4, 3, 16, generator=generator).numpy()
-    attribution = feature_attribution(trained, x, gradients, baseline)
+    attribution = feature_attribution(trained, x, gradients, baseline_means(trained, baseline))
     total = attribution.feature_effects.sum(1) + attribution.error_effects
     expected = ((x - baseline.mean(0)) * gradients).sum((1, 2))
     assert np.allclose(total, expected, atol=1e-3)

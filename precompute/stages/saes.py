@@ -23,10 +23,11 @@ import torch
 from sae_lens import SAE
 
 from engine.activations import capture, capture_tokens, prompt_end_positions
-from engine.attribution import refusal_score_gradients
+from engine.attribution import metric_gradients
 from engine.corpus import ChatCorpus, chat_corpus
 from engine.errors import ExplorerError
 from engine.features import (
+    baseline_means,
     decoder_cosines,
     encode_sparse,
     feature_attribution,
@@ -38,6 +39,7 @@ from engine.features import (
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, load_model
 from engine.prompts import stable_split
+from engine.refusal_metric import RefusalMetric
 from engine.saes import (
     ce_loss_recovered,
     check_sae_fits,
@@ -231,9 +233,9 @@ class SaesStage(Stage):
             return list(texts[np.sort(rng.choice(len(texts), min(len(texts), settings.attribution_prompts),
                                                   replace=False))])
 
-        gradients = refusal_score_gradients(model, sample("toxic"), hooks, offsets,
-                                            refusal_token_ids(refusal_tokens, settings.model),
-                                            batch_size=max(1, batch_size // 4), desc="attribution")
+        metric = RefusalMetric("refusal_score", tuple(refusal_token_ids(refusal_tokens, settings.model)))
+        gradients = metric_gradients(model, sample("toxic"), hooks, offsets, metric,
+                                     batch_size=max(1, batch_size // 4), desc="attribution")
         baseline = capture(model, sample("safe"), hooks, offsets, batch_size=batch_size, desc="safe baseline")
         return gradients, baseline
 
@@ -283,7 +285,7 @@ class SaesStage(Stage):
 
         gradients, baseline = attribution_inputs
         attribution = feature_attribution(sae, gradients.activations[:, h], gradients.gradients[:, h],
-                                          baseline[:, h])
+                                          baseline_means(sae, baseline[:, h]))
         effects = attribution.feature_effects
         features = pd.DataFrame({
             "hook": hook, "feature": np.arange(d_sae), "density": summary.density,
