@@ -47,6 +47,11 @@ class SaeSite:
     def n_nodes(self) -> int:
         return self.sae.cfg.d_sae + 1  # the features, then the error node
 
+    def baseline_activation(self) -> np.ndarray:
+        """The baseline's mean activation [n_offsets, d_in] (decode is affine, so this is exact)."""
+        with torch.inference_mode():
+            return (self.sae.decode(self.baseline_codes) + self.baseline_error).float().numpy()
+
 
 def sae_site(hook: str, sae: SAE, baseline_activations: np.ndarray) -> SaeSite:
     """An SAE with its baseline from activations [m, n_offsets, d_in] of the reference prompts."""

@@ -13,6 +13,7 @@ import yaml
 from engine.errors import ExplorerError
 from engine.paths import REPO_ROOT, stores_dir
 from engine.prompts import CATEGORIES, check_categories
+from engine.refusal_metric import METRICS
 from engine.saes import SaeTraining
 from engine.tuning import TuneConfig
 
@@ -175,6 +176,67 @@ class SteeringConfig:
 
 
 @dataclass(frozen=True)
+class CircuitsConfig:
+    """Per-category sparse feature circuits over the `saes` stage's SAEs, and their comparison."""
+
+    model: str = "tuned"
+    metric: str = "refusal_score"  # or logit_diff: refusal minus compliance tokens
+    method: str = "attribution"  # or integrated_gradients
+    ig_steps: int = 8
+    kinds: tuple[str, ...] = ("toxic", "hard", "safe")
+    max_prompts: int = 48  # per category and kind, sampled from both splits
+    min_prompts: int = 8  # fewer and the category's statistics are not computed
+    node_threshold: float = 0.0  # |mean effect| (metric units) a circuit node needs
+    max_nodes: int = 30  # the circuit: at most this many top nodes
+    stored_nodes: int = 150  # top nodes kept per circuit, for the app's threshold sliders
+    faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
+    core_share: float = 0.7  # in at least this share of a kind's circuits: the shared core
+    bootstrap: int = 200
+    permutations: int = 999
+    split_halves: int = 50
+    alpha: float = 0.05
+    monolithic_ratio: float = 0.8  # between-category similarity / split-half ceiling
+    modular_ratio: float = 0.5
+    patch_prompts: int = 16  # safe prompts that receive toxic activations in head/MLP patching
+    exact_heads: int = 5  # per category, heads re-checked by exact patching
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise _out_of_range("circuits.metric", self.metric, " or ".join(METRICS))
+        if self.method not in ("attribution", "integrated_gradients"):
+            raise _out_of_range("circuits.method", self.method, "attribution or integrated_gradients")
+        if not 1 <= self.ig_steps <= 100:
+            raise _out_of_range("circuits.ig_steps", self.ig_steps, "1-100")
+        if not self.kinds or set(self.kinds) - {"toxic", "hard", "safe"}:
+            raise _out_of_range("circuits.kinds", list(self.kinds), "a list of toxic, hard and/or safe")
+        if not 4 <= self.min_prompts <= self.max_prompts <= 100000:
+            raise _out_of_range("circuits.min_prompts/max_prompts", (self.min_prompts, self.max_prompts),
+                                "4 <= min_prompts <= max_prompts")
+        if self.node_threshold < 0:
+            raise _out_of_range("circuits.node_threshold", self.node_threshold, "a value >= 0")
+        if not 1 <= self.max_nodes <= self.stored_nodes <= 100000:
+            raise _out_of_range("circuits.max_nodes/stored_nodes", (self.max_nodes, self.stored_nodes),
+                                "1 <= max_nodes <= stored_nodes")
+        if not self.faithfulness_sizes or min(self.faithfulness_sizes) < 1:
+            raise _out_of_range("circuits.faithfulness_sizes", list(self.faithfulness_sizes), "sizes >= 1")
+        if not 0 < self.core_share <= 1:
+            raise _out_of_range("circuits.core_share", self.core_share, "a value in (0, 1]")
+        if not (10 <= self.bootstrap <= 100000 and 19 <= self.permutations <= 100000
+                and 2 <= self.split_halves <= 10000):
+            raise _out_of_range("circuits.bootstrap/permutations/split_halves",
+                                (self.bootstrap, self.permutations, self.split_halves), "10+, 19+ and 2+")
+        if not 0 < self.alpha < 1:
+            raise _out_of_range("circuits.alpha", self.alpha, "a value in (0, 1)")
+        if not 0 < self.modular_ratio < self.monolithic_ratio <= 1.5:
+            raise _out_of_range("circuits.modular_ratio/monolithic_ratio", (self.modular_ratio, self.monolithic_ratio),
+                                "0 < modular_ratio < monolithic_ratio")
+        if not (2 <= self.patch_prompts <= 10000 and 0 <= self.exact_heads <= 1000):
+            raise _out_of_range("circuits.patch_prompts/exact_heads", (self.patch_prompts, self.exact_heads),
+                                "2+ and 0+")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: str
     models: dict[str, str]  # role (e.g. base, tuned) -> model spec
@@ -186,6 +248,7 @@ class StudyConfig:
     directions: DirectionsConfig | None = None  # set: find and test refusal directions
     saes: SaesConfig | None = None  # set: train or load SAEs and compute feature statistics
     steering: SteeringConfig | None = None  # set: measure steering in batch (needs directions)
+    circuits: CircuitsConfig | None = None  # set: per-category feature circuits (needs saes)
 
     def __post_init__(self) -> None:
         if not self.study or not self.study.replace("-", "").replace("_", "").isalnum():
@@ -204,6 +267,9 @@ class StudyConfig:
         if self.steering is not None and (self.directions is None or self.steering.model not in self.models):
             raise ExplorerError("steering needs a `directions:` section and one of the study's models.",
                                 f"add directions, and set steering.model to one of {', '.join(self.models)}.")
+        if self.circuits is not None and (self.saes is None or self.circuits.model != self.saes.model):
+            raise ExplorerError("circuits need a `saes:` section on the same model.",
+                                "add saes, and set circuits.model to saes.model.")
         if self.saes is not None and not self.saes.hooks and not self.saes.pretrained and self.directions is None:
             raise ExplorerError("saes.layer_offsets count from the refusal layer, but the config has no "
                                 "`directions:` section.", "add one, or list the SAE hooks under saes.hooks.")
@@ -222,6 +288,7 @@ SECTIONS: dict[str, type] = {
     "directions": DirectionsConfig,
     "saes": SaesConfig,
     "steering": SteeringConfig,
+    "circuits": CircuitsConfig,
 }
 TOP_LEVEL_KEYS = {"study", "models", "store", *SECTIONS}
 

@@ -288,3 +288,76 @@ def test_steering_stage_measures_every_intervention(tmp_path, tiny_model_dir) ->
     assert set(rates["intervention"]) == {"global", *(f"feature {f}" for f in features)}
     toxic = (prompts["kind"] == "toxic").sum()
     assert rates.query("intervention == 'global' and mode == 'suppress'")["n"].item() == toxic
+
+
+def test_circuits_stage_builds_compares_and_names_a_small_category(tmp_path, tiny_model_dir) -> None:
+    builtin = load_builtin()
+    few_violence = builtin[(builtin["category"] == "violence") & (builtin["kind"] == "toxic")].head(3)
+    prompts = pd.concat([builtin[~((builtin["category"] == "violence") & (builtin["kind"] == "toxic"))],
+                         few_violence])
+    path = tmp_path / "prompts.csv"
+    prompts[["text", "category", "kind"]].to_csv(path, index=False)
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    config = parse_config({
+        "study": "tiny", "store": str(tmp_path / "tiny.duckdb"), "models": {"base": str(tiny_model_dir)},
+        "prompts": {"sources": [{"type": "table", "path": str(path),
+                                 "mapping": {"category": "category", "kind": "kind"}}], "test_fraction": 0.3},
+        "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 1024},
+        "saes": {"model": "base", "hooks": hooks, "expansion": 2, "k": 8, "steps": 40, "batch_size": 128,
+                 "attribution_prompts": 8},
+        "circuits": {"model": "base", "max_prompts": 10, "min_prompts": 8, "max_nodes": 6, "stored_nodes": 20,
+                     "faithfulness_sizes": [2, 4], "bootstrap": 20, "permutations": 49, "split_halves": 5,
+                     "patch_prompts": 4, "exact_heads": 2},
+    })
+    reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
+    assert reports["circuits"] == "ran"
+    read = lambda name: store.read_table(config.store, name)
+    summary = read("circuits").set_index(["kind", "category"])
+    skipped = summary.loc[("toxic", "violence")]
+    assert skipped["status"] == "skipped"
+    assert "toxic/violence has 3 prompt(s); its statistics need at least 8" in skipped["message"]
+    ok = summary[summary["status"] == "ok"]
+    # 9 toxic and 10 hard categories; the built-in safe prompts have no category ("none")
+    assert len(ok) == 20 and (ok["n_prompts"] == 10).all() and ok["faithfulness"].notna().all()
+    assert ok["ceiling"].notna().all() and np.isnan(skipped["faithfulness"])
+
+    nodes = read("circuit_nodes")
+    per_circuit = nodes.groupby(["kind", "category"])
+    assert per_circuit["in_circuit"].sum().eq(6).all() and per_circuit.size().eq(20).all()
+    first = nodes.query("kind == 'toxic' and category == 'hate'").sort_values("rank")
+    assert (np.diff(first["effect"].abs()) <= 1e-9).all()  # ranked by |effect|
+    assert first["in_circuit"].tolist() == [True] * 6 + [False] * 14
+    assert set(nodes["hook"]) == set(hooks) and set(nodes.query("feature == -1")["hook"]) <= set(hooks)
+
+    faithfulness = read("circuit_faithfulness")
+    stated = faithfulness.query("is_circuit")
+    assert len(stated) == 20 and (stated["n_nodes"] == 6).all()
+    assert set(faithfulness["n_nodes"]) == {2, 4, 6}
+    assert (faithfulness["metric_full"] != faithfulness["metric_empty"]).all()
+
+    edges = read("circuit_edges").query("kind == 'toxic' and category == 'hate'")
+    hate = first[first["in_circuit"]]
+    n_up, n_down = (hate["hook"] == hooks[0]).sum(), (hate["hook"] == hooks[1]).sum()
+    assert len(edges) == n_up * n_down and np.isfinite(edges["effect"]).all()
+
+    similarity = read("circuit_similarity")
+    assert len(similarity) == 20 * 19 // 2 and similarity["cosine"].between(-1 - 1e-9, 1 + 1e-9).all()
+    same = similarity["kind_a"] == similarity["kind_b"]
+    assert similarity.loc[same, "p_value"].between(0, 1).all() and similarity.loc[~same, "p_value"].isna().all()
+    verdicts = read("circuit_verdicts").set_index("kind")
+    assert verdicts.loc["toxic", "n_categories"] == 9 and verdicts.loc["hard", "n_categories"] == 10
+    assert "safe" not in verdicts.index  # one safe circuit: nothing to compare
+    assert set(verdicts["label"]) <= {"monolithic", "partially modular", "modular"}
+    assert verdicts["p_value"].between(0, 1).all()
+    core = read("circuit_core").query("kind == 'toxic'")
+    assert (core["share"] == core["n_circuits"] / 9).all()
+    assert (core["categories"].map(len) == core["n_circuits"]).all()
+    assert core["in_core"].tolist() == (core["share"] >= 0.7).tolist()
+
+    components = read("circuit_components")
+    assert "violence" not in set(components["category"]) and components["category"].nunique() == 9
+    exact_layers = components.query("method == 'exact' and component != 'head'")
+    assert len(exact_layers) == 9 * 4  # 2 layers x (attn, mlp)
+    assert len(components.query("method == 'attribution'")) == 9 * 2 * 4  # 2 layers x 4 heads
+    assert len(components.query("method == 'exact' and component == 'head'")) == 9 * 2
+    assert np.isfinite(components["effect"]).all()

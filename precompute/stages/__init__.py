@@ -1,5 +1,6 @@
 """The study's stages, in the order they run."""
 
+from precompute.stages.circuits import CircuitsStage
 from precompute.stages.directions import DirectionsStage
 from precompute.stages.generate import GenerateStage
 from precompute.stages.prompts import PromptsStage
@@ -7,4 +8,4 @@ from precompute.stages.saes import SaesStage
 from precompute.stages.steering import SteeringStage
 from precompute.stages.tune import TuneStage
 
-STAGES = (PromptsStage(), TuneStage(), GenerateStage(), DirectionsStage(), SaesStage(), SteeringStage())
+STAGES = (PromptsStage(), TuneStage(), GenerateStage(), DirectionsStage(), SaesStage(), SteeringStage(), CircuitsStage())

@@ -1,0 +1,301 @@
+"""Stage `circuits`: a sparse feature circuit per harm category and kind, and how alike they are.
+
+1. Node effects (attribution patching or integrated gradients) of every SAE feature and error term
+   at the `saes` stage's hooks, per prompt, for each category's toxic, hard and safe prompts.
+   Toxic and hard prompts are patched towards the mean safe prompt; safe prompts towards the mean
+   toxic prompt (which nodes keep a safe prompt from being refused).
+2. The circuit: the top nodes by |mean effect|; its faithfulness under mean ablation of everything
+   else, as a curve over sizes; edges between its nodes at consecutive SAE'd hooks.
+3. Head and MLP patching, toxic -> safe, per category.
+4. Comparison: cosine and Jaccard for every pair of circuits with bootstrap CIs, permutation
+   p-values, split-half ceilings, the shared core, and a verdict per kind.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from engine.activations import capture, prompt_end_positions
+from engine.attribution import integrated_gradients, metric_gradients
+from engine.circuit_stats import (
+    check_sample_size,
+    pairwise_similarity,
+    permutation_p,
+    ranked_nodes,
+    shared_core,
+    split_half,
+    verdict,
+)
+from engine.circuits import NodeEffects, SaeSite, edge_effects, faithfulness_curve, node_effects, sae_site
+from engine.components import gap_share, head_attribution, head_sites, layer_sites, patched_metric
+from engine.errors import ExplorerError
+from engine.judge import refusal_token_ids
+from engine.models import LoadedModel, load_model
+from engine.refusal_metric import RefusalMetric, compliance_token_ids
+from engine.saes import load_sae, stored_sae_source
+from precompute.config import CircuitsConfig, StudyConfig
+from precompute.pipeline import Stage, StageContext, StageOutput
+from precompute.stages.generate import model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+BASELINE_KIND = {"toxic": "safe", "hard": "safe", "safe": "toxic"}  # what each kind is patched towards
+
+
+class CircuitsStage(Stage):
+    name = "circuits"
+    version = 1
+    upstream = ("prompts", "generate", "saes")
+
+    def applies(self, config: StudyConfig) -> bool:
+        return config.circuits is not None
+
+    def inputs(self, config: StudyConfig) -> dict[str, Any]:
+        assert config.circuits is not None
+        return {"circuits": config.section("circuits"), "model": model_fingerprint(config.models[config.circuits.model]),
+                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype}
+
+    @staticmethod
+    def _metric(context: StageContext, settings: CircuitsConfig) -> RefusalMetric:
+        refusal = tuple(refusal_token_ids(context.table("refusal_tokens"), settings.model))
+        answers = context.table("generations").query("model == @settings.model and condition == 'baseline'")
+        compliance = compliance_token_ids(answers["first_token_id"].tolist(), answers["refused"].tolist(), refusal)
+        return RefusalMetric(settings.metric, refusal, compliance if settings.metric == "logit_diff" else ())
+
+    @staticmethod
+    def _groups(prompts: pd.DataFrame, settings: CircuitsConfig) -> tuple[dict[tuple[str, str], pd.DataFrame],
+                                                                           list[dict[str, Any]]]:
+        """Each (kind, category)'s prompts (a seeded sample of at most max_prompts), and a status
+        row per group saying whether it has enough prompts for the statistics."""
+        rng = np.random.default_rng(settings.seed)
+        groups, status = {}, []
+        for (kind, category), group in prompts.groupby(["kind", "category"], sort=True):
+            if kind not in settings.kinds:
+                continue
+            if len(group) > settings.max_prompts:
+                group = group.iloc[np.sort(rng.choice(len(group), settings.max_prompts, replace=False))]
+            try:
+                check_sample_size(f"{kind}/{category}", len(group), settings.min_prompts)
+            except ExplorerError as error:
+                logger.warning("%s", error)
+                status.append({"kind": kind, "category": category, "n_prompts": len(group), "status": "skipped",
+                               "message": str(error)})
+                continue
+            groups[(kind, category)] = group
+            status.append({"kind": kind, "category": category, "n_prompts": len(group), "status": "ok",
+                           "message": ""})
+        return groups, status
+
+    def run(self, context: StageContext) -> StageOutput:
+        config = context.config
+        settings: CircuitsConfig = config.circuits
+        batch_size = config.generation.batch_size
+        model = load_model(config.models[settings.model], dtype=config.generation.torch_dtype)
+        prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
+        sae_rows = context.table("saes").sort_values("layer").to_dict("records")
+        hooks = [row["hook"] for row in sae_rows]
+        saes = [load_sae(*stored_sae_source(config.store, row)) for row in sae_rows]
+        offsets = prompt_end_positions(model.tokenizer).offsets
+        metric = self._metric(context, settings)
+        groups, status = self._groups(prompts, settings)
+        if not groups:
+            raise ExplorerError(f"No category has {settings.min_prompts}+ prompts of kinds {list(settings.kinds)}.",
+                                "add prompts, or lower circuits.min_prompts.")
+
+        # Baselines: the mean activation of a sample of each reference kind, per hook and position.
+        rng = np.random.default_rng(settings.seed)
+        sites: dict[str, list[SaeSite]] = {}
+        for kind in sorted({BASELINE_KIND[k] for k in settings.kinds}):
+            texts = prompts.loc[prompts["kind"] == kind, "text"].to_numpy()
+            sample = list(texts[rng.choice(len(texts), min(len(texts), 4 * settings.max_prompts), replace=False)])
+            activations = capture(model, sample, hooks, offsets, batch_size=batch_size, desc=f"{kind} baseline")
+            sites[kind] = [sae_site(hook, sae, activations[:, h]) for h, (hook, sae) in enumerate(zip(hooks, saes,
+                                                                                                       strict=True))]
+
+        effects: dict[tuple[str, str], NodeEffects] = {}
+        node_frames, faith_frames, edge_frames = [], [], []
+        for key, group in tqdm(groups.items(), desc="circuits", unit="circuit"):
+            kind, category = key
+            texts = list(group["text"])
+            kind_sites = sites[BASELINE_KIND[kind]]
+            gradients = self._gradients(model, texts, hooks, offsets, metric, kind_sites, settings, batch_size)
+            effects[key] = node_effects(kind_sites, gradients)
+            mean = effects[key].effects.mean(0)
+            circuit = ranked_nodes(mean, threshold=settings.node_threshold, max_nodes=settings.max_nodes)
+            node_frames.append(self._node_rows(effects[key], circuit, settings, sae_rows).assign(
+                kind=kind, category=category))
+            sizes = sorted({*settings.faithfulness_sizes, len(circuit)})
+            curve = faithfulness_curve(model, texts, kind_sites, offsets, ranked_nodes(mean), sizes, metric,
+                                       batch_size=batch_size)
+            faith_frames.append(pd.DataFrame({
+                "kind": kind, "category": category, "n_nodes": curve.n_nodes, "metric": curve.metric,
+                "faithfulness": curve.faithfulness, "metric_full": curve.full, "metric_empty": curve.empty,
+                "is_circuit": curve.n_nodes == len(circuit)}))
+            edge_frames.append(self._edges(model, texts, kind_sites, offsets, gradients, effects[key], circuit,
+                                           batch_size).assign(kind=kind, category=category))
+
+        nodes = pd.concat(node_frames, ignore_index=True)
+        faithfulness = pd.concat(faith_frames, ignore_index=True)
+        similarity, reliability, verdicts, core = self._compare(effects, settings)
+        summary = pd.DataFrame(status).merge(reliability, on=["kind", "category"], how="left").merge(
+            faithfulness.query("is_circuit")[["kind", "category", "n_nodes", "faithfulness", "metric_full",
+                                              "metric_empty"]], on=["kind", "category"], how="left")
+        for row in summary.query("status == 'ok' and kind == 'toxic'").itertuples():
+            logger.info("circuit toxic/%s: %d nodes keep %.0f%% of the metric", row.category, row.n_nodes,
+                        100 * row.faithfulness)
+        for row in verdicts.itertuples():
+            logger.info("verdict (%s): %s: %s", row.kind, row.label, row.reason)
+        components = self._components(model, prompts, groups, effects, offsets, metric, settings, batch_size)
+        return StageOutput(
+            tables={
+                "circuits": summary.assign(metric_name=settings.metric, method=settings.method),
+                "circuit_nodes": nodes,
+                "circuit_edges": pd.concat(edge_frames, ignore_index=True),
+                "circuit_faithfulness": faithfulness,
+                "circuit_similarity": similarity,
+                "circuit_verdicts": verdicts,
+                "circuit_core": core,
+                "circuit_components": components,
+            },
+            models=(config.models[settings.model],),
+        )
+
+    @staticmethod
+    def _gradients(model: LoadedModel, texts: list[str], hooks: list[str], offsets, metric: RefusalMetric,
+                   sites: list[SaeSite], settings: CircuitsConfig, batch_size: int):
+        gradient_batch = max(1, batch_size // 4)  # a backward pass holds every layer's activations
+        if settings.method == "attribution":
+            return metric_gradients(model, texts, hooks, offsets, metric, batch_size=gradient_batch)
+        baseline = np.stack([site.baseline_activation() for site in sites])
+        return integrated_gradients(model, texts, hooks, offsets, metric, baseline, steps=settings.ig_steps,
+                                    batch_size=gradient_batch)
+
+    @staticmethod
+    def _node_rows(effects: NodeEffects, circuit: np.ndarray, settings: CircuitsConfig,
+                   sae_rows: list[dict[str, Any]]) -> pd.DataFrame:
+        """The top `stored_nodes` nodes with mean effect, standard error and whether in the circuit."""
+        values = effects.effects
+        mean = values.mean(0)
+        top = ranked_nodes(mean, max_nodes=settings.stored_nodes)
+        layers = {row["hook"]: row["layer"] for row in sae_rows}
+        table = effects.nodes.iloc[top].reset_index(drop=True)
+        return table.assign(
+            layer=table["hook"].map(layers), node=top, rank=np.arange(len(top)), effect=mean[top],
+            effect_se=values[:, top].std(0, ddof=1) / np.sqrt(len(values)),
+            share_positive=(values[:, top] > 0).mean(0), in_circuit=np.isin(top, circuit),
+            n_prompts=len(values))
+
+    @staticmethod
+    def _edges(model: LoadedModel, texts: list[str], sites: list[SaeSite], offsets, gradients,
+               effects: NodeEffects, circuit: np.ndarray, batch_size: int) -> pd.DataFrame:
+        """Edges between the circuit's nodes at each pair of consecutive SAE'd hooks."""
+        in_circuit = effects.nodes.iloc[circuit]
+        frames = []
+        for h in range(len(sites) - 1):
+            up = in_circuit.loc[in_circuit["hook"] == sites[h].hook, "feature"].astype(int).tolist()
+            down = in_circuit.loc[in_circuit["hook"] == sites[h + 1].hook, "feature"].astype(int).tolist()
+            if not up or not down:
+                continue
+            matrix = edge_effects(model, texts, sites[h], sites[h + 1], offsets, gradients.gradients[:, h + 1],
+                                  up, down, batch_size=max(1, batch_size // 4))
+            d, u = np.meshgrid(np.arange(len(down)), np.arange(len(up)), indexing="ij")
+            frames.append(pd.DataFrame({
+                "upstream_hook": sites[h].hook, "upstream_feature": np.asarray(up)[u.ravel()],
+                "downstream_hook": sites[h + 1].hook, "downstream_feature": np.asarray(down)[d.ravel()],
+                "effect": matrix.ravel()}))
+        columns = ["upstream_hook", "upstream_feature", "downstream_hook", "downstream_feature", "effect"]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+    @staticmethod
+    def _compare(effects: dict[tuple[str, str], NodeEffects], settings: CircuitsConfig):
+        """Similarity of every pair of circuits, split-half reliability, and a verdict and shared
+        core per kind."""
+        circuits = {key: value.effects for key, value in effects.items()}
+        size = settings.max_nodes
+        similarity = pairwise_similarity(circuits, size, n_boot=settings.bootstrap, seed=settings.seed)
+        similarity[["kind_a", "category_a"]] = pd.DataFrame(similarity["a"].tolist(), index=similarity.index)
+        similarity[["kind_b", "category_b"]] = pd.DataFrame(similarity["b"].tolist(), index=similarity.index)
+        similarity = similarity.drop(columns=["a", "b"])
+        same_kind = similarity["kind_a"] == similarity["kind_b"]
+        similarity["p_value"] = [
+            permutation_p([circuits[(row.kind_a, row.category_a)], circuits[(row.kind_b, row.category_b)]],
+                          n_permutations=settings.permutations, seed=settings.seed) if same else np.nan
+            for row, same in zip(similarity.itertuples(), same_kind, strict=True)]
+        halves = {key: split_half(values, size, n_splits=settings.split_halves, seed=settings.seed)
+                  for key, values in circuits.items()}
+        reliability = pd.DataFrame([{"kind": kind, "category": category, "split_half_cosine": half.cosine,
+                                     "split_half_jaccard": half.jaccard, "ceiling": half.cosine_full}
+                                    for (kind, category), half in halves.items()])
+        verdict_rows, core_frames = [], []
+        nodes = next(iter(effects.values())).nodes
+        for kind in settings.kinds:
+            keys = [key for key in circuits if key[0] == kind]
+            if len(keys) < 2:
+                logger.warning("Fewer than two %s circuits: no %s verdict.", kind, kind)
+                continue
+            pairs = similarity[same_kind & (similarity["kind_a"] == kind)]
+            p_value = permutation_p([circuits[key] for key in keys], n_permutations=settings.permutations,
+                                    seed=settings.seed)
+            ceiling = float(np.mean([halves[key].cosine_full for key in keys]))
+            result = verdict(pairs, ceiling, p_value, alpha=settings.alpha,
+                             monolithic_ratio=settings.monolithic_ratio, modular_ratio=settings.modular_ratio)
+            sets = {key[1]: ranked_nodes(circuits[key].mean(0), threshold=settings.node_threshold,
+                                         max_nodes=size) for key in keys}
+            core = shared_core(sets, settings.core_share)
+            mean_effects = np.stack([circuits[key].mean(0) for key in keys])
+            core = core.assign(kind=kind, hook=nodes["hook"].to_numpy()[core["node"]],
+                               feature=nodes["feature"].to_numpy()[core["node"]],
+                               mean_effect=mean_effects[:, core["node"]].mean(0),
+                               categories=[[c for c, s in sets.items() if node in s] for node in core["node"]])
+            core_frames.append(core)
+            verdict_rows.append({
+                "kind": kind, **result.__dict__, "n_categories": len(keys),
+                "mean_jaccard": float(pairs["jaccard"].mean()), "jaccard_low": float(pairs["jaccard_low"].mean()),
+                "jaccard_high": float(pairs["jaccard_high"].mean()), "core_size": int(core["in_core"].sum()),
+                "circuit_size": size, "alpha": settings.alpha, "monolithic_ratio": settings.monolithic_ratio,
+                "modular_ratio": settings.modular_ratio, "permutations": settings.permutations})
+        return similarity, reliability, pd.DataFrame(verdict_rows), pd.concat(core_frames, ignore_index=True)
+
+    @staticmethod
+    def _components(model: LoadedModel, prompts: pd.DataFrame, groups, effects, offsets,
+                    metric: RefusalMetric, settings: CircuitsConfig, batch_size: int) -> pd.DataFrame:
+        """Toxic -> safe patching of every layer's attention and MLP output (exact) and every head
+        (attribution, the strongest re-checked exactly), per category with a toxic circuit."""
+        rng = np.random.default_rng(settings.seed + 1)
+        safe_texts = prompts.loc[prompts["kind"] == "safe", "text"].to_numpy()
+        receivers = list(safe_texts[rng.choice(len(safe_texts), min(len(safe_texts), settings.patch_prompts),
+                                               replace=False)])
+        layers, heads = layer_sites(model.n_layers), head_sites(model.n_layers)
+        safe_gradients = metric_gradients(model, receivers, heads, offsets, metric,
+                                          batch_size=max(1, batch_size // 4), desc="head gradients")
+        safe = float(safe_gradients.metric.mean())
+        rows = []
+        toxic_groups = [(category, group) for (kind, category), group in groups.items() if kind == "toxic"]
+        for category, group in tqdm(toxic_groups, desc="head/MLP patching", unit="category"):
+            texts = list(group["text"])
+            toxic = float(effects[("toxic", category)].metric.mean())
+            layer_means = capture(model, texts, layers, offsets, batch_size=batch_size, desc="toxic outputs").mean(0)
+            head_means = capture(model, texts, heads, offsets, batch_size=batch_size, desc="toxic heads").mean(0)
+            base = {"category": category, "n_prompts": len(texts), "n_receivers": len(receivers),
+                    "metric_safe": safe, "metric_toxic": toxic}
+            for s, site in enumerate(layers):
+                patched = patched_metric(model, receivers, site, offsets, layer_means[s], metric, batch_size=batch_size)
+                rows.append({**base, "component": "attn" if "attn" in site else "mlp", "layer": s // 2, "head": -1,
+                             "method": "exact", "hook": site, "effect": float(gap_share(patched, safe, toxic))})
+            estimated = head_attribution(safe_gradients.activations, safe_gradients.gradients, head_means).effects
+            share = estimated / (toxic - safe)
+            for layer, head in np.ndindex(share.shape):
+                rows.append({**base, "component": "head", "layer": layer, "head": head, "method": "attribution",
+                             "hook": heads[layer], "effect": float(share[layer, head])})
+            for flat in np.argsort(-np.abs(share), axis=None)[: settings.exact_heads]:
+                layer, head = np.unravel_index(flat, share.shape)
+                patched = patched_metric(model, receivers, heads[layer], offsets, head_means[layer][:, head], metric,
+                                         batch_size=batch_size, head=int(head))
+                rows.append({**base, "component": "head", "layer": int(layer), "head": int(head), "method": "exact",
+                             "hook": heads[layer], "effect": float(gap_share(patched, safe, toxic))})
+        return pd.DataFrame(rows)
