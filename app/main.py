@@ -25,6 +25,7 @@ page = st.navigation([
     st.Page("views/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
     st.Page("views/directions.py", title="Directions", icon=":material/explore:"),
     st.Page("views/features.py", title="Features", icon=":material/hub:"),
+    st.Page("views/circuits.py", title="Circuits", icon=":material/account_tree:"),
     st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
     st.Page("views/prompts.py", title="Prompts", icon=":material/list:"),
 ])

@@ -102,6 +102,42 @@ SELECT intervention, type, n_safe, mean_kl, cross_entropy, baseline_cross_entrop
 ORDER BY type, intervention
 """
 
+CIRCUITS_SQL = """
+SELECT kind, category, n_prompts, status, message, n_nodes, faithfulness, metric_full, metric_empty,
+       split_half_cosine, split_half_jaccard, ceiling, metric_name, method
+FROM circuits ORDER BY kind DESC, category
+"""
+CIRCUIT_VERDICTS_SQL = "SELECT * EXCLUDE (run_id) FROM circuit_verdicts ORDER BY kind DESC"
+CIRCUIT_NODES_SQL = """
+SELECT hook, layer, feature, node, rank, effect, effect_se, share_positive, in_circuit, n_prompts
+FROM circuit_nodes WHERE kind = ? AND category = ? ORDER BY rank
+"""
+CIRCUIT_EDGES_SQL = """
+SELECT upstream_hook, upstream_feature, downstream_hook, downstream_feature, effect
+FROM circuit_edges WHERE kind = ? AND category = ?
+"""
+CIRCUIT_FAITHFULNESS_SQL = """
+SELECT kind, category, n_nodes, faithfulness, metric, metric_full, metric_empty, is_circuit
+FROM circuit_faithfulness ORDER BY kind, category, n_nodes
+"""
+CIRCUIT_SIMILARITY_SQL = """
+SELECT kind_a, category_a, kind_b, category_b, cosine, cosine_low, cosine_high, jaccard, jaccard_low, jaccard_high,
+       p_value, n_a, n_b
+FROM circuit_similarity
+"""
+CIRCUIT_CORE_SQL = """
+SELECT kind, hook, feature, n_circuits, share, in_core, mean_effect, categories FROM circuit_core
+WHERE kind = ? ORDER BY n_circuits DESC, abs(mean_effect) DESC
+"""
+CIRCUIT_COMPONENTS_SQL = """
+SELECT category, component, layer, head, method, effect, n_prompts, n_receivers, metric_safe, metric_toxic
+FROM circuit_components
+"""
+FEATURE_LABELS_SQL = """
+SELECT hook, feature, array_to_string(top_tokens[1:3], ' ') AS top_tokens FROM features
+WHERE list_contains(?, hook) AND list_contains(?, feature)
+"""
+
 # Which stage builds each table, for "how to build the rest" messages.
 TABLE_STAGE = {
     "prompts": "prompts",
@@ -118,6 +154,9 @@ TABLE_STAGE = {
         "saes", "sae_corpus", "features", "feature_examples", "feature_groups", "feature_direction_cosines")},
     **{name: "steering" for name in (
         "steering_effects", "steering_harmlessness", "steering_generations", "steering_rates")},
+    **{name: "circuits" for name in (
+        "circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
+        "circuit_verdicts", "circuit_core", "circuit_components")},
 }
 
 

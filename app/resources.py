@@ -9,14 +9,13 @@ from sae_lens import SAE
 
 from app import queries
 from engine.errors import ExplorerError
-from engine.models import LoadedModel, load_model
+from engine.models import LoadedModel, load_model, resolve_dtype
 from engine.saes import load_sae
-from precompute.config import DTYPES
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
 def cached_model(spec: str, dtype: str) -> LoadedModel:
-    return load_model(spec, dtype=DTYPES[dtype])
+    return load_model(spec, dtype=resolve_dtype(dtype))
 
 
 def study_model(store: Path, role: str) -> LoadedModel:

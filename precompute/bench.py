@@ -57,7 +57,7 @@ def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_to
         compare_answers(model, prompt, steering, tokens, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         seconds.append(time.perf_counter() - started)
     return [BenchResult("steering: baseline + steered answer", float(np.median(seconds)), "s",
-                        f"exactly {new_tokens} new tokens each, median of {repeats}, {config.generation.dtype}")]
+                        f"exactly {new_tokens} new tokens each, median of {repeats}, {config.generation.dtype_name}")]
 
 
 def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) -> list[BenchResult]:

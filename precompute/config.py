@@ -11,13 +11,12 @@ import torch
 import yaml
 
 from engine.errors import ExplorerError
+from engine.models import DTYPES, resolve_dtype
 from engine.paths import REPO_ROOT, stores_dir
 from engine.prompts import CATEGORIES, check_categories
 from engine.refusal_metric import METRICS
 from engine.saes import SaeTraining
 from engine.tuning import TuneConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _out_of_range(name: str, value: object, allowed: str) -> ExplorerError:
@@ -45,16 +44,22 @@ class GenerationConfig:
     splits: tuple[str, ...] = ("test",)
     chunk_size: int = 128  # prompts per resumable chunk
     # Every forward pass and generation of every stage (the fine-tune always trains in float32).
-    # bfloat16 is 2-3x faster on CPUs with AVX512-BF16 and on GPUs.
+    # bfloat16 is 2-3x faster on CPUs with AVX512-BF16 and on GPUs, 8x slower on AVX2-only CPUs;
+    # auto picks it only where it is fast.
     dtype: str = "float32"
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype this machine runs (auto resolved): part of every stage's cache key."""
+        return str(self.torch_dtype).removeprefix("torch.")
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise _out_of_range("generation.dtype", self.dtype, " or ".join(DTYPES))
+        if self.dtype not in ("auto", *DTYPES):
+            raise _out_of_range("generation.dtype", self.dtype, " or ".join(("auto", *DTYPES)))
         if not 1 <= self.max_new_tokens <= 2048:
             raise _out_of_range("generation.max_new_tokens", self.max_new_tokens, "1-2048")
         if not 1 <= self.batch_size <= 1024:
@@ -132,7 +137,7 @@ class SaesConfig:
     histogram_bins: int = 24
     attribution_prompts: int = 64  # toxic prompts (and as many safe ones as the baseline)
     seed: int = 0
-    autocast: bool = False  # train in bfloat16 autocast (weights stay float32)
+    autocast: bool | str = False  # train in bfloat16 autocast (weights stay float32); auto: where it is fast
 
     def __post_init__(self) -> None:
         self.training()  # validates architecture, width, sparsity and budget
@@ -144,6 +149,8 @@ class SaesConfig:
             raise _out_of_range("saes.histogram_bins", self.histogram_bins, "4-200")
         if not 4 <= self.attribution_prompts <= 100_000:
             raise _out_of_range("saes.attribution_prompts", self.attribution_prompts, "4-100000")
+        if self.autocast not in (True, False, "auto"):
+            raise _out_of_range("saes.autocast", self.autocast, "true, false or auto")
         if not (self.layer_offsets or self.hooks or self.pretrained):
             raise ExplorerError("saes names no SAE.", "set layer_offsets (e.g. [0]), hooks or pretrained.")
         for entry in self.pretrained:
@@ -154,7 +161,8 @@ class SaesConfig:
     def training(self) -> SaeTraining:
         return SaeTraining(architecture=self.architecture, expansion=self.expansion, k=self.k,
                            sparsity_coefficient=self.sparsity_coefficient, steps=self.steps,
-                           batch_size=self.batch_size, lr=self.lr, seed=self.seed, autocast=self.autocast)
+                           batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                           autocast=self.autocast if self.autocast != "auto" else resolve_dtype("auto") == torch.bfloat16)
 
 
 @dataclass(frozen=True)

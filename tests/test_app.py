@@ -29,6 +29,9 @@ def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
         "saes": {"model": "other", "hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"], "expansion": 2,
                  "k": 8, "steps": 40, "batch_size": 128, "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
         "steering": {"model": "other", "top_features": 1, "eval_max_new_tokens": 2},
+        "circuits": {"model": "other", "max_prompts": 8, "max_nodes": 6, "stored_nodes": 20,
+                     "faithfulness_sizes": [3], "bootstrap": 20, "permutations": 49, "split_halves": 4,
+                     "patch_prompts": 4, "exact_heads": 1},
     })
     pipeline.run_pipeline(config, STAGES)
     return path
@@ -168,3 +171,37 @@ def test_steering_page_generates_baseline_and_steered(tiny_store: Path) -> None:
     app.text_area[0].input("   ").run()
     next(b for b in app.button if b.label == "Generate").click().run()
     assert "The prompt is empty" in app.error[0].value
+
+
+def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) -> None:
+    app = _page("circuits", tiny_store)
+    assert not app.exception and not app.error
+    verdicts = store.read_table(tiny_store, "circuit_verdicts").set_index("kind")
+    headings = [m.value for m in app.markdown if m.value.startswith("### ")]
+    assert headings[0] == f"### Toxic prompts: **{verdicts.loc['toxic', 'label']}**"
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Permutation p"] == f"{verdicts.loc['hard', 'p_value']:.3g}"  # the last verdict shown
+    summary = store.read_table(tiny_store, "circuits").query("kind == 'toxic'").sort_values("category").iloc[0]
+    assert metrics["Faithfulness (6 nodes)"] == f"{summary['faithfulness']:.0%}"
+    assert metrics["Shown"].startswith("6 nodes")
+    nodes = app.dataframe[0].value
+    assert nodes["dashboard"].dropna().str.startswith("features?hook=blocks.").all()
+    app.slider[0].set_value(2).run()  # nodes at most
+    assert not app.exception and {m.label: m.value for m in app.metric}["Shown"].startswith("2 nodes")
+    app.radio[1].set_value("jaccard").run()
+    assert not app.exception and not app.error
+
+
+def test_circuits_page_says_which_categories_had_too_few_prompts(tiny_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import duckdb
+
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(tiny_store, copy)
+    with duckdb.connect(str(copy)) as con:
+        con.execute("UPDATE circuits SET status = 'skipped', message = 'hard/hate has 3 prompt(s); its statistics "
+                    "need at least 8.' WHERE kind = 'hard' AND category = 'hate'")
+    app = _page("circuits", copy)
+    assert not app.exception
+    assert "hard/hate**: hard/hate has 3 prompt(s)" in app.warning[0].value

@@ -58,7 +58,7 @@ class CircuitsStage(Stage):
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
         assert config.circuits is not None
         return {"circuits": config.section("circuits"), "model": model_fingerprint(config.models[config.circuits.model]),
-                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype}
+                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
 
     @staticmethod
     def _metric(context: StageContext, settings: CircuitsConfig) -> RefusalMetric:

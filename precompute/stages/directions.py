@@ -118,7 +118,7 @@ class DirectionsStage(Stage):
             "directions": config.section("directions"),
             "models": {role: model_fingerprint(spec) for role, spec in config.models.items()},
             "batch_size": config.generation.batch_size,
-            "dtype": config.generation.dtype,
+            "dtype": config.generation.dtype_name,
         }
 
     def run(self, context: StageContext) -> StageOutput:

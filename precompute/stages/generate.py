@@ -45,6 +45,7 @@ class GenerateStage(Stage):
         return {
             "models": {role: model_fingerprint(spec) for role, spec in config.models.items()},
             "generation": config.section("generation"),
+            "dtype": config.generation.dtype_name,
             "judge": config.section("judge"),
         }
 

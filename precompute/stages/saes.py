@@ -97,7 +97,7 @@ class SaesStage(Stage):
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
         assert config.saes is not None
         return {"saes": config.section("saes"), "model": model_fingerprint(config.models[config.saes.model]),
-                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype}
+                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
 
     @staticmethod
     def folder(context: StageContext) -> Path:

@@ -45,7 +45,7 @@ class SteeringStage(Stage):
         assert config.steering is not None
         return {"steering": config.section("steering"),
                 "model": model_fingerprint(config.models[config.steering.model]),
-                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype}
+                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
 
     def _interventions(self, context: StageContext) -> list[tuple[str, str, Steering, Steering]]:
         """(name, type, suppress, force) for every intervention of the study."""

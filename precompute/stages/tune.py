@@ -35,7 +35,7 @@ class TuneStage(Stage):
         return config.tune is not None and EMBEDDED_TUNED in config.models.values()
 
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
-        return {"tune": config.section("tune"), "base": EMBEDDED_BASE, "dtype": config.generation.dtype}
+        return {"tune": config.section("tune"), "base": EMBEDDED_BASE, "dtype": config.generation.dtype_name}
 
     def is_fresh(self, context: StageContext) -> bool:
         info = models_dir() / EMBEDDED_TUNED / TUNE_INFO
@@ -54,7 +54,7 @@ class TuneStage(Stage):
                 ["prompt_id", "response", "complete"]]
 
         key = {"prompts": context.hashes["prompts"], "model": EMBEDDED_BASE,
-               "max_new_tokens": tune.max_response_tokens, "dtype": context.config.generation.dtype}
+               "max_new_tokens": tune.max_response_tokens, "dtype": context.config.generation.dtype_name}
         return map_in_chunks(benign, answer, cache=context.cache("base_answers", key),
                              chunk_size=context.config.generation.chunk_size, desc="base answers")
 

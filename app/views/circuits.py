@@ -1,0 +1,235 @@
+"""Circuits: is refusal one shared feature circuit or one per harm category? The verdict with its
+statistics, each category's circuit as a graph, the similarity heatmaps, the shared core and the
+tails, faithfulness, and head/MLP patching."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+import streamlit.components.v1 as components
+
+from app import queries
+from app.components import circuit_graph_html
+from app.context import current_store, require_tables
+
+KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
+TARGET_FAITHFULNESS = 0.6
+
+store = current_store()
+st.title("Refusal circuits")
+require_tables(store, ("circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
+                       "circuit_verdicts", "circuit_core", "circuit_components"))
+
+summary = queries.query(store, queries.CIRCUITS_SQL)
+verdicts = queries.query(store, queries.CIRCUIT_VERDICTS_SQL).set_index("kind")
+ok = summary[summary["status"] == "ok"]
+metric_name, method = summary["metric_name"].iloc[0], summary["method"].iloc[0]
+st.caption(f"Nodes are SAE features and SAE error terms at the prompt-end positions; effects on the **{metric_name}** "
+           f"of the first response token by **{method.replace('_', ' ')}**, against the mean safe prompt (toxic and "
+           "hard prompts) or the mean toxic prompt (safe prompts).")
+
+skipped = summary[summary["status"] != "ok"]
+if len(skipped):
+    st.warning("Some groups have too few prompts for the statistics and are left out:\n\n"
+               + "\n".join(f"- **{row.kind}/{row.category}**: {row.message}" for row in skipped.itertuples()))
+
+
+def show_verdict(kind: str) -> None:
+    row = verdicts.loc[kind]
+    st.markdown(f"### {KIND_LABELS[kind].capitalize()} prompts: **{row['label']}**")
+    st.markdown(f"Because {row['reason']}.")
+    cols = st.columns(5)
+    cols[0].metric("Between-category cosine", f"{row['between']:.2f}",
+                   help=f"mean over {row['n_categories']} categories' pairs of the cosine of their node-effect "
+                        f"vectors; 95% CI {row['between_low']:.2f}–{row['between_high']:.2f} (bootstrap over prompts)")
+    cols[1].metric("Split-half ceiling", f"{row['ceiling']:.2f}",
+                   help="cosine between two random halves of one category's prompts, corrected to full size "
+                        "(Spearman-Brown), averaged over categories: what identical mechanisms would score")
+    cols[2].metric("Ratio to ceiling", f"{row['ratio']:.0%}",
+                   help=f"95% CI {row['ratio_low']:.0%}–{row['ratio_high']:.0%}; monolithic ≥ "
+                        f"{row['monolithic_ratio']:.0%}, modular < {row['modular_ratio']:.0%}")
+    cols[3].metric("Permutation p", f"{row['p_value']:.3g}",
+                   help=f"{row['permutations']} shuffles of the category labels: how often random categories are "
+                        "as different as the real ones")
+    cols[4].metric(f"Jaccard (top {row['circuit_size']})", f"{row['mean_jaccard']:.2f}",
+                   help=f"mean node-set overlap; 95% CI {row['jaccard_low']:.2f}–{row['jaccard_high']:.2f}; "
+                        f"shared core: {row['core_size']} nodes in ≥ 70% of circuits")
+    st.caption(f"The seed notebooks' fixed thresholds on the raw mean similarity (> 0.8 monolithic, 0.5–0.8 partially "
+               f"modular, < 0.5 modular) would say **{row['seeds_label']}** ({row['between']:.2f}).")
+
+
+for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
+    show_verdict(kind)
+
+# --- One circuit as a graph -------------------------------------------------------------------
+st.subheader("A category's circuit")
+left, right = st.columns(2)
+kinds = [k for k in ("toxic", "hard", "safe") if k in set(ok["kind"])]
+kind = left.radio("Prompts", kinds, format_func=KIND_LABELS.get, horizontal=True)
+categories = ok.loc[ok["kind"] == kind, "category"].tolist()
+category = right.selectbox("Category", categories)
+row = ok[(ok["kind"] == kind) & (ok["category"] == category)].iloc[0]
+nodes = queries.query(store, queries.CIRCUIT_NODES_SQL, (kind, category))
+edges = queries.query(store, queries.CIRCUIT_EDGES_SQL, (kind, category))
+hooks = nodes.sort_values("layer")["hook"].unique().tolist()
+
+largest = float(nodes["effect"].abs().max())
+a, b, c = st.columns(3)
+max_nodes = a.slider("Nodes at most", 1, len(nodes), int(nodes["in_circuit"].sum()),
+                     help=f"the study's circuit has {int(nodes['in_circuit'].sum())} nodes; {len(nodes)} are stored")
+node_threshold = b.slider("Node |effect| at least", 0.0, largest, 0.0, format="%.3f")
+widest = float(edges["effect"].abs().max()) if len(edges) else 0.0
+edge_threshold = c.slider("Edge |effect| at least", 0.0, max(widest, 1e-6), widest / 10, format="%.4f",
+                          help="edges are computed between the study's circuit nodes")
+shown_nodes = nodes[(nodes["rank"] < max_nodes) & (nodes["effect"].abs() >= node_threshold)]
+shown_edges = edges[edges["effect"].abs() >= edge_threshold]
+features = shown_nodes[shown_nodes["feature"] >= 0]
+labels = queries.query(store, queries.FEATURE_LABELS_SQL, (tuple(hooks), tuple(features["feature"].tolist())))
+shown_nodes = shown_nodes.merge(labels.rename(columns={"top_tokens": "label"}), on=["hook", "feature"], how="left")
+shown_nodes["label"] = shown_nodes["label"].fillna("")
+
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Prompts", int(row.n_prompts))
+m2.metric(f"Faithfulness ({int(row.n_nodes)} nodes)", f"{row.faithfulness:.0%}",
+          help=f"mean {metric_name}: {row.metric_full:+.2f} unpatched, {row.metric_empty:+.2f} with every node "
+               "mean-ablated; faithfulness = (circuit - empty) / (full - empty)")
+m3.metric("Split-half cosine", f"{row.split_half_cosine:.2f}", help="the circuit's own reliability over prompts")
+m4.metric("Shown", f"{len(shown_nodes)} nodes, {len(shown_edges)} edges")
+st.caption(f"Columns left to right: {' → '.join(f'`{h}`' for h in hooks)}. Red pushes towards refusal, blue away; "
+           "grey-bordered boxes are SAE error terms. Click a feature to open its dashboard.")
+if shown_nodes.empty:
+    st.info("No node passes these thresholds: lower them.")
+else:
+    components.html(circuit_graph_html(shown_nodes, shown_edges, hooks), height=580)
+
+table = shown_nodes.assign(dashboard=[
+    f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
+st.dataframe(table[["rank", "hook", "feature", "effect", "effect_se", "share_positive", "label", "dashboard"]],
+             hide_index=True, width="stretch", height=260, column_config={
+                 "feature": st.column_config.NumberColumn("feature", help="-1: the SAE's error term"),
+                 "effect": st.column_config.NumberColumn("effect", format="%+.4f"),
+                 "effect_se": st.column_config.NumberColumn("± s.e.", format="%.4f"),
+                 "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
+                 "label": st.column_config.TextColumn("promotes"),
+                 "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})
+
+# --- Faithfulness -------------------------------------------------------------------------------
+st.subheader("Faithfulness against circuit size")
+faithfulness = queries.query(store, queries.CIRCUIT_FAITHFULNESS_SQL)
+curve = faithfulness[faithfulness["kind"] == kind]
+n_kept = int((ok.loc[ok["kind"] == kind, "faithfulness"] >= TARGET_FAITHFULNESS).sum())
+st.markdown(f"Mean-ablating every node outside the top *n*; **{n_kept} of {len(categories)}** {kind} circuits keep "
+            f"≥ {TARGET_FAITHFULNESS:.0%} of the {metric_name} at the stated size ({int(row.n_nodes)} nodes).")
+lines = alt.Chart(curve).mark_line(point=True).encode(
+    x=alt.X("n_nodes:Q", scale=alt.Scale(type="log"), title="nodes kept (log)"),
+    y=alt.Y("faithfulness:Q", axis=alt.Axis(format="%")),
+    color=alt.Color("category:N"),
+    opacity=alt.condition(alt.datum.category == category, alt.value(1.0), alt.value(0.25)),
+    tooltip=["category", "n_nodes", alt.Tooltip("faithfulness:Q", format=".1%"), alt.Tooltip("metric:Q", format="+.2f"),
+             alt.Tooltip("metric_full:Q", format="+.2f"), alt.Tooltip("metric_empty:Q", format="+.2f")])
+target = alt.Chart(pd.DataFrame({"y": [TARGET_FAITHFULNESS]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
+st.altair_chart((lines + target).properties(height=280), width="stretch")
+
+# --- Similarity heatmaps ----------------------------------------------------------------------
+st.subheader("How alike the circuits are")
+measure = st.radio("Similarity", ["cosine", "jaccard"], horizontal=True,
+                   format_func={"cosine": "cosine of node effects", "jaccard": "Jaccard of node sets"}.get)
+similarity = queries.query(store, queries.CIRCUIT_SIMILARITY_SQL)
+mirrored = similarity.rename(columns={"kind_a": "kind_b", "category_a": "category_b", "kind_b": "kind_a",
+                                      "category_b": "category_a", "n_a": "n_b", "n_b": "n_a"})
+diagonal = ok.assign(kind_a=ok["kind"], category_a=ok["category"], kind_b=ok["kind"], category_b=ok["category"],
+                     cosine=ok["split_half_cosine"], jaccard=ok["split_half_jaccard"], n_a=ok["n_prompts"],
+                     n_b=ok["n_prompts"])
+full = pd.concat([similarity, mirrored, diagonal], ignore_index=True)
+full["value"] = full[measure]
+full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else "split-half (diagonal)"
+              for low, high in zip(full[f"{measure}_low"], full[f"{measure}_high"], strict=True)]
+
+
+full["row"] = full["kind_a"] + "/" + full["category_a"]
+full["column"] = full["kind_b"] + "/" + full["category_b"]
+
+
+def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: str, x_title: str) -> None:
+    if data.empty:
+        return
+    st.markdown(f"**{title}**")
+    base = alt.Chart(data).encode(
+        x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
+        y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
+    cells = base.mark_rect().encode(
+        color=alt.Color("value:Q", title=measure, scale=alt.Scale(scheme="viridis", domain=[0, 1])),
+        tooltip=["row", "column", alt.Tooltip("value:Q", format=".3f", title=measure),
+                 alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
+                 alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
+    text = base.mark_text(fontSize=9).encode(
+        text=alt.Text("value:Q", format=".2f"),
+        color=alt.condition(alt.datum.value > 0.6, alt.value("black"), alt.value("white")))
+    st.altair_chart(cells + text, width="stretch", height=max(160, 26 * data[rows].nunique() + 70))
+
+
+def between(rows_kind: str, columns_kind: str) -> pd.DataFrame:
+    return full[(full["kind_a"] == rows_kind) & (full["kind_b"] == columns_kind)]
+
+
+st.caption("Diagonal: split-half similarity (one category, two halves of its prompts). Hover a cell for its CI "
+           "and, within one kind, the permutation p-value of the two categories differing.")
+heatmap(full, "All circuits", "row", "column", "circuit", "circuit")
+side_a, side_b = st.columns(2)
+with side_a:
+    heatmap(between("toxic", "toxic"), "Toxic circuits", "category_a", "category_b", "toxic", "toxic")
+with side_b:
+    heatmap(between("hard", "hard"), "Safe-side (hard) circuits", "category_a", "category_b", "hard", "hard")
+heatmap(pd.concat([between("hard", "toxic"), between("safe", "toxic")]), "Safe-side (rows) against toxic (columns)",
+        "row", "category_b", "safe side", "toxic")
+
+# --- Shared core and tails ----------------------------------------------------------------------
+st.subheader("Shared core and category tails")
+core = queries.query(store, queries.CIRCUIT_CORE_SQL, (kind,))
+if core.empty:
+    st.info(f"No {kind} verdict: a core needs two or more {kind} circuits.")
+else:
+    in_core = core[core["in_core"]]
+    st.markdown(f"**{len(in_core)}** nodes are in at least 70% of the {len(categories)} {kind} circuits (the "
+                f"shared core); the rest of each circuit is its tail.")
+    core_left, core_right = st.columns(2)
+    core_left.dataframe(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], hide_index=True,
+                        width="stretch", column_config={
+                            "share": st.column_config.NumberColumn("share of circuits", format="percent"),
+                            "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+    tail = core[~core["in_core"] & core["categories"].map(lambda cats: category in list(cats))]
+    core_right.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
+    core_right.dataframe(tail[["hook", "feature", "n_circuits", "mean_effect"]], hide_index=True, width="stretch",
+                         column_config={"n_circuits": st.column_config.NumberColumn("in # circuits"),
+                                        "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+
+# --- Heads and MLPs -------------------------------------------------------------------------------
+st.subheader("Attention and MLP outputs: activation patching, toxic → safe")
+patching = queries.query(store, queries.CIRCUIT_COMPONENTS_SQL)
+layers = patching[patching["component"] != "head"]
+st.caption(f"Each layer's output at the prompt-end positions of {int(patching['n_receivers'].iloc[0])} safe prompts "
+           "is replaced by its mean over a category's toxic prompts: the share of the toxic-safe gap in the "
+           f"{metric_name} that this moves.")
+layer_map = alt.Chart(layers).mark_rect().encode(
+    x=alt.X("layer:O"), y=alt.Y("category:N", axis=alt.Axis(labelOverlap=False)),
+    color=alt.Color("effect:Q", title="share of gap", scale=alt.Scale(scheme="redblue", reverse=True, domainMid=0)),
+    tooltip=["category", "component", "layer", alt.Tooltip("effect:Q", format=".1%"), "n_prompts",
+             alt.Tooltip("metric_safe:Q", format="+.2f"), alt.Tooltip("metric_toxic:Q", format="+.2f")],
+).facet(row=alt.Row("component:N", title=None))
+st.altair_chart(layer_map, width="stretch")
+heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
+if not heads.empty:
+    estimated = heads[heads["method"] == "attribution"]
+    exact = heads[heads["method"] == "exact"][["layer", "head", "effect"]].rename(columns={"effect": "exact"})
+    merged = estimated.merge(exact, on=["layer", "head"], how="left")
+    st.markdown(f"Heads for **{category}** (attribution patching; outlined: re-checked by exact patching, "
+                "hover for both)")
+    head_map = alt.Chart(merged).mark_rect(stroke="black").encode(
+        x=alt.X("layer:O"), y=alt.Y("head:O"),
+        color=alt.Color("effect:Q", title="share of gap", scale=alt.Scale(scheme="redblue", reverse=True,
+                                                                          domainMid=0)),
+        strokeWidth=alt.condition("isValid(datum.exact)", alt.value(2), alt.value(0)),
+        tooltip=["layer", "head", alt.Tooltip("effect:Q", format=".1%", title="attribution"),
+                 alt.Tooltip("exact:Q", format=".1%", title="exact")])
+    st.altair_chart(head_map, width="stretch", height=260)
