@@ -196,6 +196,7 @@ class CircuitsConfig:
     min_prompts: int = 8  # fewer and the category's statistics are not computed
     node_threshold: float = 0.0  # |mean effect| (metric units) a circuit node needs
     max_nodes: int = 30  # the circuit: at most this many top nodes
+    edge_threshold: float = 0.0  # |mean effect| an edge between circuit nodes needs to be stored
     stored_nodes: int = 150  # top nodes kept per circuit, for the app's threshold sliders
     faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
     core_share: float = 0.7  # in at least this share of a kind's circuits: the shared core
@@ -221,8 +222,9 @@ class CircuitsConfig:
         if not 4 <= self.min_prompts <= self.max_prompts <= 100000:
             raise _out_of_range("circuits.min_prompts/max_prompts", (self.min_prompts, self.max_prompts),
                                 "4 <= min_prompts <= max_prompts")
-        if self.node_threshold < 0:
-            raise _out_of_range("circuits.node_threshold", self.node_threshold, "a value >= 0")
+        if self.node_threshold < 0 or self.edge_threshold < 0:
+            raise _out_of_range("circuits.node_threshold/edge_threshold", (self.node_threshold, self.edge_threshold),
+                                "values >= 0")
         if not 1 <= self.max_nodes <= self.stored_nodes <= 100000:
             raise _out_of_range("circuits.max_nodes/stored_nodes", (self.max_nodes, self.stored_nodes),
                                 "1 <= max_nodes <= stored_nodes")

@@ -136,8 +136,9 @@ class CircuitsStage(Stage):
                 "kind": kind, "category": category, "n_nodes": curve.n_nodes, "metric": curve.metric,
                 "faithfulness": curve.faithfulness, "metric_full": curve.full, "metric_empty": curve.empty,
                 "is_circuit": curve.n_nodes == len(circuit)}))
-            edge_frames.append(self._edges(model, texts, kind_sites, offsets, gradients, effects[key], circuit,
-                                           batch_size).assign(kind=kind, category=category))
+            edges = self._edges(model, texts, kind_sites, offsets, gradients, effects[key], circuit, batch_size)
+            edge_frames.append(edges[edges["effect"].abs() >= settings.edge_threshold].assign(kind=kind,
+                                                                                               category=category))
 
         nodes = pd.concat(node_frames, ignore_index=True)
         faithfulness = pd.concat(faith_frames, ignore_index=True)
