@@ -44,7 +44,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("study: x\nmodels: {base: m}\ncircuits: {model: base}\n", "circuits need a `saes:` section"),
     ("study: x\nmodels: {base: m}\ncircuits: {metric: odds}\n", "circuits.metric = 'odds' is out of range"),
     ("study: x\nmodels: {base: m}\ncircuits: {min_prompts: 2}\n", "circuits.min_prompts/max_prompts"),
-    ("study: x\nmodels: {base: m}\ncircuits: {edge_threshold: -1}\n", "edge_threshold\) = \(0.0, -1\)"),
+    ("study: x\nmodels: {base: m}\ncircuits: {edge_threshold: -1}\n", "node_threshold/edge_threshold = \\(0.0, -1\\)"),
     ("study: x\nmodels: {base: m}\ncircuits: {kinds: [benign]}\n", "circuits.kinds"),
     ("study: x\nmodels: {base: m}\ngeneration: {dtype: auto}\nsaes: {autocast: maybe}\n",
      "saes.autocast = 'maybe' is out of range"),
