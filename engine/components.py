@@ -2,15 +2,15 @@
 
 A site's output at the prompt-end positions of safe prompts is replaced by its mean over a group of
 toxic prompts (one harm category) at the same positions; the site's effect is the share of the
-toxic-safe metric gap that this alone moves, (m_patched - m_safe) / (m_toxic - m_safe). Attention and
-MLP outputs per layer are patched exactly. Heads (`attn.hook_z`, one slice per head) are estimated
-by attribution patching, (z_toxic_mean - z) . grad, and the strongest are then patched exactly.
+toxic-safe metric gap that this alone moves, (m_patched - m_safe) / (m_toxic - m_safe). Every
+layer's attention and MLP output and every head (`attn.hook_z`, one slice per head) is estimated by
+attribution patching, (donor - activation) . grad, from one backward pass; the strongest sites are
+then patched exactly (one forward pass each), which is what a CPU can afford.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,17 +49,13 @@ def patched_metric(model: LoadedModel, instructions: Sequence[str], hook_name: s
                                hooks=[(hook_name, patch)]).mean())
 
 
-@dataclass(frozen=True)
-class HeadAttribution:
-    effects: np.ndarray  # [n_layers, n_heads] mean metric change estimated for patching each head
-
-
-def head_attribution(safe_z: np.ndarray, safe_gradients: np.ndarray, toxic_mean_z: np.ndarray) -> HeadAttribution:
-    """Attribution patching of every head: (toxic_mean_z - z) . grad summed over positions and
-    d_head, averaged over the safe prompts. safe_z and safe_gradients [n, n_layers, n_offsets,
-    n_heads, d_head]; toxic_mean_z [n_layers, n_offsets, n_heads, d_head]."""
-    effects = ((toxic_mean_z[None] - safe_z) * safe_gradients).sum((2, 4)).mean(0)
-    return HeadAttribution(effects)
+def patching_attribution(activations: np.ndarray, gradients: np.ndarray, donor: np.ndarray,
+                         sum_axes: tuple[int, ...]) -> np.ndarray:
+    """Attribution-patching estimate of setting each site to `donor`: (donor - activation) . grad,
+    summed over `sum_axes` (positions and features), averaged over prompts. activations and
+    gradients [n, n_sites, ...] from `metric_gradients`; donor [n_sites, ...]. For attn.hook_z
+    [n, n_layers, n_offsets, n_heads, d_head] with sum_axes (2, 4) it gives [n_layers, n_heads]."""
+    return ((donor[None] - activations) * gradients).sum(sum_axes).mean(0)
 
 
 def gap_share(patched: np.ndarray | float, safe: float, toxic: float) -> np.ndarray:

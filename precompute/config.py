@@ -199,6 +199,7 @@ class CircuitsConfig:
     edge_threshold: float = 0.0  # |mean effect| an edge between circuit nodes needs to be stored
     stored_nodes: int = 150  # top nodes kept per circuit, for the app's threshold sliders
     faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
+    faithfulness_prompts: int = 16  # of each circuit's prompts, for the patched forward passes
     core_share: float = 0.7  # in at least this share of a kind's circuits: the shared core
     bootstrap: int = 200
     permutations: int = 999
@@ -206,8 +207,8 @@ class CircuitsConfig:
     alpha: float = 0.05
     monolithic_ratio: float = 0.8  # between-category similarity / split-half ceiling
     modular_ratio: float = 0.5
-    patch_prompts: int = 16  # safe prompts that receive toxic activations in head/MLP patching
-    exact_heads: int = 5  # per category, heads re-checked by exact patching
+    patch_prompts: int = 16  # safe prompts that receive toxic activations (and toxic donors) in head/MLP patching
+    exact_sites: int = 5  # per category, the strongest heads / layer outputs re-checked by exact patching
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -241,9 +242,10 @@ class CircuitsConfig:
         if not 0 < self.modular_ratio < self.monolithic_ratio <= 1.5:
             raise _out_of_range("circuits.modular_ratio/monolithic_ratio", (self.modular_ratio, self.monolithic_ratio),
                                 "0 < modular_ratio < monolithic_ratio")
-        if not (2 <= self.patch_prompts <= 10000 and 0 <= self.exact_heads <= 1000):
-            raise _out_of_range("circuits.patch_prompts/exact_heads", (self.patch_prompts, self.exact_heads),
-                                "2+ and 0+")
+        if not (2 <= self.patch_prompts <= 10000 and 0 <= self.exact_sites <= 1000
+                and 2 <= self.faithfulness_prompts <= 100000):
+            raise _out_of_range("circuits.patch_prompts/exact_sites/faithfulness_prompts",
+                                (self.patch_prompts, self.exact_sites, self.faithfulness_prompts), "2+, 0+ and 2+")
 
 
 @dataclass(frozen=True)

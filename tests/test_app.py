@@ -31,7 +31,7 @@ def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
         "steering": {"model": "other", "top_features": 1, "eval_max_new_tokens": 2},
         "circuits": {"model": "other", "max_prompts": 8, "max_nodes": 6, "stored_nodes": 20,
                      "faithfulness_sizes": [3], "bootstrap": 20, "permutations": 49, "split_halves": 4,
-                     "patch_prompts": 4, "exact_heads": 1},
+                     "patch_prompts": 4, "exact_sites": 1},
     })
     pipeline.run_pipeline(config, STAGES)
     return path

@@ -21,7 +21,7 @@ from engine.circuits import (
     node_effects,
     sae_site,
 )
-from engine.components import gap_share, head_attribution, patched_metric
+from engine.components import gap_share, patched_metric, patching_attribution
 from engine.corpus import chat_corpus
 from engine.errors import ExplorerError
 from engine.interventions import applied
@@ -167,7 +167,7 @@ def test_head_patching_by_attribution_and_exactly(tiny_model, setup) -> None:
     toxic_z = capture(tiny_model, toxic, hooks, offsets, batch_size=8).mean(0)  # [2, offsets, heads, d_head]
     assert toxic_z.shape == (2, len(offsets), 4, 16)
     gradients = metric_gradients(tiny_model, safe, hooks, offsets, metric, batch_size=6)
-    estimated = head_attribution(gradients.activations, gradients.gradients, toxic_z).effects
+    estimated = patching_attribution(gradients.activations, gradients.gradients, toxic_z, (2, 4))
     assert estimated.shape == (2, 4)
     clean = metric_values(tiny_model, safe, metric, batch_size=6).mean()
     exact = np.array([[patched_metric(tiny_model, safe, hooks[layer], offsets, toxic_z[layer][:, head], metric,

@@ -205,31 +205,30 @@ else:
                                         "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
 
 # --- Heads and MLPs -------------------------------------------------------------------------------
-st.subheader("Attention and MLP outputs: activation patching, toxic → safe")
+st.subheader("Attention heads and MLP outputs: patching, toxic → safe")
 patching = queries.query(store, queries.CIRCUIT_COMPONENTS_SQL)
-layers = patching[patching["component"] != "head"]
-st.caption(f"Each layer's output at the prompt-end positions of {int(patching['n_receivers'].iloc[0])} safe prompts "
-           "is replaced by its mean over a category's toxic prompts: the share of the toxic-safe gap in the "
-           f"{metric_name} that this moves.")
-layer_map = alt.Chart(layers).mark_rect().encode(
+estimated = patching[patching["method"] == "attribution"]
+exact = patching[patching["method"] == "exact"][["category", "component", "layer", "head", "effect"]].rename(
+    columns={"effect": "exact"})
+patching = estimated.merge(exact, on=["category", "component", "layer", "head"], how="left")
+st.caption(f"Each site's output at the prompt-end positions of {int(patching['n_receivers'].iloc[0])} safe prompts "
+           "is set to its mean over a category's toxic prompts: the share of the toxic-safe gap in the "
+           f"{metric_name} that this moves, estimated by attribution patching for every site; outlined cells were "
+           "re-checked by exact patching (hover for both).")
+scale = alt.Scale(scheme="redblue", reverse=True, domainMid=0)
+outline = alt.condition("isValid(datum.exact)", alt.value(2), alt.value(0))
+tooltip = ["category", "component", "layer", "head", alt.Tooltip("effect:Q", format=".1%", title="attribution"),
+           alt.Tooltip("exact:Q", format=".1%", title="exact"), alt.Tooltip("metric_safe:Q", format="+.2f"),
+           alt.Tooltip("metric_toxic:Q", format="+.2f")]
+layer_map = alt.Chart(patching[patching["component"] != "head"]).mark_rect(stroke="black").encode(
     x=alt.X("layer:O"), y=alt.Y("category:N", axis=alt.Axis(labelOverlap=False)),
-    color=alt.Color("effect:Q", title="share of gap", scale=alt.Scale(scheme="redblue", reverse=True, domainMid=0)),
-    tooltip=["category", "component", "layer", alt.Tooltip("effect:Q", format=".1%"), "n_prompts",
-             alt.Tooltip("metric_safe:Q", format="+.2f"), alt.Tooltip("metric_toxic:Q", format="+.2f")],
+    color=alt.Color("effect:Q", title="share of gap", scale=scale), strokeWidth=outline, tooltip=tooltip,
 ).facet(row=alt.Row("component:N", title=None))
 st.altair_chart(layer_map, width="stretch")
 heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
 if not heads.empty:
-    estimated = heads[heads["method"] == "attribution"]
-    exact = heads[heads["method"] == "exact"][["layer", "head", "effect"]].rename(columns={"effect": "exact"})
-    merged = estimated.merge(exact, on=["layer", "head"], how="left")
-    st.markdown(f"Heads for **{category}** (attribution patching; outlined: re-checked by exact patching, "
-                "hover for both)")
-    head_map = alt.Chart(merged).mark_rect(stroke="black").encode(
-        x=alt.X("layer:O"), y=alt.Y("head:O"),
-        color=alt.Color("effect:Q", title="share of gap", scale=alt.Scale(scheme="redblue", reverse=True,
-                                                                          domainMid=0)),
-        strokeWidth=alt.condition("isValid(datum.exact)", alt.value(2), alt.value(0)),
-        tooltip=["layer", "head", alt.Tooltip("effect:Q", format=".1%", title="attribution"),
-                 alt.Tooltip("exact:Q", format=".1%", title="exact")])
+    st.markdown(f"Heads for **{category}**")
+    head_map = alt.Chart(heads).mark_rect(stroke="black").encode(
+        x=alt.X("layer:O"), y=alt.Y("head:O"), color=alt.Color("effect:Q", title="share of gap", scale=scale),
+        strokeWidth=outline, tooltip=tooltip)
     st.altair_chart(head_map, width="stretch", height=260)

@@ -32,7 +32,7 @@ from engine.circuit_stats import (
     verdict,
 )
 from engine.circuits import NodeEffects, SaeSite, edge_effects, faithfulness_curve, node_effects, sae_site
-from engine.components import gap_share, head_attribution, head_sites, layer_sites, patched_metric
+from engine.components import gap_share, head_sites, layer_sites, patched_metric, patching_attribution
 from engine.errors import ExplorerError
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, load_model
@@ -130,8 +130,8 @@ class CircuitsStage(Stage):
             node_frames.append(self._node_rows(effects[key], circuit, settings, sae_rows).assign(
                 kind=kind, category=category))
             sizes = sorted({*settings.faithfulness_sizes, len(circuit)})
-            curve = faithfulness_curve(model, texts, kind_sites, offsets, ranked_nodes(mean), sizes, metric,
-                                       batch_size=batch_size)
+            curve = faithfulness_curve(model, texts[: settings.faithfulness_prompts], kind_sites, offsets,
+                                       ranked_nodes(mean), sizes, metric, batch_size=batch_size)
             faith_frames.append(pd.DataFrame({
                 "kind": kind, "category": category, "n_nodes": curve.n_nodes, "metric": curve.metric,
                 "faithfulness": curve.faithfulness, "metric_full": curve.full, "metric_empty": curve.empty,
@@ -265,38 +265,46 @@ class CircuitsStage(Stage):
     @staticmethod
     def _components(model: LoadedModel, prompts: pd.DataFrame, groups, effects, offsets,
                     metric: RefusalMetric, settings: CircuitsConfig, batch_size: int) -> pd.DataFrame:
-        """Toxic -> safe patching of every layer's attention and MLP output (exact) and every head
-        (attribution, the strongest re-checked exactly), per category with a toxic circuit."""
+        """Toxic -> safe patching of every layer's attention and MLP output and every head by
+        attribution, the `exact_sites` strongest per category re-checked exactly, for every category
+        with a toxic circuit."""
         rng = np.random.default_rng(settings.seed + 1)
         safe_texts = prompts.loc[prompts["kind"] == "safe", "text"].to_numpy()
         receivers = list(safe_texts[rng.choice(len(safe_texts), min(len(safe_texts), settings.patch_prompts),
                                                replace=False)])
-        layers, heads = layer_sites(model.n_layers), head_sites(model.n_layers)
-        safe_gradients = metric_gradients(model, receivers, heads, offsets, metric,
-                                          batch_size=max(1, batch_size // 4), desc="head gradients")
-        safe = float(safe_gradients.metric.mean())
+        gradient_batch = max(1, batch_size // 4)
+        families = {  # name: (hooks, the axes attribution sums over: positions and features)
+            "layers": (layer_sites(model.n_layers), (2, 3)),
+            "heads": (head_sites(model.n_layers), (2, 4)),
+        }
+        receiver = {name: metric_gradients(model, receivers, hooks, offsets, metric, batch_size=gradient_batch,
+                                           desc=f"{name} gradients") for name, (hooks, _) in families.items()}
+        safe = float(receiver["layers"].metric.mean())
         rows = []
         toxic_groups = [(category, group) for (kind, category), group in groups.items() if kind == "toxic"]
         for category, group in tqdm(toxic_groups, desc="head/MLP patching", unit="category"):
-            texts = list(group["text"])
+            donors = list(group["text"])[: settings.patch_prompts]
             toxic = float(effects[("toxic", category)].metric.mean())
-            layer_means = capture(model, texts, layers, offsets, batch_size=batch_size, desc="toxic outputs").mean(0)
-            head_means = capture(model, texts, heads, offsets, batch_size=batch_size, desc="toxic heads").mean(0)
-            base = {"category": category, "n_prompts": len(texts), "n_receivers": len(receivers),
+            base = {"category": category, "n_prompts": len(donors), "n_receivers": len(receivers),
                     "metric_safe": safe, "metric_toxic": toxic}
-            for s, site in enumerate(layers):
-                patched = patched_metric(model, receivers, site, offsets, layer_means[s], metric, batch_size=batch_size)
-                rows.append({**base, "component": "attn" if "attn" in site else "mlp", "layer": s // 2, "head": -1,
-                             "method": "exact", "hook": site, "effect": float(gap_share(patched, safe, toxic))})
-            estimated = head_attribution(safe_gradients.activations, safe_gradients.gradients, head_means).effects
-            share = estimated / (toxic - safe)
-            for layer, head in np.ndindex(share.shape):
-                rows.append({**base, "component": "head", "layer": layer, "head": head, "method": "attribution",
-                             "hook": heads[layer], "effect": float(share[layer, head])})
-            for flat in np.argsort(-np.abs(share), axis=None)[: settings.exact_heads]:
-                layer, head = np.unravel_index(flat, share.shape)
-                patched = patched_metric(model, receivers, heads[layer], offsets, head_means[layer][:, head], metric,
-                                         batch_size=batch_size, head=int(head))
-                rows.append({**base, "component": "head", "layer": int(layer), "head": int(head), "method": "exact",
-                             "hook": heads[layer], "effect": float(gap_share(patched, safe, toxic))})
+            candidates = []  # (|share|, hook, head, donor value) for the exact re-check
+            for name, (hooks, axes) in families.items():
+                donor = capture(model, donors, hooks, offsets, batch_size=batch_size, desc=f"toxic {name}").mean(0)
+                share = gap_share(safe + patching_attribution(receiver[name].activations, receiver[name].gradients,
+                                                              donor, axes), safe, toxic)
+                for index in np.ndindex(share.shape):
+                    site = index[0]
+                    layer = site // 2 if name == "layers" else site  # layer sites alternate attn, mlp
+                    component = ("mlp" if "mlp" in hooks[site] else "attn") if name == "layers" else "head"
+                    head = int(index[1]) if name == "heads" else -1
+                    rows.append({**base, "component": component, "layer": int(layer), "head": head,
+                                 "method": "attribution", "hook": hooks[site], "effect": float(share[index])})
+                    value = donor[site][:, head] if name == "heads" else donor[site]
+                    candidates.append((abs(float(share[index])), component, int(layer), head, hooks[site], value))
+            for _, component, layer, head, hook, value in sorted(candidates, key=lambda c: -c[0])[
+                    : settings.exact_sites]:
+                patched = patched_metric(model, receivers, hook, offsets, value, metric, batch_size=batch_size,
+                                         head=None if head < 0 else head)
+                rows.append({**base, "component": component, "layer": layer, "head": head, "method": "exact",
+                             "hook": hook, "effect": float(gap_share(patched, safe, toxic))})
         return pd.DataFrame(rows)
