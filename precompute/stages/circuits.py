@@ -38,27 +38,20 @@ from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, load_model
 from engine.refusal_metric import RefusalMetric, compliance_token_ids
 from engine.saes import load_sae, stored_sae_source
-from precompute.config import CircuitsConfig, StudyConfig
-from precompute.pipeline import Stage, StageContext, StageOutput
-from precompute.stages.generate import model_fingerprint
+from precompute.config import CircuitsConfig
+from precompute.pipeline import StageContext, StageOutput
+from precompute.stages.section import ModelSectionStage
 
 logger = logging.getLogger(__name__)
 
 BASELINE_KIND = {"toxic": "safe", "hard": "safe", "safe": "toxic"}  # what each kind is patched towards
 
 
-class CircuitsStage(Stage):
+class CircuitsStage(ModelSectionStage):
     name = "circuits"
     version = 1
     upstream = ("prompts", "generate", "saes")
 
-    def applies(self, config: StudyConfig) -> bool:
-        return config.circuits is not None
-
-    def inputs(self, config: StudyConfig) -> dict[str, Any]:
-        assert config.circuits is not None
-        return {"circuits": config.section("circuits"), "model": model_fingerprint(config.models[config.circuits.model]),
-                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
 
     @staticmethod
     def _metric(context: StageContext, settings: CircuitsConfig) -> RefusalMetric:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,9 +48,9 @@ from engine.saes import (
     stored_sae_source,
     train_sae,
 )
-from precompute.config import SaesConfig, StudyConfig
-from precompute.pipeline import Stage, StageContext, StageOutput
-from precompute.stages.generate import model_fingerprint
+from precompute.config import SaesConfig
+from precompute.pipeline import StageContext, StageOutput
+from precompute.stages.section import ModelSectionStage
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +85,11 @@ def _layer(hook_name: str) -> int | None:
     return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
 
 
-class SaesStage(Stage):
+class SaesStage(ModelSectionStage):
     name = "saes"
     version = 1
     upstream = ("prompts", "tune", "generate", "directions")
 
-    def applies(self, config: StudyConfig) -> bool:
-        return config.saes is not None
-
-    def inputs(self, config: StudyConfig) -> dict[str, Any]:
-        assert config.saes is not None
-        return {"saes": config.section("saes"), "model": model_fingerprint(config.models[config.saes.model]),
-                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
 
     @staticmethod
     def folder(context: StageContext) -> Path:

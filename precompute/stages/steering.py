@@ -14,7 +14,6 @@ on safe prompts and the cross-entropy of the model's own safe answers measure th
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,26 +25,17 @@ from engine.models import load_model
 from engine.saes import load_sae, stored_sae_source
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from engine.steering import Addition, FeatureClamp, Steering
-from precompute.config import StudyConfig
-from precompute.pipeline import Stage, StageContext, StageOutput
-from precompute.stages.generate import model_fingerprint
+from precompute.pipeline import StageContext, StageOutput
+from precompute.stages.section import ModelSectionStage
 
 logger = logging.getLogger(__name__)
 
 
-class SteeringStage(Stage):
+class SteeringStage(ModelSectionStage):
     name = "steering"
     version = 1
     upstream = ("prompts", "generate", "directions", "saes")
 
-    def applies(self, config: StudyConfig) -> bool:
-        return config.steering is not None
-
-    def inputs(self, config: StudyConfig) -> dict[str, Any]:
-        assert config.steering is not None
-        return {"steering": config.section("steering"),
-                "model": model_fingerprint(config.models[config.steering.model]),
-                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
 
     def _interventions(self, context: StageContext) -> list[tuple[str, str, Steering, Steering]]:
         """(name, type, suppress, force) for every intervention of the study."""
