@@ -199,7 +199,7 @@ class CircuitsConfig:
     edge_threshold: float = 0.0  # |mean effect| an edge between circuit nodes needs to be stored
     stored_nodes: int = 150  # top nodes kept per circuit, for the app's threshold sliders
     faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
-    faithfulness_prompts: int = 16  # of each circuit's prompts, for the patched forward passes
+    subset_prompts: int = 16  # of each circuit's prompts, for faithfulness and edges (passes per size / node)
     core_share: float = 0.7  # in at least this share of a kind's circuits: the shared core
     bootstrap: int = 200
     permutations: int = 999
@@ -243,9 +243,9 @@ class CircuitsConfig:
             raise _out_of_range("circuits.modular_ratio/monolithic_ratio", (self.modular_ratio, self.monolithic_ratio),
                                 "0 < modular_ratio < monolithic_ratio")
         if not (2 <= self.patch_prompts <= 10000 and 0 <= self.exact_sites <= 1000
-                and 2 <= self.faithfulness_prompts <= 100000):
-            raise _out_of_range("circuits.patch_prompts/exact_sites/faithfulness_prompts",
-                                (self.patch_prompts, self.exact_sites, self.faithfulness_prompts), "2+, 0+ and 2+")
+                and 2 <= self.subset_prompts <= 100000):
+            raise _out_of_range("circuits.patch_prompts/exact_sites/subset_prompts",
+                                (self.patch_prompts, self.exact_sites, self.subset_prompts), "2+, 0+ and 2+")
 
 
 @dataclass(frozen=True)

@@ -123,13 +123,15 @@ class CircuitsStage(ModelSectionStage):
             node_frames.append(self._node_rows(effects[key], circuit, settings, sae_rows).assign(
                 kind=kind, category=category))
             sizes = sorted({*settings.faithfulness_sizes, len(circuit)})
-            curve = faithfulness_curve(model, texts[: settings.faithfulness_prompts], kind_sites, offsets,
+            subset = texts[: settings.subset_prompts]  # the costly measurements: a pass per size or node
+            curve = faithfulness_curve(model, subset, kind_sites, offsets,
                                        ranked_nodes(mean), sizes, metric, batch_size=batch_size)
             faith_frames.append(pd.DataFrame({
                 "kind": kind, "category": category, "n_nodes": curve.n_nodes, "metric": curve.metric,
                 "faithfulness": curve.faithfulness, "metric_full": curve.full, "metric_empty": curve.empty,
                 "is_circuit": curve.n_nodes == len(circuit)}))
-            edges = self._edges(model, texts, kind_sites, offsets, gradients, effects[key], circuit, batch_size)
+            edges = self._edges(model, subset, kind_sites, offsets, gradients.gradients[: len(subset)],
+                                effects[key], circuit, batch_size)
             edge_frames.append(edges[edges["effect"].abs() >= settings.edge_threshold].assign(kind=kind,
                                                                                                category=category))
 
@@ -185,9 +187,10 @@ class CircuitsStage(ModelSectionStage):
             n_prompts=len(values))
 
     @staticmethod
-    def _edges(model: LoadedModel, texts: list[str], sites: list[SaeSite], offsets, gradients,
+    def _edges(model: LoadedModel, texts: list[str], sites: list[SaeSite], offsets, gradients: np.ndarray,
                effects: NodeEffects, circuit: np.ndarray, batch_size: int) -> pd.DataFrame:
-        """Edges between the circuit's nodes at each pair of consecutive SAE'd hooks."""
+        """Edges between the circuit's nodes at each pair of consecutive SAE'd hooks, on `texts`
+        with their metric gradients [n, n_hooks, n_offsets, d_in]."""
         in_circuit = effects.nodes.iloc[circuit]
         frames = []
         for h in range(len(sites) - 1):
@@ -195,7 +198,7 @@ class CircuitsStage(ModelSectionStage):
             down = in_circuit.loc[in_circuit["hook"] == sites[h + 1].hook, "feature"].astype(int).tolist()
             if not up or not down:
                 continue
-            matrix = edge_effects(model, texts, sites[h], sites[h + 1], offsets, gradients.gradients[:, h + 1],
+            matrix = edge_effects(model, texts, sites[h], sites[h + 1], offsets, gradients[:, h + 1],
                                   up, down, batch_size=max(1, batch_size // 4))
             d, u = np.meshgrid(np.arange(len(down)), np.arange(len(up)), indexing="ij")
             frames.append(pd.DataFrame({
