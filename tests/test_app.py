@@ -183,11 +183,11 @@ def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) ->
     assert metrics["Permutation p"] == f"{verdicts.loc['hard', 'p_value']:.3g}"  # the last verdict shown
     summary = store.read_table(tiny_store, "circuits").query("kind == 'toxic'").sort_values("category").iloc[0]
     assert metrics["Faithfulness (6 nodes)"] == f"{summary['faithfulness']:.0%}"
-    assert metrics["Shown"].startswith("6 nodes")
+    assert metrics["Nodes / edges shown"].startswith("6 / ")
     nodes = app.dataframe[0].value
     assert nodes["dashboard"].dropna().str.startswith("features?hook=blocks.").all()
     app.slider[0].set_value(2).run()  # nodes at most
-    assert not app.exception and {m.label: m.value for m in app.metric}["Shown"].startswith("2 nodes")
+    assert not app.exception and {m.label: m.value for m in app.metric}["Nodes / edges shown"].startswith("2 / ")
     app.radio[1].set_value("jaccard").run()
     assert not app.exception and not app.error
 

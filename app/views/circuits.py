@@ -15,6 +15,8 @@ from app.context import current_store, require_tables
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 TARGET_FAITHFULNESS = 0.6
+SIMILARITY_SCALES = {"cosine": alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
+                     "jaccard": alt.Scale(scheme="greens", domain=[0, 1])}
 
 store = current_store()
 st.title("Refusal circuits")
@@ -95,7 +97,7 @@ m2.metric(f"Faithfulness ({int(row.n_nodes)} nodes)", f"{row.faithfulness:.0%}",
           help=f"mean {metric_name}: {row.metric_full:+.2f} unpatched, {row.metric_empty:+.2f} with every node "
                "mean-ablated; faithfulness = (circuit - empty) / (full - empty)")
 m3.metric("Split-half cosine", f"{row.split_half_cosine:.2f}", help="the circuit's own reliability over prompts")
-m4.metric("Shown", f"{len(shown_nodes)} nodes, {len(shown_edges)} edges")
+m4.metric("Nodes / edges shown", f"{len(shown_nodes)} / {len(shown_edges)}")
 st.caption(f"Columns left to right: {' → '.join(f'`{h}`' for h in hooks)}. Red pushes towards refusal, blue away; "
            "grey-bordered boxes are SAE error terms. Click a feature to open its dashboard.")
 if shown_nodes.empty:
@@ -128,7 +130,8 @@ lines = alt.Chart(curve).mark_line(point=True).encode(
     opacity=alt.condition(alt.datum.category == category, alt.value(1.0), alt.value(0.25)),
     tooltip=["category", "n_nodes", alt.Tooltip("faithfulness:Q", format=".1%"), alt.Tooltip("metric:Q", format="+.2f"),
              alt.Tooltip("metric_full:Q", format="+.2f"), alt.Tooltip("metric_empty:Q", format="+.2f")])
-target = alt.Chart(pd.DataFrame({"y": [TARGET_FAITHFULNESS]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
+target = alt.Chart(pd.DataFrame({"faithfulness": [TARGET_FAITHFULNESS]})).mark_rule(strokeDash=[4, 4]).encode(
+    y="faithfulness:Q")
 st.altair_chart((lines + target).properties(height=280), width="stretch")
 
 # --- Similarity heatmaps ----------------------------------------------------------------------
@@ -159,13 +162,14 @@ def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: st
         x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
         y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
     cells = base.mark_rect().encode(
-        color=alt.Color("value:Q", title=measure, scale=alt.Scale(scheme="viridis", domain=[0, 1])),
+        color=alt.Color("value:Q", title=measure, scale=SIMILARITY_SCALES[measure]),
         tooltip=["row", "column", alt.Tooltip("value:Q", format=".3f", title=measure),
                  alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
                  alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
     text = base.mark_text(fontSize=9).encode(
         text=alt.Text("value:Q", format=".2f"),
-        color=alt.condition(alt.datum.value > 0.6, alt.value("black"), alt.value("white")))
+        color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),
+                            alt.value("black")))
     st.altair_chart(cells + text, width="stretch", height=max(160, 26 * data[rows].nunique() + 70))
 
 
@@ -220,11 +224,12 @@ outline = alt.condition("isValid(datum.exact)", alt.value(2), alt.value(0))
 tooltip = ["category", "component", "layer", "head", alt.Tooltip("effect:Q", format=".1%", title="attribution"),
            alt.Tooltip("exact:Q", format=".1%", title="exact"), alt.Tooltip("metric_safe:Q", format="+.2f"),
            alt.Tooltip("metric_toxic:Q", format="+.2f")]
-layer_map = alt.Chart(patching[patching["component"] != "head"]).mark_rect(stroke="black").encode(
-    x=alt.X("layer:O"), y=alt.Y("category:N", axis=alt.Axis(labelOverlap=False)),
-    color=alt.Color("effect:Q", title="share of gap", scale=scale), strokeWidth=outline, tooltip=tooltip,
-).facet(row=alt.Row("component:N", title=None))
-st.altair_chart(layer_map, width="stretch")
+for component, title in (("attn", "Attention output"), ("mlp", "MLP output")):
+    st.markdown(f"**{title}** by layer")
+    layer_map = alt.Chart(patching[patching["component"] == component]).mark_rect(stroke="black").encode(
+        x=alt.X("layer:O"), y=alt.Y("category:N", axis=alt.Axis(labelOverlap=False)),
+        color=alt.Color("effect:Q", title="share of gap", scale=scale), strokeWidth=outline, tooltip=tooltip)
+    st.altair_chart(layer_map, width="stretch", height=300)
 heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
 if not heads.empty:
     st.markdown(f"Heads for **{category}**")
