@@ -197,6 +197,7 @@ class CircuitsConfig:
     node_threshold: float = 0.0  # |mean effect| (metric units) a circuit node needs
     max_nodes: int = 30  # the circuit: at most this many top nodes
     edge_threshold: float = 0.0  # |mean effect| an edge between circuit nodes needs to be stored
+    edge_nodes: int = 30  # edges are computed among the circuit's top nodes, at most this many
     stored_nodes: int = 150  # top nodes kept per circuit, for the app's threshold sliders
     faithfulness_sizes: tuple[int, ...] = (5, 10, 20, 50, 100)
     subset_prompts: int = 16  # of each circuit's prompts, for faithfulness and edges (passes per size / node)
@@ -226,6 +227,8 @@ class CircuitsConfig:
         if self.node_threshold < 0 or self.edge_threshold < 0:
             raise _out_of_range("circuits.node_threshold/edge_threshold", (self.node_threshold, self.edge_threshold),
                                 "values >= 0")
+        if not 1 <= self.edge_nodes <= 10000:
+            raise _out_of_range("circuits.edge_nodes", self.edge_nodes, "1-10000")
         if not 1 <= self.max_nodes <= self.stored_nodes <= 100000:
             raise _out_of_range("circuits.max_nodes/stored_nodes", (self.max_nodes, self.stored_nodes),
                                 "1 <= max_nodes <= stored_nodes")

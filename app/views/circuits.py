@@ -15,6 +15,7 @@ from app.context import current_store, require_tables
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 TARGET_FAITHFULNESS = 0.6
+GRAPH_NODES = 30  # shown by default: a readable graph
 SIMILARITY_SCALES = {"cosine": alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
                      "jaccard": alt.Scale(scheme="greens", domain=[0, 1])}
 
@@ -78,8 +79,10 @@ hooks = nodes.sort_values("layer")["hook"].unique().tolist()
 
 largest = float(nodes["effect"].abs().max())
 a, b, c = st.columns(3)
-max_nodes = a.slider("Nodes at most", 1, len(nodes), int(nodes["in_circuit"].sum()),
-                     help=f"the study's circuit has {int(nodes['in_circuit'].sum())} nodes; {len(nodes)} are stored")
+circuit_size = int(nodes["in_circuit"].sum())
+max_nodes = a.slider("Nodes at most", 1, len(nodes), min(GRAPH_NODES, circuit_size),
+                     help=f"the study's circuit has {circuit_size} nodes; {len(nodes)} are stored; edges are "
+                          "computed among the circuit's top nodes")
 node_threshold = b.slider("Node |effect| at least", 0.0, largest, 0.0, format="%.3f")
 widest = float(edges["effect"].abs().max()) if len(edges) else 0.0
 edge_threshold = c.slider("Edge |effect| at least", 0.0, max(widest, 1e-6), widest / 10, format="%.4f",

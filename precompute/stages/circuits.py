@@ -131,7 +131,7 @@ class CircuitsStage(ModelSectionStage):
                 "faithfulness": curve.faithfulness, "metric_full": curve.full, "metric_empty": curve.empty,
                 "is_circuit": curve.n_nodes == len(circuit)}))
             edges = self._edges(model, subset, kind_sites, offsets, gradients.gradients[: len(subset)],
-                                effects[key], circuit, batch_size)
+                                effects[key], circuit[: settings.edge_nodes], batch_size)
             edge_frames.append(edges[edges["effect"].abs() >= settings.edge_threshold].assign(kind=kind,
                                                                                                category=category))
 
