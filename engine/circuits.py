@@ -185,10 +185,11 @@ def edge_effects(model: LoadedModel, instructions: Sequence[str], upstream: SaeS
                 up_error_delta = up - upstream.sae.decode(up_codes) - upstream.baseline_error
             x_down = captured[downstream.hook][:, index].float()
             codes = downstream.sae.encode(x_down)
+            down_error = x_down - downstream.sae.decode(codes)
             grad = torch.from_numpy(downstream_gradients[batch]).float()
             for row, d in enumerate(down_order):
                 if d == ERROR:
-                    weighted = ((x_down - downstream.sae.decode(codes)) * grad).sum()
+                    weighted = (down_error * grad).sum()
                 else:
                     weighted = (codes[..., d] * (grad @ w_down[d])).sum()
                 d_up = torch.autograd.grad(weighted, x_up, retain_graph=True)[0][:, index].float()

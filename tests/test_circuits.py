@@ -57,6 +57,17 @@ def setup(tiny_model, prompts):
             "metric": metric}
 
 
+def _set_to(value: np.ndarray, offsets):
+    """A hook setting the activation at the prompt-end `offsets` to `value` [n_offsets, d]."""
+    index = torch.tensor(list(offsets))
+
+    def hook(activation, hook):
+        activation = activation.clone()
+        activation[:, index] = torch.from_numpy(value).to(activation.dtype)
+        return activation
+    return hook
+
+
 def _effects(tiny_model, setup):
     gradients = metric_gradients(tiny_model, setup["toxic"], HOOKS, setup["offsets"], setup["metric"], batch_size=4)
     return gradients, node_effects(setup["sites"], gradients)
@@ -91,14 +102,9 @@ def test_integrated_gradients_are_closer_to_exact_than_one_step(tiny_model, setu
     ig = node_effects(sites, integrated_gradients(tiny_model, toxic, HOOKS, offsets, metric, baseline_mean,
                                                   steps=8, batch_size=4))
     _, plain = _effects(tiny_model, setup)
-    index = torch.tensor(list(offsets))
     for h, hook in enumerate(HOOKS):
-        def to_mean(activation, hook, h=h):
-            activation = activation.clone()
-            activation[:, index] = torch.from_numpy(baseline_mean[h]).to(activation.dtype)
-            return activation
         exact = metric_values(tiny_model, toxic, metric, batch_size=8) - metric_values(
-            tiny_model, toxic, metric, batch_size=8, hooks=[(hook, to_mean)])
+            tiny_model, toxic, metric, batch_size=8, hooks=[(hook, _set_to(baseline_mean[h], offsets))])
         columns = (ig.nodes["hook"] == hook).to_numpy()
         ig_error = np.abs(ig.effects[:, columns].sum(1) - exact).mean()
         plain_error = np.abs(plain.effects[:, columns].sum(1) - exact).mean()
@@ -114,18 +120,9 @@ def test_faithfulness_is_one_for_everything_and_zero_for_nothing(tiny_model, set
     assert curve.faithfulness[0] == pytest.approx(0.0, abs=1e-6)
     assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-3)
     # Nothing kept = both hooks' prompt-end activations replaced by the baseline's mean.
-    index = torch.tensor(list(offsets))
     mean = setup["baseline"].mean(0)
-
-    def to_mean(h):
-        def hook(activation, hook):
-            activation = activation.clone()
-            activation[:, index] = torch.from_numpy(mean[h]).to(activation.dtype)
-            return activation
-        return hook
-
-    empty = metric_values(tiny_model, toxic, metric, batch_size=8, hooks=[(hook, to_mean(h)) for h, hook in
-                                                                       enumerate(HOOKS)])
+    empty = metric_values(tiny_model, toxic, metric, batch_size=8,
+                          hooks=[(hook, _set_to(mean[h], offsets)) for h, hook in enumerate(HOOKS)])
     assert curve.empty == pytest.approx(float(empty.mean()), abs=1e-3)
 
 

@@ -286,8 +286,8 @@ class CircuitsStage(ModelSectionStage):
             candidates = []  # (|share|, hook, head, donor value) for the exact re-check
             for name, (hooks, axes) in families.items():
                 donor = capture(model, donors, hooks, offsets, batch_size=batch_size, desc=f"toxic {name}").mean(0)
-                share = gap_share(safe + patching_attribution(receiver[name].activations, receiver[name].gradients,
-                                                              donor, axes), safe, toxic)
+                share = patching_attribution(receiver[name].activations, receiver[name].gradients, donor,
+                                             axes) / (toxic - safe)  # an estimated change, as a share of the gap
                 for index in np.ndindex(share.shape):
                     site = index[0]
                     layer = site // 2 if name == "layers" else site  # layer sites alternate attn, mlp
