@@ -1,12 +1,62 @@
-"""Small rendering helpers shared by pages (HTML that Streamlit has no widget for)."""
+"""Small rendering helpers shared by pages: charts and tables with download buttons, and HTML that
+Streamlit has no widget for."""
 
 from __future__ import annotations
 
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
+import altair as alt
 import pandas as pd
+import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
+from streamlit.elements.arrow import DataframeState
+
+from app.export import chart_png, chart_svg, file_stem, table_csv
+
+# (label, extension, MIME type, what makes the file's contents)
+Download = tuple[str, str, str, Callable[[], bytes | str]]
+
+
+def _download_row(downloads: Sequence[Download], stem: str, key: str) -> None:
+    """Compact download buttons in one row. Files are made only when a button is clicked (a PNG takes
+    over a second) and a click does not rerun the page (which would lose a generated answer)."""
+    with st.container(horizontal=True, gap="small"):
+        for label, extension, mime, make in downloads:
+            st.download_button(label, make, file_name=f"{stem}.{extension}", mime=mime,
+                               key=f"download-{key}-{extension}", help=f"Download {stem}.{extension}",
+                               on_click="ignore", type="tertiary", icon=":material/download:")
+
+
+def show_chart(chart: alt.TopLevelMixin, title: str, *, data: pd.DataFrame | None = None,
+               key: str | None = None, **altair_kwargs) -> None:
+    """`st.altair_chart` with PNG and SVG downloads under it, and a CSV of `data` (by default the
+    chart's own data frame, if it has one: layers over several frames have none). `title` names the
+    files; `key` (else the title) keys the buttons and is the chart's key."""
+    st.altair_chart(chart, key=key, **altair_kwargs)
+    frame = getattr(chart, "data", None) if data is None else data
+    downloads: list[Download] = [("PNG", "png", "image/png", partial(chart_png, chart)),
+                                 ("SVG", "svg", "image/svg+xml", partial(chart_svg, chart))]
+    if isinstance(frame, pd.DataFrame):
+        downloads.append(("CSV", "csv", "text/csv", partial(table_csv, frame)))
+    stem = file_stem(title)
+    _download_row(downloads, stem, key or stem)
+
+
+def show_table(frame: pd.DataFrame, title: str, *, key: str | None = None,
+               **dataframe_kwargs) -> DeltaGenerator | DataframeState:
+    """`st.dataframe` with a CSV download under it; returns what `st.dataframe` returns (a selection
+    when `on_select` is set). `title` names the file; `key` (else the title) keys the button and is
+    the table's key."""
+    shown = st.dataframe(frame, key=key, **dataframe_kwargs)
+    # Row labels the page shows (a pivot's) belong in the file; a hidden or plain 0..n index does not.
+    if not dataframe_kwargs.get("hide_index") and not isinstance(frame.index, pd.RangeIndex):
+        frame = frame.reset_index()
+    stem = file_stem(title)
+    _download_row([("CSV", "csv", "text/csv", partial(table_csv, frame))], stem, key or stem)
+    return shown
 
 
 def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float], scale: float,

@@ -14,6 +14,15 @@ from engine.errors import ExplorerError
 from engine.paths import stores_dir
 
 STORE_ENV = "REFUSAL_EXPLORER_STORE"
+PRESENTATION_KEY = "presentation"
+# Presentation mode: room-sized type for a projector; charts get their own larger fonts (see views).
+PRESENTATION_CSS = """<style>
+.stMainBlockContainer p, .stMainBlockContainer li, .stMainBlockContainer button p { font-size: 1.45rem !important; }
+.stMainBlockContainer h1 { font-size: 3.2rem !important; }
+.stMainBlockContainer h2, .stMainBlockContainer h3 { font-size: 2.4rem !important; }
+[data-testid="stMetricValue"] { font-size: 3.2rem !important; }
+[data-testid="stMetricLabel"] p { font-size: 1.3rem !important; }
+</style>"""
 BUILD_COMMAND = "python -m precompute run --config precompute/configs/demo.yaml"
 
 
@@ -36,6 +45,10 @@ def current_store() -> Path:
         return Path(chosen)
     default = store_from_argv() or os.environ.get(STORE_ENV) or stores_dir() / "demo.duckdb"
     return Path(default)
+
+
+def presentation_mode() -> bool:
+    return bool(st.session_state.get(PRESENTATION_KEY, False))
 
 
 def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app.context import current_store, known_stores
+from app.context import PRESENTATION_CSS, PRESENTATION_KEY, current_store, known_stores, presentation_mode
 
 st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
 
@@ -20,13 +20,19 @@ with st.sidebar:
                           help="Stores live in data/stores/; build one with `python -m precompute run`.")
     st.session_state["store_path"] = picked
     st.caption(f"`{picked}`")
+    st.toggle("Presentation mode", key=PRESENTATION_KEY,
+              help="Larger type for a projector; the Findings page shows one section per screen.")
+if presentation_mode():
+    st.html(PRESENTATION_CSS)
 
 page = st.navigation([
-    st.Page("views/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
+    st.Page("views/findings.py", title="Findings", icon=":material/lightbulb:", default=True),
+    st.Page("views/overview.py", title="Overview", icon=":material/bar_chart:"),
     st.Page("views/directions.py", title="Directions", icon=":material/explore:"),
     st.Page("views/features.py", title="Features", icon=":material/hub:"),
     st.Page("views/circuits.py", title="Circuits", icon=":material/account_tree:"),
     st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
     st.Page("views/prompts.py", title="Prompts", icon=":material/list:"),
+    st.Page("views/compare.py", title="Compare studies", icon=":material/compare_arrows:"),
 ])
 page.run()

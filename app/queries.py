@@ -223,3 +223,30 @@ GROUP BY e.model ORDER BY e.model
 HARD_DIRECTION_SQL = """
 SELECT n_refused, n_answered, cosine_with_global, ci_low, ci_high, note FROM hard_prompt_direction
 """
+
+# Findings: the study's answer in one place (see app/findings.py).
+STUDY_SQL = "SELECT any_value(study) AS study, max(created_at) AS built_at FROM runs"
+STAGES_SQL = "SELECT stage, finished_at FROM stages ORDER BY finished_at"
+STUDY_STAGES_SQL = "SELECT value FROM store_meta WHERE key = 'study_stages'"
+RATE_TOTALS_SQL = """
+SELECT model, kind, sum(n)::INTEGER AS n, sum(n_refused)::INTEGER AS n_refused, min(n)::INTEGER AS smallest_group
+FROM refusal_rates GROUP BY model, kind ORDER BY model, kind
+"""
+CHOSEN_DIRECTION_SQL = """
+SELECT c.model, c.layer, c.position_label, c.ablation_score, c.induce_score, c.kl,
+       (SELECT json_extract(config, '$.directions.max_kl')::DOUBLE FROM runs WHERE stage = 'directions'
+        ORDER BY created_at DESC LIMIT 1) AS max_kl
+FROM direction_candidates c WHERE c.chosen
+"""
+CORE_FEATURES_SQL = """
+SELECT c.kind, c.hook, c.feature, c.n_circuits, c.mean_effect, len(c.categories) AS n_categories,
+       array_to_string(f.top_tokens[1:3], ' ') AS top_tokens, f.refusal_cosine
+FROM circuit_core c LEFT JOIN features f ON f.hook = c.hook AND f.feature = c.feature
+WHERE c.in_core AND c.kind = ? ORDER BY abs(c.mean_effect) DESC LIMIT ?
+"""
+CIRCUIT_COVERAGE_SQL = """
+SELECT kind, count(*) FILTER (WHERE status = 'ok') AS n_ok, count(*) FILTER (WHERE status <> 'ok') AS n_skipped,
+       min(n_prompts) FILTER (WHERE status = 'ok') AS fewest_prompts,
+       min(faithfulness) AS faithfulness_low, max(faithfulness) AS faithfulness_high, any_value(n_nodes) AS n_nodes
+FROM circuits GROUP BY kind
+"""

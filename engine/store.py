@@ -48,6 +48,7 @@ UPSERT_META = "INSERT OR REPLACE INTO store_meta VALUES (?, ?)"
 INSERT_RUN = "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 UPSERT_STAGE = "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?)"
 SELECT_SCHEMA_VERSION = "SELECT value FROM store_meta WHERE key = 'schema_version'"
+STUDY_STAGES_KEY = "study_stages"  # the stages that apply to the study's config, as a JSON list
 SELECT_STAGE_HASH = "SELECT input_hash FROM stages WHERE stage = ?"
 SELECT_TABLES = "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
 
@@ -165,11 +166,13 @@ def _writer_lock(path: Path) -> Iterator[None]:
 
 
 def write_stage(
-    path: str | Path, *, run: RunRecord, input_hash: str, tables: Mapping[str, pd.DataFrame]
+    path: str | Path, *, run: RunRecord, input_hash: str, tables: Mapping[str, pd.DataFrame],
+    meta: Mapping[str, str] | None = None,
 ) -> None:
     """Replace a stage's tables and record it as done, atomically (copy, write, rename).
 
-    Every row written gets the run's `run_id`, linking it to the `runs` row that made it.
+    Every row written gets the run's `run_id`, linking it to the `runs` row that made it. `meta`
+    entries go to `store_meta` in the same transaction.
     """
     path = Path(path)
     for name in tables:
@@ -189,7 +192,8 @@ def write_stage(
             con.execute("BEGIN TRANSACTION")
             for ddl in (CREATE_META, CREATE_RUNS, CREATE_STAGES):
                 con.execute(ddl)
-            con.execute(UPSERT_META, ["schema_version", str(SCHEMA_VERSION)])
+            for key, value in {"schema_version": str(SCHEMA_VERSION), **(meta or {})}.items():
+                con.execute(UPSERT_META, [key, value])
             con.execute(
                 INSERT_RUN,
                 [

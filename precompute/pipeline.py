@@ -118,6 +118,7 @@ def run_pipeline(
         if name not in names:
             raise ExplorerError(f"Unknown stage {name!r}.", f"stages are: {', '.join(names)}.")
     context = StageContext(config=config)
+    planned = [stage.name for stage in stages if stage.applies(config)]  # the app lists the ones not built yet
     reports: list[StageReport] = []
     for stage in stages:
         if not stage.applies(config):
@@ -139,7 +140,8 @@ def run_pipeline(
                     config={name: config.section(name) for name in SECTIONS}
                     | {"models": config.models},
                 )
-                store.write_stage(config.store, run=run, input_hash=digest, tables=output.tables)
+                store.write_stage(config.store, run=run, input_hash=digest, tables=output.tables,
+                                  meta={store.STUDY_STAGES_KEY: json.dumps(planned)})
                 seconds = time.perf_counter() - started
                 logger.info("Stage %s: done in %.1f s", stage.name, seconds)
                 reports.append(StageReport(stage.name, "ran", seconds, digest))

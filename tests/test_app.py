@@ -4,37 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine import store
-from precompute import pipeline
-from precompute.config import parse_config
-from precompute.stages import STAGES
 
 APP = Path(__file__).resolve().parents[1] / "app"
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory, tiny_model_dir) -> Path:
-    root = tmp_path_factory.mktemp("study")
-    path = root / "tiny.duckdb"
-    config = parse_config({
-        "study": "tiny", "store": str(path),
-        "models": {"base": str(tiny_model_dir), "other": str(tiny_model_dir)},
-        "prompts": {"test_fraction": 0.05},
-        "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
-        "directions": {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
-                       "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3},
-        "saes": {"model": "other", "hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"], "expansion": 2,
-                 "k": 8, "steps": 40, "batch_size": 128, "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
-        "steering": {"model": "other", "top_features": 1, "eval_max_new_tokens": 2},
-        "circuits": {"model": "other", "max_prompts": 8, "max_nodes": 6, "stored_nodes": 20,
-                     "faithfulness_sizes": [3], "bootstrap": 20, "permutations": 49, "split_halves": 4,
-                     "patch_prompts": 4, "exact_sites": 1},
-    })
-    pipeline.run_pipeline(config, STAGES)
-    return path
 
 
 def _page(name: str, store_path: Path) -> AppTest:

@@ -10,7 +10,7 @@ import streamlit as st
 import streamlit.components.v1 as components
 
 from app import queries
-from app.components import circuit_graph_html
+from app.components import circuit_graph_html, show_chart, show_table
 from app.context import current_store, require_tables
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
@@ -110,14 +110,14 @@ else:
 
 table = shown_nodes.assign(dashboard=[
     f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
-st.dataframe(table[["rank", "hook", "feature", "effect", "effect_se", "share_positive", "label", "dashboard"]],
-             hide_index=True, width="stretch", height=260, column_config={
-                 "feature": st.column_config.NumberColumn("feature", help="-1: the SAE's error term"),
-                 "effect": st.column_config.NumberColumn("effect", format="%+.4f"),
-                 "effect_se": st.column_config.NumberColumn("± s.e.", format="%.4f"),
-                 "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
-                 "label": st.column_config.TextColumn("promotes"),
-                 "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})
+show_table(table[["rank", "hook", "feature", "effect", "effect_se", "share_positive", "label", "dashboard"]],
+           f"Circuit nodes, {kind} {category}", hide_index=True, width="stretch", height=260, column_config={
+               "feature": st.column_config.NumberColumn("feature", help="-1: the SAE's error term"),
+               "effect": st.column_config.NumberColumn("effect", format="%+.4f"),
+               "effect_se": st.column_config.NumberColumn("± s.e.", format="%.4f"),
+               "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
+               "label": st.column_config.TextColumn("promotes"),
+               "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})
 
 # --- Faithfulness -------------------------------------------------------------------------------
 st.subheader("Faithfulness against circuit size")
@@ -135,7 +135,8 @@ lines = alt.Chart(curve).mark_line(point=True).encode(
              alt.Tooltip("metric_full:Q", format="+.2f"), alt.Tooltip("metric_empty:Q", format="+.2f")])
 target = alt.Chart(pd.DataFrame({"faithfulness": [TARGET_FAITHFULNESS]})).mark_rule(strokeDash=[4, 4]).encode(
     y="faithfulness:Q")
-st.altair_chart((lines + target).properties(height=280), width="stretch")
+show_chart((lines + target).properties(height=280), f"Faithfulness against circuit size, {kind}", data=curve,
+           width="stretch")
 
 # --- Similarity heatmaps ----------------------------------------------------------------------
 st.subheader("How alike the circuits are")
@@ -173,7 +174,8 @@ def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: st
         text=alt.Text("value:Q", format=".2f"),
         color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),
                             alt.value("black")))
-    st.altair_chart(cells + text, width="stretch", height=max(160, 26 * data[rows].nunique() + 70))
+    show_chart(cells + text, f"{title}, {measure}", width="stretch",
+               height=max(160, 26 * data[rows].nunique() + 70))
 
 
 def between(rows_kind: str, columns_kind: str) -> pd.DataFrame:
@@ -201,15 +203,18 @@ else:
     st.markdown(f"**{len(in_core)}** nodes are in at least 70% of the {len(categories)} {kind} circuits (the "
                 f"shared core); the rest of each circuit is its tail.")
     core_left, core_right = st.columns(2)
-    core_left.dataframe(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], hide_index=True,
-                        width="stretch", column_config={
-                            "share": st.column_config.NumberColumn("share of circuits", format="percent"),
-                            "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+    with core_left:
+        show_table(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], f"Shared core, {kind}",
+                   hide_index=True, width="stretch", column_config={
+                       "share": st.column_config.NumberColumn("share of circuits", format="percent"),
+                       "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
     tail = core[~core["in_core"] & core["categories"].map(lambda cats: category in list(cats))]
-    core_right.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
-    core_right.dataframe(tail[["hook", "feature", "n_circuits", "mean_effect"]], hide_index=True, width="stretch",
-                         column_config={"n_circuits": st.column_config.NumberColumn("in # circuits"),
-                                        "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+    with core_right:
+        st.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
+        show_table(tail[["hook", "feature", "n_circuits", "mean_effect"]], f"Tail of {kind} {category}",
+                   hide_index=True, width="stretch",
+                   column_config={"n_circuits": st.column_config.NumberColumn("in # circuits"),
+                                  "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
 
 # --- Heads and MLPs -------------------------------------------------------------------------------
 st.subheader("Attention heads and MLP outputs: patching, toxic → safe")
@@ -232,11 +237,11 @@ for component, title in (("attn", "Attention output"), ("mlp", "MLP output")):
     layer_map = alt.Chart(patching[patching["component"] == component]).mark_rect(stroke="black").encode(
         x=alt.X("layer:O"), y=alt.Y("category:N", axis=alt.Axis(labelOverlap=False)),
         color=alt.Color("effect:Q", title="share of gap", scale=scale), strokeWidth=outline, tooltip=tooltip)
-    st.altair_chart(layer_map, width="stretch", height=300)
+    show_chart(layer_map, f"{title} patching by layer", width="stretch", height=300)
 heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
 if not heads.empty:
     st.markdown(f"Heads for **{category}**")
     head_map = alt.Chart(heads).mark_rect(stroke="black").encode(
         x=alt.X("layer:O"), y=alt.Y("head:O"), color=alt.Color("effect:Q", title="share of gap", scale=scale),
         strokeWidth=outline, tooltip=tooltip)
-    st.altair_chart(head_map, width="stretch", height=260)
+    show_chart(head_map, f"Head patching, {category}", width="stretch", height=260)

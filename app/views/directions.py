@@ -7,6 +7,7 @@ import altair as alt
 import streamlit as st
 
 from app import queries
+from app.components import show_chart, show_table
 from app.context import current_store, require_tables
 
 store = current_store()
@@ -55,7 +56,7 @@ cols[3].metric("KL on safe prompts, ablated", f"{ablated.mean_kl:.3f}",
 summary = queries.query(store, queries.EFFECT_SUMMARY_SQL)
 st.caption("Every model, with its own difference-of-means direction at the same layer and position "
            "(only the studied model's was chosen by search):")
-st.dataframe(summary, hide_index=True, width="stretch", column_config={
+show_table(summary, "Direction effects by model", hide_index=True, width="stretch", column_config={
     "kl_ablated": st.column_config.NumberColumn("KL on safe, ablated", format="%.3f")})
 
 st.subheader("Every candidate")
@@ -74,8 +75,8 @@ heat = alt.Chart(candidates).mark_rect().encode(
 mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(shape="diamond", size=160, color="red", filled=True).encode(
     x="layer:O", y=alt.Y("position_name:N", sort=position_order),
     tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
-st.altair_chart((heat + mark).properties(height=22 * len(position_order)), width="stretch",
-                height=22 * len(position_order) + 90)
+show_chart((heat + mark).properties(height=22 * len(position_order)), f"Direction candidates by {metric}",
+           data=candidates, width="stretch", height=22 * len(position_order) + 90)
 st.caption("Red diamond: the chosen candidate. Hover a cell for its scores and, if rejected, why. "
            "Layers in the last part of the model are not scored (the rule excludes them).")
 
@@ -85,7 +86,7 @@ kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxi
 shown = effects[effects["kind"] == kinds]
 bars = alt.Chart(shown).encode(x=alt.X("category:N", title=None), xOffset="condition:N",
                                color=alt.Color("condition:N", scale=CONDITION_COLORS))
-st.altair_chart(
+show_chart(
     (bars.mark_bar().encode(y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"),
                                     scale=alt.Scale(domain=[0, 1])),
                             tooltip=["condition", "category", alt.Tooltip("label:N", title="refused / prompts"),
@@ -93,43 +94,50 @@ st.altair_chart(
                                      alt.Tooltip("ci_high:Q", format=".0%")])
      + bars.mark_bar(size=2, opacity=0.7).encode(y="ci_low:Q", y2="ci_high:Q", color=alt.value("black"))
      ).properties(height=260),
-    width="stretch")
+    f"Refusal rate of {kinds} prompts by category and condition", width="stretch")
 
 st.subheader("Where is harmfulness linearly readable?")
 separation = queries.query(store, queries.SEPARATION_SQL)
 left, right = st.columns(2)
 for column, field, title in ((left, "separation_sigma", "separation (sigma), held out"),
                              (right, "probe_accuracy", "linear probe accuracy, held out")):
-    column.altair_chart(alt.Chart(separation).mark_line(point=True).encode(
-        x="layer:Q", y=alt.Y(f"{field}:Q", title=title), color="model:N",
-        tooltip=["model", "layer", alt.Tooltip(f"{field}:Q", format=".2f")]).properties(height=220), width="stretch")
+    with column:
+        show_chart(alt.Chart(separation).mark_line(point=True).encode(
+            x="layer:Q", y=alt.Y(f"{field}:Q", title=title), color="model:N",
+            tooltip=["model", "layer", alt.Tooltip(f"{field}:Q", format=".2f")]).properties(height=220),
+            f"Harmfulness {field} by layer", width="stretch")
 
 st.subheader("Projections on the refusal direction (test split)")
 category = st.selectbox("Category", ["all", *sorted(effects["category"].unique().tolist())], key="projection_category")
 projections = queries.query(store, queries.PROJECTIONS_SQL, (category, category))
-st.altair_chart(alt.Chart(projections).mark_bar(opacity=0.6).encode(
+show_chart(alt.Chart(projections).mark_bar(opacity=0.6).encode(
     x=alt.X("projection:Q", bin=alt.Bin(maxbins=40)), y=alt.Y("count():Q", stack=None),
     color=alt.Color("kind:N", sort=["toxic", "hard", "safe"]), column=alt.Column("model:N"),
-    tooltip=["kind", "count()"]).properties(height=200, width=320))
+    tooltip=["kind", "count()"]).properties(height=200, width=320),
+    f"Projections on the refusal direction, {category}")
 
 st.subheader("How do the categories' directions relate?")
 cosines = queries.query(store, queries.COSINES_SQL)
 cross = queries.query(store, queries.CROSS_ABLATION_SQL)
 left, right = st.columns(2)
-left.altair_chart(alt.Chart(cosines).mark_rect().encode(
+cosine_map = alt.Chart(cosines).mark_rect().encode(
     x=alt.X("category_b:N", title=None), y=alt.Y("category_a:N", title=None),
     color=alt.Color("cosine:Q", scale=alt.Scale(domain=[0, 1], scheme="blues")),
     tooltip=["category_a", "category_b", alt.Tooltip("cosine:Q", format=".2f"),
              alt.Tooltip("ci_low:Q", format=".2f", title="95% CI low"),
              alt.Tooltip("ci_high:Q", format=".2f", title="95% CI high")]).properties(
-    title="cosine of category directions (bootstrap 95% CI on hover)", height=320), width="stretch")
+    title="cosine of category directions (bootstrap 95% CI on hover)", height=320)
+with left:
+    show_chart(cosine_map, "Cosine of category directions", width="stretch")
 order = ["none", "global", *sorted(c for c in cross["ablated"].unique() if c not in ("none", "global"))]
-right.altair_chart(alt.Chart(cross).mark_rect().encode(
+cross_map = alt.Chart(cross).mark_rect().encode(
     x=alt.X("category:N", title="refusal measured on"), y=alt.Y("ablated:N", sort=order, title="direction ablated"),
     color=alt.Color("refusal_rate_by_score:Q", scale=alt.Scale(domain=[0, 1], scheme="reds")),
     tooltip=["ablated", "category", "n", alt.Tooltip("refusal_rate_by_score:Q", format=".0%"),
              alt.Tooltip("mean_refusal_score:Q", format=".2f")]).properties(
-    title="cross-ablation: toxic prompts refused (score > 0)", height=320), width="stretch")
+    title="cross-ablation: toxic prompts refused (score > 0)", height=320)
+with right:
+    show_chart(cross_map, "Cross-ablation of category directions", width="stretch")
 
 hard = queries.query(store, queries.HARD_DIRECTION_SQL).iloc[0]
 st.subheader("Refused vs answered hard prompts")

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from app import queries
-from app.components import highlighted_tokens
+from app.components import highlighted_tokens, show_chart, show_table
 from app.context import current_store, require_tables
 from app.resources import cached_sae, study_model
 from engine.errors import ExplorerError
@@ -68,7 +68,8 @@ ratio_chart = alt.Chart(aligned.assign(toxic=aligned["toxic_rate"], safe=aligned
     color=alt.Color("prompts:N", scale=alt.Scale(domain=["toxic", "safe"], range=["#d62728", "#1f77b4"])),
     tooltip=["feature", "prompts:N", alt.Tooltip("firing rate:Q", format=".1%"),
              alt.Tooltip("refusal_cosine:Q", format="+.3f"), "n_toxic_fired", "n_toxic", "n_safe_fired", "n_safe"])
-st.altair_chart(ratio_chart.properties(height=220), width="stretch")
+show_chart(ratio_chart.properties(height=220), f"{hook} refusal-aligned features, toxic vs safe firing",
+           width="stretch")
 
 st.subheader("All features")
 left, middle, right = st.columns([2, 2, 1])
@@ -92,9 +93,9 @@ if picked_categories:
 column, ascending = SORTS[sort_label]
 shown = shown.sort_values(column, ascending=ascending)
 st.caption(f"{len(shown):,} of {len(features):,} features. Select a row to open its dashboard.")
-table = st.dataframe(
+table = show_table(
     shown[["feature", "refusal_cosine", "attribution", "toxic_rate", "safe_rate", "toxic_safe_ratio", "density",
-           "top_category", "top_category_share", "top_tokens"]],
+           "top_category", "top_category_share", "top_tokens"]], f"{hook} features",
     hide_index=True, width="stretch", height=320, on_select="rerun", selection_mode="single-row",
     key="feature_table",
     column_config={
@@ -138,33 +139,35 @@ with left:
     st.markdown("**Activation histogram** (tokens where it fires)")
     edges = np.linspace(0, row.max_activation or 1.0, len(row.histogram) + 1)
     histogram = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": row.histogram})
-    st.altair_chart(alt.Chart(histogram).mark_bar().encode(
+    show_chart(alt.Chart(histogram).mark_bar().encode(
         x=alt.X("from:Q", bin="binned", title="activation"), x2="to:Q", y=alt.Y("tokens:Q", title="tokens"),
         tooltip=[alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), "tokens"],
-    ).properties(height=200), width="stretch")
+    ).properties(height=200), f"{hook} feature {feature} activation histogram", width="stretch")
 with right:
     logits = pd.DataFrame({"promoted": list(row.top_tokens), "suppressed": list(row.bottom_tokens)})
     st.caption("Output tokens the decoder direction promotes and suppresses most (through the unembedding)")
-    st.dataframe(logits.map(repr), hide_index=True, width="stretch", height=220)
+    show_table(logits.map(repr), f"{hook} feature {feature} top logits", hide_index=True, width="stretch",
+               height=220)
 
 groups = queries.query(store, queries.FEATURE_GROUPS_SQL, (hook, int(feature)))
 st.markdown("**Mean activation at the refusal-decision token, by category and kind**")
-st.altair_chart(alt.Chart(groups).mark_rect().encode(
+show_chart(alt.Chart(groups).mark_rect().encode(
     x=alt.X("category:N", title=None, axis=alt.Axis(labelAngle=-30)),
     y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None, axis=alt.Axis(labelOverlap=False)),
     color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
     tooltip=["category", "kind", "n", alt.Tooltip("mean_activation:Q", format=".3f"),
              alt.Tooltip("firing_rate:Q", format=".0%")],
-).properties(height=90), width="stretch", height=200)
+).properties(height=90), f"{hook} feature {feature} activation by category and kind", width="stretch",
+   height=200)
 
 cosines = queries.query(store, queries.FEATURE_COSINES_SQL, (hook, int(feature)))
 if not cosines.empty:
     st.markdown("**Cosine of the decoder direction with each refusal direction**")
-    st.altair_chart(alt.Chart(cosines).mark_bar().encode(
+    show_chart(alt.Chart(cosines).mark_bar().encode(
         x=alt.X("scope:N", title="refusal direction", sort=["global"]), y=alt.Y("cosine:Q"),
         color=alt.condition("datum.scope == 'global'", alt.value("#d62728"), alt.value("#7f7f7f")),
         tooltip=["scope", alt.Tooltip("cosine:Q", format="+.3f")],
-    ).properties(height=180), width="stretch")
+    ).properties(height=180), f"{hook} feature {feature} cosine with refusal directions", width="stretch")
 
 st.subheader("Top activating texts")
 examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))

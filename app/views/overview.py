@@ -6,6 +6,7 @@ import altair as alt
 import streamlit as st
 
 from app import queries
+from app.components import show_chart, show_table
 from app.context import current_store, require_tables
 
 KIND_ORDER = ["toxic", "hard", "safe"]
@@ -60,13 +61,14 @@ bars = base.mark_bar().encode(
 whiskers = base.mark_bar(size=2, opacity=0.7).encode(y="ci_low:Q", y2="ci_high:Q", color=alt.value("black"))
 for kind in ("toxic", "hard"):
     st.markdown(f"**{kind} prompts by harm category**")
-    st.altair_chart(alt.layer(bars, whiskers).transform_filter(alt.datum.kind == kind).properties(height=230),
-                    width="stretch")
+    show_chart(alt.layer(bars, whiskers).transform_filter(alt.datum.kind == kind).properties(height=230),
+               f"Refusal rate of {kind} prompts by harm category",
+               data=by_category[by_category["kind"] == kind], width="stretch")
 
 with st.expander("Refusal rates as a table"):
-    st.dataframe(rates.drop(columns="label"), hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="percent")
-                                for c in ("rate", "ci_low", "ci_high")})
+    show_table(rates.drop(columns="label"), "Refusal rates", hide_index=True, width="stretch",
+               column_config={c: st.column_config.NumberColumn(format="percent")
+                              for c in ("rate", "ci_low", "ci_high")})
 
 st.subheader("Do the two judges agree?")
 st.caption(
@@ -75,23 +77,24 @@ st.caption(
     "AUROC: how well the score ranks substring-judged refusals above compliances."
 )
 agreement = queries.query(store, queries.AGREEMENT_SQL)
-st.dataframe(agreement, hide_index=True, width="stretch")
+show_table(agreement, "Judge agreement", hide_index=True, width="stretch")
 tokens = queries.query(store, queries.REFUSAL_TOKENS_SQL)
-st.dataframe(tokens, hide_index=True, width="stretch",
-             column_config={"share_of_refusals": st.column_config.NumberColumn(format="percent")})
+show_table(tokens, "Refusal tokens", hide_index=True, width="stretch",
+           column_config={"share_of_refusals": st.column_config.NumberColumn(format="percent")})
 
 left, right = st.columns(2)
 with left:
     st.subheader("Prompts")
-    st.dataframe(counts.pivot(index="kind", columns="split", values="n").fillna(0).astype(int),
-                 width="stretch")
+    show_table(counts.pivot(index="kind", columns="split", values="n").fillna(0).astype(int),
+               "Prompts by kind and split", width="stretch")
 if "tune_steps" in present:
     with right:
         st.subheader("Safety fine-tune loss")
         steps = queries.query(store, queries.TUNE_STEPS_SQL)
-        st.altair_chart(
+        show_chart(
             alt.Chart(steps).mark_line().encode(x="step:Q", y=alt.Y("loss:Q", title="training loss"),
                                                 tooltip=["step", alt.Tooltip("loss:Q", format=".3f")])
             .properties(height=200),
+            "Safety fine-tune loss",
             width="stretch",
         )

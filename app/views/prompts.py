@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import queries
+from app.components import show_table
 from app.context import current_store, require_tables
 
 MAX_ROWS = 500
@@ -28,8 +29,8 @@ rows = queries.query(
     (tuple(picked_categories), tuple(picked_kinds), tuple(picked_splits), search.strip(), MAX_ROWS),
 )
 st.caption(f"{len(rows)} prompts shown (at most {MAX_ROWS}). Select a row to see the answers.")
-selection = st.dataframe(
-    rows.drop(columns="id"), hide_index=True, width="stretch", height=320,
+selection = show_table(
+    rows.drop(columns="id"), "Prompts", hide_index=True, width="stretch", height=320,
     on_select="rerun", selection_mode="single-row", key="prompt_table",
 )
 picked_rows = selection.selection.rows if selection else []

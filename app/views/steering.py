@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app import queries
+from app.components import show_chart, show_table
 from app.context import BUILD_COMMAND, current_store, require_tables
 from app.resources import cached_sae, study_model
 from engine.errors import ExplorerError
@@ -115,10 +116,10 @@ def show(answer, title: str) -> None:
     st.markdown(f"**First token, {title}**")
     top = pd.DataFrame(answer.top_tokens, columns=["token", "probability"])
     top["token"] = top["token"].map(repr)
-    st.altair_chart(alt.Chart(top).mark_bar().encode(
+    show_chart(alt.Chart(top).mark_bar().encode(
         x=alt.X("probability:Q", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("token:N", sort="-x", title=None), tooltip=["token", alt.Tooltip("probability:Q", format=".1%")],
-    ).properties(height=180), width="stretch")
+    ).properties(height=180), f"First token, {title}", width="stretch")
 
 
 if st.button("Generate", type="primary"):
@@ -157,12 +158,13 @@ st.caption("Answers generated under each intervention, judged by the substring j
 bars = alt.Chart(rates).encode(x=alt.X("intervention:N", title=None), xOffset="mode:N",
                                color=alt.Color("mode:N", scale=alt.Scale(domain=["suppress", "force"],
                                                                          range=["#1f77b4", "#d62728"])))
-st.altair_chart((bars.mark_bar().encode(
+show_chart((bars.mark_bar().encode(
     y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
     tooltip=["intervention", "mode", alt.Tooltip("label:N", title="refused / prompts"),
              alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
              alt.Tooltip("ci_high:Q", format=".0%")])
-    + bars.mark_rule(color="black").encode(y="ci_low:Q", y2="ci_high:Q")).properties(height=260), width="stretch")
+    + bars.mark_rule(color="black").encode(y="ci_low:Q", y2="ci_high:Q")).properties(height=260),
+    "Steering refusal rates", width="stretch")
 
 st.subheader("Collateral matrix")
 effects = queries.query(store, queries.STEERING_EFFECTS_SQL)
@@ -173,19 +175,20 @@ cells = effects[(effects["mode"] == mode) & (effects["kind"] == target_kind)].co
 cells["change"] = cells["rate_by_score"] - cells["baseline_rate_by_score"]
 category_rows = sorted(set(cells.loc[cells["type"] == "direction", "intervention"]) - {"global"})
 order = ["global", *category_rows, *sorted(set(cells.loc[cells["type"] == "feature", "intervention"]))]
-st.altair_chart(alt.Chart(cells).mark_rect().encode(
+show_chart(alt.Chart(cells).mark_rect().encode(
     x=alt.X("category:N", title=f"{target_kind} prompts of category"),
     y=alt.Y("intervention:N", sort=order, title="steered with"),
     color=alt.Color("change:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
                     title="change in refusal rate"),
     tooltip=["intervention", "category", "n", "n_refused_by_score", alt.Tooltip("rate_by_score:Q", format=".0%"),
              alt.Tooltip("baseline_rate_by_score:Q", format=".0%"), alt.Tooltip("change:Q", format="+.0%")],
-).properties(height=24 * len(order)), width="stretch", height=24 * len(order) + 110)
+).properties(height=24 * len(order)), f"Collateral matrix, {mode}", width="stretch",
+   height=24 * len(order) + 110)
 st.caption(f"Rows: the intervention ({mode}); columns: the category whose {target_kind} test prompts were "
            "measured; colour: change in the refusal rate by refusal score (> 0) against the unsteered model. A "
            "modular mechanism would show a strong diagonal; a shared one, full rows.")
 harmlessness = queries.query(store, queries.STEERING_HARMLESSNESS_SQL)
-st.dataframe(harmlessness, hide_index=True, width="stretch", column_config={
+show_table(harmlessness, "Steering harmlessness", hide_index=True, width="stretch", column_config={
     "mean_kl": st.column_config.NumberColumn("KL on safe prompts (suppress)", format="%.3f"),
     "cross_entropy": st.column_config.NumberColumn("CE of safe answers (suppress)", format="%.3f"),
     "baseline_cross_entropy": st.column_config.NumberColumn("CE unsteered", format="%.3f")})

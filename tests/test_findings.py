@@ -1,0 +1,163 @@
+"""The Findings object, its wording, the report, and the Findings / Compare pages."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import duckdb
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app.findings import Rate, VerdictFinding, answer, caveats, comparison_table, study_findings
+from app.report import report_html, report_markdown
+from engine import store
+
+MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
+
+
+def _verdict(**changes) -> VerdictFinding:
+    base = VerdictFinding(kind="toxic", label="monolithic", reason="r", between=0.9, between_low=0.85,
+                          between_high=0.95, ceiling=0.95, ratio=0.95, ratio_low=0.85, ratio_high=1.0, p_value=0.3,
+                          permutations=999, seeds_label="monolithic", n_categories=10, jaccard=0.6, core_size=40,
+                          circuit_size=100, monolithic_ratio=0.8, modular_ratio=0.5)
+    return replace(base, **changes)
+
+
+def test_rate_interval_is_wilson() -> None:
+    assert Rate(0, 10).interval == pytest.approx((0.0, 0.27754), abs=1e-4)
+    assert Rate(140, 145).interval == pytest.approx((0.92186, 0.98525), abs=1e-4)
+    assert Rate(140, 145).text() == "97% (140/145; 95% CI 92%–99%)"
+
+
+def test_certainty_asks_whether_the_whole_interval_is_in_the_band() -> None:
+    assert _verdict().certainty == "firm"
+    assert _verdict(ratio_low=0.6).certainty == "tentative"
+    assert _verdict(label="modular", ratio=0.3, ratio_low=0.2, ratio_high=0.45).certainty == "firm"
+    assert _verdict(label="modular", ratio=0.4, ratio_low=0.2, ratio_high=0.55).certainty == "tentative"
+    assert _verdict(label="partially modular", ratio=0.65, ratio_low=0.55, ratio_high=0.75).certainty == "firm"
+
+
+def test_findings_match_the_store(tiny_store: Path) -> None:
+    findings = study_findings(tiny_store)
+    rates = store.read_table(tiny_store, "refusal_rates")
+    toxic = rates[(rates["kind"] == "toxic") & (rates["model"] == "other")]
+    other = findings.refusal_of("other")
+    assert (other.by_kind["toxic"].refused, other.by_kind["toxic"].n) == (toxic["n_refused"].sum(), toxic["n"].sum())
+    assert other.smallest_group == rates[(rates["model"] == "other") & (rates["kind"] != "safe")]["n"].min()
+    chosen = store.read_table(tiny_store, "refusal_directions").query("scope == 'global' and chosen")
+    assert findings.direction.layer == int(chosen["layer"].iloc[0]) and findings.direction.model == "other"
+    verdicts = store.read_table(tiny_store, "circuit_verdicts").set_index("kind")
+    for verdict in findings.verdicts:
+        assert verdict.label == verdicts.loc[verdict.kind, "label"]
+        assert verdict.ratio == pytest.approx(verdicts.loc[verdict.kind, "ratio"])
+    core = store.read_table(tiny_store, "circuit_core").query("kind == 'toxic' and in_core")
+    assert {(s.hook, s.feature) for s in findings.shared} <= set(zip(core["hook"], core["feature"], strict=True))
+    assert findings.missing_stages == () and "tune" not in findings.stages_planned  # no fine-tune in this study
+    assert findings.prompt_counts.to_numpy().sum() == len(store.read_table(tiny_store, "prompts"))
+
+
+def test_answer_and_caveats_follow_the_numbers(tiny_store: Path) -> None:
+    findings = study_findings(tiny_store)
+    toxic = findings.verdict("toxic")
+    text = answer(findings)
+    assert f"{toxic.ratio:.0%} as alike" in text and f"{toxic.n_categories} harm categories" in text
+    over_kl = replace(findings, direction=replace(findings.direction, kl=0.5, max_kl=0.1),
+                      verdicts=(_verdict(ratio_low=0.6, seeds_label="partially modular"),))
+    notes = " ".join(caveats(over_kl))
+    assert "mean KL of 0.50, above the 0.1 target" in notes
+    assert "toxic verdict is tentative" in notes and "would say 'partially modular'" in notes
+    assert "as few as" in notes  # the tiny study's categories have a handful of test prompts each
+    assert "tentative" not in " ".join(caveats(replace(findings, verdicts=(_verdict(),))))
+
+
+def test_html_report_is_self_contained_and_carries_the_numbers(tiny_store: Path) -> None:
+    findings = study_findings(tiny_store)
+    page = report_html(findings)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 4  # verdicts, rates, direction, features
+    assert not re.search(r"""(src|href)\s*=\s*["']https?:""", page) and "<script" not in page
+    toxic = findings.verdict("toxic")
+    assert f"ratio {toxic.ratio:.2f}" in page
+    assert findings.direction.toxic_ablated.text() in page
+    for title in ("One shared mechanism, or one per category?", "Who gets refused", "How far to trust this"):
+        assert title in page
+
+
+def test_markdown_report_embeds_png_figures(tiny_store: Path) -> None:
+    text = report_markdown(study_findings(tiny_store))
+    images = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert len(images) == 4
+    assert all(base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
+    assert "| kind" in text  # the prompt-count table as a Markdown table
+
+
+def _partial_copy(source: Path, target: Path, drop_stage: str) -> Path:
+    shutil.copy2(source, target)
+    with duckdb.connect(str(target)) as con:
+        tables = con.execute("SELECT tables FROM stages WHERE stage = ?", [drop_stage]).fetchone()[0]
+        for name in re.findall(r'"([a-z_]+)"', tables):
+            con.execute(f"DROP TABLE {name}")
+        con.execute("DELETE FROM stages WHERE stage = ?", [drop_stage])
+    return target
+
+
+def test_findings_page_is_the_landing_page(tiny_store: Path, monkeypatch) -> None:
+    monkeypatch.setenv("REFUSAL_EXPLORER_STORE", str(tiny_store))
+    app = AppTest.from_file(str(MAIN), default_timeout=120).run()
+    assert not app.exception and not app.error
+    findings = study_findings(tiny_store)
+    assert app.title[0].value == "Findings: study tiny"
+    assert app.info[0].value == answer(findings)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Verdict (toxic prompts)"] == findings.verdict("toxic").label
+    assert metrics["…with the refusal direction ablated"] == f"{findings.direction.toxic_ablated.rate:.0%}"
+    names = {button.proto.label for button in app.get("download_button")}
+    assert {"Report (HTML)", "Report (Markdown)", "PNG", "SVG"} <= names
+
+
+def test_presentation_mode_shows_one_section_per_screen(tiny_store: Path, monkeypatch) -> None:
+    monkeypatch.setenv("REFUSAL_EXPLORER_STORE", str(tiny_store))
+    app = AppTest.from_file(str(MAIN), default_timeout=120).run()
+    app.sidebar.toggle[0].set_value(True).run()
+    assert [s.value for s in app.subheader] == ["One shared mechanism, or one per category?"]
+    next_button = next(b for b in app.button if b.label == "Next →")
+    next_button.click().run()
+    assert [s.value for s in app.subheader] == ["Who gets refused"]
+    assert any("font-size: 3.2rem" in str(block.proto) for block in app.get("html"))
+
+
+def test_a_store_missing_a_stage_says_what_to_build(tiny_store: Path, tmp_path: Path, monkeypatch) -> None:
+    partial = _partial_copy(tiny_store, tmp_path / "partial.duckdb", "circuits")
+    monkeypatch.setenv("REFUSAL_EXPLORER_STORE", str(partial))
+    app = AppTest.from_file(str(MAIN), default_timeout=120).run()
+    assert not app.exception and not app.error
+    assert app.info[0].value.startswith("No verdict yet")
+    text = " ".join(m.value for m in app.markdown)
+    assert "⬜ `circuits`" in text and "python -m precompute run" in text
+
+
+def test_comparison_puts_two_studies_side_by_side(tiny_store: Path, tmp_path: Path) -> None:
+    partial = _partial_copy(tiny_store, tmp_path / "partial.duckdb", "circuits")
+    table = comparison_table({"full": study_findings(tiny_store), "partial": study_findings(partial)}).set_index(
+        "measure")
+    assert list(table.columns) == ["full", "partial"]
+    assert table.loc["verdict (toxic)", "partial"] == "—"
+    assert table.loc["verdict (toxic)", "full"].startswith(study_findings(tiny_store).verdict("toxic").label)
+    assert table.loc["toxic refused: other", "full"] == table.loc["toxic refused: other", "partial"]
+
+
+def test_compare_page_with_two_stores(tiny_store: Path, isolated_data_dir: Path, monkeypatch) -> None:
+    stores = isolated_data_dir / "stores"
+    stores.mkdir(parents=True)
+    shutil.copy2(tiny_store, stores / "first.duckdb")
+    _partial_copy(tiny_store, stores / "second.duckdb", "circuits")
+    monkeypatch.setenv("REFUSAL_EXPLORER_STORE", str(stores / "first.duckdb"))
+    app = AppTest.from_file(str(MAIN), default_timeout=120).run()
+    app.switch_page("views/compare.py").run()
+    assert not app.exception and not app.error
+    shown = app.dataframe[0].value
+    assert list(shown.columns) == ["measure", "first", "second"]
+    assert len(app.get("vega_lite_chart")) == 2
