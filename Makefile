@@ -1,15 +1,17 @@
 # Refusal Circuit Explorer: `make demo` builds the embedded study if needed and starts the app;
 # `make test` runs the default test suite. Both create/refresh .venv first.
+# `make test-browser` drives the app in the system's headless Chromium (apt-get install chromium).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.installed-browser
 CONFIG ?= precompute/configs/demo.yaml
 STORE ?= data/stores/demo.duckdb
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: venv study demo app test test-slow bench
+.PHONY: venv study demo app test test-slow test-browser bench bench-app
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +38,19 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Playwright on top of the venv; the browser is the system's Chromium ($$CHROMIUM or /usr/bin/chromium).
+$(BROWSER_STAMP): requirements-browser.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-browser.txt
+	touch $@
+
+# Every page of the app in a real browser on a tiny study (BROWSER_STORE=data/stores/demo.duckdb: the demo);
+# screenshots in screenshots/browser/.
+test-browser: $(STAMP) $(BROWSER_STAMP)
+	$(PY) -m pytest -q -m browser tests/browser
+
 bench: $(STAMP)
 	$(PY) -m precompute bench --config $(CONFIG) --store $(STORE)
+
+# Page and interaction speed of the app on the built study, in headless Chromium.
+bench-app: $(STAMP) $(BROWSER_STAMP)
+	$(PY) -m precompute bench --only app --config $(CONFIG) --store $(STORE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -9,6 +11,18 @@ import streamlit as st
 from app.context import PRESENTATION_CSS, PRESENTATION_KEY, current_store, known_stores, presentation_mode
 
 st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
+
+
+@st.cache_resource(show_spinner=False)
+def warm_model_imports() -> threading.Thread:
+    """Import torch, TransformerLens and SAELens once per server, in the background, while the reader is
+    on the Findings page, so the first live-model page does not wait for them."""
+    thread = threading.Thread(target=importlib.import_module, args=("app.resources",), daemon=True)
+    thread.start()
+    return thread
+
+
+warm_model_imports()
 
 store = current_store()
 with st.sidebar:

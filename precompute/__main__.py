@@ -4,7 +4,9 @@ Commands:
   run     run every stage in order, skipping those whose inputs and config are unchanged
   tune    run the stages up to and including the fine-tune of the embedded demo model
   status  show each stage's state in the store
-  bench   speed figures on a built study (live steering latency, capture throughput)
+  merge   merge the parquet partitions of `run --shard K/N` jobs into the store
+  bench   speed figures on a built study (live steering latency, capture throughput; `--only app`:
+          page and interaction speed of the app in headless Chromium)
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from engine.errors import ExplorerError
 logger = logging.getLogger("precompute")
 
 DEFAULT_CONFIG = Path("precompute/configs/demo.yaml")
+SHARDING_HELP = (
+    "Sharding (e.g. a cluster array job): `run --shard K/N` for K = 1..N answers only slice K of the "
+    "prompts and writes data/stores/<study>.shards/generate/shard-K-of-N/; then `merge --shards N` checks every "
+    "shard is there and writes the generate stage into the store; then a plain `run` does the stages "
+    "that need all prompts at once (directions, saes, steering, circuits)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,21 +42,32 @@ def build_parser() -> argparse.ArgumentParser:
         ("tune", "run the stages up to the demo model's fine-tune only"),
         ("status", "show which stages are stored and whether they are up to date"),
         ("bench", "measure live steering latency and capture throughput on a built study"),
+        ("merge", "merge the partitions written by `run --shard K/N` jobs into the store"),
     ):
-        command = commands.add_parser(name, help=help_text, description=help_text)
+        command = commands.add_parser(name, help=help_text, description=help_text,
+                                      epilog=SHARDING_HELP if name in ("run", "merge") else None)
         command.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                              help=f"study config YAML (default: {DEFAULT_CONFIG})")
         command.add_argument("--store", type=Path, default=None,
                              help="store file to write (default: the config's `store`, else "
                                   "data/stores/<study>.duckdb)")
         if name == "bench":
-            command.add_argument("--only", choices=["all", "steering", "capture"], default="all")
+            command.add_argument("--only", choices=["all", "steering", "capture", "app"], default="all",
+                                 help="all = steering and capture; app = the app's page and interaction speed "
+                                      "in headless Chromium (needs requirements-browser.txt)")
             command.add_argument("--new-tokens", type=int, default=48, help="per live answer (default 48)")
-            command.add_argument("--repeats", type=int, default=3)
+            command.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")
             command.add_argument("--prompts", type=int, default=256, help="prompts for the capture figure")
+        elif name == "merge":
+            command.add_argument("--shards", type=int, required=True, metavar="N",
+                                 help="how many shards the `run --shard K/N` jobs used")
         elif name != "status":
             command.add_argument("--force", action="append", default=[], metavar="STAGE",
                                  help="re-run STAGE even if unchanged (repeatable)")
+        if name == "run":
+            command.add_argument("--shard", metavar="K/N", default=None,
+                                 help="run only the per-prompt stage (generate) on slice K of N (1-based, e.g. "
+                                      "3/8) and write its parquet partition beside the store; see below")
     return parser
 
 
@@ -59,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Heavy imports (torch, transformers) only after argument parsing keeps --help instant.
         from precompute.config import load_config
-        from precompute.pipeline import input_hash, run_pipeline
+        from precompute.pipeline import input_hash, merge_shards, run_pipeline, run_shard
+        from precompute.shards import parse_shard
         from precompute.stages import STAGES
 
+        shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
         config = load_config(args.config, store_override=args.store)
         if args.command == "status":
             hashes: dict[str, str] = {}
@@ -80,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(config, which=args.only, new_tokens=args.new_tokens, repeats=args.repeats,
                       n_prompts=args.prompts)
             return 0
-        until = "tune" if args.command == "tune" else None
-        reports = run_pipeline(config, STAGES, force=frozenset(args.force), until=until)
+        if args.command == "merge":
+            store_option = f" --store {args.store}" if args.store else ""
+            reports = merge_shards(config, STAGES, args.shards,
+                                   rerun=f"python -m precompute run --config {args.config}{store_option} --shard {{shard}}")
+        elif shard is not None:
+            reports = run_shard(config, STAGES, shard, force=frozenset(args.force))
+        else:
+            until = "tune" if args.command == "tune" else None
+            reports = run_pipeline(config, STAGES, force=frozenset(args.force), until=until)
         for report in reports:
             logger.info("%-10s %-15s %6.1f s", report.stage, report.status, report.seconds)
         logger.info("Store: %s", config.store)

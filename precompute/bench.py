@@ -4,6 +4,8 @@
   ablated), as the Steering page runs them; seconds for the pair.
 - capture: tokens per second of activation capture at every layer's residual stream next to a
   plain Hugging Face forward pass over the same prompts and batches; the ratio is the figure.
+- app (only with `--only app`): every page's render time and a few interactions in headless
+  Chromium, see precompute/bench_app.py.
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) ->
 def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int, n_prompts: int) -> list[BenchResult]:
     if not config.store.is_file():
         raise ExplorerError(f"No study store at {config.store}.", "build it first: python -m precompute run.")
+    if which == "app":  # no model in this process: the app loads its own
+        from precompute.bench_app import run_app_bench
+
+        pages, interactions = run_app_bench(config, repeats=repeats)
+        return [BenchResult(f"app: {t.name}", t.median, "s", f"target {t.target:g} s, {'PASS' if t.passed else 'FAIL'}")
+                for t in [*pages, *interactions]]
     role, model = _studied_model(config)
     results = []
     if which in ("all", "steering"):

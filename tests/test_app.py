@@ -99,17 +99,30 @@ def test_features_page_renders_a_feature_dashboard(tiny_store: Path) -> None:
     shown = [m.value for m in app.markdown if m.value.startswith("**#")]
     assert len(shown) == len(examples) and f"peak {examples['activation'].max():.2f}" in shown[0]
 
-    # search filters the table; a feature id out of range is one clear error
+    # search filters the table; every change of the feature or the SAE sticks (the URL follows, not leads)
     app.text_input(key="feature_search").input("5").run()
     assert app.dataframe[0].value["feature"].tolist() == [5]
-    app.number_input[0].set_value(999).run()
-    assert not app.exception and "Feature 999 does not exist" in app.error[0].value
+    for feature in (4, 5, 6, 7):
+        app.number_input[0].set_value(feature).run()
+        assert app.header[0].value == f"Feature {feature}" and app.query_params["feature"] == str(feature)
+    for hook in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"):
+        app.selectbox[0].set_value(hook).run()
+        assert app.selectbox[0].value == hook and app.query_params["hook"] == hook
 
     # live encoding of the reader's own text on the loaded model and SAE
+    app.selectbox[0].set_value("blocks.1.hook_resid_pre").run()
     app.number_input[0].set_value(5).run()
     app.button[0].click().run()
     assert not app.exception and not app.error
     assert any("Peak" in c.value for c in app.caption)
+
+
+def test_features_link_with_a_feature_out_of_range_is_one_clear_error(tiny_store: Path) -> None:
+    app = AppTest.from_file(str(APP / "views" / "features.py"), default_timeout=60)
+    app.session_state["store_path"] = str(tiny_store)
+    app.query_params["feature"] = "999"
+    app.run()
+    assert not app.exception and "Feature '999' does not exist" in app.error[0].value
 
 
 def test_features_page_names_a_missing_sae_folder(tiny_store: Path, tmp_path: Path) -> None:
@@ -162,7 +175,7 @@ def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) ->
     assert nodes["dashboard"].dropna().str.startswith("features?hook=blocks.").all()
     app.slider[0].set_value(2).run()  # nodes at most
     assert not app.exception and {m.label: m.value for m in app.metric}["Nodes / edges shown"].startswith("2 / ")
-    app.radio[1].set_value("jaccard").run()
+    next(r for r in app.radio if r.label == "Similarity").set_value("jaccard").run()
     assert not app.exception and not app.error
 
 

@@ -19,6 +19,9 @@ GRAPH_NODES = 30  # shown by default: a readable graph
 SIMILARITY_SCALES = {"cosine": alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
                      "jaccard": alt.Scale(scheme="greens", domain=[0, 1])}
 
+# The graph's HTML carries the whole vis-network library: build it once per circuit and thresholds.
+cached_graph_html = st.cache_data(circuit_graph_html, max_entries=64, show_spinner=False)
+
 store = current_store()
 st.title("Refusal circuits")
 require_tables(store, ("circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
@@ -65,156 +68,65 @@ def show_verdict(kind: str) -> None:
 for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
     show_verdict(kind)
 
-# --- One circuit as a graph -------------------------------------------------------------------
-st.subheader("A category's circuit")
-left, right = st.columns(2)
-kinds = [k for k in ("toxic", "hard", "safe") if k in set(ok["kind"])]
-kind = left.radio("Prompts", kinds, format_func=KIND_LABELS.get, horizontal=True)
-categories = ok.loc[ok["kind"] == kind, "category"].tolist()
-category = right.selectbox("Category", categories)
-row = ok[(ok["kind"] == kind) & (ok["category"] == category)].iloc[0]
-nodes = queries.query(store, queries.CIRCUIT_NODES_SQL, (kind, category))
-edges = queries.query(store, queries.CIRCUIT_EDGES_SQL, (kind, category))
-hooks = nodes.sort_values("layer")["hook"].unique().tolist()
-
-largest = float(nodes["effect"].abs().max())
-a, b, c = st.columns(3)
-circuit_size = int(nodes["in_circuit"].sum())
-max_nodes = a.slider("Nodes at most", 1, len(nodes), min(GRAPH_NODES, circuit_size),
-                     help=f"the study's circuit has {circuit_size} nodes; {len(nodes)} are stored; edges are "
-                          "computed among the circuit's top nodes")
-node_threshold = b.slider("Node |effect| at least", 0.0, largest, 0.0, format="%.3f")
-widest = float(edges["effect"].abs().max()) if len(edges) else 0.0
-edge_threshold = c.slider("Edge |effect| at least", 0.0, max(widest, 1e-6), widest / 10, format="%.4f",
-                          help="edges are computed between the study's circuit nodes")
-shown_nodes = nodes[(nodes["rank"] < max_nodes) & (nodes["effect"].abs() >= node_threshold)]
-shown_edges = edges[edges["effect"].abs() >= edge_threshold]
-features = shown_nodes[shown_nodes["feature"] >= 0]
-labels = queries.query(store, queries.FEATURE_LABELS_SQL, (tuple(hooks), tuple(features["feature"].tolist())))
-shown_nodes = shown_nodes.merge(labels.rename(columns={"top_tokens": "label"}), on=["hook", "feature"], how="left")
-shown_nodes["label"] = shown_nodes["label"].fillna("")
-
-m1, m2, m3, m4 = st.columns(4)
-m1.metric("Prompts", int(row.n_prompts))
-m2.metric(f"Faithfulness ({int(row.n_nodes)} nodes)", f"{row.faithfulness:.0%}",
-          help=f"mean {metric_name}: {row.metric_full:+.2f} unpatched, {row.metric_empty:+.2f} with every node "
-               "mean-ablated; faithfulness = (circuit - empty) / (full - empty)")
-m3.metric("Split-half cosine", f"{row.split_half_cosine:.2f}", help="the circuit's own reliability over prompts")
-m4.metric("Nodes / edges shown", f"{len(shown_nodes)} / {len(shown_edges)}")
-st.caption(f"Columns left to right: {' → '.join(f'`{h}`' for h in hooks)}. Red pushes towards refusal, blue away; "
-           "grey-bordered boxes are SAE error terms. Click a feature to open its dashboard.")
-if shown_nodes.empty:
-    st.info("No node passes these thresholds: lower them.")
-else:
-    components.html(circuit_graph_html(shown_nodes, shown_edges, hooks), height=580)
-
-table = shown_nodes.assign(dashboard=[
-    f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
-show_table(table[["rank", "hook", "feature", "effect", "effect_se", "share_positive", "label", "dashboard"]],
-           f"Circuit nodes, {kind} {category}", hide_index=True, width="stretch", height=260, column_config={
-               "feature": st.column_config.NumberColumn("feature", help="-1: the SAE's error term"),
-               "effect": st.column_config.NumberColumn("effect", format="%+.4f"),
-               "effect_se": st.column_config.NumberColumn("± s.e.", format="%.4f"),
-               "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
-               "label": st.column_config.TextColumn("promotes"),
-               "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})
-
-# --- Faithfulness -------------------------------------------------------------------------------
-st.subheader("Faithfulness against circuit size")
-faithfulness = queries.query(store, queries.CIRCUIT_FAITHFULNESS_SQL)
-curve = faithfulness[faithfulness["kind"] == kind]
-n_kept = int((ok.loc[ok["kind"] == kind, "faithfulness"] >= TARGET_FAITHFULNESS).sum())
-st.markdown(f"Mean-ablating every node outside the top *n*; **{n_kept} of {len(categories)}** {kind} circuits keep "
-            f"≥ {TARGET_FAITHFULNESS:.0%} of the {metric_name} at the stated size ({int(row.n_nodes)} nodes).")
-lines = alt.Chart(curve).mark_line(point=True).encode(
-    x=alt.X("n_nodes:Q", scale=alt.Scale(type="log"), title="nodes kept (log)"),
-    y=alt.Y("faithfulness:Q", axis=alt.Axis(format="%")),
-    color=alt.Color("category:N"),
-    opacity=alt.condition(alt.datum.category == category, alt.value(1.0), alt.value(0.25)),
-    tooltip=["category", "n_nodes", alt.Tooltip("faithfulness:Q", format=".1%"), alt.Tooltip("metric:Q", format="+.2f"),
-             alt.Tooltip("metric_full:Q", format="+.2f"), alt.Tooltip("metric_empty:Q", format="+.2f")])
-target = alt.Chart(pd.DataFrame({"faithfulness": [TARGET_FAITHFULNESS]})).mark_rule(strokeDash=[4, 4]).encode(
-    y="faithfulness:Q")
-show_chart((lines + target).properties(height=280), f"Faithfulness against circuit size, {kind}", data=curve,
-           width="stretch")
-
-# --- Similarity heatmaps ----------------------------------------------------------------------
-st.subheader("How alike the circuits are")
-measure = st.radio("Similarity", ["cosine", "jaccard"], horizontal=True,
-                   format_func={"cosine": "cosine of node effects", "jaccard": "Jaccard of node sets"}.get)
-similarity = queries.query(store, queries.CIRCUIT_SIMILARITY_SQL)
-mirrored = similarity.rename(columns={"kind_a": "kind_b", "category_a": "category_b", "kind_b": "kind_a",
-                                      "category_b": "category_a", "n_a": "n_b", "n_b": "n_a"})
-diagonal = ok.assign(kind_a=ok["kind"], category_a=ok["category"], kind_b=ok["kind"], category_b=ok["category"],
-                     cosine=ok["split_half_cosine"], jaccard=ok["split_half_jaccard"], n_a=ok["n_prompts"],
-                     n_b=ok["n_prompts"])
-full = pd.concat([similarity, mirrored, diagonal], ignore_index=True)
-full["value"] = full[measure]
-full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else "split-half (diagonal)"
-              for low, high in zip(full[f"{measure}_low"], full[f"{measure}_high"], strict=True)]
+# --- Similarity heatmaps (a fragment: switching the measure reruns only this part) -------------------
+@st.fragment
+def similarity_heatmaps() -> None:
+    st.subheader("How alike the circuits are")
+    measure = st.radio("Similarity", ["cosine", "jaccard"], horizontal=True,
+                       format_func={"cosine": "cosine of node effects", "jaccard": "Jaccard of node sets"}.get)
+    similarity = queries.query(store, queries.CIRCUIT_SIMILARITY_SQL)
+    mirrored = similarity.rename(columns={"kind_a": "kind_b", "category_a": "category_b", "kind_b": "kind_a",
+                                          "category_b": "category_a", "n_a": "n_b", "n_b": "n_a"})
+    diagonal = ok.assign(kind_a=ok["kind"], category_a=ok["category"], kind_b=ok["kind"], category_b=ok["category"],
+                         cosine=ok["split_half_cosine"], jaccard=ok["split_half_jaccard"], n_a=ok["n_prompts"],
+                         n_b=ok["n_prompts"])
+    full = pd.concat([similarity, mirrored, diagonal], ignore_index=True)
+    full["value"] = full[measure]
+    full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else "split-half (diagonal)"
+                  for low, high in zip(full[f"{measure}_low"], full[f"{measure}_high"], strict=True)]
 
 
-full["row"] = full["kind_a"] + "/" + full["category_a"]
-full["column"] = full["kind_b"] + "/" + full["category_b"]
+    full["row"] = full["kind_a"] + "/" + full["category_a"]
+    full["column"] = full["kind_b"] + "/" + full["category_b"]
 
 
-def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: str, x_title: str) -> None:
-    if data.empty:
-        return
-    st.markdown(f"**{title}**")
-    base = alt.Chart(data).encode(
-        x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
-        y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
-    cells = base.mark_rect().encode(
-        color=alt.Color("value:Q", title=measure, scale=SIMILARITY_SCALES[measure]),
-        tooltip=["row", "column", alt.Tooltip("value:Q", format=".3f", title=measure),
-                 alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
-                 alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
-    text = base.mark_text(fontSize=9).encode(
-        text=alt.Text("value:Q", format=".2f"),
-        color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),
-                            alt.value("black")))
-    show_chart(cells + text, f"{title}, {measure}", width="stretch",
-               height=max(160, 26 * data[rows].nunique() + 70))
+    def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: str, x_title: str) -> None:
+        if data.empty:
+            return
+        st.markdown(f"**{title}**")
+        base = alt.Chart(data).encode(
+            x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
+            y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
+        cells = base.mark_rect().encode(
+            color=alt.Color("value:Q", title=measure, scale=SIMILARITY_SCALES[measure]),
+            tooltip=["row", "column", alt.Tooltip("value:Q", format=".3f", title=measure),
+                     alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
+                     alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
+        text = base.mark_text(fontSize=9).encode(
+            text=alt.Text("value:Q", format=".2f"),
+            color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),
+                                alt.value("black")))
+        show_chart(cells + text, f"{title}, {measure}", width="stretch",
+                   height=max(160, 26 * data[rows].nunique() + 70))
 
 
-def between(rows_kind: str, columns_kind: str) -> pd.DataFrame:
-    return full[(full["kind_a"] == rows_kind) & (full["kind_b"] == columns_kind)]
+    def between(rows_kind: str, columns_kind: str) -> pd.DataFrame:
+        return full[(full["kind_a"] == rows_kind) & (full["kind_b"] == columns_kind)]
 
 
-st.caption("Diagonal: split-half similarity (one category, two halves of its prompts). Hover a cell for its CI "
-           "and, within one kind, the permutation p-value of the two categories differing.")
-heatmap(full, "All circuits", "row", "column", "circuit", "circuit")
-side_a, side_b = st.columns(2)
-with side_a:
-    heatmap(between("toxic", "toxic"), "Toxic circuits", "category_a", "category_b", "toxic", "toxic")
-with side_b:
-    heatmap(between("hard", "hard"), "Safe-side (hard) circuits", "category_a", "category_b", "hard", "hard")
-heatmap(pd.concat([between("hard", "toxic"), between("safe", "toxic")]), "Safe-side (rows) against toxic (columns)",
-        "row", "category_b", "safe side", "toxic")
+    st.caption("Diagonal: split-half similarity (one category, two halves of its prompts). Hover a cell for its CI "
+               "and, within one kind, the permutation p-value of the two categories differing.")
+    heatmap(full, "All circuits", "row", "column", "circuit", "circuit")
+    side_a, side_b = st.columns(2)
+    with side_a:
+        heatmap(between("toxic", "toxic"), "Toxic circuits", "category_a", "category_b", "toxic", "toxic")
+    with side_b:
+        heatmap(between("hard", "hard"), "Safe-side (hard) circuits", "category_a", "category_b", "hard", "hard")
+    heatmap(pd.concat([between("hard", "toxic"), between("safe", "toxic")]), "Safe-side (rows) against toxic (columns)",
+            "row", "category_b", "safe side", "toxic")
 
-# --- Shared core and tails ----------------------------------------------------------------------
-st.subheader("Shared core and category tails")
-core = queries.query(store, queries.CIRCUIT_CORE_SQL, (kind,))
-if core.empty:
-    st.info(f"No {kind} verdict: a core needs two or more {kind} circuits.")
-else:
-    in_core = core[core["in_core"]]
-    st.markdown(f"**{len(in_core)}** nodes are in at least 70% of the {len(categories)} {kind} circuits (the "
-                f"shared core); the rest of each circuit is its tail.")
-    core_left, core_right = st.columns(2)
-    with core_left:
-        show_table(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], f"Shared core, {kind}",
-                   hide_index=True, width="stretch", column_config={
-                       "share": st.column_config.NumberColumn("share of circuits", format="percent"),
-                       "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
-    tail = core[~core["in_core"] & core["categories"].map(lambda cats: category in list(cats))]
-    with core_right:
-        st.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
-        show_table(tail[["hook", "feature", "n_circuits", "mean_effect"]], f"Tail of {kind} {category}",
-                   hide_index=True, width="stretch",
-                   column_config={"n_circuits": st.column_config.NumberColumn("in # circuits"),
-                                  "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+
+similarity_heatmaps()
 
 # --- Heads and MLPs -------------------------------------------------------------------------------
 st.subheader("Attention heads and MLP outputs: patching, toxic → safe")
@@ -238,10 +150,112 @@ for component, title in (("attn", "Attention output"), ("mlp", "MLP output")):
         x=alt.X("layer:O"), y=alt.Y("category:N", axis=alt.Axis(labelOverlap=False)),
         color=alt.Color("effect:Q", title="share of gap", scale=scale), strokeWidth=outline, tooltip=tooltip)
     show_chart(layer_map, f"{title} patching by layer", width="stretch", height=300)
-heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
-if not heads.empty:
-    st.markdown(f"Heads for **{category}**")
-    head_map = alt.Chart(heads).mark_rect(stroke="black").encode(
-        x=alt.X("layer:O"), y=alt.Y("head:O"), color=alt.Color("effect:Q", title="share of gap", scale=scale),
-        strokeWidth=outline, tooltip=tooltip)
-    show_chart(head_map, f"Head patching, {category}", width="stretch", height=260)
+
+# --- One category in depth (a fragment: picking a kind, category or threshold reruns only this part) ---
+@st.fragment
+def category_circuit() -> None:
+    st.subheader("A category's circuit")
+    left, right = st.columns(2)
+    kinds = [k for k in ("toxic", "hard", "safe") if k in set(ok["kind"])]
+    kind = left.radio("Prompts", kinds, format_func=KIND_LABELS.get, horizontal=True)
+    categories = ok.loc[ok["kind"] == kind, "category"].tolist()
+    category = right.selectbox("Category", categories)
+    row = ok[(ok["kind"] == kind) & (ok["category"] == category)].iloc[0]
+    nodes = queries.query(store, queries.CIRCUIT_NODES_SQL, (kind, category))
+    edges = queries.query(store, queries.CIRCUIT_EDGES_SQL, (kind, category))
+    hooks = nodes.sort_values("layer")["hook"].unique().tolist()
+
+    largest = float(nodes["effect"].abs().max())
+    a, b, c = st.columns(3)
+    circuit_size = int(nodes["in_circuit"].sum())
+    max_nodes = a.slider("Nodes at most", 1, len(nodes), min(GRAPH_NODES, circuit_size),
+                         help=f"the study's circuit has {circuit_size} nodes; {len(nodes)} are stored; edges are "
+                              "computed among the circuit's top nodes")
+    node_threshold = b.slider("Node |effect| at least", 0.0, largest, 0.0, format="%.3f")
+    widest = float(edges["effect"].abs().max()) if len(edges) else 0.0
+    edge_threshold = c.slider("Edge |effect| at least", 0.0, max(widest, 1e-6), widest / 10, format="%.4f",
+                              help="edges are computed between the study's circuit nodes")
+    shown_nodes = nodes[(nodes["rank"] < max_nodes) & (nodes["effect"].abs() >= node_threshold)]
+    shown_edges = edges[edges["effect"].abs() >= edge_threshold]
+    features = shown_nodes[shown_nodes["feature"] >= 0]
+    labels = queries.query(store, queries.FEATURE_LABELS_SQL, (tuple(hooks), tuple(features["feature"].tolist())))
+    shown_nodes = shown_nodes.merge(labels.rename(columns={"top_tokens": "label"}), on=["hook", "feature"], how="left")
+    shown_nodes["label"] = shown_nodes["label"].fillna("")
+
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Prompts", int(row.n_prompts))
+    m2.metric(f"Faithfulness ({int(row.n_nodes)} nodes)", f"{row.faithfulness:.0%}",
+              help=f"mean {metric_name}: {row.metric_full:+.2f} unpatched, {row.metric_empty:+.2f} with every node "
+                   "mean-ablated; faithfulness = (circuit - empty) / (full - empty)")
+    m3.metric("Split-half cosine", f"{row.split_half_cosine:.2f}", help="the circuit's own reliability over prompts")
+    m4.metric("Nodes / edges shown", f"{len(shown_nodes)} / {len(shown_edges)}")
+    st.caption(f"Columns left to right: {' → '.join(f'`{h}`' for h in hooks)}. Red pushes towards refusal, blue away; "
+               "grey-bordered boxes are SAE error terms. Click a feature to open its dashboard.")
+    if shown_nodes.empty:
+        st.info("No node passes these thresholds: lower them.")
+    else:
+        components.html(cached_graph_html(shown_nodes, shown_edges, hooks), height=580)
+
+    table = shown_nodes.assign(dashboard=[
+        f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
+    show_table(table[["rank", "hook", "feature", "effect", "effect_se", "share_positive", "label", "dashboard"]],
+               f"Circuit nodes, {kind} {category}", hide_index=True, width="stretch", height=260, column_config={
+                   "feature": st.column_config.NumberColumn("feature", help="-1: the SAE's error term"),
+                   "effect": st.column_config.NumberColumn("effect", format="%+.4f"),
+                   "effect_se": st.column_config.NumberColumn("± s.e.", format="%.4f"),
+                   "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
+                   "label": st.column_config.TextColumn("promotes"),
+                   "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})
+
+    # --- Faithfulness -------------------------------------------------------------------------------
+    st.subheader("Faithfulness against circuit size")
+    faithfulness = queries.query(store, queries.CIRCUIT_FAITHFULNESS_SQL)
+    curve = faithfulness[faithfulness["kind"] == kind]
+    n_kept = int((ok.loc[ok["kind"] == kind, "faithfulness"] >= TARGET_FAITHFULNESS).sum())
+    st.markdown(f"Mean-ablating every node outside the top *n*; **{n_kept} of {len(categories)}** {kind} circuits keep "
+                f"≥ {TARGET_FAITHFULNESS:.0%} of the {metric_name} at the stated size ({int(row.n_nodes)} nodes).")
+    lines = alt.Chart(curve).mark_line(point=True).encode(
+        x=alt.X("n_nodes:Q", scale=alt.Scale(type="log"), title="nodes kept (log)"),
+        y=alt.Y("faithfulness:Q", axis=alt.Axis(format="%")),
+        color=alt.Color("category:N"),
+        opacity=alt.condition(alt.datum.category == category, alt.value(1.0), alt.value(0.25)),
+        tooltip=["category", "n_nodes", alt.Tooltip("faithfulness:Q", format=".1%"), alt.Tooltip("metric:Q", format="+.2f"),
+                 alt.Tooltip("metric_full:Q", format="+.2f"), alt.Tooltip("metric_empty:Q", format="+.2f")])
+    target = alt.Chart(pd.DataFrame({"faithfulness": [TARGET_FAITHFULNESS]})).mark_rule(strokeDash=[4, 4]).encode(
+        y="faithfulness:Q")
+    show_chart((lines + target).properties(height=280), f"Faithfulness against circuit size, {kind}", data=curve,
+               width="stretch")
+
+    # --- Shared core and tails ----------------------------------------------------------------------
+    st.subheader("Shared core and category tails")
+    core = queries.query(store, queries.CIRCUIT_CORE_SQL, (kind,))
+    if core.empty:
+        st.info(f"No {kind} verdict: a core needs two or more {kind} circuits.")
+    else:
+        in_core = core[core["in_core"]]
+        st.markdown(f"**{len(in_core)}** nodes are in at least 70% of the {len(categories)} {kind} circuits (the "
+                    f"shared core); the rest of each circuit is its tail.")
+        core_left, core_right = st.columns(2)
+        with core_left:
+            show_table(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], f"Shared core, {kind}",
+                       hide_index=True, width="stretch", column_config={
+                           "share": st.column_config.NumberColumn("share of circuits", format="percent"),
+                           "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+        tail = core[~core["in_core"] & core["categories"].map(lambda cats: category in list(cats))]
+        with core_right:
+            st.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
+            show_table(tail[["hook", "feature", "n_circuits", "mean_effect"]], f"Tail of {kind} {category}",
+                       hide_index=True, width="stretch",
+                       column_config={"n_circuits": st.column_config.NumberColumn("in # circuits"),
+                                      "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+
+    heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
+    if not heads.empty:
+        st.markdown(f"Heads for **{category}**")
+        head_map = alt.Chart(heads).mark_rect(stroke="black").encode(
+            x=alt.X("layer:O"), y=alt.Y("head:O"), color=alt.Color("effect:Q", title="share of gap", scale=scale),
+            strokeWidth=outline, tooltip=tooltip)
+        show_chart(head_map, f"Head patching, {category}", width="stretch", height=260)
+
+
+category_circuit()

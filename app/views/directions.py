@@ -59,42 +59,52 @@ st.caption("Every model, with its own difference-of-means direction at the same 
 show_table(summary, "Direction effects by model", hide_index=True, width="stretch", column_config={
     "kl_ablated": st.column_config.NumberColumn("KL on safe, ablated", format="%.3f")})
 
-st.subheader("Every candidate")
-metric = st.radio("Colour by", ["ablation_score", "induce_score", "kl"], horizontal=True,
-                  captions=["refusal score on toxic prompts, direction ablated (low = bypass)",
-                            "refusal score on safe prompts, direction added (high = induces refusal)",
-                            "KL on safe prompts under ablation (low = harmless)"])
-heat = alt.Chart(candidates).mark_rect().encode(
-    x=alt.X("layer:O", title="layer"),
-    y=alt.Y("position_name:N", title="prompt position", sort=position_order, axis=alt.Axis(labelOverlap=False)),
-    color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis", reverse=metric == "ablation_score")),
-    tooltip=["layer", "position_label", alt.Tooltip("ablation_score:Q", format=".2f"),
-             alt.Tooltip("induce_score:Q", format=".2f"), alt.Tooltip("kl:Q", format=".3f"),
-             "eligible", "rejected_because"],
-)
-mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(shape="diamond", size=160, color="red", filled=True).encode(
-    x="layer:O", y=alt.Y("position_name:N", sort=position_order),
-    tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
-show_chart((heat + mark).properties(height=22 * len(position_order)), f"Direction candidates by {metric}",
-           data=candidates, width="stretch", height=22 * len(position_order) + 90)
-st.caption("Red diamond: the chosen candidate. Hover a cell for its scores and, if rejected, why. "
-           "Layers in the last part of the model are not scored (the rule excludes them).")
+@st.fragment  # recolouring reruns only this chart
+def candidate_heatmap() -> None:
+    st.subheader("Every candidate")
+    metric = st.radio("Colour by", ["ablation_score", "induce_score", "kl"], horizontal=True,
+                      captions=["refusal score on toxic prompts, direction ablated (low = bypass)",
+                                "refusal score on safe prompts, direction added (high = induces refusal)",
+                                "KL on safe prompts under ablation (low = harmless)"])
+    heat = alt.Chart(candidates).mark_rect().encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("position_name:N", title="prompt position", sort=position_order, axis=alt.Axis(labelOverlap=False)),
+        color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis", reverse=metric == "ablation_score")),
+        tooltip=["layer", "position_label", alt.Tooltip("ablation_score:Q", format=".2f"),
+                 alt.Tooltip("induce_score:Q", format=".2f"), alt.Tooltip("kl:Q", format=".3f"),
+                 "eligible", "rejected_because"],
+    )
+    mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(shape="diamond", size=160, color="red", filled=True).encode(
+        x="layer:O", y=alt.Y("position_name:N", sort=position_order),
+        tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
+    show_chart((heat + mark).properties(height=22 * len(position_order)), f"Direction candidates by {metric}",
+               data=candidates, width="stretch", height=22 * len(position_order) + 90)
+    st.caption("Red diamond: the chosen candidate. Hover a cell for its scores and, if rejected, why. "
+               "Layers in the last part of the model are not scored (the rule excludes them).")
 
-st.subheader("Bypass and induced refusal, by category")
+
+candidate_heatmap()
+
 effects = effects.assign(label=effects["n_refused"].astype(str) + " / " + effects["n"].astype(str))
-kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxic", key="effects_kind") or "toxic"
-shown = effects[effects["kind"] == kinds]
-bars = alt.Chart(shown).encode(x=alt.X("category:N", title=None), xOffset="condition:N",
-                               color=alt.Color("condition:N", scale=CONDITION_COLORS))
-show_chart(
-    (bars.mark_bar().encode(y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"),
-                                    scale=alt.Scale(domain=[0, 1])),
-                            tooltip=["condition", "category", alt.Tooltip("label:N", title="refused / prompts"),
-                                     alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
-                                     alt.Tooltip("ci_high:Q", format=".0%")])
-     + bars.mark_bar(size=2, opacity=0.7).encode(y="ci_low:Q", y2="ci_high:Q", color=alt.value("black"))
-     ).properties(height=260),
-    f"Refusal rate of {kinds} prompts by category and condition", width="stretch")
+@st.fragment  # switching the kind reruns only this chart
+def effects_by_category() -> None:
+    st.subheader("Bypass and induced refusal, by category")
+    kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxic", key="effects_kind") or "toxic"
+    shown = effects[effects["kind"] == kinds]
+    bars = alt.Chart(shown).encode(x=alt.X("category:N", title=None), xOffset="condition:N",
+                                   color=alt.Color("condition:N", scale=CONDITION_COLORS))
+    show_chart(
+        (bars.mark_bar().encode(y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"),
+                                        scale=alt.Scale(domain=[0, 1])),
+                                tooltip=["condition", "category", alt.Tooltip("label:N", title="refused / prompts"),
+                                         alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
+                                         alt.Tooltip("ci_high:Q", format=".0%")])
+         + bars.mark_bar(size=2, opacity=0.7).encode(y="ci_low:Q", y2="ci_high:Q", color=alt.value("black"))
+         ).properties(height=260),
+        f"Refusal rate of {kinds} prompts by category and condition", width="stretch")
+
+
+effects_by_category()
 
 st.subheader("Where is harmfulness linearly readable?")
 separation = queries.query(store, queries.SEPARATION_SQL)
@@ -107,14 +117,19 @@ for column, field, title in ((left, "separation_sigma", "separation (sigma), hel
             tooltip=["model", "layer", alt.Tooltip(f"{field}:Q", format=".2f")]).properties(height=220),
             f"Harmfulness {field} by layer", width="stretch")
 
-st.subheader("Projections on the refusal direction (test split)")
-category = st.selectbox("Category", ["all", *sorted(effects["category"].unique().tolist())], key="projection_category")
-projections = queries.query(store, queries.PROJECTIONS_SQL, (category, category))
-show_chart(alt.Chart(projections).mark_bar(opacity=0.6).encode(
-    x=alt.X("projection:Q", bin=alt.Bin(maxbins=40)), y=alt.Y("count():Q", stack=None),
-    color=alt.Color("kind:N", sort=["toxic", "hard", "safe"]), column=alt.Column("model:N"),
-    tooltip=["kind", "count()"]).properties(height=200, width=320),
-    f"Projections on the refusal direction, {category}")
+@st.fragment  # picking a category reruns only this chart
+def projection_histograms() -> None:
+    st.subheader("Projections on the refusal direction (test split)")
+    category = st.selectbox("Category", ["all", *sorted(effects["category"].unique().tolist())], key="projection_category")
+    projections = queries.query(store, queries.PROJECTIONS_SQL, (category, category))
+    show_chart(alt.Chart(projections).mark_bar(opacity=0.6).encode(
+        x=alt.X("projection:Q", bin=alt.Bin(maxbins=40)), y=alt.Y("count():Q", stack=None),
+        color=alt.Color("kind:N", sort=["toxic", "hard", "safe"]), column=alt.Column("model:N"),
+        tooltip=["kind", "count()"]).properties(height=200, width=320),
+        f"Projections on the refusal direction, {category}")
+
+
+projection_histograms()
 
 st.subheader("How do the categories' directions relate?")
 cosines = queries.query(store, queries.COSINES_SQL)

@@ -12,11 +12,10 @@ import streamlit as st
 from app import queries
 from app.components import highlighted_tokens, show_chart, show_table
 from app.context import current_store, require_tables
-from app.resources import cached_sae, study_model
 from engine.errors import ExplorerError
-from engine.features import feature_on_text
-from engine.saes import stored_sae_source
 
+HOOK_KEY, FEATURE_KEY, SELECTED_KEY = "features_hook", "features_feature", "features_selected_row"
+URL_WRITTEN = "features_url_written"  # the (hook, feature) this page last put in the URL
 RATIO = 3.0  # "fires on toxic prompts at >= 3x its rate on safe prompts"
 SORTS = {
     "refusal alignment (|cosine| with the refusal direction)": ("refusal_alignment", False),
@@ -35,7 +34,13 @@ require_tables(store, ("saes", "features", "feature_examples", "feature_groups",
 saes = queries.query(store, queries.SAES_SQL)
 params = st.query_params
 hooks = saes["hook"].tolist()
-hook = st.selectbox("SAE", hooks, index=hooks.index(params["hook"]) if params.get("hook") in hooks else len(hooks) - 1,
+# The URL (hook, feature) seeds the widgets only when it changed since this page last wrote it (a link was
+# followed); otherwise the widgets keep the reader's own choices.
+url = (params.get("hook"), params.get("feature"))
+followed_link = st.session_state.get(URL_WRITTEN) != url
+if (followed_link and url[0] in hooks) or st.session_state.get(HOOK_KEY) not in hooks:
+    st.session_state[HOOK_KEY] = url[0] if url[0] in hooks else hooks[-1]
+hook = st.selectbox("SAE", hooks, key=HOOK_KEY,
                     help="One SAE per hook; the refusal direction's layer is the last one by default.")
 sae_row = saes[saes["hook"] == hook].iloc[0]
 cols = st.columns(5)
@@ -71,124 +76,141 @@ ratio_chart = alt.Chart(aligned.assign(toxic=aligned["toxic_rate"], safe=aligned
 show_chart(ratio_chart.properties(height=220), f"{hook} refusal-aligned features, toxic vs safe firing",
            width="stretch")
 
-st.subheader("All features")
-left, middle, right = st.columns([2, 2, 1])
-search = left.text_input("Search", placeholder="feature id or a top token", key="feature_search").strip()
-sort_label = middle.selectbox("Sort by", list(SORTS))
-selective_only = right.checkbox(f"toxic ≥ {RATIO:.0f}× safe", help="fires on toxic prompts at least "
-                                f"{RATIO:.0f} times as often as on safe ones")
-categories = sorted(features["top_category"].dropna().unique())
-picked_categories = st.multiselect("Top category (where the feature is most active on toxic prompts)", categories)
-max_density = float(features["density"].max()) or 1.0
-density_range = st.slider("Density (fraction of tokens)", 0.0, max_density, (0.0, max_density), format="%.4f")
+@st.fragment  # filtering, sorting or opening a feature reruns only the table and the dashboard
+def feature_browser() -> None:
+    st.subheader("All features")
+    left, middle, right = st.columns([2, 2, 1])
+    search = left.text_input("Search", placeholder="feature id or a top token", key="feature_search").strip()
+    sort_label = middle.selectbox("Sort by", list(SORTS))
+    selective_only = right.checkbox(f"toxic ≥ {RATIO:.0f}× safe", help="fires on toxic prompts at least "
+                                    f"{RATIO:.0f} times as often as on safe ones")
+    categories = sorted(features["top_category"].dropna().unique())
+    picked_categories = st.multiselect("Top category (where the feature is most active on toxic prompts)", categories)
+    max_density = float(features["density"].max()) or 1.0
+    density_range = st.slider("Density (fraction of tokens)", 0.0, max_density, (0.0, max_density), format="%.4f")
 
-shown = features[features["density"].between(*density_range)]
-if search:
-    shown = shown[(shown["feature"].astype(str) == search)
-                  | shown["top_tokens"].str.contains(search, case=False, regex=False)]
-if selective_only:
-    shown = shown[shown["toxic_safe_ratio"] >= RATIO]
-if picked_categories:
-    shown = shown[shown["top_category"].isin(picked_categories)]
-column, ascending = SORTS[sort_label]
-shown = shown.sort_values(column, ascending=ascending)
-st.caption(f"{len(shown):,} of {len(features):,} features. Select a row to open its dashboard.")
-table = show_table(
-    shown[["feature", "refusal_cosine", "attribution", "toxic_rate", "safe_rate", "toxic_safe_ratio", "density",
-           "top_category", "top_category_share", "top_tokens"]], f"{hook} features",
-    hide_index=True, width="stretch", height=320, on_select="rerun", selection_mode="single-row",
-    key="feature_table",
-    column_config={
-        "refusal_cosine": st.column_config.NumberColumn("cos(refusal)", format="%+.3f"),
-        "attribution": st.column_config.NumberColumn("attribution", format="%+.4f",
-                                                     help="effect on the refusal score of toxic prompts"),
-        "toxic_rate": st.column_config.NumberColumn("toxic rate", format="percent"),
-        "safe_rate": st.column_config.NumberColumn("safe rate", format="percent"),
-        "toxic_safe_ratio": st.column_config.NumberColumn("toxic÷safe", format="%.1f"),
-        "density": st.column_config.NumberColumn("density", format="%.4f"),
-        "top_category_share": st.column_config.NumberColumn("top category share", format="percent"),
-        "top_tokens": st.column_config.TextColumn("promotes"),
-    })
+    shown = features[features["density"].between(*density_range)]
+    if search:
+        shown = shown[(shown["feature"].astype(str) == search)
+                      | shown["top_tokens"].str.contains(search, case=False, regex=False)]
+    if selective_only:
+        shown = shown[shown["toxic_safe_ratio"] >= RATIO]
+    if picked_categories:
+        shown = shown[shown["top_category"].isin(picked_categories)]
+    column, ascending = SORTS[sort_label]
+    shown = shown.sort_values(column, ascending=ascending)
+    st.caption(f"{len(shown):,} of {len(features):,} features. Select a row to open its dashboard.")
+    table = show_table(
+        shown[["feature", "refusal_cosine", "attribution", "toxic_rate", "safe_rate", "toxic_safe_ratio", "density",
+               "top_category", "top_category_share", "top_tokens"]], f"{hook} features",
+        hide_index=True, width="stretch", height=320, on_select="rerun", selection_mode="single-row",
+        key="feature_table",
+        column_config={
+            "refusal_cosine": st.column_config.NumberColumn("cos(refusal)", format="%+.3f"),
+            "attribution": st.column_config.NumberColumn("attribution", format="%+.4f",
+                                                         help="effect on the refusal score of toxic prompts"),
+            "toxic_rate": st.column_config.NumberColumn("toxic rate", format="percent"),
+            "safe_rate": st.column_config.NumberColumn("safe rate", format="percent"),
+            "toxic_safe_ratio": st.column_config.NumberColumn("toxic÷safe", format="%.1f"),
+            "density": st.column_config.NumberColumn("density", format="%.4f"),
+            "top_category_share": st.column_config.NumberColumn("top category share", format="percent"),
+            "top_tokens": st.column_config.TextColumn("promotes"),
+        })
 
-selected_rows = table.selection.rows if table is not None else []
-default_feature = (int(shown["feature"].iloc[selected_rows[0]]) if selected_rows
-                   else int(params.get("feature", aligned["feature"].iloc[0])))
-d_sae = int(sae_row.d_sae)
-feature = st.number_input(f"Feature (0–{d_sae - 1})", value=default_feature, step=1,
-                          help="or select a row in the table above")
-if not 0 <= feature < d_sae:
-    st.error(f"Feature {feature} does not exist: this SAE has {d_sae:,} features. Fix: pick 0–{d_sae - 1}.")
-    st.stop()
-params["hook"], params["feature"] = hook, str(feature)
+    selected_rows = table.selection.rows if table is not None else []
+    selected = int(shown["feature"].iloc[selected_rows[0]]) if selected_rows else None
+    d_sae = int(sae_row.d_sae)
+    if followed_link and url[1] is not None:
+        if not url[1].isdigit() or not 0 <= int(url[1]) < d_sae:
+            st.error(f"Feature {url[1]!r} does not exist: this SAE has {d_sae:,} features. Fix: pick 0–{d_sae - 1}.")
+            st.stop()
+        st.session_state[FEATURE_KEY] = int(url[1])
+    elif selected is not None and selected != st.session_state.get(SELECTED_KEY):  # a row was just selected
+        st.session_state[FEATURE_KEY] = selected
+    elif not 0 <= st.session_state.get(FEATURE_KEY, -1) < d_sae:  # first visit, or another SAE's width
+        st.session_state[FEATURE_KEY] = int(aligned["feature"].iloc[0])
+    st.session_state[SELECTED_KEY] = selected
+    feature = st.number_input(f"Feature (0–{d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=FEATURE_KEY,
+                              help="or select a row in the table above")
+    params["hook"], params["feature"] = hook, str(feature)
+    st.session_state[URL_WRITTEN] = (hook, str(feature))
 
-row = queries.query(store, queries.FEATURE_SQL, (hook, int(feature))).iloc[0]
-st.header(f"Feature {feature}")
-cols = st.columns(5)
-cols[0].metric("Density", f"{row.density:.3%}", help="fraction of corpus tokens where it fires")
-cols[1].metric("Max activation", f"{row.max_activation:.2f}")
-cols[2].metric("Toxic / safe firing", f"{row.toxic_rate:.0%} / {row.safe_rate:.0%}",
-               help=f"at the refusal-decision token: {row.n_toxic_fired} of {row.n_toxic} toxic prompts, "
-                    f"{row.n_safe_fired} of {row.n_safe} safe prompts (hard: {row.hard_rate:.0%})")
-cols[3].metric("cos(refusal direction)", f"{row.refusal_cosine:+.3f}" if pd.notna(row.refusal_cosine) else "—")
-cols[4].metric("Attribution", f"{row.attribution:+.4f}", help=f"± {row.attribution_se:.4f} (standard error over "
-               "toxic prompts): (activation − mean safe activation) × gradient of the refusal score, summed over "
-               f"the prompt-end positions. The SAE error term's: {row.error_attribution:+.4f}")
+    row = queries.query(store, queries.FEATURE_SQL, (hook, int(feature))).iloc[0]
+    st.header(f"Feature {feature}")
+    cols = st.columns(5)
+    cols[0].metric("Density", f"{row.density:.3%}", help="fraction of corpus tokens where it fires")
+    cols[1].metric("Max activation", f"{row.max_activation:.2f}")
+    cols[2].metric("Toxic / safe firing", f"{row.toxic_rate:.0%} / {row.safe_rate:.0%}",
+                   help=f"at the refusal-decision token: {row.n_toxic_fired} of {row.n_toxic} toxic prompts, "
+                        f"{row.n_safe_fired} of {row.n_safe} safe prompts (hard: {row.hard_rate:.0%})")
+    cols[3].metric("cos(refusal direction)", f"{row.refusal_cosine:+.3f}" if pd.notna(row.refusal_cosine) else "—")
+    cols[4].metric("Attribution", f"{row.attribution:+.4f}", help=f"± {row.attribution_se:.4f} (standard error over "
+                   "toxic prompts): (activation − mean safe activation) × gradient of the refusal score, summed over "
+                   f"the prompt-end positions. The SAE error term's: {row.error_attribution:+.4f}")
 
-left, right = st.columns(2)
-with left:
-    st.markdown("**Activation histogram** (tokens where it fires)")
-    edges = np.linspace(0, row.max_activation or 1.0, len(row.histogram) + 1)
-    histogram = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": row.histogram})
-    show_chart(alt.Chart(histogram).mark_bar().encode(
-        x=alt.X("from:Q", bin="binned", title="activation"), x2="to:Q", y=alt.Y("tokens:Q", title="tokens"),
-        tooltip=[alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), "tokens"],
-    ).properties(height=200), f"{hook} feature {feature} activation histogram", width="stretch")
-with right:
-    logits = pd.DataFrame({"promoted": list(row.top_tokens), "suppressed": list(row.bottom_tokens)})
-    st.caption("Output tokens the decoder direction promotes and suppresses most (through the unembedding)")
-    show_table(logits.map(repr), f"{hook} feature {feature} top logits", hide_index=True, width="stretch",
-               height=220)
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Activation histogram** (tokens where it fires)")
+        edges = np.linspace(0, row.max_activation or 1.0, len(row.histogram) + 1)
+        histogram = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": row.histogram})
+        show_chart(alt.Chart(histogram).mark_bar().encode(
+            x=alt.X("from:Q", bin="binned", title="activation"), x2="to:Q", y=alt.Y("tokens:Q", title="tokens"),
+            tooltip=[alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), "tokens"],
+        ).properties(height=200), f"{hook} feature {feature} activation histogram", width="stretch")
+    with right:
+        logits = pd.DataFrame({"promoted": list(row.top_tokens), "suppressed": list(row.bottom_tokens)})
+        st.caption("Output tokens the decoder direction promotes and suppresses most (through the unembedding)")
+        show_table(logits.map(repr), f"{hook} feature {feature} top logits", hide_index=True, width="stretch",
+                   height=220)
 
-groups = queries.query(store, queries.FEATURE_GROUPS_SQL, (hook, int(feature)))
-st.markdown("**Mean activation at the refusal-decision token, by category and kind**")
-show_chart(alt.Chart(groups).mark_rect().encode(
-    x=alt.X("category:N", title=None, axis=alt.Axis(labelAngle=-30)),
-    y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None, axis=alt.Axis(labelOverlap=False)),
-    color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
-    tooltip=["category", "kind", "n", alt.Tooltip("mean_activation:Q", format=".3f"),
-             alt.Tooltip("firing_rate:Q", format=".0%")],
-).properties(height=90), f"{hook} feature {feature} activation by category and kind", width="stretch",
-   height=200)
+    groups = queries.query(store, queries.FEATURE_GROUPS_SQL, (hook, int(feature)))
+    st.markdown("**Mean activation at the refusal-decision token, by category and kind**")
+    show_chart(alt.Chart(groups).mark_rect().encode(
+        x=alt.X("category:N", title=None, axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None, axis=alt.Axis(labelOverlap=False)),
+        color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
+        tooltip=["category", "kind", "n", alt.Tooltip("mean_activation:Q", format=".3f"),
+                 alt.Tooltip("firing_rate:Q", format=".0%")],
+    ).properties(height=90), f"{hook} feature {feature} activation by category and kind", width="stretch",
+       height=200)
 
-cosines = queries.query(store, queries.FEATURE_COSINES_SQL, (hook, int(feature)))
-if not cosines.empty:
-    st.markdown("**Cosine of the decoder direction with each refusal direction**")
-    show_chart(alt.Chart(cosines).mark_bar().encode(
-        x=alt.X("scope:N", title="refusal direction", sort=["global"]), y=alt.Y("cosine:Q"),
-        color=alt.condition("datum.scope == 'global'", alt.value("#d62728"), alt.value("#7f7f7f")),
-        tooltip=["scope", alt.Tooltip("cosine:Q", format="+.3f")],
-    ).properties(height=180), f"{hook} feature {feature} cosine with refusal directions", width="stretch")
+    cosines = queries.query(store, queries.FEATURE_COSINES_SQL, (hook, int(feature)))
+    if not cosines.empty:
+        st.markdown("**Cosine of the decoder direction with each refusal direction**")
+        show_chart(alt.Chart(cosines).mark_bar().encode(
+            x=alt.X("scope:N", title="refusal direction", sort=["global"]), y=alt.Y("cosine:Q"),
+            color=alt.condition("datum.scope == 'global'", alt.value("#d62728"), alt.value("#7f7f7f")),
+            tooltip=["scope", alt.Tooltip("cosine:Q", format="+.3f")],
+        ).properties(height=180), f"{hook} feature {feature} cosine with refusal directions", width="stretch")
 
-st.subheader("Top activating texts")
-examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))
-if examples.empty:
-    st.info("This feature never fires on the corpus (a dead feature).")
-for example in examples.itertuples():
-    st.markdown(f"**#{example.rank + 1}** · peak {example.activation:.2f} · {example.kind} · {example.category} "
-                f"· {example.source} · prompt `{example.prompt_id}`")
-    st.html(highlighted_tokens(list(example.tokens), list(example.token_activations), float(row.max_activation),
-                               peak=int(example.position)))
+    st.subheader("Top activating texts")
+    examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))
+    if examples.empty:
+        st.info("This feature never fires on the corpus (a dead feature).")
+    for example in examples.itertuples():
+        st.markdown(f"**#{example.rank + 1}** · peak {example.activation:.2f} · {example.kind} · {example.category} "
+                    f"· {example.source} · prompt `{example.prompt_id}`")
+        st.html(highlighted_tokens(list(example.tokens), list(example.token_activations), float(row.max_activation),
+                                   peak=int(example.position)))
 
-st.subheader("Try your own text")
-text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000)
-as_chat = st.checkbox("Format as a user turn of the chat template", value=True)
-if st.button("Encode", type="primary"):
-    try:
-        live = feature_on_text(study_model(store, sae_row.model), cached_sae(*stored_sae_source(store, sae_row.to_dict())), int(feature), text, as_chat_prompt=as_chat)
-    except ExplorerError as exc:
-        st.error(f"{exc.problem} Fix: {exc.fix}")
-    else:
-        peak = int(np.argmax(live.activations))
-        st.caption(f"Peak {live.activations.max():.2f} at token {peak} ({live.tokens[peak]!r}); shading is relative "
-                   f"to the feature's corpus maximum {row.max_activation:.2f}.")
-        st.html(highlighted_tokens(live.tokens, live.activations.tolist(), float(row.max_activation), peak=peak))
+    st.subheader("Try your own text")
+    text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000)
+    as_chat = st.checkbox("Format as a user turn of the chat template", value=True)
+    if st.button("Encode", type="primary"):
+        # torch and SAELens load only for live encoding: the stored dashboard renders without them.
+        from app.resources import cached_sae, study_model
+        from engine.features import feature_on_text
+        from engine.saes import stored_sae_source
+
+        try:
+            live = feature_on_text(study_model(store, sae_row.model), cached_sae(*stored_sae_source(store, sae_row.to_dict())), int(feature), text, as_chat_prompt=as_chat)
+        except ExplorerError as exc:
+            st.error(f"{exc.problem} Fix: {exc.fix}")
+        else:
+            peak = int(np.argmax(live.activations))
+            st.caption(f"Peak {live.activations.max():.2f} at token {peak} ({live.tokens[peak]!r}); shading is relative "
+                       f"to the feature's corpus maximum {row.max_activation:.2f}.")
+            st.html(highlighted_tokens(live.tokens, live.activations.tolist(), float(row.max_activation), peak=peak))
+
+
+feature_browser()
