@@ -15,6 +15,7 @@ from engine.models import DTYPES, resolve_dtype
 from engine.paths import REPO_ROOT, stores_dir
 from engine.prompts import CATEGORIES, check_categories
 from engine.refusal_metric import METRICS
+from engine.sae_registry import check_release
 from engine.saes import SaeTraining
 from engine.tuning import TuneConfig
 
@@ -285,6 +286,10 @@ class StudyConfig:
         if self.circuits is not None and (self.saes is None or self.circuits.model != self.saes.model):
             raise ExplorerError("circuits need a `saes:` section on the same model.",
                                 "add saes, and set circuits.model to saes.model.")
+        if self.saes is not None:
+            for entry in self.saes.pretrained:
+                if "path" not in entry:  # a registry release must be for the SAE model (a folder is checked on load)
+                    check_release(str(entry["release"]), str(entry["sae_id"]), self.models[self.saes.model])
         if self.saes is not None and not self.saes.hooks and not self.saes.pretrained and self.directions is None:
             raise ExplorerError("saes.layer_offsets count from the refusal layer, but the config has no "
                                 "`directions:` section.", "add one, or list the SAE hooks under saes.hooks.")

@@ -3,24 +3,29 @@
 Writes `generations` (one row per prompt x model: response, substring-judge label, refusal
 score), `refusal_tokens` (what the score reads, per model), `judge_agreement` and
 `refusal_rates` (per model x category x kind, with Wilson 95% intervals).
+
+Shardable: `run --shard K/N` answers one slice of the prompts; `merge` judges all of them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from engine.chunked import map_in_chunks
+from engine.errors import ExplorerError
 from engine.generation import answer_table
 from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_rate_table, refusal_score
-from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, load_model
+from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, LoadedModel, load_model
 from engine.scoring import next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
+from precompute.shards import ShardSpec, in_shard
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ class GenerateStage(Stage):
     name = "generate"
     version = 1
     upstream = ("prompts", "tune")
+    # Sharded, each shard writes its raw answers; the merge finds the refusal tokens over all of them
+    # and scores every prompt (one forward pass each, no generation) before the aggregates.
+    shardable = True
+    shard_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"answers": ("model", "prompt_id")}
 
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
         return {
@@ -50,29 +59,42 @@ class GenerateStage(Stage):
         }
 
     @staticmethod
-    def _answer_and_judge(
-        context: StageContext, role: str, spec: str, selected: pd.DataFrame
-    ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
-        """One model's judged answers, refusal tokens and judge agreement (the model is freed
-        on return, before the next one loads)."""
-        config, settings = context.config, context.config.generation
-        model = load_model(spec, dtype=config.generation.torch_dtype)
+    def _selected(context: StageContext) -> pd.DataFrame:
+        """The prompts of the splits the config answers."""
+        prompts = context.table("prompts").drop(columns="run_id")
+        return prompts[prompts["split"].isin(context.config.generation.splits)].reset_index(drop=True)
+
+    @staticmethod
+    def _answers(context: StageContext, model: LoadedModel, role: str, spec: str, selected: pd.DataFrame,
+                 shard: ShardSpec | None = None) -> pd.DataFrame:
+        """Greedy answers (prompt_id, response, first_token_id, n_new_tokens), resumable by chunk."""
+        settings = context.config.generation
+        label = f"generate {role}" + (f" (shard {shard})" if shard else "")
 
         def answer(chunk: pd.DataFrame) -> pd.DataFrame:
             return answer_table(model, chunk, max_new_tokens=settings.max_new_tokens,
-                                batch_size=settings.batch_size, desc=f"generate {role}")
+                                batch_size=settings.batch_size, desc=label)
 
         key = {"prompts": context.hashes["prompts"], "model": model_fingerprint(spec),
                "tune": context.hashes.get("tune") if spec == EMBEDDED_TUNED else None,
-               "generation": config.section("generation")}
-        answers = map_in_chunks(selected, answer, cache=context.cache("answers", key),
-                                chunk_size=settings.chunk_size, desc=f"generate {role}")
-        answers["refused"] = [is_refusal(text) for text in answers["response"]]
+               "generation": context.config.section("generation")}
+        if shard:
+            key["shard"] = str(shard)  # chunk numbers count within the shard's own slice
+        return map_in_chunks(selected, answer, cache=context.cache("answers", key),
+                             chunk_size=settings.chunk_size, desc=label)
+
+    @staticmethod
+    def _judge(context: StageContext, model: LoadedModel, role: str, spec: str, answers: pd.DataFrame,
+               selected: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+        """Both judges on one model's answers (in `selected`'s order): judged rows, refusal tokens
+        and judge agreement."""
+        config = context.config
+        answers = answers.assign(refused=[is_refusal(text) for text in answers["response"]])
         found = find_refusal_tokens(model.tokenizer, answers["first_token_id"].tolist(), answers["refused"].tolist(),
                                     min_share=config.judge.min_share, enrichment=config.judge.enrichment)
         logger.info("%s refusal tokens (%s): %s", role, found.source, list(found.tokens))
         logprobs = next_token_logprobs(model, list(selected["text"]), token_ids=found.token_ids,
-                                       batch_size=settings.batch_size)
+                                       batch_size=config.generation.batch_size)
         answers["refusal_score"] = refusal_score(logprobs)
         answers["refused_by_score"] = answers["refusal_score"] > 0
         frame = answers.assign(model=role, model_spec=spec, condition="baseline").merge(
@@ -86,13 +108,15 @@ class GenerateStage(Stage):
         ]
         return frame, tokens, agreements
 
-    def run(self, context: StageContext) -> StageOutput:
+    def _output(self, context: StageContext, answers_of: Callable[[LoadedModel, str, str], pd.DataFrame],
+                selected: pd.DataFrame) -> StageOutput:
+        """Judge every model's answers (one model in memory at a time) into the stage's tables."""
         config = context.config
-        prompts = context.table("prompts").drop(columns="run_id")
-        selected = prompts[prompts["split"].isin(config.generation.splits)].reset_index(drop=True)
         frames, tokens, agreements = [], [], []
         for role, spec in config.models.items():
-            frame, found, agreement = self._answer_and_judge(context, role, spec, selected)
+            model = load_model(spec, dtype=config.generation.torch_dtype)
+            frame, found, agreement = self._judge(context, model, role, spec, answers_of(model, role, spec), selected)
+            del model  # freed before the next one loads
             frames.append(frame)
             tokens.append(found)
             agreements.extend(agreement)
@@ -106,5 +130,36 @@ class GenerateStage(Stage):
                 "refusal_rates": refusal_rate_table(generations, ["model", "category", "kind"]),
             },
             models=tuple(config.models.values()),
-            dataset="+".join(sorted(prompts["source"].unique())),
+            dataset="+".join(sorted(context.table("prompts")["source"].unique())),
         )
+
+    def run(self, context: StageContext) -> StageOutput:
+        selected = self._selected(context)
+        return self._output(
+            context, lambda model, role, spec: self._answers(context, model, role, spec, selected), selected)
+
+    def run_shard(self, context: StageContext, shard: ShardSpec) -> dict[str, pd.DataFrame]:
+        selected = self._selected(context)
+        selected = selected[in_shard(selected["id"], shard)].reset_index(drop=True)
+        answers = []
+        for role, spec in context.config.models.items():
+            model = load_model(spec, dtype=context.config.generation.torch_dtype)
+            answers.append(self._answers(context, model, role, spec, selected, shard).assign(model=role))
+            del model
+        return {"answers": pd.concat(answers, ignore_index=True)}
+
+    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame]) -> StageOutput:
+        selected = self._selected(context)
+        answers = tables["answers"]
+        for role in context.config.models:
+            held = answers.loc[answers["model"] == role, "prompt_id"]
+            if len(held) != len(selected) or not held.isin(selected["id"]).all():
+                raise ExplorerError(
+                    f"The shards hold {len(held)} answers of {role}, but the study answers {len(selected)} prompts.",
+                    "run every shard with the same config and N (delete the store's .shards folder to start over).")
+
+        def answers_of(model: LoadedModel, role: str, spec: str) -> pd.DataFrame:
+            own = answers[answers["model"] == role].drop(columns="model")
+            return selected[["id"]].merge(own, left_on="id", right_on="prompt_id").drop(columns="id")  # prompt order
+
+        return self._output(context, answers_of, selected)

@@ -30,6 +30,7 @@ class TuneStage(Stage):
     name = "tune"
     version = 2
     upstream = ("prompts",)
+    runs_in_every_shard = False  # it saves the tuned model under data/models
 
     def applies(self, config: StudyConfig) -> bool:
         return config.tune is not None and EMBEDDED_TUNED in config.models.values()

@@ -1,0 +1,127 @@
+"""Shards of a per-prompt stage: which prompts slice K of N holds, and its parquet partition on disk.
+
+A shard's rows live beside the store in `<study>.shards/<stage>/shard-K-of-N/<table>.parquet`, with
+a manifest that names the stage's input hash. The manifest is written last and removed first, so a partition is
+either complete and labelled with the inputs that made it, or absent: re-running a shard replaces
+its own partition and nothing else, and a killed shard never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from engine.errors import ExplorerError
+
+MANIFEST = "manifest.json"
+SHARD_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+DUPLICATES_SQL = """
+SELECT {keys}, count(*) AS copies FROM read_parquet(?) GROUP BY ALL HAVING count(*) > 1 ORDER BY copies DESC LIMIT 5
+"""
+READ_SQL = "SELECT * FROM read_parquet(?)"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Slice `index` (1-based) of `count`."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise ExplorerError(f"Shard {self.index}/{self.count} does not exist.",
+                                "write K/N with 1 <= K <= N, e.g. --shard 1/8 ... --shard 8/8.")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def folder_name(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+
+def parse_shard(text: str) -> ShardSpec:
+    """`K/N` as written on the command line (or by a scheduler's array index)."""
+    match = SHARD_SPEC.match(text)
+    if not match:
+        raise ExplorerError(f"Shard spec {text!r} is not K/N.",
+                            "write two whole numbers, e.g. --shard 3/8 (the third of eight shards).")
+    return ShardSpec(int(match.group(1)), int(match.group(2)))
+
+
+def in_shard(ids: pd.Series, shard: ShardSpec) -> np.ndarray:
+    """Which ids slice `shard` holds: a stable hash of each id, modulo the shard count, so a
+    prompt's shard depends on nothing but its id and N."""
+    buckets = np.array([int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16) % shard.count for i in ids])
+    return buckets == shard.index - 1
+
+
+def partition_dir(store: Path, stage: str, shard: ShardSpec) -> Path:
+    return store.parent / f"{store.stem}.shards" / stage / shard.folder_name
+
+
+def partition_hash(folder: Path) -> str | None:
+    """The input hash a complete partition was made with, or None if there is none."""
+    manifest = folder / MANIFEST
+    return json.loads(manifest.read_text())["input_hash"] if manifest.is_file() else None
+
+
+def _replace_atomically(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def write_partition(folder: Path, *, stage: str, shard: ShardSpec, input_hash: str,
+                    tables: Mapping[str, pd.DataFrame]) -> None:
+    """Replace one shard's partition: tables first, the manifest that vouches for them last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for name, frame in tables.items():
+        _replace_atomically(folder / f"{name}.parquet", lambda path, f=frame: f.to_parquet(path, index=False))
+    manifest = {"stage": stage, "shard": str(shard), "input_hash": input_hash,
+                "rows": {name: len(frame) for name, frame in tables.items()}}
+    _replace_atomically(folder / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
+
+
+def read_partitions(store: Path, stage: str, count: int, *, input_hash: str, keys: Mapping[str, tuple[str, ...]],
+                    rerun: str) -> dict[str, pd.DataFrame]:
+    """All N partitions of a stage, each table read across them by DuckDB, after checking that
+    every shard is there, was made with `input_hash`, and no row key appears twice.
+
+    `rerun` is the command that makes a shard, with `{shard}` where K/N goes (for the fix)."""
+    shards = [ShardSpec(k, count) for k in range(1, count + 1)]
+    hashes = {shard: partition_hash(partition_dir(store, stage, shard)) for shard in shards}
+    missing = [shard for shard, digest in hashes.items() if digest is None]
+    stale = [shard for shard, digest in hashes.items() if digest not in (None, input_hash)]
+    for problem, bad in (("is missing", missing), ("was made with other inputs (config, prompts or code)", stale)):
+        if bad:
+            names = ", ".join(str(shard) for shard in bad)
+            raise ExplorerError(
+                f"shard {names} of stage {stage} {problem} (in {partition_dir(store, stage, bad[0]).parent}).",
+                "run " + " and ".join(f"`{rerun.format(shard=shard)}`" for shard in bad) + ", then merge again.")
+    tables: dict[str, pd.DataFrame] = {}
+    with duckdb.connect() as con:
+        for name, key in keys.items():
+            files = [str(partition_dir(store, stage, shard) / f"{name}.parquet") for shard in shards]
+            duplicated = con.execute(DUPLICATES_SQL.format(keys=", ".join(key)), [files]).fetchall()
+            if duplicated:
+                raise ExplorerError(
+                    f"The shards of stage {stage} hold {name} rows more than once, e.g. {key} = {duplicated[0][:-1]} "
+                    f"({duplicated[0][-1]} copies).",
+                    f"delete {partition_dir(store, stage, shards[0]).parent} and run all {count} shards again "
+                    "with the same N.")
+            tables[name] = con.execute(READ_SQL, [files]).df()
+    return tables
