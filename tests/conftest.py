@@ -67,18 +67,11 @@ def tiny_model(tiny_model_dir: Path):
     return load_model(str(tiny_model_dir), device="cpu")
 
 
-@pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A study store with every stage, built from the tiny model (shared by the app tests)."""
-    from precompute import pipeline
-    from precompute.config import parse_config
-    from precompute.stages import STAGES
-
-    root = tmp_path_factory.mktemp("study")
-    path = root / "tiny.duckdb"
-    config = parse_config({
-        "study": "tiny", "store": str(path),
-        "models": {"base": str(tiny_model_dir), "other": str(tiny_model_dir)},
+def tiny_study_settings(store: Path, model_dir: Path) -> dict:
+    """A study config (as parsed YAML) running every stage on the tiny model in seconds."""
+    return {
+        "study": "tiny", "store": str(store),
+        "models": {"base": str(model_dir), "other": str(model_dir)},
         "prompts": {"test_fraction": 0.05},
         "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
         "directions": {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
@@ -89,7 +82,18 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         "circuits": {"model": "other", "max_prompts": 8, "max_nodes": 6, "stored_nodes": 20,
                      "faithfulness_sizes": [3], "bootstrap": 20, "permutations": 49, "split_halves": 4,
                      "patch_prompts": 4, "exact_sites": 1},
-    })
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A study store with every stage, built from the tiny model (shared by the app tests)."""
+    from precompute import pipeline
+    from precompute.config import parse_config
+    from precompute.stages import STAGES
+
+    path = tmp_path_factory.mktemp("study") / "tiny.duckdb"
+    config = parse_config(tiny_study_settings(path, tiny_model_dir))
     pipeline.run_pipeline(config, STAGES)
     return path
 

@@ -59,26 +59,18 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tup
                         f"${STORE_ENV} to test on a tiny study.", pytrace=False)
         return store, store.parent.parent if store.parent.name == "stores" else OUTER_DATA
 
+    from conftest import tiny_study_settings
+
     from precompute import pipeline
     from precompute.config import parse_config
     from precompute.stages import STAGES
 
     data = tmp_path_factory.mktemp("browser") / "data"
     store = data / "stores" / "tiny.duckdb"
-    config = parse_config({
-        "study": "tiny", "store": str(store),
-        "models": {"base": str(tiny_model_dir), "other": str(tiny_model_dir)},
-        "prompts": {"test_fraction": 0.1, "categories": CATEGORIES},
-        "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
-        "directions": {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
-                       "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3},
-        "saes": {"model": "other", "hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"], "expansion": 2,
-                 "k": 8, "steps": 40, "batch_size": 128, "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
-        "steering": {"model": "other", "top_features": 1, "eval_max_new_tokens": 2},
-        "circuits": {"model": "other", "max_prompts": 8, "max_nodes": 12, "stored_nodes": 30,
-                     "faithfulness_sizes": [3], "bootstrap": 20, "permutations": 49, "split_halves": 4,
-                     "patch_prompts": 4, "exact_sites": 1},
-    })
+    settings = tiny_study_settings(store, tiny_model_dir)
+    settings["prompts"] = {"test_fraction": 0.1, "categories": CATEGORIES}
+    settings["circuits"].update(max_nodes=12, stored_nodes=30)
+    config = parse_config(settings)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("REFUSAL_EXPLORER_DATA", str(data))
         reports = pipeline.run_pipeline(config, STAGES)
