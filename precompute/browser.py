@@ -58,7 +58,7 @@ MAX_SCREENSHOT_HEIGHT = 16000
 PROBE_JS = """
 (() => {
   if (window.__stProbe) return;
-  const probe = window.__stProbe = {runs: [], inputs: []};
+  const probe = window.__stProbe = {runs: [], inputs: [], dom: []};
   new MutationObserver(mutations => {
     for (const m of mutations) {
       const entry = {t: performance.now(), state: m.target.getAttribute('data-test-script-state'),
@@ -68,6 +68,14 @@ PROBE_JS = """
     }
   }).observe(document, {subtree: true, attributes: true, attributeOldValue: true,
                         attributeFilter: ['data-test-script-state']});
+  // A rerun shorter than a frame may never change the state attribute: its changes to the page still show.
+  new MutationObserver(mutations => {
+    const inMain = node => (node.nodeType === 1 ? node : node.parentElement)?.closest('[data-testid="stMain"]');
+    if (!mutations.some(m => inMain(m.target))) return;
+    const entry = {t: performance.now(), painted: null};
+    probe.dom.push(entry);
+    requestAnimationFrame(() => requestAnimationFrame(() => { entry.painted = performance.now(); }));
+  }).observe(document, {subtree: true, childList: true, characterData: true});
   for (const type of ['pointerdown', 'keydown']) {
     document.addEventListener(type, () => probe.inputs.push(performance.now()), true);
   }
@@ -75,13 +83,23 @@ PROBE_JS = """
 """
 # A run finished after `since` (ms) and its elements are painted; returns that run's index.
 FINISHED_JS = """
-([since, states]) => {
+([since, states, quietMs]) => {
   const probe = window.__stProbe;
   if (!probe) return null;
   const i = probe.runs.findIndex(r => r.t >= since && states.includes(r.state) && r.painted !== null);
-  return i < 0 ? null : i;
+  if (i >= 0) return i;
+  if (probe.runs.some(r => r.t >= since)) return null;  // a run started: wait for it to finish
+  // Changes before the action's last input (a filled field's own hint, say) are not the rerun's.
+  const start = Math.max(since, ...probe.inputs.filter(t => t >= since));
+  const changed = probe.dom.filter(d => d.t >= start && d.painted !== null);
+  if (!changed.length || performance.now() - changed[changed.length - 1].t < quietMs) return null;
+  // The page changed and then stayed quiet without the state ever leaving notRunning: a sub-frame rerun.
+  const last = changed[changed.length - 1];
+  probe.runs.push({t: last.t, state: states[0], old: states[0], painted: last.painted});
+  return probe.runs.length - 1;
 }
 """
+FAST_RUN_QUIET_MS = 400  # no page change for this long after a change, and no run seen: the rerun is over
 IDLE_JS = """
 ([states, quietMs]) => {
   const app = document.querySelector('[data-testid="stApp"]');
@@ -307,7 +325,7 @@ class AppTab:
 
     def _wait_finished(self, since: float, what: str) -> int:
         try:
-            handle = self.page.wait_for_function(FINISHED_JS, arg=[since, list(FINISHED_STATES)],
+            handle = self.page.wait_for_function(FINISHED_JS, arg=[since, list(FINISHED_STATES), FAST_RUN_QUIET_MS],
                                                  timeout=self.timeout_ms, polling=25)
         except Exception as exc:
             raise AssertionError(f"Streamlit did not finish a run after {what} within "

@@ -120,11 +120,14 @@ def feature_browser() -> None:
     selected_rows = table.selection.rows if table is not None else []
     selected = int(shown["feature"].iloc[selected_rows[0]]) if selected_rows else None
     d_sae = int(sae_row.d_sae)
-    if followed_link and url[1] is not None:
-        if not url[1].isdigit() or not 0 <= int(url[1]) < d_sae:
-            st.error(f"Feature {url[1]!r} does not exist: this SAE has {d_sae:,} features. Fix: pick 0–{d_sae - 1}.")
+    # Read the URL here, not from the full run: this fragment reruns on its own with newer parameters.
+    linked_feature = params.get("feature")
+    if st.session_state.get(URL_WRITTEN) != (params.get("hook"), linked_feature) and linked_feature is not None:
+        if not linked_feature.isdigit() or not 0 <= int(linked_feature) < d_sae:
+            st.error(f"Feature {linked_feature!r} does not exist: this SAE has {d_sae:,} features. "
+                     f"Fix: pick 0–{d_sae - 1}.")
             st.stop()
-        st.session_state[FEATURE_KEY] = int(url[1])
+        st.session_state[FEATURE_KEY] = int(linked_feature)
     elif selected is not None and selected != st.session_state.get(SELECTED_KEY):  # a row was just selected
         st.session_state[FEATURE_KEY] = selected
     elif not 0 <= st.session_state.get(FEATURE_KEY, -1) < d_sae:  # first visit, or another SAE's width
