@@ -151,20 +151,9 @@ for component, title in (("attn", "Attention output"), ("mlp", "MLP output")):
         color=alt.Color("effect:Q", title="share of gap", scale=scale), strokeWidth=outline, tooltip=tooltip)
     show_chart(layer_map, f"{title} patching by layer", width="stretch", height=300)
 
-# --- One category in depth (a fragment: picking a kind, category or threshold reruns only this part) ---
-@st.fragment
-def category_circuit() -> None:
-    st.subheader("A category's circuit")
-    left, right = st.columns(2)
-    kinds = [k for k in ("toxic", "hard", "safe") if k in set(ok["kind"])]
-    kind = left.radio("Prompts", kinds, format_func=KIND_LABELS.get, horizontal=True)
-    categories = ok.loc[ok["kind"] == kind, "category"].tolist()
-    category = right.selectbox("Category", categories)
-    row = ok[(ok["kind"] == kind) & (ok["category"] == category)].iloc[0]
-    nodes = queries.query(store, queries.CIRCUIT_NODES_SQL, (kind, category))
-    edges = queries.query(store, queries.CIRCUIT_EDGES_SQL, (kind, category))
-    hooks = nodes.sort_values("layer")["hook"].unique().tolist()
-
+@st.fragment  # the thresholds redraw only the graph and its node table
+def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame, edges: pd.DataFrame,
+                  hooks: list[str]) -> None:
     largest = float(nodes["effect"].abs().max())
     a, b, c = st.columns(3)
     circuit_size = int(nodes["in_circuit"].sum())
@@ -206,6 +195,23 @@ def category_circuit() -> None:
                    "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
                    "label": st.column_config.TextColumn("promotes"),
                    "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})
+
+
+# --- One category in depth (a fragment: picking a kind, category or threshold reruns only this part) ---
+@st.fragment
+def category_circuit() -> None:
+    st.subheader("A category's circuit")
+    left, right = st.columns(2)
+    kinds = [k for k in ("toxic", "hard", "safe") if k in set(ok["kind"])]
+    kind = left.radio("Prompts", kinds, format_func=KIND_LABELS.get, horizontal=True)
+    categories = ok.loc[ok["kind"] == kind, "category"].tolist()
+    category = right.selectbox("Category", categories)
+    row = ok[(ok["kind"] == kind) & (ok["category"] == category)].iloc[0]
+    nodes = queries.query(store, queries.CIRCUIT_NODES_SQL, (kind, category))
+    edges = queries.query(store, queries.CIRCUIT_EDGES_SQL, (kind, category))
+    hooks = nodes.sort_values("layer")["hook"].unique().tolist()
+
+    circuit_graph(kind, category, row, nodes, edges, hooks)
 
     # --- Faithfulness -------------------------------------------------------------------------------
     st.subheader("Faithfulness against circuit size")
