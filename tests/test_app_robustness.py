@@ -76,5 +76,6 @@ def test_user_input_reaches_sql_only_as_parameters() -> None:
 def test_server_listens_on_localhost_unless_asked() -> None:
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
     assert config["server"]["address"] == "localhost"
+    assert config["runner"]["postScriptGC"] is False  # a full GC per rerun was most of each interaction
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert "ADDRESS ?= localhost" in makefile and "--server.address $(ADDRESS)" in makefile
