@@ -109,9 +109,10 @@ IDLE_JS = """
   return performance.now() - last >= quietMs && !document.querySelector('[data-stale="true"]');
 }
 """
-CHARTS_DRAWN_JS = """
-() => Array.from(document.querySelectorAll('[data-testid="stVegaLiteChart"]'))
-  .every(chart => chart.querySelector('canvas, svg'))
+# Lazily loaded elements (charts, metrics, buttons) show a skeleton until their code has arrived.
+ELEMENTS_DRAWN_JS = """
+() => !document.querySelector('[data-testid="stSkeleton"]')
+  && Array.from(document.querySelectorAll('[data-testid="stVegaLiteChart"]')).every(chart => chart.querySelector('canvas, svg'))
 """
 
 
@@ -382,8 +383,8 @@ class AppTab:
         """The whole page: the viewport is stretched to the main area's scroll height (Streamlit scrolls inside
         it, so Playwright's full_page alone would cut it off)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(Exception):  # a chart still drawing must not fail the screenshot
-            self.page.wait_for_function(CHARTS_DRAWN_JS, timeout=10_000, polling=100)
+        with contextlib.suppress(Exception):  # an element still drawing must not fail the screenshot
+            self.page.wait_for_function(ELEMENTS_DRAWN_JS, timeout=10_000, polling=100)
         height = int(self.page.evaluate(
             "() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
             " return m ? m.scrollHeight : document.documentElement.scrollHeight; }"))
