@@ -113,7 +113,7 @@ def test_findings_page_is_the_landing_page(tiny_store: Path, monkeypatch) -> Non
     assert app.info[0].value == answer(findings)
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["Verdict (toxic prompts)"] == findings.verdict("toxic").label
-    assert metrics["…with the refusal direction ablated"] == f"{findings.direction.toxic_ablated.rate:.0%}"
+    assert metrics["Toxic refused, direction ablated"] == f"{findings.direction.toxic_ablated.rate:.0%}"
     names = {button.proto.label for button in app.get("download_button")}
     assert {"Report (HTML)", "Report (Markdown)", "PNG", "SVG"} <= names
 

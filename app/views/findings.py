@@ -43,7 +43,7 @@ def render_headline(findings: Findings) -> None:
         columns[2].metric(f"Toxic prompts refused ({studied.model})", f"{studied.by_kind['toxic'].rate:.0%}",
                           help=studied.by_kind["toxic"].text())
     if direction:
-        columns[3].metric("…with the refusal direction ablated", f"{direction.toxic_ablated.rate:.0%}",
+        columns[3].metric("Toxic refused, direction ablated", f"{direction.toxic_ablated.rate:.0%}",
                           delta=f"{direction.toxic_ablated.rate - direction.toxic_baseline.rate:+.0%}",
                           delta_color="off", help=direction.toxic_ablated.text())
 
