@@ -4,7 +4,7 @@ study comparison all render. Reads a store through `app.queries`; holds numbers,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -150,6 +150,11 @@ class Findings:
     def studied_model(self) -> str | None:
         return self.direction.model if self.direction else (self.refusal[-1].model if self.refusal else None)
 
+    @property
+    def studied(self) -> ModelRefusal | None:
+        """The studied model's refusal rates."""
+        return self.refusal_of(self.studied_model) if self.studied_model else None
+
 
 def _refusal(store: Path, present: frozenset[str]) -> tuple[tuple[ModelRefusal, ...], dict[str, float]]:
     if "refusal_rates" not in present:
@@ -231,7 +236,7 @@ def _coverage(store: Path, present: frozenset[str]) -> tuple[CircuitCoverage, ..
 def caveats(findings: Findings) -> tuple[str, ...]:
     """What limits the conclusions, in plain words, from the numbers themselves."""
     notes = []
-    studied = findings.refusal_of(findings.studied_model) if findings.studied_model else None
+    studied = findings.studied
     if studied and studied.smallest_group < MIN_GROUP:
         notes.append(f"Per-category refusal rates rest on as few as {studied.smallest_group} test prompts, "
                      "so their 95% intervals are wide; compare categories on the Overview page's whiskers.")
@@ -280,11 +285,11 @@ def study_findings(store: Path) -> Findings:
         prompt_counts=counts, refusal=refusal, judge_kappa=kappa, direction=_direction(store, present),
         verdicts=_verdicts(store, present), shared=_shared(store, present), coverage=_coverage(store, present),
     )
-    return Findings(**{**findings.__dict__, "caveats": caveats(findings)})
+    return replace(findings, caveats=caveats(findings))
 
 
 def _spec_of(findings: Findings) -> str:
-    studied = findings.refusal_of(findings.studied_model) if findings.studied_model else None
+    studied = findings.studied
     return f" (`{studied.spec}`)" if studied and studied.spec != studied.model else ""
 
 

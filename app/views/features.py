@@ -34,12 +34,18 @@ require_tables(store, ("saes", "features", "feature_examples", "feature_groups",
 saes = queries.query(store, queries.SAES_SQL)
 params = st.query_params
 hooks = saes["hook"].tolist()
-# The URL (hook, feature) seeds the widgets only when it changed since this page last wrote it (a link was
-# followed); otherwise the widgets keep the reader's own choices.
-url = (params.get("hook"), params.get("feature"))
-followed_link = st.session_state.get(URL_WRITTEN) != url
-if (followed_link and url[0] in hooks) or st.session_state.get(HOOK_KEY) not in hooks:
-    st.session_state[HOOK_KEY] = url[0] if url[0] in hooks else hooks[-1]
+
+
+def followed_link() -> bool:
+    """The URL's (hook, feature) differs from what this page last wrote there: a link was followed, so
+    the URL seeds the widgets; otherwise they keep the reader's own choices. Asked afresh in the feature
+    browser: that fragment reruns on its own, with newer parameters than the full run saw."""
+    return st.session_state.get(URL_WRITTEN) != (params.get("hook"), params.get("feature"))
+
+
+linked_hook = params.get("hook")
+if (followed_link() and linked_hook in hooks) or st.session_state.get(HOOK_KEY) not in hooks:
+    st.session_state[HOOK_KEY] = linked_hook if linked_hook in hooks else hooks[-1]
 hook = st.selectbox("SAE", hooks, key=HOOK_KEY,
                     help="One SAE per hook; the refusal direction's layer is the last one by default.")
 sae_row = saes[saes["hook"] == hook].iloc[0]
@@ -120,9 +126,8 @@ def feature_browser() -> None:
     selected_rows = table.selection.rows if table is not None else []
     selected = int(shown["feature"].iloc[selected_rows[0]]) if selected_rows else None
     d_sae = int(sae_row.d_sae)
-    # Read the URL here, not from the full run: this fragment reruns on its own with newer parameters.
     linked_feature = params.get("feature")
-    if st.session_state.get(URL_WRITTEN) != (params.get("hook"), linked_feature) and linked_feature is not None:
+    if followed_link() and linked_feature is not None:
         if not linked_feature.isdigit() or not 0 <= int(linked_feature) < d_sae:
             st.error(f"Feature {linked_feature!r} does not exist: this SAE has {d_sae:,} features. "
                      f"Fix: pick 0–{d_sae - 1}.")

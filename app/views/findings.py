@@ -7,7 +7,7 @@ import streamlit as st
 
 from app.components import show_chart, show_table
 from app.context import BUILD_COMMAND, current_store, presentation_mode, require_tables
-from app.findings import Findings, study_findings
+from app.findings import Findings, answer, study_findings
 from app.narrative import Section, sections
 from app.report import report_html, report_markdown
 
@@ -32,7 +32,7 @@ def render_section(section: Section, *, chart_height: int | None = None) -> None
 def render_headline(findings: Findings) -> None:
     toxic = findings.verdict("toxic")
     direction = findings.direction
-    studied = findings.refusal_of(findings.studied_model) if findings.studied_model else None
+    studied = findings.studied
     columns = st.columns(4)
     if toxic:
         columns[0].metric("Verdict (toxic prompts)", toxic.label, help=toxic.reason)
@@ -88,7 +88,7 @@ if presentation_mode():
     render_slides(all_sections)
 else:
     st.title(f"Findings: study {findings.study}")
-    st.info(all_sections[0].body.split("\n")[0], icon=":material/lightbulb:")
+    st.info(answer(findings), icon=":material/lightbulb:")
     render_headline(findings)
     render_report_buttons(findings)
     render_stages(findings)
