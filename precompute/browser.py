@@ -99,7 +99,9 @@ FINISHED_JS = """
   return probe.runs.length - 1;
 }
 """
-FAST_RUN_QUIET_MS = 400  # no page change for this long after a change, and no run seen: the rerun is over
+# No page change for this long after a change, and no run seen: the rerun is over. Timings use the change
+# itself, so a longer wait costs no accuracy; it only guards against a slow server starting the run late.
+FAST_RUN_QUIET_MS = 1500
 IDLE_JS = """
 ([states, quietMs]) => {
   const app = document.querySelector('[data-testid="stApp"]');
