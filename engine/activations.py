@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt
 from engine.errors import ExplorerError
-from engine.generation import encode_batches, right_padded_batches
+from engine.generation import map_encoded, map_right_padded
 from engine.interventions import applied
 from engine.models import LoadedModel
 
@@ -98,16 +98,18 @@ def capture(
             return activation
         return hook
 
+    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> np.ndarray:
+        shortest = int(encoded["attention_mask"].sum(dim=1).min())
+        if -min(offsets) > shortest:
+            raise ExplorerError(f"Position {min(offsets)} lies before the start of a {shortest}-token prompt.",
+                                f"use offsets between -{shortest} and -1.")
+        current.clear()
+        body_until_captured(model, encoded)
+        return torch.stack([current[name] for name in hook_names], dim=1).numpy()
+
     hooks = [(name, keep(name)) for name in hook_names]
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar, applied(model, hooks):
-        for batch, encoded in encode_batches(model, instructions, batch_size):
-            shortest = int(encoded["attention_mask"].sum(dim=1).min())
-            if -min(offsets) > shortest:
-                raise ExplorerError(f"Position {min(offsets)} lies before the start of a {shortest}-token prompt.",
-                                    f"use offsets between -{shortest} and -1.")
-            current.clear()
-            body_until_captured(model, encoded)
-            stacked = torch.stack([current[name] for name in hook_names], dim=1).numpy()
+        for batch, stacked in map_encoded(model, instructions, batch_size, forward, desc=desc):
             if out is None:  # sized by the hook, e.g. [n_offsets, n_heads, d_head] for attn.hook_z
                 out = np.zeros((len(instructions), *stacked.shape[1:]), dtype=np.float32)
             out[batch] = stacked
@@ -157,15 +159,17 @@ def capture_tokens(
             return activation
         return hook
 
+    def forward(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, ...]:
+        current.clear()
+        body_until_captured(model, {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)})
+        rows, cols = kept_token_mask(ids, mask, skip_token_ids).nonzero(as_tuple=True)
+        stacked = torch.stack([current[name][rows, cols] for name in hook_names], dim=1)
+        return stacked.numpy(), np.asarray(batch)[rows.numpy()], cols.numpy(), ids[rows, cols].numpy()
+
     with tqdm(total=len(encoded_texts), desc=desc, unit="text", leave=False) as bar, \
             applied(model, [(name, keep(name)) for name in hook_names]):
-        for batch, ids, mask in right_padded_batches(encoded_texts, batch_size, tokenizer.pad_token_id):
-            current.clear()
-            body_until_captured(model, {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)})
-            kept = kept_token_mask(ids, mask, skip_token_ids)
-            rows, cols = kept.nonzero(as_tuple=True)
-            stacked = torch.stack([current[name][rows, cols] for name in hook_names], dim=1)
-            parts.append((stacked.numpy(), np.asarray(batch)[rows.numpy()], cols.numpy(), ids[rows, cols].numpy()))
+        for batch, part in map_right_padded(encoded_texts, batch_size, tokenizer.pad_token_id, forward, desc=desc):
+            parts.append(part)
             bar.update(len(batch))
     return TokenActivations(
         values=np.concatenate([p[0] for p in parts]),

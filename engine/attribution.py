@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.errors import ExplorerError
-from engine.generation import encode_batches
+from engine.generation import map_encoded
 from engine.interventions import applied
 from engine.models import LoadedModel
 from engine.refusal_metric import RefusalMetric
@@ -74,20 +74,25 @@ def metric_gradients(
             return activation
         return hook
 
+    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sites.clear()
+        score = metric(model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :])
+        # Each prompt's score depends on its own row only, so the sum's gradient is per prompt.
+        grads = torch.autograd.grad(score.sum(), [sites[name] for name in hook_names])
+        return (torch.stack([originals[n] for n in hook_names], 1).cpu().numpy(),
+                torch.stack([g[:, index] for g in grads], 1).float().cpu().numpy(),
+                score.detach().cpu().numpy())
+
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar, \
             applied(model, [(name, keep(h, name)) for h, name in enumerate(hook_names)]), torch.enable_grad():
-        for batch, encoded in encode_batches(model, instructions, batch_size):
-            sites.clear()
-            score = metric(model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :])
-            # Each prompt's score depends on its own row only, so the sum's gradient is per prompt.
-            grads = torch.autograd.grad(score.sum(), [sites[name] for name in hook_names])
-            values = torch.stack([originals[n] for n in hook_names], 1).cpu().numpy()
+        for batch, (values, site_gradients, score) in map_encoded(model, instructions, batch_size, forward,
+                                                                  desc=desc):
             if activations is None:
                 activations = np.zeros((len(instructions), *values.shape[1:]), np.float32)
                 gradients = np.zeros_like(activations)
             activations[batch] = values
-            gradients[batch] = torch.stack([g[:, index] for g in grads], 1).float().cpu().numpy()
-            scores[batch] = score.detach().cpu().numpy()
+            gradients[batch] = site_gradients
+            scores[batch] = score
             bar.update(len(batch))
     if activations is None:
         raise ExplorerError("No prompts to take gradients on.", "pass at least one instruction.")

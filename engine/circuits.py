@@ -25,7 +25,7 @@ from sae_lens import SAE
 from engine.activations import body_until_captured, stop_when_complete
 from engine.attribution import SiteGradients
 from engine.features import baseline_means, feature_attribution
-from engine.generation import encode_batches
+from engine.generation import map_encoded
 from engine.interventions import Hook, applied
 from engine.models import LoadedModel
 from engine.refusal_metric import RefusalMetric
@@ -172,29 +172,34 @@ def edge_effects(model: LoadedModel, instructions: Sequence[str], upstream: SaeS
 
     w_up = upstream.sae.W_dec.detach().float()
     w_down = downstream.sae.W_dec.detach().float()
+    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> np.ndarray:
+        captured.clear()
+        body_until_captured(model, encoded, grad=True)
+        x_up = captured[upstream.hook]
+        up = x_up[:, index].detach().float()
+        with torch.no_grad():
+            up_codes = upstream.sae.encode(up)
+            up_delta = (up_codes - upstream.baseline_codes)[..., up_features]  # [b, pos, n_up_features]
+            up_error_delta = up - upstream.sae.decode(up_codes) - upstream.baseline_error
+        x_down = captured[downstream.hook][:, index].float()
+        codes = downstream.sae.encode(x_down)
+        down_error = x_down - downstream.sae.decode(codes)
+        grad = torch.from_numpy(downstream_gradients[batch]).float()
+        sums = np.zeros_like(totals)
+        for row, d in enumerate(down_order):
+            if d == ERROR:
+                weighted = (down_error * grad).sum()
+            else:
+                weighted = (codes[..., d] * (grad @ w_down[d])).sum()
+            d_up = torch.autograd.grad(weighted, x_up, retain_graph=True)[0][:, index].float()
+            features = (up_delta * (d_up @ w_up[up_features].T)).sum((0, 1))  # [n_up_features]
+            error = float((up_error_delta * d_up).sum())
+            it = iter(features.tolist())
+            sums[row] = [error if u == ERROR else next(it) for u in upstream_nodes]
+        return sums
+
     with applied(model, [(upstream.hook, keep(upstream.hook)), (downstream.hook, keep(downstream.hook))]), \
             torch.enable_grad():
-        for batch, encoded in encode_batches(model, instructions, batch_size):
-            captured.clear()
-            body_until_captured(model, encoded, grad=True)
-            x_up = captured[upstream.hook]
-            up = x_up[:, index].detach().float()
-            with torch.no_grad():
-                up_codes = upstream.sae.encode(up)
-                up_delta = (up_codes - upstream.baseline_codes)[..., up_features]  # [b, pos, n_up_features]
-                up_error_delta = up - upstream.sae.decode(up_codes) - upstream.baseline_error
-            x_down = captured[downstream.hook][:, index].float()
-            codes = downstream.sae.encode(x_down)
-            down_error = x_down - downstream.sae.decode(codes)
-            grad = torch.from_numpy(downstream_gradients[batch]).float()
-            for row, d in enumerate(down_order):
-                if d == ERROR:
-                    weighted = (down_error * grad).sum()
-                else:
-                    weighted = (codes[..., d] * (grad @ w_down[d])).sum()
-                d_up = torch.autograd.grad(weighted, x_up, retain_graph=True)[0][:, index].float()
-                features = (up_delta * (d_up @ w_up[up_features].T)).sum((0, 1))  # [n_up_features]
-                error = float((up_error_delta * d_up).sum())
-                it = iter(features.tolist())
-                totals[row] += [error if u == ERROR else next(it) for u in upstream_nodes]
+        for _, sums in map_encoded(model, instructions, batch_size, forward, desc="edges"):
+            totals += sums
     return totals / len(instructions)

@@ -7,15 +7,19 @@ on the bridge's wrapped model: bridge hooks fire inside it, so interventions app
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from engine.batching import backed_off
 from engine.chat import chat_prompt
 from engine.models import LoadedModel
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -25,45 +29,58 @@ class Generation:
     n_new_tokens: int
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, to fail fast on memory)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices longest first: neighbours have similar lengths (less padding in a batch), and the
+    largest batch runs first (an out-of-memory shows at once)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
-def encode_batches(
-    model: LoadedModel, instructions: Sequence[str], batch_size: int
-) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+def map_encoded(
+    model: LoadedModel,
+    instructions: Sequence[str],
+    batch_size: int,
+    work: Callable[[list[int], dict[str, torch.Tensor]], R],
+    *,
+    desc: str,
+) -> Iterator[tuple[list[int], R]]:
+    """(indices, work(indices, encoded)) over length-sorted batches of the chat-formatted
+    `instructions`, left-padded on the model's device; batches halve on out-of-memory
+    (engine.batching)."""
     tokenizer = model.tokenizer
     texts = [chat_prompt(tokenizer, text) for text in instructions]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    for batch in length_sorted_batches(lengths, batch_size):
-        encoded = tokenizer(
-            [texts[i] for i in batch],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
-        ).to(model.device)
-        yield batch, dict(encoded)
+
+    def encode_and_work(batch: list[int]) -> R:
+        encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left",
+                            add_special_tokens=False).to(model.device)
+        return work(batch, dict(encoded))
+
+    return backed_off(length_order(lengths), encode_and_work, batch_size=batch_size, desc=desc)
 
 
-def right_padded_batches(
-    sequences: Sequence[Sequence[int]], batch_size: int, pad_token_id: int
-) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(indices, input_ids, attention_mask) for token-id sequences, length-sorted and right-padded,
-    so a token's position in the batch is its position in its own sequence."""
+def map_right_padded(
+    sequences: Sequence[Sequence[int]],
+    batch_size: int,
+    pad_token_id: int,
+    work: Callable[[list[int], torch.Tensor, torch.Tensor], R],
+    *,
+    desc: str,
+) -> Iterator[tuple[list[int], R]]:
+    """(indices, work(indices, input_ids, attention_mask)) over token-id sequences, length-sorted
+    and right-padded (on the CPU), so a token's position in the batch is its position in its own
+    sequence; batches halve on out-of-memory (engine.batching)."""
     lengths = [len(ids) for ids in sequences]
-    for batch in length_sorted_batches(lengths, batch_size):
+
+    def pad_and_work(batch: list[int]) -> R:
         width = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, i in enumerate(batch):
             ids[row, : lengths[i]] = torch.tensor(list(sequences[i]))
             mask[row, : lengths[i]] = 1
-        yield batch, ids, mask
+        return work(batch, ids, mask)
+
+    return backed_off(length_order(lengths), pad_and_work, batch_size=batch_size, desc=desc)
 
 
 def generate(
@@ -77,24 +94,24 @@ def generate(
     """Greedy completions for instructions, returned in input order."""
     results: list[Generation | None] = [None] * len(instructions)
     tokenizer = model.tokenizer
+
+    def complete(batch: list[int], encoded: dict[str, torch.Tensor]) -> list[Generation]:
+        with torch.inference_mode():
+            output = model.hf_model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                             pad_token_id=tokenizer.pad_token_id)
+        generations = []
+        for ids in output[:, encoded["input_ids"].shape[1] :].tolist():
+            generations.append(Generation(
+                text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                first_token_id=int(ids[0]),
+                n_new_tokens=sum(1 for t in ids if t != tokenizer.pad_token_id) or 1,
+            ))
+        return generations
+
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar:
-        for batch, encoded in encode_batches(model, instructions, batch_size):
-            with torch.inference_mode():
-                output = model.hf_model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
-            for row, index in enumerate(batch):
-                ids = new_tokens[row].tolist()
-                n_new = sum(1 for t in ids if t != tokenizer.pad_token_id) or 1
-                results[index] = Generation(
-                    text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                    first_token_id=int(ids[0]),
-                    n_new_tokens=n_new,
-                )
+        for batch, generations in map_encoded(model, instructions, batch_size, complete, desc=desc):
+            for index, generation in zip(batch, generations, strict=True):
+                results[index] = generation
             bar.update(len(batch))
     return [r for r in results if r is not None]
 

@@ -22,7 +22,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from engine.activations import kept_token_mask
 from engine.errors import ExplorerError
-from engine.generation import right_padded_batches
+from engine.generation import map_right_padded
 from engine.interventions import applied
 from engine.models import LoadedModel
 
@@ -216,19 +216,26 @@ def ce_loss_recovered(model: LoadedModel, sae: SAE, sequences: Sequence[Sequence
             return torch.where(where, reconstruction, activation)
         return hook
 
-    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    n_tokens = 0
-    for _, ids, mask in right_padded_batches(sequences, batch_size, model.tokenizer.pad_token_id):
+    def losses(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, float], int]:
         kept[:] = [kept_token_mask(ids, mask, skip_token_ids)]
         targets = ids[:, 1:].to(model.device)
         real = mask[:, 1:].bool().to(model.device)
-        n_tokens += int(real.sum())
-        for condition in totals:
+        sums = {}
+        for condition in ("clean", "sae", "zero"):
             hooks = [] if condition == "clean" else [(hook_name, replace(condition))]
             with applied(model, hooks), torch.inference_mode():
                 logits = model.hf_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                                       reduction="none")
-            totals[condition] += float(losses[real].sum())
+            per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                                          reduction="none")
+            sums[condition] = float(per_token[real].sum())
+        return sums, int(real.sum())
+
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    n_tokens = 0
+    for _, (sums, n_real) in map_right_padded(sequences, batch_size, model.tokenizer.pad_token_id, losses,
+                                              desc="CE loss recovered"):
+        for condition in totals:
+            totals[condition] += sums[condition]
+        n_tokens += n_real
     return CeRecovered(clean=totals["clean"] / n_tokens, spliced=totals["sae"] / n_tokens,
                        zero_ablated=totals["zero"] / n_tokens)

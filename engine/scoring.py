@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.corpus import chat_sequences
-from engine.generation import encode_batches, right_padded_batches
+from engine.generation import map_encoded, map_right_padded
 from engine.models import LoadedModel
 
 
@@ -25,13 +25,16 @@ def next_token_logprobs(
 ) -> np.ndarray:
     """Log-softmax at the first response position: [n, d_vocab], or [n, len(token_ids)]."""
     rows: list[np.ndarray | None] = [None] * len(instructions)
-    wanted = None if token_ids is None else torch.tensor(list(token_ids), dtype=torch.long, device=model.device)
-    for batch, encoded in encode_batches(model, instructions, batch_size):
+    wanted = None if token_ids is None else torch.tensor(list(token_ids), dtype=torch.long)
+
+    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
             # logits_to_keep=1: only the last position's logits (the vocab projection is costly)
             logits = model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        logprobs = (logprobs if wanted is None else logprobs[:, wanted]).cpu().numpy()
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # on the last layer's device under a device_map
+        return (logprobs if wanted is None else logprobs[:, wanted.to(logprobs.device)]).cpu().numpy()
+
+    for batch, logprobs in map_encoded(model, instructions, batch_size, forward, desc="next-token log-probs"):
         for row, index in enumerate(batch):
             rows[index] = logprobs[row]
     width = len(token_ids) if token_ids is not None else 0
@@ -49,15 +52,22 @@ def completion_cross_entropy(
     """Mean cross-entropy (nats/token) of each completion given its chat-formatted instruction."""
     sequences, prompt_lengths = chat_sequences(model.tokenizer, instructions, completions)
     result = np.full(len(instructions), np.nan)
-    for batch, ids, mask in right_padded_batches(sequences, batch_size, model.tokenizer.pad_token_id):
+
+    def forward(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             logprobs = torch.log_softmax(model.hf_model(input_ids=ids.to(model.device),
                                                         attention_mask=mask.to(model.device)).logits.float(), -1)
+        losses = np.full(len(batch), np.nan)
         for row, i in enumerate(batch):
             start, end = int(prompt_lengths[i]), len(sequences[i])
             if end == start:
                 continue  # an empty completion has no cross-entropy
             targets = ids[row, start:end].to(logprobs.device)
             predicted = logprobs[row, start - 1:end - 1]
-            result[i] = float(-predicted.gather(-1, targets[:, None]).mean())
+            losses[row] = float(-predicted.gather(-1, targets[:, None]).mean())
+        return losses
+
+    for batch, losses in map_right_padded(sequences, batch_size, model.tokenizer.pad_token_id, forward,
+                                          desc="completion cross-entropy"):
+        result[batch] = losses
     return result

@@ -21,7 +21,7 @@ import torch
 from engine import store
 from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
-from engine.generation import encode_batches
+from engine.generation import map_encoded
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, load_model
 from engine.steering import Steering, compare_answers
@@ -65,14 +65,19 @@ def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_to
 def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) -> list[BenchResult]:
     prompts = store.read_table(config.store, "prompts")["text"].head(n_prompts).tolist()
     batch_size = config.generation.batch_size
-    n_tokens = sum(int(encoded["attention_mask"].sum()) for _, encoded in encode_batches(model, prompts, batch_size))
+    counted = map_encoded(model, prompts, batch_size, lambda _, encoded: int(encoded["attention_mask"].sum()),
+                          desc="count tokens")
+    n_tokens = sum(count for _, count in counted)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
     offsets = prompt_end_positions(model.tokenizer).offsets
 
+    def forward(_: list[int], encoded: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            model.hf_model.base_model(**encoded)
+
     def plain() -> None:
-        for _, encoded in encode_batches(model, prompts, batch_size):
-            with torch.inference_mode():
-                model.hf_model.base_model(**encoded)
+        for _ in map_encoded(model, prompts, batch_size, forward, desc="plain forward"):
+            pass
 
     timings = {}
     for name, work in (("plain forward", plain),

@@ -10,7 +10,7 @@ import torch
 from engine import models
 from engine.chat import chat_prompt, end_of_turn
 from engine.errors import ExplorerError
-from engine.generation import generate, length_sorted_batches
+from engine.generation import generate, length_order
 from engine.models import load_model
 from engine.scoring import next_token_logprobs
 
@@ -52,11 +52,8 @@ def test_batched_generation_matches_one_by_one(tiny_model) -> None:
         assert own[0].argmax() == gen.first_token_id
 
 
-def test_length_sorted_batches_cover_every_index_once() -> None:
-    batches = length_sorted_batches([3, 9, 1, 7, 5], batch_size=2)
-    assert batches == [[1, 3], [4, 0], [2]]
-    with pytest.raises(ValueError):
-        length_sorted_batches([1], batch_size=0)
+def test_length_order_puts_the_longest_first() -> None:
+    assert length_order([3, 9, 1, 7, 5]) == [1, 3, 4, 0, 2]
 
 
 def test_unknown_model_spec_names_the_fix() -> None:
