@@ -50,7 +50,11 @@ UPSERT_STAGE = "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?)"
 SELECT_SCHEMA_VERSION = "SELECT value FROM store_meta WHERE key = 'schema_version'"
 STUDY_STAGES_KEY = "study_stages"  # the stages that apply to the study's config, as a JSON list
 SELECT_STAGE_HASH = "SELECT input_hash FROM stages WHERE stage = ?"
-SELECT_TABLES = "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+SELECT_TABLES = """
+SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() AND table_schema = 'main'
+"""
+ATTACH_READ_ONLY = "ATTACH ? AS study (READ_ONLY)"
+USE_STUDY = "USE study"
 
 TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 BOOKKEEPING_TABLES = frozenset({"store_meta", "runs", "stages"})
@@ -100,16 +104,24 @@ def _check_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
 
 
 def connect_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
-    """A validated read-only connection; the caller closes it (use it briefly)."""
+    """A validated read-only connection to the store file as it is now; the caller closes it.
+
+    The file is attached to a private in-memory database rather than opened directly: DuckDB shares
+    one database instance per path within a process, so a direct connection made while another is
+    open would keep reading a file that precompute has since replaced. Query it, or its
+    `snapshot_cursor`s, with unqualified table names."""
     path = Path(path)
     if not path.is_file():
         raise ExplorerError(
             f"Study store {path} does not exist.",
             "build it with `python -m precompute run --config precompute/configs/demo.yaml`.",
         )
+    con = duckdb.connect(":memory:")
     try:
-        con = duckdb.connect(str(path), read_only=True)
+        con.execute(ATTACH_READ_ONLY, [str(path)])
+        con.execute(USE_STUDY)
     except duckdb.Error as exc:
+        con.close()
         raise ExplorerError(
             f"{path} is not a readable DuckDB store ({str(exc).splitlines()[0]}).",
             "pass a store made by `python -m precompute run`, or delete the file and rebuild.",
@@ -120,6 +132,14 @@ def connect_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
         con.close()
         raise
     return con
+
+
+def snapshot_cursor(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A cursor on a `connect_readonly` connection, for one thread (DuckDB connections are not
+    shared between threads; cursors of one are cheap and see the same file)."""
+    cursor = con.cursor()
+    cursor.execute(USE_STUDY)
+    return cursor
 
 
 @contextmanager

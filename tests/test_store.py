@@ -46,6 +46,18 @@ def test_rewrite_replaces_tables_and_keeps_run_history(tmp_path: Path) -> None:
         assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)
 
 
+def test_a_reader_open_across_a_swap_keeps_its_snapshot_and_a_new_one_sees_the_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    _write(path, [1, 2, 3])
+    with store.reading(path) as before:
+        _write(path, [4])  # swapped in while `before` holds the old file open
+        with store.reading(path) as after:
+            # A direct duckdb.connect here would get the process's cached instance of the old file.
+            assert after.execute("SELECT list(x) FROM numbers").fetchone() == ([4],)
+        cursor = store.snapshot_cursor(before)
+        assert cursor.execute("SELECT list(x ORDER BY x) FROM numbers").fetchone() == ([1, 2, 3],)
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import pandas as pd
