@@ -147,20 +147,62 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, str | int]
+
+
+def check_device_map(device_map: object, name: str = "device_map") -> None:
+    """A Hugging Face device map the bridge can run: a strategy name, or {module path: device}
+    (a GPU index, "cuda:N" or "cpu"); disk and meta offload bypass the bridge's hooks."""
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ExplorerError(f"{name} {device_map!r} is not a placement strategy.",
+                                f"use one of {', '.join(DEVICE_MAP_STRATEGIES)}, or a mapping "
+                                "{module path: device}.")
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise ExplorerError(f"device_map {device_map!r} is neither a strategy nor a mapping.",
+                            "use e.g. auto, or {model.embed_tokens: 0, model.layers: 1, ...}.")
+    for module, target in device_map.items():
+        if not isinstance(module, str) or isinstance(target, bool) or not (
+                isinstance(target, int) and target >= 0 or isinstance(target, str)
+                and (target == "cpu" or target.startswith("cuda"))):
+            raise ExplorerError(f"{name} entry {module!r}: {target!r} is not a module path and a device.",
+                                'map module paths to a GPU index (0, 1, ...), "cuda:N" or "cpu" '
+                                "(disk and meta offload are not supported).")
+
+
 def load_model(
-    spec: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    spec: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: DeviceMap | None = None,
 ) -> LoadedModel:
-    """Load a chat model by spec through TransformerBridge; CUDA when present, CPU otherwise."""
+    """Load a chat model by spec through TransformerBridge; CUDA when present, CPU otherwise.
+
+    `device_map` (instead of `device`) spreads a model too large for one GPU over several, via
+    Hugging Face `from_pretrained(device_map=...)` (needs `accelerate`); inputs then go to the
+    embedding's device."""
     source = resolve_model_source(spec)
-    target_device = torch.device(device) if device is not None else default_device()
+    if device_map is None:
+        placement = {"device": torch.device(device) if device is not None else default_device()}
+    else:
+        if device is not None:
+            raise ExplorerError("Both device and device_map are set.", "pass one: device_map places every module.")
+        check_device_map(device_map)
+        if importlib.util.find_spec("accelerate") is None:
+            raise ExplorerError("device_map needs the accelerate package, which is not installed.",
+                                "run `pip install accelerate` (requirements.txt pins the version).")
+        placement = {"device_map": device_map}
     try:
-        bridge = TransformerBridge.boot_transformers(source, device=target_device, dtype=dtype)
-    except (OSError, ValueError) as exc:  # hub unreachable, repo missing, unsupported config
+        bridge = TransformerBridge.boot_transformers(source, dtype=dtype, **placement)
+    except (OSError, ValueError) as exc:  # hub unreachable, repo missing, unsupported config or device map
         raise ExplorerError(
             f"Could not load model '{spec}' from {source}: {exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}",
-            "check the id or path; hub ids need network access to huggingface.co "
-            "(or a local copy: pass its directory instead).",
+            "check the id or path (hub ids need network access to huggingface.co, or pass a local copy's "
+            "directory) and the device_map, if any.",
         ) from exc
     tokenizer = bridge.tokenizer
     if getattr(tokenizer, "chat_template", None) is None:
@@ -171,4 +213,5 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     bridge.eval()
-    return LoadedModel(name=spec, bridge=bridge, tokenizer=tokenizer, device=target_device)
+    # The bridge's device is the one asked for, or under a device map the embedding's: where inputs go.
+    return LoadedModel(name=spec, bridge=bridge, tokenizer=tokenizer, device=torch.device(bridge.cfg.device))

@@ -23,7 +23,7 @@ from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
 from engine.generation import map_encoded
 from engine.judge import refusal_token_ids
-from engine.models import LoadedModel, load_model
+from engine.models import LoadedModel
 from engine.steering import Steering, compare_answers
 from precompute.config import StudyConfig
 
@@ -42,7 +42,7 @@ def _studied_model(config: StudyConfig) -> tuple[str, LoadedModel]:
     if config.directions is None:
         raise ExplorerError("The config has no `directions:` section to benchmark.", "use a study with one.")
     role = config.directions.model
-    return role, load_model(config.models[role], dtype=config.generation.torch_dtype)
+    return role, config.generation.load(config.models[role])
 
 
 def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_tokens: int, repeats: int

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from engine.errors import ExplorerError
-from engine.models import DTYPES, resolve_dtype
+from engine.models import DTYPES, LoadedModel, check_device_map, load_model, resolve_dtype
 from engine.paths import REPO_ROOT, stores_dir
 from engine.prompts import CATEGORIES, check_categories
 from engine.refusal_metric import METRICS
@@ -48,6 +48,10 @@ class GenerationConfig:
     # bfloat16 is 2-3x faster on CPUs with AVX512-BF16 and on GPUs, 8x slower on AVX2-only CPUs;
     # auto picks it only where it is fast.
     dtype: str = "float32"
+    # Spread a model too large for one GPU over several (Hugging Face device_map: auto, balanced,
+    # sequential or {module path: device}); None loads it whole on the GPU, or the CPU. Placement
+    # does not change the numbers, so it is not part of any cache key.
+    device_map: str | dict[str, str | int] | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -58,7 +62,13 @@ class GenerationConfig:
         """The dtype this machine runs (auto resolved): part of every stage's cache key."""
         return str(self.torch_dtype).removeprefix("torch.")
 
+    def load(self, spec: str) -> LoadedModel:
+        """A study model as every stage runs it: in this dtype, placed by this device map if set."""
+        return load_model(spec, dtype=self.torch_dtype, device_map=self.device_map)
+
     def __post_init__(self) -> None:
+        if self.device_map is not None:
+            check_device_map(self.device_map, "generation.device_map")
         if self.dtype not in ("auto", *DTYPES):
             raise _out_of_range("generation.dtype", self.dtype, " or ".join(("auto", *DTYPES)))
         if not 1 <= self.max_new_tokens <= 2048:

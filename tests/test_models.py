@@ -102,3 +102,45 @@ def test_bfloat16_scores_stay_close_to_float32(tiny_model_dir) -> None:
     half = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
     assert half.hf_model.dtype == torch.bfloat16
     assert kl_divergence(full, next_token_logprobs(half, prompts, batch_size=2)).max() < 0.01
+
+
+def test_device_map_reaches_from_pretrained_and_the_model_runs(tiny_model_dir, monkeypatch) -> None:
+    from transformers.modeling_utils import PreTrainedModel
+
+    seen: dict[str, object] = {}
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(spy))
+    spread = load_model(str(tiny_model_dir), device_map={"": "cpu"})  # the one map a CPU-only machine runs
+    assert seen["device_map"] == {"": "cpu"} and spread.device == torch.device("cpu")
+    whole = load_model(str(tiny_model_dir), device="cpu")
+    prompts = ["Name a fruit", "Explain why ice floats on water"]
+    assert torch.equal(torch.from_numpy(next_token_logprobs(spread, prompts, batch_size=2)),
+                       torch.from_numpy(next_token_logprobs(whole, prompts, batch_size=2)))
+
+
+def test_device_map_is_checked_before_loading(tiny_model_dir, monkeypatch) -> None:
+    with pytest.raises(ExplorerError, match="device_map 'everywhere' is not a placement strategy"):
+        load_model(str(tiny_model_dir), device_map="everywhere")
+    with pytest.raises(ExplorerError, match="device_map entry 'model.layers': 'meta'.*disk and meta offload"):
+        load_model(str(tiny_model_dir), device_map={"model.layers": "meta"})
+    with pytest.raises(ExplorerError, match="Both device and device_map"):
+        load_model(str(tiny_model_dir), device="cpu", device_map="auto")
+    find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "accelerate" else find_spec(name, *args))
+    with pytest.raises(ExplorerError, match="pip install accelerate"):
+        load_model(str(tiny_model_dir), device_map="auto")
+
+
+def test_study_models_load_with_the_configured_dtype_and_device_map(monkeypatch) -> None:
+    from precompute import config as study_config
+
+    calls = []
+    monkeypatch.setattr(study_config, "load_model", lambda spec, **options: calls.append((spec, options)))
+    study_config.GenerationConfig(dtype="bfloat16", device_map="balanced").load("org/model")
+    assert calls == [("org/model", {"dtype": torch.bfloat16, "device_map": "balanced"})]

@@ -35,7 +35,7 @@ from engine.circuits import NodeEffects, SaeSite, edge_effects, faithfulness_cur
 from engine.components import gap_share, head_sites, layer_sites, patched_metric, patching_attribution
 from engine.errors import ExplorerError
 from engine.judge import refusal_token_ids
-from engine.models import LoadedModel, load_model
+from engine.models import LoadedModel
 from engine.refusal_metric import RefusalMetric, compliance_token_ids
 from engine.saes import load_sae, stored_sae_source
 from precompute.config import CircuitsConfig
@@ -88,7 +88,7 @@ class CircuitsStage(ModelSectionStage):
         config = context.config
         settings: CircuitsConfig = config.circuits
         batch_size = config.generation.batch_size
-        model = load_model(config.models[settings.model], dtype=config.generation.torch_dtype)
+        model = config.generation.load(config.models[settings.model])
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         sae_rows = context.table("saes").sort_values("layer").to_dict("records")
         hooks = [row["hook"] for row in sae_rows]

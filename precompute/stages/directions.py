@@ -34,7 +34,7 @@ from engine.errors import ExplorerError
 from engine.evaluation import judged_answers
 from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
-from engine.models import LoadedModel, load_model
+from engine.models import LoadedModel
 from engine.prompts import CATEGORIES, stable_split
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from precompute.config import StudyConfig
@@ -131,7 +131,7 @@ class DirectionsStage(Stage):
         generations = context.table("generations").drop(columns="run_id")
         tokens = context.table("refusal_tokens")
         token_ids = refusal_token_ids(tokens, role)
-        model = load_model(config.models[role], dtype=config.generation.torch_dtype)
+        model = config.generation.load(config.models[role])
         positions = prompt_end_positions(model.tokenizer)
         hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
 
@@ -221,7 +221,7 @@ class DirectionsStage(Stage):
             # The studied model's activations are at hand for every prompt; another model is
             # captured at the chosen position for the toxic and safe prompts only.
             rows = np.ones(len(prompts), dtype=bool) if other_role == role else both
-            other = model if other_role == role else load_model(spec, dtype=config.generation.torch_dtype)
+            other = model if other_role == role else config.generation.load(spec)
             layer_acts = acts[:, :, position, :] if other_role == role else capture(
                 other, list(prompts["text"][rows]), hooks, [positions.offsets[position]],
                 batch_size=batch_size, desc=f"capture {other_role}",

@@ -21,7 +21,7 @@ from engine.chunked import map_in_chunks
 from engine.errors import ExplorerError
 from engine.generation import answer_table
 from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_rate_table, refusal_score
-from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, LoadedModel, load_model
+from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, LoadedModel
 from engine.scoring import next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
@@ -114,7 +114,7 @@ class GenerateStage(Stage):
         config = context.config
         frames, tokens, agreements = [], [], []
         for role, spec in config.models.items():
-            model = load_model(spec, dtype=config.generation.torch_dtype)
+            model = config.generation.load(spec)
             frame, found, agreement = self._judge(context, model, role, spec, answers_of(model, role, spec), selected)
             del model  # freed before the next one loads
             frames.append(frame)
@@ -143,7 +143,7 @@ class GenerateStage(Stage):
         selected = selected[in_shard(selected["id"], shard)].reset_index(drop=True)
         answers = []
         for role, spec in context.config.models.items():
-            model = load_model(spec, dtype=context.config.generation.torch_dtype)
+            model = context.config.generation.load(spec)
             answers.append(self._answers(context, model, role, spec, selected, shard).assign(model=role))
             del model
         return {"answers": pd.concat(answers, ignore_index=True)}

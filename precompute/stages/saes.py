@@ -36,7 +36,7 @@ from engine.features import (
     top_texts,
 )
 from engine.judge import refusal_token_ids
-from engine.models import LoadedModel, load_model
+from engine.models import LoadedModel
 from engine.prompts import stable_split
 from engine.refusal_metric import RefusalMetric
 from engine.saes import (
@@ -120,7 +120,7 @@ class SaesStage(ModelSectionStage):
         settings: SaesConfig = config.saes
         batch_size = config.generation.batch_size
         role = settings.model
-        model = load_model(config.models[role], dtype=config.generation.torch_dtype)
+        model = config.generation.load(config.models[role])
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         tables = {name: context.table(name).drop(columns="run_id") for name in
                   ("generations", "tune_data", "direction_generations", "refusal_tokens", "refusal_directions")

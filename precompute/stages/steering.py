@@ -21,7 +21,6 @@ import pandas as pd
 from engine.evaluation import judged_answers
 from engine.interventions import applied
 from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
-from engine.models import load_model
 from engine.saes import load_sae, stored_sae_source
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from engine.steering import Addition, FeatureClamp, Steering
@@ -70,7 +69,7 @@ class SteeringStage(ModelSectionStage):
         settings = config.steering
         batch_size = config.generation.batch_size
         role = settings.model
-        model = load_model(config.models[role], dtype=config.generation.torch_dtype)
+        model = config.generation.load(config.models[role])
         prompts = context.table("prompts").query("split == 'test'").reset_index(drop=True)
         tokens = context.table("refusal_tokens")
         token_ids = refusal_token_ids(tokens, role)

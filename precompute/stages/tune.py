@@ -15,7 +15,7 @@ import pandas as pd
 from engine.chunked import map_in_chunks
 from engine.generation import answer_table
 from engine.judge import is_refusal
-from engine.models import EMBEDDED_BASE, EMBEDDED_TUNED, export_embedded_base, load_model
+from engine.models import EMBEDDED_BASE, EMBEDDED_TUNED, export_embedded_base
 from engine.paths import models_dir
 from engine.tuning import SftExample, fine_tune
 from precompute.config import StudyConfig
@@ -46,7 +46,7 @@ class TuneStage(Stage):
     def _base_answers(context: StageContext, benign: pd.DataFrame) -> pd.DataFrame:
         """The base model's own greedy answers (resumable chunks; the model is freed on return)."""
         tune = context.config.tune
-        base = load_model(EMBEDDED_BASE, dtype=context.config.generation.torch_dtype)
+        base = context.config.generation.load(EMBEDDED_BASE)
 
         def answer(chunk: pd.DataFrame) -> pd.DataFrame:
             answers = answer_table(base, chunk, max_new_tokens=tune.max_response_tokens,
