@@ -5,8 +5,8 @@ Commands:
   tune    run the stages up to and including the fine-tune of the embedded demo model
   status  show each stage's state in the store
   merge   merge the parquet partitions of `run --shard K/N` jobs into the store
-  bench   speed figures on a built study (live steering latency, capture throughput; `--only app`:
-          page and interaction speed of the app in headless Chromium)
+  bench   figures on a built study (live steering latency, capture throughput, store size per
+          1,000 prompts; `--only app`: page and interaction speed of the app in headless Chromium)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run all stages (unchanged stages are skipped; a crashed run resumes)"),
         ("tune", "run the stages up to the demo model's fine-tune only"),
         ("status", "show which stages are stored and whether they are up to date"),
-        ("bench", "measure live steering latency and capture throughput on a built study"),
+        ("bench", "measure live steering latency, capture throughput and store size on a built study"),
         ("merge", "merge the partitions written by `run --shard K/N` jobs into the store"),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text,
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="store file to write (default: the config's `store`, else "
                                   "data/stores/<study>.duckdb)")
         if name == "bench":
-            command.add_argument("--only", choices=["all", "steering", "capture", "app"], default="all",
-                                 help="all = steering and capture; app = the app's page and interaction speed "
+            command.add_argument("--only", choices=["all", "steering", "capture", "store", "app"], default="all",
+                                 help="all = steering, capture and store size; app = the app's page and interaction speed "
                                       "in headless Chromium (needs requirements-browser.txt)")
             command.add_argument("--new-tokens", type=int, default=48, help="per live answer (default 48)")
             command.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")

@@ -4,6 +4,8 @@
   ablated), as the Steering page runs them; seconds for the pair.
 - capture: tokens per second of activation capture at every layer's residual stream next to a
   plain Hugging Face forward pass over the same prompts and batches; the ratio is the figure.
+- store: the study store's size on disk per 1,000 prompts: the DuckDB file, the shard partitions
+  (parquet, `<store>.shards/`) and the trained SAEs (`<store>.saes/`, every run's), each apart.
 - app (only with `--only app`): every page's render time and a few interactions in headless
   Chromium, see precompute/bench_app.py.
 """
@@ -14,6 +16,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +39,49 @@ class BenchResult:
     value: float
     unit: str
     detail: str = ""
+
+
+COUNT_PROMPTS = "SELECT count(*) FROM prompts"
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class StoreSize:
+    """Bytes on disk of a study store and what lies beside it, and the prompts it holds."""
+
+    n_prompts: int
+    duckdb: int  # the store file and its write-ahead log, if any
+    partitions: int  # `<store>.shards/`: parquet partitions written by `run --shard K/N`
+    saes: int  # `<store>.saes/`: trained SAEs (every run's)
+
+    def per_thousand_prompts(self, n_bytes: int) -> float:
+        return n_bytes * 1000 / self.n_prompts if self.n_prompts else float("nan")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
+
+
+def store_size(path: Path) -> StoreSize:
+    """The size on disk of the store at `path` (which must exist) and of the folders beside it."""
+    n_prompts = 0
+    if "prompts" in store.table_names(path):
+        with store.reading(path) as con:
+            n_prompts = int(con.execute(COUNT_PROMPTS).fetchone()[0])
+    wal = path.with_name(path.name + ".wal")
+    return StoreSize(
+        n_prompts=n_prompts,
+        duckdb=path.stat().st_size + (wal.stat().st_size if wal.is_file() else 0),
+        partitions=_folder_bytes(path.with_name(f"{path.stem}.shards")),
+        saes=_folder_bytes(path.with_name(f"{path.stem}.saes")),
+    )
+
+
+def bench_store(config: StudyConfig) -> list[BenchResult]:
+    size = store_size(config.store)
+    parts = (("DuckDB file", size.duckdb), ("shard partitions", size.partitions), ("SAE folders", size.saes))
+    return [BenchResult(f"store: {name} per 1,000 prompts", size.per_thousand_prompts(n_bytes) / MIB, "MiB",
+                        f"{n_bytes / MIB:.1f} MiB for {size.n_prompts} prompts") for name, n_bytes in parts]
 
 
 def _studied_model(config: StudyConfig) -> tuple[str, LoadedModel]:
@@ -103,12 +149,13 @@ def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int,
         pages, interactions = run_app_bench(config, repeats=repeats)
         return [BenchResult(f"app: {t.name}", t.median, "s", f"target {t.target:g} s, {'PASS' if t.passed else 'FAIL'}")
                 for t in [*pages, *interactions]]
-    role, model = _studied_model(config)
-    results = []
-    if which in ("all", "steering"):
-        results += bench_steering(config, model, role, new_tokens=new_tokens, repeats=repeats)
-    if which in ("all", "capture"):
-        results += bench_capture(config, model, n_prompts=n_prompts)
+    results = bench_store(config) if which in ("all", "store") else []
+    if which in ("all", "steering", "capture"):
+        role, model = _studied_model(config)
+        if which in ("all", "steering"):
+            results += bench_steering(config, model, role, new_tokens=new_tokens, repeats=repeats)
+        if which in ("all", "capture"):
+            results += bench_capture(config, model, n_prompts=n_prompts)
     for result in results:
         logger.info("%-38s %10.3f %-9s %s", result.name, result.value, result.unit, result.detail)
     return results

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from precompute.__main__ import main
+from precompute.config import parse_config
 
 
 def test_help_documents_every_option() -> None:
@@ -104,5 +106,32 @@ directions: {{model: base, max_validation_prompts: 4, bootstrap: 10, eval_max_ne
     assert code == 0
     figures = {line.split("  ")[0].strip(): line for line in caplog.messages}
     assert {"steering: baseline + steered answer", "plain forward", "capture, every layer",
-            "capture / plain forward", "peak resident memory"} <= set(figures)
+            "capture / plain forward", "peak resident memory", "store: DuckDB file per 1,000 prompts"} <= set(figures)
     assert float(figures["capture / plain forward"].split()[4]) > 0  # a figure, never a timed assertion
+
+
+def test_store_size_counts_the_file_partitions_and_saes_apart(tmp_path) -> None:
+    from engine import store
+    from precompute.bench import bench_store, store_size
+
+    path = tmp_path / "study.duckdb"
+    run = store.RunRecord(study="study", stage="prompts", models=(), dataset="builtin", config={})
+    prompts = pd.DataFrame({"id": [f"p{i}" for i in range(500)], "text": ["Name a fruit"] * 500})
+    store.write_stage(path, run=run, input_hash="h", tables={"prompts": prompts})
+    partition = tmp_path / "study.shards" / "generate" / "shard-1-of-2"
+    partition.mkdir(parents=True)
+    prompts.to_parquet(partition / "answers.parquet")
+    (tmp_path / "study.saes" / "hash" / "blocks.0.hook_resid_pre").mkdir(parents=True)
+    (tmp_path / "study.saes" / "hash" / "blocks.0.hook_resid_pre" / "sae_weights.safetensors").write_bytes(b"0" * 3000)
+    (tmp_path / "other.saes").mkdir()  # another study's folder is not counted
+    (tmp_path / "other.saes" / "w").write_bytes(b"0" * 10_000)
+
+    size = store_size(path)
+    assert (size.n_prompts, size.duckdb, size.saes) == (500, path.stat().st_size, 3000)
+    assert size.partitions == (partition / "answers.parquet").stat().st_size
+    assert size.per_thousand_prompts(size.saes) == 6000
+    config = parse_config({"study": "study", "models": {"base": "m"}}, store_override=path)
+    figures = {r.name: r for r in bench_store(config)}
+    assert figures["store: SAE folders per 1,000 prompts"].value == pytest.approx(6000 / 2 ** 20)
+    assert figures["store: DuckDB file per 1,000 prompts"].unit == "MiB"
+    assert "for 500 prompts" in figures["store: shard partitions per 1,000 prompts"].detail
