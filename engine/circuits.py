@@ -50,7 +50,7 @@ class SaeSite:
     def baseline_activation(self) -> np.ndarray:
         """The baseline's mean activation [n_offsets, d_in] (decode is affine, so this is exact)."""
         with torch.inference_mode():
-            return (self.sae.decode(self.baseline_codes) + self.baseline_error).float().numpy()
+            return (self.sae.decode(self.baseline_codes) + self.baseline_error).float().cpu().numpy()
 
 
 def sae_site(hook: str, sae: SAE, baseline_activations: np.ndarray) -> SaeSite:
@@ -93,13 +93,13 @@ def circuit_hooks(sites: Sequence[SaeSite], offsets: Sequence[int], kept: np.nda
         start += site.n_nodes
 
         def patch(activation: torch.Tensor, hook: object, site: SaeSite = site, keep: torch.Tensor = keep):
-            x = activation[:, index].float()
+            x = activation[:, index].float().to(site.sae.device)
             codes = site.sae.encode(x)
             error = x - site.sae.decode(codes)
-            codes = torch.where(keep[:-1], codes, site.baseline_codes)
+            codes = torch.where(keep[:-1].to(codes.device), codes, site.baseline_codes)
             error = error if keep[-1] else site.baseline_error.expand_as(error)
             activation = activation.clone()
-            activation[:, index] = (site.sae.decode(codes) + error).to(activation.dtype)
+            activation[:, index] = (site.sae.decode(codes) + error).to(activation.device, activation.dtype)
             return activation
 
         hooks.append((site.hook, patch))
@@ -172,26 +172,27 @@ def edge_effects(model: LoadedModel, instructions: Sequence[str], upstream: SaeS
 
     w_up = upstream.sae.W_dec.detach().float()
     w_down = downstream.sae.W_dec.detach().float()
+
     def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> np.ndarray:
         captured.clear()
         body_until_captured(model, encoded, grad=True)
         x_up = captured[upstream.hook]
-        up = x_up[:, index].detach().float()
+        up = x_up[:, index].detach().float().to(upstream.sae.device)
         with torch.no_grad():
             up_codes = upstream.sae.encode(up)
             up_delta = (up_codes - upstream.baseline_codes)[..., up_features]  # [b, pos, n_up_features]
             up_error_delta = up - upstream.sae.decode(up_codes) - upstream.baseline_error
-        x_down = captured[downstream.hook][:, index].float()
+        x_down = captured[downstream.hook][:, index].float().to(downstream.sae.device)
         codes = downstream.sae.encode(x_down)
         down_error = x_down - downstream.sae.decode(codes)
-        grad = torch.from_numpy(downstream_gradients[batch]).float()
+        grad = torch.from_numpy(downstream_gradients[batch]).float().to(downstream.sae.device)
         sums = np.zeros_like(totals)
         for row, d in enumerate(down_order):
             if d == ERROR:
                 weighted = (down_error * grad).sum()
             else:
                 weighted = (codes[..., d] * (grad @ w_down[d])).sum()
-            d_up = torch.autograd.grad(weighted, x_up, retain_graph=True)[0][:, index].float()
+            d_up = torch.autograd.grad(weighted, x_up, retain_graph=True)[0][:, index].float().to(w_up.device)
             features = (up_delta * (d_up @ w_up[up_features].T)).sum((0, 1))  # [n_up_features]
             error = float((up_error_delta * d_up).sum())
             it = iter(features.tolist())

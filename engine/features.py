@@ -25,8 +25,8 @@ def encode_sparse(sae: SAE, values: np.ndarray, batch_size: int = 4096) -> spars
     blocks = []
     with torch.inference_mode():
         for start in range(0, len(values), batch_size):
-            codes = sae.encode(torch.from_numpy(np.ascontiguousarray(values[start:start + batch_size])))
-            blocks.append(sparse.csr_array(codes.float().numpy()))
+            chunk = torch.from_numpy(np.ascontiguousarray(values[start:start + batch_size])).to(sae.device)
+            blocks.append(sparse.csr_array(sae.encode(chunk).float().cpu().numpy()))
     if not blocks:
         return sparse.csc_array((0, sae.cfg.d_sae), dtype=np.float32)
     return sparse.vstack(blocks).tocsc()
@@ -107,15 +107,15 @@ def logit_effects(sae: SAE, unembedding: torch.Tensor, k: int, chunk: int = 256)
     top, bottom = [], []
     with torch.inference_mode():
         for block in sae.W_dec.detach().float().split(chunk):
-            logits = block @ unembedding.detach().float().T
-            top.append(logits.topk(k, dim=1).indices.numpy())
-            bottom.append((-logits).topk(k, dim=1).indices.numpy())
+            logits = block @ unembedding.detach().float().to(block.device).T
+            top.append(logits.topk(k, dim=1).indices.cpu().numpy())
+            bottom.append((-logits).topk(k, dim=1).indices.cpu().numpy())
     return np.concatenate(top), np.concatenate(bottom)
 
 
 def decoder_cosines(sae: SAE, direction: np.ndarray) -> np.ndarray:
     """Cosine of each feature's decoder direction with `direction` [d_in]."""
-    decoder = sae.W_dec.detach().float().numpy()
+    decoder = sae.W_dec.detach().float().cpu().numpy()
     unit_direction = direction / (np.linalg.norm(direction) or 1.0)
     return decoder @ unit_direction / np.maximum(np.linalg.norm(decoder, axis=1), 1e-12)
 
@@ -130,11 +130,12 @@ class NodeAttribution:
 
 def baseline_means(sae: SAE, activations: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean codes [n_positions, d_sae] and mean error term [n_positions, d_in] of an SAE over
-    reference activations [m, n_positions, d_in]: the baseline attribution patches towards."""
+    reference activations [m, n_positions, d_in]: the baseline attribution patches towards (on
+    the SAE's device)."""
     if len(activations) == 0:
         raise ExplorerError("No baseline prompts.", "the baseline group needs at least one prompt.")
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).to(sae.device)
         codes = sae.encode(x)
         return codes.mean(0), (x - sae.decode(codes)).mean(0)
 
@@ -145,14 +146,14 @@ def feature_attribution(sae: SAE, activations: np.ndarray, gradients: np.ndarray
     [n, n_positions, d_in]; `baseline` is (codes, error) from `baseline_means`, position by position."""
     base_codes, base_error = baseline
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32)).to(sae.device)
         codes = sae.encode(x)
         error = x - sae.decode(codes)
-        grad = torch.from_numpy(np.ascontiguousarray(gradients, dtype=np.float32))
+        grad = torch.from_numpy(np.ascontiguousarray(gradients, dtype=np.float32)).to(sae.device)
         decoder_grad = grad @ sae.W_dec.detach().float().T  # [n, positions, d_sae]
         effects = ((codes - base_codes) * decoder_grad).sum(1)
         error_effects = ((error - base_error) * grad).sum((1, 2))
-    return NodeAttribution(effects.numpy(), error_effects.numpy())
+    return NodeAttribution(effects.cpu().numpy(), error_effects.cpu().numpy())
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,6 @@ def feature_on_text(model: LoadedModel, sae: SAE, feature: int, text: str, *, as
                               desc="encode text")
     activations = np.zeros(len(ids), dtype=np.float32)
     with torch.inference_mode():
-        codes = sae.encode(torch.from_numpy(captured.values[:, 0]))
-    activations[captured.position] = codes[:, feature].numpy()
+        codes = sae.encode(torch.from_numpy(captured.values[:, 0]).to(sae.device))
+    activations[captured.position] = codes[:, feature].cpu().numpy()
     return TextActivations([tokenizer.decode([i]) for i in ids], activations)

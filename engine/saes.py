@@ -61,9 +61,9 @@ class SaeTraining:
                                 "use steps >= 1, batch_size >= 1, lr in (0, 1).")
 
 
-def build_training_sae(training: SaeTraining, d_in: int, hook_name: str, model_name: str):
+def build_training_sae(training: SaeTraining, d_in: int, hook_name: str, model_name: str, device: str = "cpu"):
     config_class, sae_class = ARCHITECTURES[training.architecture]
-    options: dict = {"d_in": d_in, "d_sae": training.expansion * d_in, "device": "cpu"}
+    options: dict = {"d_in": d_in, "d_sae": training.expansion * d_in, "device": device}
     if training.architecture == "topk":
         options["k"] = training.k
     elif training.architecture == "jumprelu":
@@ -84,32 +84,35 @@ def _batches(activations: torch.Tensor, batch_size: int, seed: int) -> Iterator[
                 yield activations[index]
 
 
-def train_sae(training: SaeTraining, activations: torch.Tensor, hook_name: str, model_name: str) -> SAE:
-    """Train with SAELens' SAETrainer on [n_tokens, d_in] activations; return the inference SAE."""
+def train_sae(training: SaeTraining, activations: torch.Tensor, hook_name: str, model_name: str,
+              *, device: str | torch.device = "cpu") -> SAE:
+    """Train with SAELens' SAETrainer on `device` (batches of the [n_tokens, d_in] activations move
+    there one at a time); return the inference SAE, on the same device."""
+    device = str(torch.device(device))
     if len(activations) < training.batch_size:
         raise ExplorerError(f"Only {len(activations)} activation rows for SAE batches of {training.batch_size}.",
                             "capture more tokens or lower the SAE batch_size.")
     torch.manual_seed(training.seed)
-    sae = build_training_sae(training, activations.shape[1], hook_name, model_name)
+    sae = build_training_sae(training, activations.shape[1], hook_name, model_name, device)
     trainer_config = SAETrainerConfig(
         total_training_samples=training.steps * training.batch_size,
         train_batch_size_samples=training.batch_size,
         lr=training.lr, lr_end=training.lr / 10, lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=min(100, training.steps // 10), device="cpu", n_checkpoints=0,
+        lr_warm_up_steps=min(100, training.steps // 10), device=device, n_checkpoints=0,
         dead_feature_window=max(1, training.steps // 4), feature_sampling_window=max(1, training.steps // 4),
         n_batches_for_norm_estimate=1, autocast=training.autocast,
     )
     trained = SAETrainer(trainer_config, sae, _batches(activations, training.batch_size, training.seed)).fit()
-    return inference_copy(trained)
+    return inference_copy(trained, device)
 
 
-def inference_copy(training_sae) -> SAE:
+def inference_copy(training_sae, device: str = "cpu") -> SAE:
     """The inference SAE (SAELens' own conversion, through its save format)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         training_sae.save_inference_model(folder)
-        return SAE.load_from_disk(folder, device="cpu")
+        return SAE.load_from_disk(folder, device=device)
 
 
 def save_sae(sae: SAE, folder: Path) -> Path:
@@ -123,16 +126,17 @@ def save_sae(sae: SAE, folder: Path) -> Path:
     return folder
 
 
-def load_sae(source: str, sae_id: str | None = None) -> SAE:
-    """A saved SAE folder, or `release` + `sae_id` from SAELens' pretrained registry."""
-    path = Path(source)
+def load_sae(source: str, sae_id: str | None = None, *, device: str | torch.device = "cpu") -> SAE:
+    """A saved SAE folder, or `release` + `sae_id` from SAELens' pretrained registry, on `device`
+    (the model's, where it meets live activations)."""
+    path, device = Path(source), str(torch.device(device))
     if sae_id is None:
         if not (path / "cfg.json").is_file():
             raise ExplorerError(f"No SAE at {path} (cfg.json missing).",
                                 "train one with `python -m precompute run` or pass a release and sae_id.")
-        return SAE.load_from_disk(str(path), device="cpu")
+        return SAE.load_from_disk(str(path), device=device)
     try:
-        return SAE.from_pretrained(source, sae_id, device="cpu")
+        return SAE.from_pretrained(source, sae_id, device=device)
     except (ValueError, KeyError, OSError) as exc:
         raise ExplorerError(f"Could not load pretrained SAE {source}/{sae_id}: {exc}",
                             "check the release and sae_id against SAELens' pretrained_saes.yaml; "
@@ -157,9 +161,10 @@ class SaeQuality:
 
 def sae_quality(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) -> SaeQuality:
     """Reconstruction and sparsity on held-out activations [n_tokens, d_in]."""
-    l0_total, squared_error, fired = 0.0, 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    l0_total, squared_error, fired = 0.0, 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
     with torch.inference_mode():
         for chunk in activations.split(batch_size):
+            chunk = chunk.to(sae.device)
             codes = sae.encode(chunk)
             reconstruction = sae.decode(codes)
             l0_total += float((codes > 0).sum())
@@ -212,7 +217,7 @@ def ce_loss_recovered(model: LoadedModel, sae: SAE, sequences: Sequence[Sequence
             where = kept[0].to(activation.device)[..., None]
             if by == "zero":
                 return torch.where(where, torch.zeros_like(activation), activation)
-            reconstruction = sae(activation.float()).to(activation.dtype)
+            reconstruction = sae(activation.float().to(sae.device)).to(activation.device, activation.dtype)
             return torch.where(where, reconstruction, activation)
         return hook
 

@@ -68,13 +68,13 @@ class Steering:
 def clamp_hook(model: LoadedModel, clamp: FeatureClamp) -> Hook:
     hook_name = check_sae_fits(clamp.sae, model)
     index = torch.tensor(list(clamp.features), dtype=torch.long)
-    decoder = clamp.sae.W_dec.detach().float()[index].to(model.device)  # [n_features, d_model]
+    decoder = clamp.sae.W_dec.detach().float()[index]  # [n_features, d_model], on the SAE's device
 
     def steer(activation: torch.Tensor, hook: object) -> torch.Tensor:
         with torch.no_grad():
-            codes = clamp.sae.encode(activation.float())[..., index]
+            codes = clamp.sae.encode(activation.float().to(decoder.device))[..., index]
             target = torch.full_like(codes, clamp.value) if clamp.value is not None else codes * clamp.scale
-            return activation + ((target - codes) @ decoder).to(activation.dtype)
+            return activation + ((target - codes) @ decoder).to(activation.device, activation.dtype)
 
     return hook_name, steer
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import sparse
 
+from engine import saes
 from engine.errors import ExplorerError
 from engine.features import (
     baseline_means,
@@ -139,3 +140,27 @@ def test_autocast_training_still_learns(sparse_activations) -> None:
     sae = train_sae(training, sparse_activations[:5000], "blocks.0.hook_resid_pre", "synthetic")
     assert sae.W_dec.dtype == torch.float32  # weights stay float32
     assert sae_quality(sae, sparse_activations[5000:]).fraction_variance_unexplained < 0.3
+
+
+def test_sae_training_and_loading_run_on_the_device_asked_for(sparse_activations, monkeypatch, tmp_path) -> None:
+    """The device reaches SAELens' SAE config, trainer config and loader (CPU unless asked)."""
+    seen: list[tuple[str, str]] = []
+    config_class, sae_class = saes.ARCHITECTURES["topk"]
+    trainer_config, load_from_disk = saes.SAETrainerConfig, saes.SAE.load_from_disk
+
+    def recorded(kind: str, build):
+        def record(*args, device: str, **options):
+            seen.append((kind, device))
+            return build(*args, device="cpu", **options)  # this machine has only a CPU
+        return record
+
+    monkeypatch.setitem(saes.ARCHITECTURES, "topk", (recorded("sae", config_class), sae_class))
+    monkeypatch.setattr(saes, "SAETrainerConfig", recorded("trainer", trainer_config))
+    monkeypatch.setattr(saes.SAE, "load_from_disk", recorded("load", load_from_disk))
+    training = SaeTraining(architecture="topk", expansion=2, k=4, steps=3, batch_size=64, lr=1e-3)
+    sae = train_sae(training, sparse_activations[:500], "blocks.0.hook_resid_pre", "m", device=torch.device("cuda", 1))
+    assert seen == [("sae", "cuda:1"), ("trainer", "cuda:1"), ("load", "cuda:1")]
+    seen.clear()
+    train_sae(training, sparse_activations[:500], "blocks.0.hook_resid_pre", "m")
+    load_sae(str(save_sae(sae, tmp_path / "sae")), device="cuda:0")
+    assert seen == [("sae", "cpu"), ("trainer", "cpu"), ("load", "cpu"), ("load", "cuda:0")]

@@ -92,7 +92,7 @@ class CircuitsStage(ModelSectionStage):
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         sae_rows = context.table("saes").sort_values("layer").to_dict("records")
         hooks = [row["hook"] for row in sae_rows]
-        saes = [load_sae(*stored_sae_source(config.store, row)) for row in sae_rows]
+        saes = [load_sae(*stored_sae_source(config.store, row), device=model.device) for row in sae_rows]
         offsets = prompt_end_positions(model.tokenizer).offsets
         metric = self._metric(context, settings)
         groups, status = self._groups(prompts, settings)

@@ -127,7 +127,8 @@ class SaesStage(ModelSectionStage):
                   if name in context.available}
         saes: dict[str, tuple[SAE, dict[str, str]]] = {}
         for entry in settings.pretrained:
-            sae = load_sae(entry["path"]) if "path" in entry else load_sae(entry["release"], entry["sae_id"])
+            source = (entry["path"], None) if "path" in entry else (entry["release"], entry["sae_id"])
+            sae = load_sae(*source, device=model.device)
             saes[check_sae_fits(sae, model)] = (sae, entry)
         directions = tables.get("refusal_directions", NO_DIRECTIONS)
         hooks = list(saes) or self._hooks(settings, directions, model)
@@ -156,7 +157,8 @@ class SaesStage(ModelSectionStage):
             if hook in saes:
                 sae, origin = saes[hook]
             else:
-                sae = train_sae(settings.training(), _tensor(tokens.values[~held_out, h]), hook, model.name)
+                sae = train_sae(settings.training(), _tensor(tokens.values[~held_out, h]), hook, model.name,
+                                device=model.device)
                 path = save_sae(sae, self.folder(context) / hook)
                 origin = {"path": str(path.relative_to(config.store.parent))}
             seconds = time.perf_counter() - started

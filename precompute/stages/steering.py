@@ -17,6 +17,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import torch
 
 from engine.evaluation import judged_answers
 from engine.interventions import applied
@@ -36,8 +37,9 @@ class SteeringStage(ModelSectionStage):
     upstream = ("prompts", "generate", "directions", "saes")
 
 
-    def _interventions(self, context: StageContext) -> list[tuple[str, str, Steering, Steering]]:
-        """(name, type, suppress, force) for every intervention of the study."""
+    def _interventions(self, context: StageContext,
+                       device: torch.device) -> list[tuple[str, str, Steering, Steering]]:
+        """(name, type, suppress, force) for every intervention of the study; SAEs load on `device`."""
         settings = context.config.steering
         directions = context.table("refusal_directions")
         chosen = directions[directions["chosen"]]
@@ -54,7 +56,7 @@ class SteeringStage(ModelSectionStage):
                 logger.warning("No SAE at the refusal layer %d: no features are steered.", refusal_layer)
                 return interventions
             sae_row = at_layer.iloc[0]
-            sae = load_sae(*stored_sae_source(context.config.store, sae_row.to_dict()))
+            sae = load_sae(*stored_sae_source(context.config.store, sae_row.to_dict()), device=device)
             features = context.table("features").query("hook == @sae_row.hook and density > 0")
             for feature in features.nlargest(settings.top_features, "attribution").itertuples():
                 force_value = float(feature.max_activation) * settings.feature_force_multiple
@@ -84,7 +86,7 @@ class SteeringStage(ModelSectionStage):
         baseline_ce = float(np.nanmean(completion_cross_entropy(
             model, list(prompts.loc[safe, "text"]), safe_answers, batch_size=batch_size)))
         effects, harmlessness, answers = [], [], []
-        interventions = self._interventions(context)
+        interventions = self._interventions(context, model.device)
         for name, kind_of, suppress, force in interventions:
             logger.info("Steering with %s", name)
             # Completions and generated answers for the global direction and the features only
