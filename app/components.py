@@ -7,6 +7,7 @@ import html
 import re
 from collections.abc import Callable, Sequence
 from functools import partial
+from types import FunctionType
 
 import altair as alt
 import pandas as pd
@@ -14,7 +15,7 @@ import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.elements.arrow import DataframeState
 
-from app.export import chart_png, chart_svg, file_stem, table_csv
+from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
 
 # (label, extension, MIME type, what makes the file's contents)
 Download = tuple[str, str, str, Callable[[], bytes | str]]
@@ -30,15 +31,25 @@ def _download_row(downloads: Sequence[Download], stem: str, key: str) -> None:
                                on_click="ignore", type="tertiary", icon=":material/download:")
 
 
-def show_chart(chart: alt.TopLevelMixin, title: str, *, data: pd.DataFrame | None = None,
-               key: str | None = None, **altair_kwargs) -> None:
-    """`st.altair_chart` with PNG and SVG downloads under it, and a CSV of `data` (by default the
-    chart's own data frame, if it has one: layers over several frames have none). `title` names the
-    files; `key` (else the title) keys the buttons and is the chart's key."""
-    st.altair_chart(chart, key=key, **altair_kwargs)
+@st.cache_data(show_spinner=False, max_entries=512,
+               hash_funcs={FunctionType: lambda build: f"{build.__module__}.{build.__qualname__}"})
+def figure_spec(build: Callable[..., alt.TopLevelMixin], *args) -> ChartSpec:
+    """`build(*args)` as a drawable spec, cached by builder and arguments: building and validating an
+    Altair chart is most of an interaction's time; drawing a cached spec takes a few milliseconds."""
+    return chart_spec(build(*args))
+
+
+def show_chart(chart: alt.TopLevelMixin | ChartSpec, title: str, *, data: pd.DataFrame | None = None,
+               key: str | None = None, **chart_kwargs) -> None:
+    """A chart (an Altair chart, or a spec from `figure_spec`) with PNG and SVG downloads under it, and
+    a CSV of `data` (by default an Altair chart's own data frame, if it has one: layers over several
+    frames have none). `title` names the files; `key` (else the title) keys the buttons and is the
+    chart's key."""
+    spec = chart if isinstance(chart, dict) else chart_spec(chart)
+    st.vega_lite_chart(spec=spec, key=key, **chart_kwargs)
     frame = getattr(chart, "data", None) if data is None else data
-    downloads: list[Download] = [("PNG", "png", "image/png", partial(chart_png, chart)),
-                                 ("SVG", "svg", "image/svg+xml", partial(chart_svg, chart))]
+    downloads: list[Download] = [("PNG", "png", "image/png", partial(chart_png, spec)),
+                                 ("SVG", "svg", "image/svg+xml", partial(chart_svg, spec))]
     if isinstance(frame, pd.DataFrame):
         downloads.append(("CSV", "csv", "text/csv", partial(table_csv, frame)))
     stem = file_stem(title)

@@ -1,38 +1,50 @@
-"""Figures and tables as files: Altair charts to PNG/SVG through vl-convert (offline, no browser),
+"""Figures and tables as files: chart specs to PNG/SVG through vl-convert (offline, no browser),
 data frames to CSV. Pure functions, so the download buttons and the report share them."""
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import altair as alt
 import pandas as pd
 import vl_convert as vlc
-from streamlit.elements.vega_charts import _altair_globals_lock
+from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
 
 PNG_SCALE = 2.0  # twice the on-screen size: sharp on projectors and in slides
 EXPORT_WIDTH = 720  # charts drawn "stretch" on a page have no width of their own in the spec
 
+ChartSpec = dict[str, Any]  # a Vega-Lite spec whose datasets are Arrow IPC bytes, as Streamlit draws it
 
-def _spec(chart: alt.TopLevelMixin) -> str:
-    # Altair's data transformer is process-wide. Streamlit (pinned; the lock is private) swaps in its
-    # own (data by reference, no values) under this lock while it draws a chart, and a download
-    # converts on another thread. The default transformer, without its 5000-row limit, inlines the data.
-    with _altair_globals_lock, alt.data_transformers.enable("default", max_rows=None):
-        spec = chart.to_dict()
+
+def chart_spec(chart: alt.TopLevelMixin) -> ChartSpec:
+    """The spec `st.altair_chart` would draw for `chart` (Streamlit, pinned, converts under its own
+    lock on Altair's process-wide theme and data transformer). Building and validating it takes
+    50-300 ms; the spec itself is plain data, cheap to cache, draw and export."""
+    return _convert_altair_to_vega_lite_spec(chart)
+
+
+def _export_json(spec: ChartSpec) -> str:
+    """The spec with its datasets inline (vl-convert has no Arrow reader) and a width for single
+    views drawn to the page's width."""
+    datasets = {name: data if not isinstance(data, bytes)
+                else alt.to_values(convert_arrow_bytes_to_pandas_df(data))["values"]
+                for name, data in spec.get("datasets", {}).items()}
+    spec = {**spec, "datasets": datasets}
     single_view = "mark" in spec or "layer" in spec
     if single_view and spec.get("width") in (None, "container"):
         spec["width"] = EXPORT_WIDTH
     return json.dumps(spec)
 
 
-def chart_svg(chart: alt.TopLevelMixin) -> str:
-    return vlc.vegalite_to_svg(_spec(chart))
+def chart_svg(spec: ChartSpec) -> str:
+    return vlc.vegalite_to_svg(_export_json(spec))
 
 
-def chart_png(chart: alt.TopLevelMixin, scale: float = PNG_SCALE) -> bytes:
-    return vlc.vegalite_to_png(_spec(chart), scale=scale)
+def chart_png(spec: ChartSpec, scale: float = PNG_SCALE) -> bytes:
+    return vlc.vegalite_to_png(_export_json(spec), scale=scale)
 
 
 def table_csv(frame: pd.DataFrame) -> bytes:

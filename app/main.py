@@ -13,7 +13,7 @@ from app.context import PRESENTATION_CSS, PRESENTATION_KEY, current_store, known
 
 st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
 # Altair's debug mode validates every channel and chart against the Vega-Lite JSON schema as it is
-# built; profiling showed that was most of each chart-heavy interaction. st.altair_chart still
+# built; profiling showed that was most of each chart-heavy interaction. export.chart_spec still
 # validates the finished chart once, so a malformed chart still fails (and the tests render them all).
 alt.utils.schemapi.disable_debug_mode()
 

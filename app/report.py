@@ -8,7 +8,7 @@ import html
 
 from markdown_it import MarkdownIt
 
-from app.export import chart_png, chart_svg
+from app.export import chart_png, chart_spec, chart_svg
 from app.findings import Findings
 from app.narrative import Section, sections
 
@@ -36,7 +36,7 @@ def report_markdown(findings: Findings) -> str:
     for section in sections(findings):
         parts += [f"## {section.title}", "", section.body, ""]
         if section.chart is not None:
-            png = base64.b64encode(chart_png(section.chart)).decode("ascii")
+            png = base64.b64encode(chart_png(chart_spec(section.chart))).decode("ascii")
             parts += [f"![{section.title}](data:image/png;base64,{png})", ""]
         if section.table is not None:
             parts += [section.table.to_markdown(index=False), ""]
@@ -51,7 +51,7 @@ def report_html(findings: Findings) -> str:
         body.append(f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>')
         body.append(markdown.render(section.body))
         if section.chart is not None:
-            body.append(f"<figure>{chart_svg(section.chart)}</figure>")
+            body.append(f"<figure>{chart_svg(chart_spec(section.chart))}</figure>")
         if section.table is not None:
             body.append(section.table.to_html(index=False, border=0))
         body.append(f'<p class="source">{markdown.renderInline(_source_line(section))}</p></section>')

@@ -13,7 +13,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from app.export import EXPORT_WIDTH, PNG_SCALE, chart_png, chart_svg, file_stem, table_csv
+from app.export import EXPORT_WIDTH, PNG_SCALE, chart_png, chart_spec, chart_svg, file_stem, table_csv
 
 APP = Path(__file__).resolve().parents[1] / "app"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +34,7 @@ def _svg_root(svg: str) -> str:
 
 @pytest.mark.parametrize("name", CHARTS)
 def test_chart_png_is_a_png(name: str) -> None:
-    png = chart_png(CHARTS[name])
+    png = chart_png(chart_spec(CHARTS[name]))
     assert png.startswith(PNG_SIGNATURE)
     width, _ = struct.unpack(">II", png[16:24])  # the IHDR chunk
     if name != "hconcat":  # a single view without a width of its own is drawn EXPORT_WIDTH wide
@@ -43,18 +43,18 @@ def test_chart_png_is_a_png(name: str) -> None:
 
 @pytest.mark.parametrize("name", CHARTS)
 def test_chart_svg_is_an_svg(name: str) -> None:
-    assert _svg_root(chart_svg(CHARTS[name])) == "svg"
+    assert _svg_root(chart_svg(chart_spec(CHARTS[name]))) == "svg"
 
 
 def test_export_ignores_the_active_data_transformer_and_row_limit() -> None:
     # Streamlit swaps in its own transformer while it draws charts; altair's default refuses > 5000 rows.
     many = pd.DataFrame({"x": range(6000), "y": [i % 7 for i in range(6000)]})
     chart = alt.Chart(many).mark_point().encode(x="x:Q", y="y:Q")
-    expected = chart_svg(chart)
+    expected = chart_svg(chart_spec(chart))
     alt.data_transformers.register("by_reference", lambda data: {"name": "elsewhere"})
     try:
         with alt.data_transformers.enable("by_reference"):
-            assert chart_svg(chart) == expected
+            assert chart_svg(chart_spec(chart)) == expected
             assert alt.data_transformers.active == "by_reference"
     finally:
         alt.data_transformers.register("by_reference", None)
@@ -132,3 +132,20 @@ def test_every_chart_and_table_of_a_page_downloads(page: str, tiny_store: Path, 
             assert _svg_root(call["data"]()) == "svg"
         elif call["file_name"].endswith(".csv"):
             assert len(pd.read_csv(io.BytesIO(call["data"]())).columns) > 0
+
+
+def test_figure_spec_builds_a_chart_once_per_builder_and_data() -> None:
+    from app.components import figure_spec
+
+    calls: list[str] = []
+
+    def bars(frame: pd.DataFrame, colour: str) -> alt.Chart:
+        calls.append(colour)
+        return alt.Chart(frame).mark_bar(color=colour).encode(x=alt.X("category:N"), y=alt.Y("rate:Q"))
+
+    first = figure_spec(bars, RATES, "red")
+    assert figure_spec(bars, RATES.copy(), "red") == first and calls == ["red"]  # equal data: the cached spec
+    assert figure_spec(bars, RATES, "blue")["mark"]["color"] == "blue"
+    figure_spec(bars, RATES.assign(rate=[0.1, 0.2, 0.3]), "red")
+    assert calls == ["red", "blue", "red"]
+    assert _svg_root(chart_svg(first)) == "svg"  # a cached spec exports like a fresh one

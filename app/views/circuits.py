@@ -4,20 +4,17 @@ tails, faithfulness, and head/MLP patching."""
 
 from __future__ import annotations
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 import streamlit.components.v1 as components
 
-from app import queries
-from app.components import circuit_graph_html, show_chart, show_table
+from app import charts, queries
+from app.components import circuit_graph_html, figure_spec, show_chart, show_table
 from app.context import current_store, require_tables
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 TARGET_FAITHFULNESS = 0.6
 GRAPH_NODES = 30  # shown by default: a readable graph
-SIMILARITY_SCALES = {"cosine": alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
-                     "jaccard": alt.Scale(scheme="greens", domain=[0, 1])}
 
 # The graph's HTML carries the whole vis-network library: build it once per circuit and thresholds.
 cached_graph_html = st.cache_data(circuit_graph_html, max_entries=64, show_spinner=False)
@@ -84,35 +81,18 @@ def similarity_heatmaps() -> None:
     full["value"] = full[measure]
     full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else "split-half (diagonal)"
                   for low, high in zip(full[f"{measure}_low"], full[f"{measure}_high"], strict=True)]
-
-
     full["row"] = full["kind_a"] + "/" + full["category_a"]
     full["column"] = full["kind_b"] + "/" + full["category_b"]
-
 
     def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: str, x_title: str) -> None:
         if data.empty:
             return
         st.markdown(f"**{title}**")
-        base = alt.Chart(data).encode(
-            x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
-            y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
-        cells = base.mark_rect().encode(
-            color=alt.Color("value:Q", title=measure, scale=SIMILARITY_SCALES[measure]),
-            tooltip=["row", "column", alt.Tooltip("value:Q", format=".3f", title=measure),
-                     alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
-                     alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
-        text = base.mark_text(fontSize=9).encode(
-            text=alt.Text("value:Q", format=".2f"),
-            color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),
-                                alt.value("black")))
-        show_chart(cells + text, f"{title}, {measure}", width="stretch",
-                   height=max(160, 26 * data[rows].nunique() + 70))
-
+        show_chart(figure_spec(charts.similarity_heatmap, data, measure, rows, columns, y_title, x_title),
+                   f"{title}, {measure}", data=data, width="stretch", height=max(160, 26 * data[rows].nunique() + 70))
 
     def between(rows_kind: str, columns_kind: str) -> pd.DataFrame:
         return full[(full["kind_a"] == rows_kind) & (full["kind_b"] == columns_kind)]
-
 
     st.caption("Diagonal: split-half similarity (one category, two halves of its prompts). Hover a cell for its CI "
                "and, within one kind, the permutation p-value of the two categories differing.")
@@ -139,17 +119,11 @@ st.caption(f"Each site's output at the prompt-end positions of {int(patching['n_
            "is set to its mean over a category's toxic prompts: the share of the toxic-safe gap in the "
            f"{metric_name} that this moves, estimated by attribution patching for every site; outlined cells were "
            "re-checked by exact patching (hover for both).")
-scale = alt.Scale(scheme="redblue", reverse=True, domainMid=0)
-outline = alt.condition("isValid(datum.exact)", alt.value(2), alt.value(0))
-tooltip = ["category", "component", "layer", "head", alt.Tooltip("effect:Q", format=".1%", title="attribution"),
-           alt.Tooltip("exact:Q", format=".1%", title="exact"), alt.Tooltip("metric_safe:Q", format="+.2f"),
-           alt.Tooltip("metric_toxic:Q", format="+.2f")]
 for component, title in (("attn", "Attention output"), ("mlp", "MLP output")):
     st.markdown(f"**{title}** by layer")
-    layer_map = alt.Chart(patching[patching["component"] == component]).mark_rect(stroke="black").encode(
-        x=alt.X("layer:O"), y=alt.Y("category:N", axis=alt.Axis(labelOverlap=False)),
-        color=alt.Color("effect:Q", title="share of gap", scale=scale), strokeWidth=outline, tooltip=tooltip)
-    show_chart(layer_map, f"{title} patching by layer", width="stretch", height=300)
+    sites = patching[patching["component"] == component]
+    show_chart(figure_spec(charts.patching_map, sites, "category:N"), f"{title} patching by layer", data=sites,
+               width="stretch", height=300)
 
 @st.fragment  # the thresholds redraw only the graph and its node table
 def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame, edges: pd.DataFrame,
@@ -220,17 +194,8 @@ def category_circuit() -> None:
     n_kept = int((ok.loc[ok["kind"] == kind, "faithfulness"] >= TARGET_FAITHFULNESS).sum())
     st.markdown(f"Mean-ablating every node outside the top *n*; **{n_kept} of {len(categories)}** {kind} circuits keep "
                 f"≥ {TARGET_FAITHFULNESS:.0%} of the {metric_name} at the stated size ({int(row.n_nodes)} nodes).")
-    lines = alt.Chart(curve).mark_line(point=True).encode(
-        x=alt.X("n_nodes:Q", scale=alt.Scale(type="log"), title="nodes kept (log)"),
-        y=alt.Y("faithfulness:Q", axis=alt.Axis(format="%")),
-        color=alt.Color("category:N"),
-        opacity=alt.condition(alt.datum.category == category, alt.value(1.0), alt.value(0.25)),
-        tooltip=["category", "n_nodes", alt.Tooltip("faithfulness:Q", format=".1%"), alt.Tooltip("metric:Q", format="+.2f"),
-                 alt.Tooltip("metric_full:Q", format="+.2f"), alt.Tooltip("metric_empty:Q", format="+.2f")])
-    target = alt.Chart(pd.DataFrame({"faithfulness": [TARGET_FAITHFULNESS]})).mark_rule(strokeDash=[4, 4]).encode(
-        y="faithfulness:Q")
-    show_chart((lines + target).properties(height=280), f"Faithfulness against circuit size, {kind}", data=curve,
-               width="stretch")
+    show_chart(figure_spec(charts.faithfulness_curves, curve, category, TARGET_FAITHFULNESS),
+               f"Faithfulness against circuit size, {kind}", data=curve, width="stretch")
 
     # --- Shared core and tails ----------------------------------------------------------------------
     st.subheader("Shared core and category tails")
@@ -258,10 +223,8 @@ def category_circuit() -> None:
     heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
     if not heads.empty:
         st.markdown(f"Heads for **{category}**")
-        head_map = alt.Chart(heads).mark_rect(stroke="black").encode(
-            x=alt.X("layer:O"), y=alt.Y("head:O"), color=alt.Color("effect:Q", title="share of gap", scale=scale),
-            strokeWidth=outline, tooltip=tooltip)
-        show_chart(head_map, f"Head patching, {category}", width="stretch", height=260)
+        show_chart(figure_spec(charts.patching_map, heads, "head:O"), f"Head patching, {category}", data=heads,
+                   width="stretch", height=260)
 
 
 category_circuit()

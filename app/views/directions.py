@@ -3,11 +3,10 @@ categories' directions relate."""
 
 from __future__ import annotations
 
-import altair as alt
 import streamlit as st
 
-from app import queries
-from app.components import show_chart, show_table
+from app import charts, queries
+from app.components import figure_spec, show_chart, show_table
 from app.context import current_store, require_tables
 
 store = current_store()
@@ -21,7 +20,6 @@ candidates = queries.query(store, queries.CANDIDATES_SQL)
 candidates["position_name"] = candidates["position"].astype(str) + " · " + candidates["position_label"]
 position_order = list(dict.fromkeys(candidates.sort_values("position")["position_name"]))
 chosen = candidates[candidates["chosen"]].iloc[0]
-CONDITION_COLORS = alt.Scale(domain=["baseline", "ablation", "addition"], range=["#9e9e9e", "#1f77b4", "#d62728"])
 effects = queries.query(store, queries.EFFECTS_SQL, (chosen.model,))
 harmlessness = queries.query(store, queries.HARMLESSNESS_SQL, (chosen.model,)).set_index("condition")
 
@@ -66,19 +64,9 @@ def candidate_heatmap() -> None:
                       captions=["refusal score on toxic prompts, direction ablated (low = bypass)",
                                 "refusal score on safe prompts, direction added (high = induces refusal)",
                                 "KL on safe prompts under ablation (low = harmless)"])
-    heat = alt.Chart(candidates).mark_rect().encode(
-        x=alt.X("layer:O", title="layer"),
-        y=alt.Y("position_name:N", title="prompt position", sort=position_order, axis=alt.Axis(labelOverlap=False)),
-        color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis", reverse=metric == "ablation_score")),
-        tooltip=["layer", "position_label", alt.Tooltip("ablation_score:Q", format=".2f"),
-                 alt.Tooltip("induce_score:Q", format=".2f"), alt.Tooltip("kl:Q", format=".3f"),
-                 "eligible", "rejected_because"],
-    )
-    mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(shape="diamond", size=160, color="red", filled=True).encode(
-        x="layer:O", y=alt.Y("position_name:N", sort=position_order),
-        tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
-    show_chart((heat + mark).properties(height=22 * len(position_order)), f"Direction candidates by {metric}",
-               data=candidates, width="stretch", height=22 * len(position_order) + 90)
+    show_chart(figure_spec(charts.candidate_heatmap, candidates, metric, position_order),
+               f"Direction candidates by {metric}", data=candidates, width="stretch",
+               height=22 * len(position_order) + 90)
     st.caption("Red diamond: the chosen candidate. Hover a cell for its scores and, if rejected, why. "
                "Layers in the last part of the model are not scored (the rule excludes them).")
 
@@ -91,17 +79,8 @@ def effects_by_category() -> None:
     st.subheader("Bypass and induced refusal, by category")
     kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxic", key="effects_kind") or "toxic"
     shown = effects[effects["kind"] == kinds]
-    bars = alt.Chart(shown).encode(x=alt.X("category:N", title=None), xOffset="condition:N",
-                                   color=alt.Color("condition:N", scale=CONDITION_COLORS))
-    show_chart(
-        (bars.mark_bar().encode(y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"),
-                                        scale=alt.Scale(domain=[0, 1])),
-                                tooltip=["condition", "category", alt.Tooltip("label:N", title="refused / prompts"),
-                                         alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
-                                         alt.Tooltip("ci_high:Q", format=".0%")])
-         + bars.mark_bar(size=2, opacity=0.7).encode(y="ci_low:Q", y2="ci_high:Q", color=alt.value("black"))
-         ).properties(height=260),
-        f"Refusal rate of {kinds} prompts by category and condition", width="stretch")
+    show_chart(figure_spec(charts.effect_bars, shown), f"Refusal rate of {kinds} prompts by category and condition",
+               data=shown, width="stretch")
 
 
 effects_by_category()
@@ -112,21 +91,16 @@ left, right = st.columns(2)
 for column, field, title in ((left, "separation_sigma", "separation (sigma), held out"),
                              (right, "probe_accuracy", "linear probe accuracy, held out")):
     with column:
-        show_chart(alt.Chart(separation).mark_line(point=True).encode(
-            x="layer:Q", y=alt.Y(f"{field}:Q", title=title), color="model:N",
-            tooltip=["model", "layer", alt.Tooltip(f"{field}:Q", format=".2f")]).properties(height=220),
-            f"Harmfulness {field} by layer", width="stretch")
+        show_chart(figure_spec(charts.by_layer, separation, field, title), f"Harmfulness {field} by layer",
+                   data=separation, width="stretch")
 
 @st.fragment  # picking a category reruns only this chart
 def projection_histograms() -> None:
     st.subheader("Projections on the refusal direction (test split)")
     category = st.selectbox("Category", ["all", *sorted(effects["category"].unique().tolist())], key="projection_category")
     projections = queries.query(store, queries.PROJECTIONS_SQL, (category, category))
-    show_chart(alt.Chart(projections).mark_bar(opacity=0.6).encode(
-        x=alt.X("projection:Q", bin=alt.Bin(maxbins=40)), y=alt.Y("count():Q", stack=None),
-        color=alt.Color("kind:N", sort=["toxic", "hard", "safe"]), column=alt.Column("model:N"),
-        tooltip=["kind", "count()"]).properties(height=200, width=320),
-        f"Projections on the refusal direction, {category}")
+    show_chart(figure_spec(charts.projection_histograms, projections),
+               f"Projections on the refusal direction, {category}", data=projections)
 
 
 projection_histograms()
@@ -135,24 +109,13 @@ st.subheader("How do the categories' directions relate?")
 cosines = queries.query(store, queries.COSINES_SQL)
 cross = queries.query(store, queries.CROSS_ABLATION_SQL)
 left, right = st.columns(2)
-cosine_map = alt.Chart(cosines).mark_rect().encode(
-    x=alt.X("category_b:N", title=None), y=alt.Y("category_a:N", title=None),
-    color=alt.Color("cosine:Q", scale=alt.Scale(domain=[0, 1], scheme="blues")),
-    tooltip=["category_a", "category_b", alt.Tooltip("cosine:Q", format=".2f"),
-             alt.Tooltip("ci_low:Q", format=".2f", title="95% CI low"),
-             alt.Tooltip("ci_high:Q", format=".2f", title="95% CI high")]).properties(
-    title="cosine of category directions (bootstrap 95% CI on hover)", height=320)
 with left:
-    show_chart(cosine_map, "Cosine of category directions", width="stretch")
+    show_chart(figure_spec(charts.category_cosines, cosines), "Cosine of category directions", data=cosines,
+               width="stretch")
 order = ["none", "global", *sorted(c for c in cross["ablated"].unique() if c not in ("none", "global"))]
-cross_map = alt.Chart(cross).mark_rect().encode(
-    x=alt.X("category:N", title="refusal measured on"), y=alt.Y("ablated:N", sort=order, title="direction ablated"),
-    color=alt.Color("refusal_rate_by_score:Q", scale=alt.Scale(domain=[0, 1], scheme="reds")),
-    tooltip=["ablated", "category", "n", alt.Tooltip("refusal_rate_by_score:Q", format=".0%"),
-             alt.Tooltip("mean_refusal_score:Q", format=".2f")]).properties(
-    title="cross-ablation: toxic prompts refused (score > 0)", height=320)
 with right:
-    show_chart(cross_map, "Cross-ablation of category directions", width="stretch")
+    show_chart(figure_spec(charts.cross_ablation, cross, order), "Cross-ablation of category directions", data=cross,
+               width="stretch")
 
 hard = queries.query(store, queries.HARD_DIRECTION_SQL).iloc[0]
 st.subheader("Refused vs answered hard prompts")

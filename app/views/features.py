@@ -4,13 +4,12 @@ and live encoding of the reader's own text)."""
 
 from __future__ import annotations
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import queries
-from app.components import highlighted_tokens, show_chart, show_table
+from app import charts, queries
+from app.components import figure_spec, highlighted_tokens, show_chart, show_table
 from app.context import current_store, require_tables
 from engine.errors import ExplorerError
 
@@ -72,15 +71,8 @@ n_selective = int((aligned["toxic_safe_ratio"] >= RATIO).sum())
 st.markdown(
     f"Of the 20 live features whose decoder direction is closest to the refusal direction, **{n_selective}** fire on "
     f"toxic prompts at ≥ {RATIO:.0f}× their rate on safe prompts (at the refusal-decision token, all splits).")
-ratio_chart = alt.Chart(aligned.assign(toxic=aligned["toxic_rate"], safe=aligned["safe_rate"])).transform_fold(
-    ["toxic", "safe"], as_=["prompts", "firing rate"]).mark_bar().encode(
-    x=alt.X("feature:N", sort=aligned["feature"].tolist()), xOffset="prompts:N",
-    y=alt.Y("firing rate:Q", axis=alt.Axis(format="%")),
-    color=alt.Color("prompts:N", scale=alt.Scale(domain=["toxic", "safe"], range=["#d62728", "#1f77b4"])),
-    tooltip=["feature", "prompts:N", alt.Tooltip("firing rate:Q", format=".1%"),
-             alt.Tooltip("refusal_cosine:Q", format="+.3f"), "n_toxic_fired", "n_toxic", "n_safe_fired", "n_safe"])
-show_chart(ratio_chart.properties(height=220), f"{hook} refusal-aligned features, toxic vs safe firing",
-           width="stretch")
+show_chart(figure_spec(charts.firing_rates, aligned), f"{hook} refusal-aligned features, toxic vs safe firing",
+           data=aligned, width="stretch")
 
 @st.fragment  # filtering, sorting or opening a feature reruns only the table and the dashboard
 def feature_browser() -> None:
@@ -159,12 +151,9 @@ def feature_browser() -> None:
     left, right = st.columns(2)
     with left:
         st.markdown("**Activation histogram** (tokens where it fires)")
-        edges = np.linspace(0, row.max_activation or 1.0, len(row.histogram) + 1)
-        histogram = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": row.histogram})
-        show_chart(alt.Chart(histogram).mark_bar().encode(
-            x=alt.X("from:Q", bin="binned", title="activation"), x2="to:Q", y=alt.Y("tokens:Q", title="tokens"),
-            tooltip=[alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), "tokens"],
-        ).properties(height=200), f"{hook} feature {feature} activation histogram", width="stretch")
+        bins = charts.histogram_bins(list(row.histogram), float(row.max_activation))
+        show_chart(figure_spec(charts.activation_histogram, bins), f"{hook} feature {feature} activation histogram",
+                   data=bins, width="stretch")
     with right:
         logits = pd.DataFrame({"promoted": list(row.top_tokens), "suppressed": list(row.bottom_tokens)})
         st.caption("Output tokens the decoder direction promotes and suppresses most (through the unembedding)")
@@ -173,23 +162,14 @@ def feature_browser() -> None:
 
     groups = queries.query(store, queries.FEATURE_GROUPS_SQL, (hook, int(feature)))
     st.markdown("**Mean activation at the refusal-decision token, by category and kind**")
-    show_chart(alt.Chart(groups).mark_rect().encode(
-        x=alt.X("category:N", title=None, axis=alt.Axis(labelAngle=-30)),
-        y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None, axis=alt.Axis(labelOverlap=False)),
-        color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
-        tooltip=["category", "kind", "n", alt.Tooltip("mean_activation:Q", format=".3f"),
-                 alt.Tooltip("firing_rate:Q", format=".0%")],
-    ).properties(height=90), f"{hook} feature {feature} activation by category and kind", width="stretch",
-       height=200)
+    show_chart(figure_spec(charts.activation_by_group, groups), f"{hook} feature {feature} activation by category and "
+               "kind", data=groups, width="stretch", height=200)
 
     cosines = queries.query(store, queries.FEATURE_COSINES_SQL, (hook, int(feature)))
     if not cosines.empty:
         st.markdown("**Cosine of the decoder direction with each refusal direction**")
-        show_chart(alt.Chart(cosines).mark_bar().encode(
-            x=alt.X("scope:N", title="refusal direction", sort=["global"]), y=alt.Y("cosine:Q"),
-            color=alt.condition("datum.scope == 'global'", alt.value("#d62728"), alt.value("#7f7f7f")),
-            tooltip=["scope", alt.Tooltip("cosine:Q", format="+.3f")],
-        ).properties(height=180), f"{hook} feature {feature} cosine with refusal directions", width="stretch")
+        show_chart(figure_spec(charts.direction_cosines, cosines),
+                   f"{hook} feature {feature} cosine with refusal directions", data=cosines, width="stretch")
 
     st.subheader("Top activating texts")
     examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))

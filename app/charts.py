@@ -1,0 +1,171 @@
+"""The analysis pages' charts as pure functions of their data. Pages draw them through
+`components.figure_spec`, which caches each chart's spec by builder and data, so an interaction
+that returns to a view it has shown does not rebuild the chart."""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+SIMILARITY_SCALES = {"cosine": alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
+                     "jaccard": alt.Scale(scheme="greens", domain=[0, 1])}
+CONDITION_COLORS = alt.Scale(domain=["baseline", "ablation", "addition"], range=["#9e9e9e", "#1f77b4", "#d62728"])
+PERCENT = alt.Axis(format="%")
+# Channels are written as objects (alt.Tooltip("n"), not "n"): Altair turns each bare string into one
+# by rebuilding its whole schema lookup table, ~10 ms a string.
+
+
+# --- Directions -----------------------------------------------------------------------------------
+def candidate_heatmap(candidates: pd.DataFrame, metric: str, position_order: list[str]) -> alt.LayerChart:
+    """Every (layer, position) candidate coloured by one of its scores, the chosen one marked."""
+    heat = alt.Chart(candidates).mark_rect().encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("position_name:N", title="prompt position", sort=position_order, axis=alt.Axis(labelOverlap=False)),
+        color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis", reverse=metric == "ablation_score")),
+        tooltip=[alt.Tooltip("layer"), alt.Tooltip("position_label"), alt.Tooltip("ablation_score:Q", format=".2f"),
+                 alt.Tooltip("induce_score:Q", format=".2f"), alt.Tooltip("kl:Q", format=".3f"),
+                 alt.Tooltip("eligible"), alt.Tooltip("rejected_because")],
+    )
+    mark = alt.Chart(candidates[candidates["chosen"]]).mark_point(
+        shape="diamond", size=160, color="red", filled=True).encode(
+        x=alt.X("layer:O"), y=alt.Y("position_name:N", sort=position_order),
+        tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
+    return (heat + mark).properties(height=22 * len(position_order))
+
+
+def effect_bars(effects: pd.DataFrame) -> alt.LayerChart:
+    """Refusal rate by category under each condition, with Wilson intervals as whiskers."""
+    bars = alt.Chart(effects).encode(x=alt.X("category:N", title=None), xOffset=alt.XOffset("condition:N"),
+                                     color=alt.Color("condition:N", scale=CONDITION_COLORS))
+    return (bars.mark_bar().encode(
+        y=alt.Y("rate:Q", title="refusal rate", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
+        tooltip=[alt.Tooltip("condition"), alt.Tooltip("category"), alt.Tooltip("label:N", title="refused / prompts"),
+                 alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
+                 alt.Tooltip("ci_high:Q", format=".0%")])
+        + bars.mark_bar(size=2, opacity=0.7).encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q"), color=alt.ColorValue("black"))
+    ).properties(height=260)
+
+
+def by_layer(separation: pd.DataFrame, field: str, title: str) -> alt.Chart:
+    """One per-layer statistic as a line per model."""
+    return alt.Chart(separation).mark_line(point=True).encode(
+        x=alt.X("layer:Q"), y=alt.Y(f"{field}:Q", title=title), color=alt.Color("model:N"),
+        tooltip=[alt.Tooltip("model"), alt.Tooltip("layer"), alt.Tooltip(f"{field}:Q", format=".2f")]).properties(height=220)
+
+
+def projection_histograms(projections: pd.DataFrame) -> alt.Chart:
+    """Histograms of the projections on the refusal direction, by kind, one panel per model."""
+    return alt.Chart(projections).mark_bar(opacity=0.6).encode(
+        x=alt.X("projection:Q", bin=alt.Bin(maxbins=40)), y=alt.Y("count():Q", stack=None),
+        color=alt.Color("kind:N", sort=["toxic", "hard", "safe"]), column=alt.Column("model:N"),
+        tooltip=[alt.Tooltip("kind"), alt.Tooltip("count()")]).properties(height=200, width=320)
+
+
+def category_cosines(cosines: pd.DataFrame) -> alt.Chart:
+    return alt.Chart(cosines).mark_rect().encode(
+        x=alt.X("category_b:N", title=None), y=alt.Y("category_a:N", title=None),
+        color=alt.Color("cosine:Q", scale=alt.Scale(domain=[0, 1], scheme="blues")),
+        tooltip=[alt.Tooltip("category_a"), alt.Tooltip("category_b"), alt.Tooltip("cosine:Q", format=".2f"),
+                 alt.Tooltip("ci_low:Q", format=".2f", title="95% CI low"),
+                 alt.Tooltip("ci_high:Q", format=".2f", title="95% CI high")]).properties(
+        title="cosine of category directions (bootstrap 95% CI on hover)", height=320)
+
+
+def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
+    return alt.Chart(cross).mark_rect().encode(
+        x=alt.X("category:N", title="refusal measured on"), y=alt.Y("ablated:N", sort=order, title="direction ablated"),
+        color=alt.Color("refusal_rate_by_score:Q", scale=alt.Scale(domain=[0, 1], scheme="reds")),
+        tooltip=[alt.Tooltip("ablated"), alt.Tooltip("category"), alt.Tooltip("n"),
+                 alt.Tooltip("refusal_rate_by_score:Q", format=".0%"), alt.Tooltip("mean_refusal_score:Q", format=".2f")]).properties(
+        title="cross-ablation: toxic prompts refused (score > 0)", height=320)
+
+
+# --- Features -------------------------------------------------------------------------------------
+def firing_rates(aligned: pd.DataFrame) -> alt.Chart:
+    """Toxic and safe firing rates of the given features, side by side, in the frame's order."""
+    return alt.Chart(aligned.assign(toxic=aligned["toxic_rate"], safe=aligned["safe_rate"])).transform_fold(
+        ["toxic", "safe"], as_=["prompts", "firing rate"]).mark_bar().encode(
+        x=alt.X("feature:N", sort=aligned["feature"].tolist()), xOffset=alt.XOffset("prompts:N"),
+        y=alt.Y("firing rate:Q", axis=PERCENT),
+        color=alt.Color("prompts:N", scale=alt.Scale(domain=["toxic", "safe"], range=["#d62728", "#1f77b4"])),
+        tooltip=[alt.Tooltip("feature"), alt.Tooltip("prompts:N"), alt.Tooltip("firing rate:Q", format=".1%"),
+                 alt.Tooltip("refusal_cosine:Q", format="+.3f"), alt.Tooltip("n_toxic_fired"),
+                 alt.Tooltip("n_toxic"), alt.Tooltip("n_safe_fired"), alt.Tooltip("n_safe")]).properties(height=220)
+
+
+def histogram_bins(counts: list[int], max_activation: float) -> pd.DataFrame:
+    """A feature's stored histogram as bins: equal widths from 0 to its maximum activation."""
+    edges = np.linspace(0, max_activation or 1.0, len(counts) + 1)
+    return pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": counts})
+
+
+def activation_histogram(bins: pd.DataFrame) -> alt.Chart:
+    return alt.Chart(bins).mark_bar().encode(
+        x=alt.X("from:Q", bin="binned", title="activation"), x2=alt.X2("to:Q"), y=alt.Y("tokens:Q", title="tokens"),
+        tooltip=[alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"), alt.Tooltip("tokens")],
+    ).properties(height=200)
+
+
+def activation_by_group(groups: pd.DataFrame) -> alt.Chart:
+    return alt.Chart(groups).mark_rect().encode(
+        x=alt.X("category:N", title=None, axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None, axis=alt.Axis(labelOverlap=False)),
+        color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
+        tooltip=[alt.Tooltip("category"), alt.Tooltip("kind"), alt.Tooltip("n"),
+                 alt.Tooltip("mean_activation:Q", format=".3f"), alt.Tooltip("firing_rate:Q", format=".0%")],
+    ).properties(height=90)
+
+
+def direction_cosines(cosines: pd.DataFrame) -> alt.Chart:
+    return alt.Chart(cosines).mark_bar().encode(
+        x=alt.X("scope:N", title="refusal direction", sort=["global"]), y=alt.Y("cosine:Q"),
+        color=alt.condition("datum.scope == 'global'", alt.value("#d62728"), alt.value("#7f7f7f")),
+        tooltip=[alt.Tooltip("scope"), alt.Tooltip("cosine:Q", format="+.3f")],
+    ).properties(height=180)
+
+
+# --- Circuits -------------------------------------------------------------------------------------
+def similarity_heatmap(data: pd.DataFrame, measure: str, rows: str, columns: str, y_title: str,
+                       x_title: str) -> alt.LayerChart:
+    """Pairwise circuit similarity with the values written in the cells; CIs and p-values on hover."""
+    base = alt.Chart(data).encode(
+        x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
+        y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
+    cells = base.mark_rect().encode(
+        color=alt.Color("value:Q", title=measure, scale=SIMILARITY_SCALES[measure]),
+        tooltip=[alt.Tooltip("row"), alt.Tooltip("column"), alt.Tooltip("value:Q", format=".3f", title=measure),
+                 alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
+                 alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
+    text = base.mark_text(fontSize=9).encode(
+        text=alt.Text("value:Q", format=".2f"),
+        color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),
+                            alt.value("black")))
+    return cells + text
+
+
+def patching_map(patching: pd.DataFrame, rows: str) -> alt.Chart:
+    """Share of the toxic-safe gap each site moves, by layer and `rows` (an encoding such as
+    "category:N"); sites re-checked by exact patching are outlined."""
+    return alt.Chart(patching).mark_rect(stroke="black").encode(
+        x=alt.X("layer:O"), y=alt.Y(rows, axis=alt.Axis(labelOverlap=False)),
+        color=alt.Color("effect:Q", title="share of gap", scale=alt.Scale(scheme="redblue", reverse=True, domainMid=0)),
+        strokeWidth=alt.condition("isValid(datum.exact)", alt.value(2), alt.value(0)),
+        tooltip=[alt.Tooltip("category"), alt.Tooltip("component"), alt.Tooltip("layer"), alt.Tooltip("head"),
+                 alt.Tooltip("effect:Q", format=".1%", title="attribution"), alt.Tooltip("exact:Q", format=".1%", title="exact"), alt.Tooltip("metric_safe:Q", format="+.2f"),
+                 alt.Tooltip("metric_toxic:Q", format="+.2f")])
+
+
+def faithfulness_curves(curves: pd.DataFrame, highlighted: str, target: float) -> alt.LayerChart:
+    """Faithfulness against the number of nodes kept, a line per category, one highlighted."""
+    lines = alt.Chart(curves).mark_line(point=True).encode(
+        x=alt.X("n_nodes:Q", scale=alt.Scale(type="log"), title="nodes kept (log)"),
+        y=alt.Y("faithfulness:Q", axis=PERCENT),
+        color=alt.Color("category:N"),
+        opacity=alt.condition(alt.datum.category == highlighted, alt.value(1.0), alt.value(0.25)),
+        tooltip=[alt.Tooltip("category"), alt.Tooltip("n_nodes"), alt.Tooltip("faithfulness:Q", format=".1%"),
+                 alt.Tooltip("metric:Q", format="+.2f"), alt.Tooltip("metric_full:Q", format="+.2f"),
+                 alt.Tooltip("metric_empty:Q", format="+.2f")])
+    target_line = alt.Chart(pd.DataFrame({"faithfulness": [target]})).mark_rule(strokeDash=[4, 4]).encode(
+        y=alt.Y("faithfulness:Q"))
+    return (lines + target_line).properties(height=280)
