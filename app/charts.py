@@ -12,6 +12,7 @@ SIMILARITY_SCALES = {"cosine": alt.Scale(scheme="redblue", domain=[-1, 1], rever
                      "jaccard": alt.Scale(scheme="greens", domain=[0, 1])}
 CONDITION_COLORS = alt.Scale(domain=["baseline", "ablation", "addition"], range=["#9e9e9e", "#1f77b4", "#d62728"])
 PERCENT = alt.Axis(format="%")
+LABELLED_ROWS = 12  # heatmaps with more rows than this show their values on hover only
 # Channels are written as objects (alt.Tooltip("n"), not "n"): Altair turns each bare string into one
 # by rebuilding its whole schema lookup table, ~10 ms a string.
 
@@ -127,8 +128,10 @@ def direction_cosines(cosines: pd.DataFrame) -> alt.Chart:
 
 # --- Circuits -------------------------------------------------------------------------------------
 def similarity_heatmap(data: pd.DataFrame, measure: str, rows: str, columns: str, y_title: str,
-                       x_title: str) -> alt.LayerChart:
-    """Pairwise circuit similarity with the values written in the cells; CIs and p-values on hover."""
+                       x_title: str) -> alt.Chart | alt.LayerChart:
+    """Pairwise circuit similarity, CIs and p-values on hover; values are written in the cells when
+    there are few enough rows to read them (a 30 x 30 matrix of numbers is noise, and doubles the
+    marks the browser draws)."""
     base = alt.Chart(data).encode(
         x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
         y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
@@ -137,6 +140,8 @@ def similarity_heatmap(data: pd.DataFrame, measure: str, rows: str, columns: str
         tooltip=[alt.Tooltip("row"), alt.Tooltip("column"), alt.Tooltip("value:Q", format=".3f", title=measure),
                  alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
                  alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
+    if data[rows].nunique() > LABELLED_ROWS:
+        return cells
     text = base.mark_text(fontSize=9).encode(
         text=alt.Text("value:Q", format=".2f"),
         color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),

@@ -130,6 +130,11 @@ def feature_browser() -> None:
     elif not 0 <= st.session_state.get(FEATURE_KEY, -1) < d_sae:  # first visit, or another SAE's width
         st.session_state[FEATURE_KEY] = int(aligned["feature"].iloc[0])
     st.session_state[SELECTED_KEY] = selected
+    feature_dashboard(d_sae)
+
+
+@st.fragment  # another feature number reruns only the dashboard, not the feature table above it
+def feature_dashboard(d_sae: int) -> None:
     feature = st.number_input(f"Feature (0–{d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=FEATURE_KEY,
                               help="or select a row in the table above")
     params["hook"], params["feature"] = hook, str(feature)
