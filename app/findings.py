@@ -4,15 +4,17 @@ study comparison all render. Reads a store through `app.queries`; holds numbers,
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from statistics import NormalDist
 
 import pandas as pd
-from statsmodels.stats.proportion import proportion_confint
 
 from app import queries
 
 KINDS = ("toxic", "hard", "safe")
+Z_95 = NormalDist().inv_cdf(0.975)
 STAGE_ORDER = ("prompts", "tune", "generate", "directions", "saes", "steering", "circuits")
 MIN_GROUP = 20  # below this many prompts a per-category rate's 95% interval is wider than +-20 points
 SHARED_SHOWN = 5
@@ -31,10 +33,15 @@ class Rate:
 
     @property
     def interval(self) -> tuple[float, float]:
+        """The Wilson score interval, as statsmodels' proportion_confint(method="wilson") gives it
+        (tested against it). Written out because importing statsmodels pulls in scipy.stats, ~3 s
+        of the app's first page load, for four lines of arithmetic."""
         if not self.n:
             return float("nan"), float("nan")
-        low, high = proportion_confint(self.refused, self.n, alpha=0.05, method="wilson")
-        return float(low), float(high)
+        p, n = self.refused / self.n, self.n
+        centre = (p + Z_95**2 / (2 * n)) / (1 + Z_95**2 / n)
+        half = Z_95 / (1 + Z_95**2 / n) * math.sqrt(p * (1 - p) / n + Z_95**2 / (4 * n**2))
+        return centre - half, centre + half
 
     def text(self) -> str:
         low, high = self.interval

@@ -21,13 +21,12 @@ alt.utils.schemapi.disable_debug_mode()
 @st.cache_resource(show_spinner=False)
 def warm_model_imports() -> threading.Thread:
     """Import torch, TransformerLens and SAELens once per server, in the background, while the reader is
-    on the Findings page, so the first live-model page does not wait for them."""
+    on the Findings page, so the first live-model page does not wait for them. Started after the first
+    page has run: beside it, the import thread's hold on the GIL doubled that page's time."""
     thread = threading.Thread(target=importlib.import_module, args=("app.resources",), daemon=True)
     thread.start()
     return thread
 
-
-warm_model_imports()
 
 store = current_store()
 with st.sidebar:
@@ -55,3 +54,4 @@ page = st.navigation([
     st.Page("views/compare.py", title="Compare studies", icon=":material/compare_arrows:"),
 ])
 page.run()
+warm_model_imports()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import shutil
+import subprocess
+import sys
 import threading
 import tomllib
 from pathlib import Path
@@ -79,3 +81,16 @@ def test_server_listens_on_localhost_unless_asked() -> None:
     assert config["runner"]["postScriptGC"] is False  # a full GC per rerun was most of each interaction
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert "ADDRESS ?= localhost" in makefile and "--server.address $(ADDRESS)" in makefile
+
+
+
+def test_stored_result_modules_import_no_model_or_scipy_stack() -> None:
+    # Each of these costs seconds on a page's first load; only live generation and encoding need them.
+    check = ("import sys, importlib\n"
+             "for name in ('app.findings', 'app.narrative', 'app.figures', 'app.charts', 'app.components', "
+             "'app.queries', 'app.report', 'app.export', 'app.context'): importlib.import_module(name)\n"
+             "print(','.join(m for m in ('torch', 'scipy.stats', 'statsmodels', 'transformer_lens', 'sae_lens') "
+             "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == ""
