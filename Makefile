@@ -27,7 +27,7 @@ study: $(STAMP)
 	$(PY) -m precompute run --config $(CONFIG) --store $(STORE)
 
 app: $(STAMP)
-	$(PY) -m streamlit run app/main.py --server.address $(ADDRESS) --server.port $(PORT) \
+	$(PY) -m app --server.address $(ADDRESS) --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false -- --store $(STORE)
 
 demo: study app

@@ -1,4 +1,4 @@
-"""Streamlit entry point: `streamlit run app/main.py -- --store data/stores/demo.duckdb`."""
+"""Streamlit entry point: `python -m app -- --store data/stores/demo.duckdb` (or `streamlit run app/main.py -- ...`)."""
 
 from __future__ import annotations
 

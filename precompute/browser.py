@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # playwright is an optional dependency
 
 logger = logging.getLogger("precompute.browser")
 
-APP_MAIN = REPO_ROOT / "app" / "main.py"
 DEFAULT_CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ENV = "CHROMIUM"
 CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -243,7 +242,7 @@ def _healthy(url: str) -> bool:
 @contextlib.contextmanager
 def serve_app(store: Path, *, data_dir: Path | None = None, port: int | None = None, timeout: float = 90.0,
               log_path: Path | None = None) -> Iterator[str]:
-    """Run `streamlit run app/main.py -- --store STORE` on 127.0.0.1 until the block ends; yields its URL.
+    """Run `python -m app -- --store STORE` (streamlit run) on 127.0.0.1 until the block ends; yields its URL.
 
     `data_dir` becomes $REFUSAL_EXPLORER_DATA of the server (where the study's models and caches are).
     The server's output goes to `log_path` (a temporary file by default) and its tail is in the error when
@@ -254,7 +253,7 @@ def serve_app(store: Path, *, data_dir: Path | None = None, port: int | None = N
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if data_dir is not None:
         env["REFUSAL_EXPLORER_DATA"] = str(data_dir)
-    command = [sys.executable, "-m", "streamlit", "run", str(APP_MAIN), "--server.headless", "true",
+    command = [sys.executable, "-m", "app", "--server.headless", "true",
                "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
                "--server.fileWatcherType", "none", "--", "--store", str(store)]
     log_file = (open(log_path, "w+b") if log_path else tempfile.TemporaryFile())  # noqa: SIM115

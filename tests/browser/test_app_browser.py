@@ -2,7 +2,7 @@
 with a full-page screenshot in screenshots/browser/, and the main interactions work.
 
 The study is built here from the tiny in-process model with every stage, unless $BROWSER_STORE names a built
-store (e.g. data/stores/demo.duckdb). The app runs as `streamlit run` in a subprocess and is driven by the
+store (e.g. data/stores/demo.duckdb). The app runs as `python -m app` (streamlit run) in a subprocess and is driven by the
 system's Chromium through Playwright (precompute/browser.py).
 """
 
