@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,6 +35,14 @@ def post_instruction_tokens(tokenizer) -> list[str]:
     # Whitespace tokens are shown escaped ("\\n"), so labels stay readable in tables and charts.
     escapes = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
     return [tokenizer.decode([i]).translate(escapes) for i in ids]
+
+
+class ActivationSink(Protocol):
+    """Where `capture` puts each batch: `sink[rows] = values` ([len(rows), ...] of a [n, ...] whole)."""
+
+    shape: tuple[int, ...]
+
+    def __setitem__(self, rows: list[int], values: np.ndarray) -> None: ...
 
 
 class _Captured(Exception):
@@ -75,13 +85,14 @@ def capture(
     *,
     batch_size: int,
     desc: str = "capture",
-    out: np.ndarray | None = None,
+    out: np.ndarray | ActivationSink | None = None,
 ) -> np.ndarray:
     """Activations [n_prompts, n_hooks, n_offsets, d_model] (float32) in input order (any
     per-position shape in place of d_model for hooks such as attn.hook_z, the same at every hook).
 
-    Pass `out` (e.g. `np.lib.format.open_memmap(...)`) to stream them to disk batch by batch
-    instead of holding them in memory."""
+    Pass `out` to stream them batch by batch instead of holding them in memory: to disk (e.g.
+    `np.lib.format.open_memmap(...)`) or into running sums (engine.directions.GroupSums); it is
+    returned."""
     if any(offset >= 0 for offset in offsets):
         raise ExplorerError(f"Positions {list(offsets)} must be negative offsets from the prompt's end.",
                             "use e.g. -1 for the last prompt token (see prompt_end_positions).")
@@ -121,7 +132,7 @@ def capture(
 class TokenActivations:
     """Activations at every kept token of many texts, flattened: row i is one token."""
 
-    values: np.ndarray  # [n_tokens, n_hooks, d_model]
+    values: np.ndarray  # [n_tokens, n_hooks, d_model], in memory or memory-mapped (capture_tokens' spill)
     text_index: np.ndarray  # [n_tokens] which text the token belongs to
     position: np.ndarray  # [n_tokens] its position in that text's token sequence
     token_id: np.ndarray  # [n_tokens]
@@ -143,13 +154,18 @@ def capture_tokens(
     batch_size: int,
     skip_token_ids: Sequence[int] = (),
     desc: str = "capture tokens",
+    spill: Path | None = None,
 ) -> TokenActivations:
     """Activations at every token of token-id `sequences`, except padding, the first token and
     `skip_token_ids` (template and special tokens carry outsized activations that would dominate
-    an SAE's loss and its variance-explained)."""
+    an SAE's loss and its variance-explained).
+
+    With `spill`, the values are appended to that file batch by batch and come back memory-mapped
+    (read-only): a corpus of any size needs memory for one batch only. The caller removes it."""
     tokenizer = model.tokenizer
     encoded_texts = [list(ids) for ids in sequences]
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    values: list[np.ndarray] = []  # in memory, without `spill`
+    indices: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     current: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
@@ -167,13 +183,27 @@ def capture_tokens(
         return stacked.numpy(), np.asarray(batch)[rows.numpy()], cols.numpy(), ids[rows, cols].numpy()
 
     with tqdm(total=len(encoded_texts), desc=desc, unit="text", leave=False) as bar, \
-            applied(model, [(name, keep(name)) for name in hook_names]):
-        for batch, part in map_right_padded(encoded_texts, batch_size, tokenizer.pad_token_id, forward, desc=desc):
-            parts.append(part)
+            applied(model, [(name, keep(name)) for name in hook_names]), \
+            contextlib.nullcontext() if spill is None else open(spill, "wb") as sink:
+        batches = map_right_padded(encoded_texts, batch_size, tokenizer.pad_token_id, forward, desc=desc)
+        for batch, (stacked, *index) in batches:
+            if sink is None:
+                values.append(stacked)
+            else:
+                sink.write(stacked.tobytes())  # float32, C order
+            indices.append(tuple(index))
+            row_shape = stacked.shape[1:]  # [n_hooks, d_model]
             bar.update(len(batch))
+    text_index, position, token_id = (np.concatenate(column) for column in zip(*indices, strict=True))
+    if spill is None:
+        stored = np.concatenate(values)
+    elif len(text_index):
+        stored = np.memmap(spill, dtype=np.float32, mode="r", shape=(len(text_index), *row_shape))
+    else:  # nothing kept: an empty file cannot be mapped
+        stored = np.zeros((0, *row_shape), dtype=np.float32)
     return TokenActivations(
-        values=np.concatenate([p[0] for p in parts]),
-        text_index=np.concatenate([p[1] for p in parts]),
-        position=np.concatenate([p[2] for p in parts]),
-        token_id=np.concatenate([p[3] for p in parts]),
+        values=stored,
+        text_index=text_index,
+        position=position,
+        token_id=token_id,
     )

@@ -6,6 +6,7 @@ candidate by intervening) live in engine.direction_scoring.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,31 @@ def mean_difference(
         for total, mask in zip(sums, (harmful, harmless)):
             total += chunk[mask[start : start + block]].sum(axis=0)
     return (sums[0] / harmful.sum() - sums[1] / harmless.sum()).astype(np.float32)
+
+
+class GroupSums:
+    """Running sums of activations [n, ...] over named groups of rows (boolean masks over the n
+    rows; groups may overlap), filled like an array (`sums[rows] = values`, e.g. as
+    `capture(out=...)`) without keeping any row: differences of means in memory that does not
+    grow with the number of prompts."""
+
+    def __init__(self, groups: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.masks = {name: np.asarray(mask, dtype=bool) for name, mask in groups.items()}
+        self.totals = {name: np.zeros(shape[1:], dtype=np.float64) for name in groups}
+
+    def __setitem__(self, rows: list[int], values: np.ndarray) -> None:
+        for name, mask in self.masks.items():
+            picked = mask[rows]
+            if picked.any():
+                self.totals[name] += values[picked].sum(axis=0, dtype=np.float64)
+
+    def mean_difference(self, harmful: str, harmless: str) -> np.ndarray:
+        """Mean of group `harmful` minus mean of group `harmless`, as `mean_difference` gives it."""
+        counts = [int(self.masks[name].sum()) for name in (harmful, harmless)]
+        if not all(counts):
+            raise ValueError("both prompt groups need at least one prompt")
+        return (self.totals[harmful] / counts[0] - self.totals[harmless] / counts[1]).astype(np.float32)
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:

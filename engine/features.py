@@ -21,11 +21,12 @@ from engine.saes import check_sae_fits
 
 
 def encode_sparse(sae: SAE, values: np.ndarray, batch_size: int = 4096) -> sparse.csc_array:
-    """SAE codes of [n_tokens, d_in] activations as a sparse [n_tokens, d_sae] matrix."""
+    """SAE codes of [n_tokens, d_in] activations (in memory or a read-only memmap, read
+    `batch_size` rows at a time) as a sparse [n_tokens, d_sae] matrix."""
     blocks = []
     with torch.inference_mode():
         for start in range(0, len(values), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(values[start:start + batch_size])).to(sae.device)
+            chunk = torch.from_numpy(np.array(values[start:start + batch_size])).to(sae.device)  # a writable copy
             blocks.append(sparse.csr_array(sae.encode(chunk).float().cpu().numpy()))
     if not blocks:
         return sparse.csc_array((0, sae.cfg.d_sae), dtype=np.float32)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from sae_lens import SAE
 from sae_lens.config import SAETrainerConfig
@@ -76,24 +77,58 @@ def build_training_sae(training: SaeTraining, d_in: int, hook_name: str, model_n
     return sae
 
 
-def _batches(activations: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+@dataclass(frozen=True)
+class ActivationRows:
+    """Some rows of one hook's activations in a [n_tokens, n_hooks, d_in] array, in memory or
+    memory-mapped (`capture_tokens(spill=...)`): an SAE's training or held-out tokens, read a batch
+    at a time, so they never have to fit in memory at once."""
+
+    values: np.ndarray  # [n_tokens, n_hooks, d_in]
+    hook: int  # which hook's activations
+    rows: np.ndarray  # [n] row indices into values
+
+    @classmethod
+    def of(cls, activations: torch.Tensor | ActivationRows) -> ActivationRows:
+        """Every row of an in-memory [n, d_in] tensor (an ActivationRows as it is)."""
+        if isinstance(activations, ActivationRows):
+            return activations
+        return cls(activations.detach().cpu().numpy()[:, None, :], 0, np.arange(len(activations)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.values.shape[2])
+
+    def read(self, index: np.ndarray) -> torch.Tensor:
+        """Rows `index` (positions in `rows`), as float32 [len(index), d_in]."""
+        return torch.from_numpy(np.ascontiguousarray(self.values[self.rows[index], self.hook], dtype=np.float32))
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self), size):
+            yield self.read(np.arange(start, min(start + size, len(self))))
+
+
+def _batches(activations: ActivationRows, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     while True:
         for index in torch.randperm(len(activations), generator=generator).split(batch_size):
             if len(index) == batch_size:
-                yield activations[index]
+                yield activations.read(index.numpy())
 
 
-def train_sae(training: SaeTraining, activations: torch.Tensor, hook_name: str, model_name: str,
+def train_sae(training: SaeTraining, activations: torch.Tensor | ActivationRows, hook_name: str, model_name: str,
               *, device: str | torch.device = "cpu") -> SAE:
-    """Train with SAELens' SAETrainer on `device` (batches of the [n_tokens, d_in] activations move
-    there one at a time); return the inference SAE, on the same device."""
+    """Train with SAELens' SAETrainer on `device`, on [n_tokens, d_in] activations read one random
+    batch at a time (from disk, for memory-mapped rows); return the inference SAE, on `device`."""
     device = str(torch.device(device))
+    activations = ActivationRows.of(activations)
     if len(activations) < training.batch_size:
         raise ExplorerError(f"Only {len(activations)} activation rows for SAE batches of {training.batch_size}.",
                             "capture more tokens or lower the SAE batch_size.")
     torch.manual_seed(training.seed)
-    sae = build_training_sae(training, activations.shape[1], hook_name, model_name, device)
+    sae = build_training_sae(training, activations.d_in, hook_name, model_name, device)
     trainer_config = SAETrainerConfig(
         total_training_samples=training.steps * training.batch_size,
         train_batch_size_samples=training.batch_size,
@@ -159,18 +194,23 @@ class SaeQuality:
     dead_fraction: float  # latents that never fire on the held-out tokens
 
 
-def sae_quality(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) -> SaeQuality:
-    """Reconstruction and sparsity on held-out activations [n_tokens, d_in]."""
+def sae_quality(sae: SAE, activations: torch.Tensor | ActivationRows, batch_size: int = 4096) -> SaeQuality:
+    """Reconstruction and sparsity on held-out activations [n_tokens, d_in], read `batch_size` rows
+    at a time (twice: the variance needs the mean first)."""
+    activations = ActivationRows.of(activations)
     l0_total, squared_error, fired = 0.0, 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
+    total = torch.zeros(activations.d_in, dtype=torch.float64)
     with torch.inference_mode():
-        for chunk in activations.split(batch_size):
+        for chunk in activations.chunks(batch_size):
+            total += chunk.sum(0, dtype=torch.float64)
             chunk = chunk.to(sae.device)
             codes = sae.encode(chunk)
             reconstruction = sae.decode(codes)
             l0_total += float((codes > 0).sum())
             squared_error += float(((reconstruction - chunk) ** 2).sum())
             fired |= (codes > 0).any(dim=0)
-    total_variance = float(((activations - activations.mean(0)) ** 2).sum())
+    mean = total / len(activations)
+    total_variance = sum(float(((chunk - mean) ** 2).sum()) for chunk in activations.chunks(batch_size))
     return SaeQuality(
         l0=l0_total / len(activations),
         fraction_variance_unexplained=squared_error / total_variance,

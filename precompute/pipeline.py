@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,6 +70,17 @@ class StageContext:
         on, and nothing more, so a change elsewhere in the stage does not redo it."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return cache_dir() / self.config.study / name / digest
+
+    @contextmanager
+    def scratch(self, name: str, key: Mapping[str, Any]) -> Iterator[Path]:
+        """A `cache` folder for arrays only this run reads (tens of GB at OR-Bench scale), removed
+        when the block ends, also when the stage fails."""
+        folder = self.cache(name, key)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass

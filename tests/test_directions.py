@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from engine.directions import (
+    GroupSums,
     SelectionRule,
     bootstrap_cosines,
     cosine_matrix,
@@ -33,6 +34,36 @@ def test_mean_difference_in_blocks_matches_the_plain_mean(tmp_path) -> None:
     harmful = rng.random(50) < 0.4
     expected = acts[harmful].mean(0) - acts[~harmful].mean(0)
     assert np.allclose(mean_difference(on_disk, harmful, ~harmful, block=7), expected, atol=1e-5)
+
+
+def test_group_sums_filled_in_any_batches_give_the_mean_differences() -> None:
+    rng = np.random.default_rng(4)
+    acts = rng.normal(size=(60, 3, 2, 4)).astype(np.float32)
+    toxic, safe = rng.random(60) < 0.4, rng.random(60) < 0.3
+    hate = toxic & (rng.random(60) < 0.5)  # groups may overlap
+    sums = GroupSums({"toxic": toxic, "safe": safe, "hate": hate}, acts.shape)
+    order = rng.permutation(60)
+    for start in range(0, 60, 7):  # batches in any order, as capture fills them
+        rows = sorted(order[start : start + 7])
+        sums[rows] = acts[rows]
+    assert np.allclose(sums.mean_difference("toxic", "safe"), mean_difference(acts, toxic, safe), atol=1e-6)
+    assert np.allclose(sums.mean_difference("hate", "safe")[:, 1], mean_difference(acts[:, :, 1], hate, safe),
+                       atol=1e-6)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        GroupSums({"a": toxic, "none": np.zeros(60, bool)}, acts.shape).mean_difference("a", "none")
+
+
+def test_capture_into_group_sums_matches_the_captured_array(tiny_model) -> None:
+    from engine.activations import capture, prompt_end_positions
+
+    prompts = ["Name a fruit", "How do I pick a lock", "Describe a cat", "Tell me about rivers", "Say hi"]
+    harmful = np.array([False, True, False, True, False])
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    offsets = prompt_end_positions(tiny_model.tokenizer).offsets
+    acts = capture(tiny_model, prompts, hooks, offsets, batch_size=2)
+    sums = GroupSums({"toxic": harmful, "safe": ~harmful}, acts.shape)
+    assert capture(tiny_model, prompts, hooks, offsets, batch_size=2, out=sums) is sums
+    assert np.allclose(sums.mean_difference("toxic", "safe"), mean_difference(acts, harmful, ~harmful), atol=1e-6)
 
 
 def test_selection_follows_the_three_filters() -> None:

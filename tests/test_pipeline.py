@@ -111,7 +111,16 @@ def test_unknown_stage_name_is_rejected(tmp_path, tiny_model_dir, prompt_file) -
         pipeline.run_pipeline(_config(tmp_path, tiny_model_dir, prompt_file), STAGES, force=frozenset({"judge"}))
 
 
-def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir) -> None:
+def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir, monkeypatch,
+                                                        isolated_data_dir) -> None:
+    on_disk: list[tuple[int, ...]] = []
+    open_memmap = np.lib.format.open_memmap
+
+    def recorded(path, *args, shape, **kwargs):
+        on_disk.append(shape)
+        return open_memmap(path, *args, shape=shape, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", recorded)
     config = parse_config({
         "study": "tiny", "store": str(tmp_path / "tiny.duckdb"),
         "models": {"base": str(tiny_model_dir), "tuned": str(tiny_model_dir)},
@@ -122,6 +131,11 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     })
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports["directions"] == "ran"
+    # Candidates come from running sums; only the chosen position of the toxic and safe prompts
+    # goes to disk (one array per model), and not for long.
+    n_toxic_or_safe = int(store.read_table(config.store, "prompts")["kind"].isin(["toxic", "safe"]).sum())
+    assert on_disk == [(n_toxic_or_safe, 2, 1, 64)] * 2
+    assert not any((isolated_data_dir / "cache" / "tiny" / "activations").iterdir())
     read = lambda name: store.read_table(config.store, name)
     candidates = read("direction_candidates")
     assert len(candidates) == 2 * 4 and candidates["chosen"].sum() == 1  # 2 layers x 4 positions
@@ -178,12 +192,22 @@ def _study_with_directions(tmp_path: Path, model_dir: Path, test_fraction: float
     })
 
 
-def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir) -> None:
+def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir, monkeypatch, isolated_data_dir) -> None:
+    from engine.saes import ActivationRows
+    from precompute.stages import saes as saes_stage
+
     config = _study_with_directions(tmp_path, tiny_model_dir, 0.3, saes={
         "model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 60, "batch_size": 128,
         "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3})
+    sources = []
+    train_sae = saes_stage.train_sae
+    monkeypatch.setattr(saes_stage, "train_sae", lambda training, activations, *args, **kwargs: (
+        sources.append(activations), train_sae(training, activations, *args, **kwargs))[1])
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports["saes"] == "ran"
+    # trained from the corpus' activations on disk, read a batch at a time; the scratch file is gone
+    assert len(sources) == 1 and isinstance(sources[0], ActivationRows) and isinstance(sources[0].values, np.memmap)
+    assert not any((isolated_data_dir / "cache" / "tiny" / "sae_corpus").iterdir())
     read = lambda name: store.read_table(config.store, name)
     chosen = read("refusal_directions").query("scope == 'global' and chosen")["layer"].item()
     saes = read("saes")

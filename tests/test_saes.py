@@ -8,6 +8,7 @@ import torch
 from scipy import sparse
 
 from engine import saes
+from engine.activations import capture_tokens
 from engine.errors import ExplorerError
 from engine.features import (
     baseline_means,
@@ -21,6 +22,7 @@ from engine.features import (
     top_texts,
 )
 from engine.saes import (
+    ActivationRows,
     SaeTraining,
     check_sae_fits,
     load_sae,
@@ -164,3 +166,34 @@ def test_sae_training_and_loading_run_on_the_device_asked_for(sparse_activations
     train_sae(training, sparse_activations[:500], "blocks.0.hook_resid_pre", "m")
     load_sae(str(save_sae(sae, tmp_path / "sae")), device="cuda:0")
     assert seen == [("sae", "cpu"), ("trainer", "cpu"), ("load", "cpu"), ("load", "cuda:0")]
+
+
+def test_training_and_quality_read_memory_mapped_rows_like_a_tensor(sparse_activations, tmp_path) -> None:
+    """An SAE trained on some rows of a memory-mapped [n, hooks, d] array equals one trained on
+    those rows in memory; the quality numbers agree."""
+    on_disk = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.float32, shape=(6000, 2, 16))
+    on_disk[:, 1] = sparse_activations.numpy()
+    del on_disk
+    values = np.load(tmp_path / "a.npy", mmap_mode="r")
+    train_rows = np.flatnonzero(np.arange(6000) % 5 != 0)
+    training = SaeTraining(architecture="topk", expansion=2, k=4, steps=30, batch_size=64, lr=3e-3)
+    from_disk = train_sae(training, ActivationRows(values, 1, train_rows), "blocks.0.hook_resid_pre", "m")
+    in_memory = train_sae(training, sparse_activations[train_rows], "blocks.0.hook_resid_pre", "m")
+    assert torch.equal(from_disk.W_dec, in_memory.W_dec) and torch.equal(from_disk.W_enc, in_memory.W_enc)
+    held_out = np.flatnonzero(np.arange(6000) % 5 == 0)
+    chunked = sae_quality(from_disk, ActivationRows(values, 1, held_out), batch_size=100)
+    whole = sae_quality(from_disk, sparse_activations[held_out])
+    assert chunked.l0 == pytest.approx(whole.l0) and chunked.dead_fraction == whole.dead_fraction
+    assert chunked.fraction_variance_unexplained == pytest.approx(whole.fraction_variance_unexplained, rel=1e-5)
+
+
+def test_capture_tokens_spills_to_a_memory_mapped_file(tiny_model, tmp_path) -> None:
+    sequences = [tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+                 for text in ("Name a fruit please", "Describe a cat", "Tell me about rivers in Europe")]
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    in_memory = capture_tokens(tiny_model, sequences, hooks, batch_size=2)
+    spilled = capture_tokens(tiny_model, sequences, hooks, batch_size=2, spill=tmp_path / "acts.f32")
+    assert isinstance(spilled.values, np.memmap) and not spilled.values.flags.writeable
+    assert spilled.values.shape == in_memory.values.shape == (len(in_memory.text_index), 2, 64)
+    assert np.array_equal(spilled.values, in_memory.values)
+    assert np.array_equal(spilled.position, in_memory.position)

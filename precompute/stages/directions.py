@@ -1,12 +1,15 @@
 """Stage `directions`: refusal directions per layer and category, chosen and tested causally.
 
-1. Capture the residual stream (`blocks.{l}.hook_resid_pre`) at the prompt-end positions.
+1. Capture the residual stream (`blocks.{l}.hook_resid_pre`) at the prompt-end positions into
+   running sums per prompt group: no prompt's activations are kept.
 2. Candidates: difference of means, toxic minus safe, on the train split minus a validation
    part, for every (layer, position): one global set and one per category.
 3. Score candidates on the validation part and choose one (Arditi et al. 2024).
 4. Test it on the test split: generation with the direction ablated (toxic, hard) and added
    (safe, hard); KL and completion cross-entropy on safe prompts.
-5. Geometry: separation and probe accuracy per layer for every model, projections, category
+5. Geometry, from captures at the chosen position only (every layer for the toxic and safe
+   prompts, streamed to a scratch file removed afterwards; the chosen layer for every prompt):
+   separation and probe accuracy per layer for every model, projections, category
    cosines with bootstrap intervals, a refused-vs-answered direction from hard prompts, and the
    cross-ablation matrix (ablate category k's direction, measure category j's refusal score).
 """
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ import torch
 from engine.activations import capture, prompt_end_positions
 from engine.direction_scoring import refusal_scores_under_ablation, score_candidates
 from engine.directions import (
+    GroupSums,
     SelectionRule,
     bootstrap_cosines,
     layer_separation,
@@ -122,6 +127,11 @@ class DirectionsStage(Stage):
         }
 
     def run(self, context: StageContext) -> StageOutput:
+        key = self.inputs(context.config) | {"prompts": context.hashes["prompts"]}
+        with context.scratch("activations", key) as scratch:
+            return self._run(context, scratch)
+
+    def _run(self, context: StageContext, scratch: Path) -> StageOutput:
         config = context.config
         settings = config.directions
         assert settings is not None  # applies() guarantees it
@@ -143,18 +153,6 @@ class DirectionsStage(Stage):
             [stable_split("validation:" + t, settings.validation_fraction) == "test" for t in prompts["text"]])
         fit, test = train & ~validation, (prompts["split"] == "test").to_numpy()
 
-        # [n, layers, positions, d_model], streamed to a disk-backed array: memory stays bounded
-        # however many prompts there are; every reader below takes a block or one slice at a time.
-        scratch = context.cache("activations", self.inputs(config) | {"prompts": context.hashes["prompts"]})
-        scratch.mkdir(parents=True, exist_ok=True)
-
-        def disk_array(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            return np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
-
-        acts = capture(model, list(prompts["text"]), hooks, positions.offsets, batch_size=batch_size,
-                       desc=f"capture {role}",
-                       out=disk_array(role, (len(prompts), model.n_layers, len(positions.offsets), model.d_model)))
-        global_candidates = mean_difference(acts, toxic & fit, safe & fit)
         wanted = [c for c in config.prompts.categories if c in CATEGORIES]
         categories = [c for c in wanted if (toxic & fit & (category == c)).any()]
         if empty := sorted(set(wanted) - set(categories)):
@@ -162,6 +160,14 @@ class DirectionsStage(Stage):
                 f"No toxic training prompts in categor{'y' if len(empty) == 1 else 'ies'} {empty}: "
                 "no category direction can be computed.",
                 "add toxic prompts for it or drop it from prompts.categories in the config.")
+        # Every (layer, position)'s group sums, [layers, positions, d_model] each: memory does not
+        # grow with the number of prompts, and no activation goes to disk.
+        groups = {"toxic": toxic & fit, "safe": safe & fit} | {
+            f"toxic {c}": toxic & fit & (category == c) for c in categories}
+        sums = GroupSums(groups, (len(prompts), model.n_layers, len(positions.offsets), model.d_model))
+        capture(model, list(prompts["text"]), hooks, positions.offsets, batch_size=batch_size,
+                desc=f"capture {role}", out=sums)
+        global_candidates = sums.mean_difference("toxic", "safe")
 
         rng = np.random.default_rng(settings.seed)
 
@@ -188,8 +194,7 @@ class DirectionsStage(Stage):
                     layer, chosen["position_label"], chosen["ablation_score"], chosen["induce_score"], chosen["kl"])
         direction = global_candidates[layer, position]
         # Per category, every layer at the chosen position: [layers, d_model] each.
-        category_candidates = {c: mean_difference(acts[:, :, position], toxic & fit & (category == c), safe & fit)
-                               for c in categories}
+        category_candidates = {c: sums.mean_difference(f"toxic {c}", "safe")[:, position] for c in categories}
         category_directions = {c: vectors[layer] for c, vectors in category_candidates.items()}
 
         # Causal evaluation on the test split.
@@ -214,22 +219,24 @@ class DirectionsStage(Stage):
                                    "mean_refusal_score": float(group["score"].mean()),
                                    "refusal_rate_by_score": float((group["score"] > 0).mean())})
 
-        # Geometry at the chosen position, for every model of the study.
+        # Geometry at the chosen position, for every model of the study. Per layer, toxic and safe
+        # prompts only ([n_toxic + n_safe, layers, d_model], on disk); the studied model's chosen
+        # site also for every prompt ([n, d_model], for projections, cosines and hard prompts).
         separation_rows, projection_frames = [], []
         both = toxic | safe  # separation compares toxic with safe prompts
+        offset = [positions.offsets[position]]
+        site = capture(model, list(prompts["text"]), [hooks[layer]], offset, batch_size=batch_size,
+                       desc=f"capture {role} at the chosen site")[:, 0, 0, :]
         for other_role, spec in config.models.items():
-            # The studied model's activations are at hand for every prompt; another model is
-            # captured at the chosen position for the toxic and safe prompts only.
-            rows = np.ones(len(prompts), dtype=bool) if other_role == role else both
             other = model if other_role == role else config.generation.load(spec)
-            layer_acts = acts[:, :, position, :] if other_role == role else capture(
-                other, list(prompts["text"][rows]), hooks, [positions.offsets[position]],
-                batch_size=batch_size, desc=f"capture {other_role}",
-                out=disk_array(other_role, (int(rows.sum()), model.n_layers, 1, model.d_model)))[:, :, 0, :]
-            fit_rows = (fit & both)[rows]
-            separation = layer_separation(layer_acts, toxic[rows], fit_rows, (test & both)[rows])
+            on_disk = np.lib.format.open_memmap(scratch / f"{other_role}.npy", mode="w+", dtype=np.float32,
+                                                shape=(int(both.sum()), model.n_layers, 1, model.d_model))
+            layer_acts = capture(other, list(prompts["text"][both]), hooks, offset, batch_size=batch_size,
+                                 desc=f"capture {other_role} at the chosen position", out=on_disk)[:, :, 0, :]
+            fit_rows = fit[both]
+            separation = layer_separation(layer_acts, toxic[both], fit_rows, test[both])
             separation_rows.append(separation.assign(model=other_role))
-            own_vector = mean_difference(layer_acts[:, layer], toxic[rows] & fit_rows, safe[rows] & fit_rows)
+            own_vector = mean_difference(layer_acts[:, layer], toxic[both] & fit_rows, safe[both] & fit_rows)
             if other_role != role:
                 # The same site's direction in the other model, tested the same way (no search).
                 other_tokens = refusal_token_ids(tokens, other_role)
@@ -237,10 +244,11 @@ class DirectionsStage(Stage):
                                                           layer, settings.addition_alpha, other_tokens, **evaluate)
                 judged_frames.append(judged)
                 harmless_frames.append(harmlessness)
+            rows = np.ones(len(prompts), dtype=bool) if other_role == role else both
+            projected = site if other_role == role else np.asarray(layer_acts[:, layer])
             projection_frames.append(
                 prompts.loc[rows, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
-                .assign(model=other_role, projection=np.asarray(layer_acts[:, layer]) @ unit(own_vector)))
-        site = np.asarray(acts[:, layer, position])  # [n, d_model]
+                .assign(model=other_role, projection=projected @ unit(own_vector)))
         cosines = bootstrap_cosines(site[fit], np.where(toxic[fit], category[fit], ""),
                                     categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
         verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])

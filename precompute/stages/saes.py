@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sae_lens import SAE
 
 from engine.activations import capture, capture_tokens, prompt_end_positions
@@ -40,6 +39,7 @@ from engine.models import LoadedModel
 from engine.prompts import stable_split
 from engine.refusal_metric import RefusalMetric
 from engine.saes import (
+    ActivationRows,
     ce_loss_recovered,
     check_sae_fits,
     load_sae,
@@ -116,6 +116,12 @@ class SaesStage(ModelSectionStage):
         return [f"blocks.{lay}.hook_resid_pre" for lay in layers]
 
     def run(self, context: StageContext) -> StageOutput:
+        # The corpus' activations ([n_tokens, n_hooks, d_model], ~100 GB at OR-Bench scale) go to a
+        # scratch file, memory-mapped: training and statistics read them a batch at a time.
+        with context.scratch("sae_corpus", {"saes": context.hashes["saes"]}) as scratch:
+            return self._run(context, scratch / "activations.f32")
+
+    def _run(self, context: StageContext, spill: Path) -> StageOutput:
         config = context.config
         settings: SaesConfig = config.saes
         batch_size = config.generation.batch_size
@@ -138,7 +144,7 @@ class SaesStage(ModelSectionStage):
         corpus = chat_corpus(model.tokenizer, list(rows["text"]), list(rows["response"]))
         skip = list(model.tokenizer.all_special_ids)
         tokens = capture_tokens(model, corpus.sequences, hooks, batch_size=batch_size, skip_token_ids=skip,
-                                desc="capture corpus")
+                                desc="capture corpus", spill=spill)
         held_out_text = np.array([stable_split(f"sae:{t}", settings.held_out_fraction) == "test"
                                   for t in rows["prompt_id"] + "|" + rows["response"]])
         held_out = held_out_text[tokens.text_index]
@@ -157,12 +163,12 @@ class SaesStage(ModelSectionStage):
             if hook in saes:
                 sae, origin = saes[hook]
             else:
-                sae = train_sae(settings.training(), _tensor(tokens.values[~held_out, h]), hook, model.name,
-                                device=model.device)
+                sae = train_sae(settings.training(), ActivationRows(tokens.values, h, np.flatnonzero(~held_out)),
+                                hook, model.name, device=model.device)
                 path = save_sae(sae, self.folder(context) / hook)
                 origin = {"path": str(path.relative_to(config.store.parent))}
             seconds = time.perf_counter() - started
-            quality = sae_quality(sae, _tensor(tokens.values[held_out, h]))
+            quality = sae_quality(sae, ActivationRows(tokens.values, h, np.flatnonzero(held_out)))
             ce = ce_loss_recovered(model, sae, ce_texts, batch_size=batch_size, skip_token_ids=skip)
             sae_rows.append({
                 "hook": hook, "layer": _layer(hook), "source": "pretrained" if hook in saes else "trained",
@@ -301,7 +307,3 @@ class SaesStage(ModelSectionStage):
             (features["n_safe_fired"] + 0.5) / (features["n_safe"] + 1))
         features["error_attribution"] = float(attribution.error_effects.mean())
         return features, examples, pd.concat(groups, ignore_index=True), cosines
-
-
-def _tensor(values: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(values))
