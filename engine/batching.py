@@ -54,7 +54,7 @@ def backed_off(
             if len(batch) == 1:
                 raise ExplorerError(f"{desc}: out of memory on a single prompt.",
                                     "use a smaller dtype (bfloat16), spread the model over GPUs with "
-                                    "models.device_map, or use a GPU with more memory.") from error
+                                    "generation.device_map, or use a GPU with more memory.") from error
             failed = True
         else:
             failed = False
