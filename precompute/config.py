@@ -51,7 +51,7 @@ class GenerationConfig:
     # Spread a model too large for one GPU over several (Hugging Face device_map: auto, balanced,
     # sequential or {module path: device}); None loads it whole on the GPU, or the CPU. Placement
     # does not change the numbers, so it is not part of any cache key.
-    device_map: str | dict[str, str | int] | None = None
+    device_map: str | dict[str, str | int] | None = field(default=None, metadata={"cache_key": False})
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -307,7 +307,13 @@ class StudyConfig:
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data, for content hashes and the runs table."""
         value = getattr(self, name)
-        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        if not dataclasses.is_dataclass(value):
+            return value
+        data = dataclasses.asdict(value)
+        for item in dataclasses.fields(value):
+            if not item.metadata.get("cache_key", True):  # e.g. where a model is placed
+                data.pop(item.name)
+        return data
 
 
 SECTIONS: dict[str, type] = {

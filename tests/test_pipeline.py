@@ -79,6 +79,17 @@ def test_unchanged_stages_are_skipped_and_changes_invalidate(tmp_path, tiny_mode
         "prompts": "ran", "tune": "not applicable", "generate": "ran"}
 
 
+def test_where_a_model_is_placed_is_not_part_of_any_cache_key(tmp_path, tiny_model_dir, prompt_file) -> None:
+    # A store built on one GPU stays up to date when the same study runs spread over several.
+    plain = _config(tmp_path, tiny_model_dir, prompt_file)
+    spread = _config(tmp_path, tiny_model_dir, prompt_file, device_map="auto")
+    assert "device_map" not in plain.section("generation")
+    for stage in [stage for stage in STAGES if stage.applies(plain)]:
+        assert pipeline.input_hash(stage, plain, {}) == pipeline.input_hash(stage, spread, {}), stage.name
+    assert pipeline.input_hash(STAGES[2], plain, {}) != pipeline.input_hash(
+        STAGES[2], _config(tmp_path, tiny_model_dir, prompt_file, max_new_tokens=4), {})
+
+
 def test_crashed_stage_resumes_from_finished_chunks(tmp_path, tiny_model_dir, prompt_file, monkeypatch) -> None:
     config = _config(tmp_path, tiny_model_dir, prompt_file, chunk_size=4)
     real_answer_table = generate_stage.answer_table
