@@ -66,23 +66,34 @@ for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
     show_verdict(kind)
 
 # --- Similarity heatmaps (a fragment: switching the measure reruns only this part) -------------------
-@st.fragment
-def similarity_heatmaps() -> None:
-    st.subheader("How alike the circuits are")
-    measure = st.radio("Similarity", ["cosine", "jaccard"], horizontal=True,
-                       format_func={"cosine": "cosine of node effects", "jaccard": "Jaccard of node sets"}.get)
-    similarity = queries.query(store, queries.CIRCUIT_SIMILARITY_SQL)
+@st.cache_data(show_spinner=False, max_entries=8)
+def similarity_matrix(path: str, version: int, measure: str) -> pd.DataFrame:
+    """Every ordered pair of circuits with `measure` as `value` and its CI as text, split-half
+    reliability on the diagonal. Cached per store version: building it was a third of a redraw."""
+    circuits = queries.query(path, queries.CIRCUITS_SQL)
+    circuits = circuits[circuits["status"] == "ok"]
+    similarity = queries.query(path, queries.CIRCUIT_SIMILARITY_SQL)
     mirrored = similarity.rename(columns={"kind_a": "kind_b", "category_a": "category_b", "kind_b": "kind_a",
                                           "category_b": "category_a", "n_a": "n_b", "n_b": "n_a"})
-    diagonal = ok.assign(kind_a=ok["kind"], category_a=ok["category"], kind_b=ok["kind"], category_b=ok["category"],
-                         cosine=ok["split_half_cosine"], jaccard=ok["split_half_jaccard"], n_a=ok["n_prompts"],
-                         n_b=ok["n_prompts"])
+    diagonal = circuits.assign(
+        kind_a=circuits["kind"], category_a=circuits["category"], kind_b=circuits["kind"],
+        category_b=circuits["category"], cosine=circuits["split_half_cosine"], jaccard=circuits["split_half_jaccard"],
+        n_a=circuits["n_prompts"], n_b=circuits["n_prompts"])
     full = pd.concat([similarity, mirrored, diagonal], ignore_index=True)
     full["value"] = full[measure]
     full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else "split-half (diagonal)"
                   for low, high in zip(full[f"{measure}_low"], full[f"{measure}_high"], strict=True)]
     full["row"] = full["kind_a"] + "/" + full["category_a"]
     full["column"] = full["kind_b"] + "/" + full["category_b"]
+    return full
+
+
+@st.fragment
+def similarity_heatmaps() -> None:
+    st.subheader("How alike the circuits are")
+    measure = st.radio("Similarity", ["cosine", "jaccard"], horizontal=True,
+                       format_func={"cosine": "cosine of node effects", "jaccard": "Jaccard of node sets"}.get)
+    full = similarity_matrix(str(store), queries.store_version(store), measure)
 
     def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: str, x_title: str) -> None:
         if data.empty:
@@ -96,7 +107,6 @@ def similarity_heatmaps() -> None:
 
     st.caption("Diagonal: split-half similarity (one category, two halves of its prompts). Hover a cell for its CI "
                "and, within one kind, the permutation p-value of the two categories differing.")
-    heatmap(full, "All circuits", "row", "column", "circuit", "circuit")
     side_a, side_b = st.columns(2)
     with side_a:
         heatmap(between("toxic", "toxic"), "Toxic circuits", "category_a", "category_b", "toxic", "toxic")
@@ -104,6 +114,10 @@ def similarity_heatmaps() -> None:
         heatmap(between("hard", "hard"), "Safe-side (hard) circuits", "category_a", "category_b", "hard", "hard")
     heatmap(pd.concat([between("hard", "toxic"), between("safe", "toxic")]), "Safe-side (rows) against toxic (columns)",
             "row", "category_b", "safe side", "toxic")
+    # Every pair in one matrix, on request: the blocks above are its readable parts, and drawing all of
+    # it took most of a measure switch.
+    if st.toggle("Show every circuit against every other in one matrix", key="similarity_all"):
+        heatmap(full, "All circuits", "row", "column", "circuit", "circuit")
 
 
 similarity_heatmaps()
