@@ -145,6 +145,8 @@ def test_figure_spec_builds_a_chart_once_per_builder_and_data() -> None:
 
     first = figure_spec(bars, RATES, "red")
     assert figure_spec(bars, RATES.copy(), "red") == first and calls == ["red"]  # equal data: the cached spec
+    concatenated = pd.concat([RATES.iloc[:1], RATES.iloc[1:]], ignore_index=True)  # equal, built another way
+    assert figure_spec(bars, concatenated, "red") == first and calls == ["red"]
     assert figure_spec(bars, RATES, "blue")["mark"]["color"] == "blue"
     figure_spec(bars, RATES.assign(rate=[0.1, 0.2, 0.3]), "red")
     assert calls == ["red", "blue", "red"]
