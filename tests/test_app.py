@@ -177,6 +177,10 @@ def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) ->
     assert not app.exception and {m.label: m.value for m in app.metric}["Nodes / edges shown"].startswith("2 / ")
     next(r for r in app.radio if r.label == "Similarity").set_value("jaccard").run()
     assert not app.exception and not app.error
+    charts = len(app.get("vega_lite_chart"))
+    app.toggle(key="similarity_all").set_value(True).run()  # the all-circuits matrix only on request
+    assert not app.exception and len(app.get("vega_lite_chart")) == charts + 1
+    assert len(app.get("iframe")) == 1  # the circuit graph
 
 
 def test_circuits_page_says_which_categories_had_too_few_prompts(tiny_store: Path, tmp_path: Path) -> None:

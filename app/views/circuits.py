@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-import streamlit.components.v1 as components
 
 from app import charts, queries
 from app.components import circuit_graph_html, figure_spec, show_chart, show_table
@@ -171,7 +170,7 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
     if shown_nodes.empty:
         st.info("No node passes these thresholds: lower them.")
     else:
-        components.html(cached_graph_html(shown_nodes, shown_edges, hooks), height=580)
+        st.iframe(cached_graph_html(shown_nodes, shown_edges, hooks), height=580)
 
     table = shown_nodes.assign(dashboard=[
         f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
