@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import duckdb
@@ -56,6 +57,32 @@ def test_a_reader_open_across_a_swap_keeps_its_snapshot_and_a_new_one_sees_the_n
             assert after.execute("SELECT list(x) FROM numbers").fetchone() == ([4],)
         cursor = store.snapshot_cursor(before)
         assert cursor.execute("SELECT list(x ORDER BY x) FROM numbers").fetchone() == ([1, 2, 3],)
+
+
+def test_one_snapshot_serves_many_threads_through_cursors(tmp_path: Path) -> None:
+    # The app shares one snapshot connection between all sessions' script threads.
+    path = tmp_path / "s.duckdb"
+    _write(path, list(range(100)))
+    results: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def reader(threshold: int) -> None:
+        try:
+            for _ in range(50):
+                with store.snapshot_cursor(snapshot) as cursor:
+                    results.append((threshold, cursor.execute("SELECT count(*) FROM numbers WHERE x >= ?",
+                                                              [threshold]).fetchone()[0]))
+        except BaseException as error:  # noqa: BLE001 (reported below, from the test's thread)
+            errors.append(error)
+
+    with store.reading(path) as snapshot:
+        threads = [threading.Thread(target=reader, args=(threshold,)) for threshold in (0, 25, 50, 75)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors and len(results) == 200
+    assert all(count == 100 - threshold for threshold, count in results)
 
 
 KILLER = textwrap.dedent("""
