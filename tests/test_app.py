@@ -96,8 +96,8 @@ def test_features_page_renders_a_feature_dashboard(tiny_store: Path) -> None:
     assert metrics["Max activation"] == f"{feature['max_activation']:.2f}"
     examples = store.read_table(tiny_store, "feature_examples").query(
         "hook == 'blocks.1.hook_resid_pre' and feature == 5")
-    shown = [m.value for m in app.markdown if m.value.startswith("**#")]
-    assert len(shown) == len(examples) and f"peak {examples['activation'].max():.2f}" in shown[0]
+    shown = next(h.proto.body for h in app.get("html") if "<b>#1</b>" in h.proto.body)  # all examples, one element
+    assert shown.count("</b> · peak ") == len(examples) and f"peak {examples['activation'].max():.2f}" in shown
 
     # search filters the table; every change of the feature or the SAE sticks (the URL follows, not leads)
     app.text_input(key="feature_search").input("5").run()

@@ -4,6 +4,8 @@ and live encoding of the reader's own text)."""
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -180,11 +182,14 @@ def feature_dashboard(d_sae: int) -> None:
     examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))
     if examples.empty:
         st.info("This feature never fires on the corpus (a dead feature).")
-    for example in examples.itertuples():
-        st.markdown(f"**#{example.rank + 1}** · peak {example.activation:.2f} · {example.kind} · {example.category} "
-                    f"· {example.source} · prompt `{example.prompt_id}`")
-        st.html(highlighted_tokens(list(example.tokens), list(example.token_activations), float(row.max_activation),
-                                   peak=int(example.position)))
+    else:  # one element for all of them: each element costs the browser a redraw on every feature change
+        st.html("".join(
+            f'<p style="margin:0.9em 0 0.2em"><b>#{example.rank + 1}</b> · peak {example.activation:.2f} · '
+            f"{html.escape(f'{example.kind} · {example.category} · {example.source}')} · prompt "
+            f"<code>{html.escape(str(example.prompt_id))}</code></p>"
+            + highlighted_tokens(list(example.tokens), list(example.token_activations), float(row.max_activation),
+                                 peak=int(example.position))
+            for example in examples.itertuples()))
 
     st.subheader("Try your own text")
     text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000)
