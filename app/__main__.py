@@ -1,7 +1,7 @@
 """`python -m app [streamlit options] [-- --store PATH]`: `streamlit run app/main.py` with the libraries
 the pages draw with imported before the server accepts a session, so that a reader's first page does
 not wait seconds for them. The model stack (torch, TransformerLens, SAELens) is imported in the
-background once a page has run."""
+background when a page that runs the model opens (app.context.warm_model_stack)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -73,3 +75,13 @@ def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
         )
         st.stop()
     return present
+
+
+@st.cache_resource(show_spinner=False)
+def warm_model_stack() -> threading.Thread:
+    """Import torch, TransformerLens and SAELens once per server, in the background, when a page that
+    can run the model opens (Steering, Features): the reader is still choosing a prompt or a text when
+    they are needed. Not from every page: the import thread's hold on the GIL doubled a page's time."""
+    thread = threading.Thread(target=importlib.import_module, args=("app.resources",), daemon=True)
+    thread.start()
+    return thread

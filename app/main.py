@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import threading
 from pathlib import Path
 
 import altair as alt
@@ -16,17 +14,6 @@ st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
 # built; profiling showed that was most of each chart-heavy interaction. export.chart_spec still
 # validates the finished chart once, so a malformed chart still fails (and the tests render them all).
 alt.utils.schemapi.disable_debug_mode()
-
-
-@st.cache_resource(show_spinner=False)
-def warm_model_imports() -> threading.Thread:
-    """Import torch, TransformerLens and SAELens once per server, in the background, while the reader is
-    on the Findings page, so the first live-model page does not wait for them. Started after the first
-    page has run: beside it, the import thread's hold on the GIL doubled that page's time."""
-    thread = threading.Thread(target=importlib.import_module, args=("app.resources",), daemon=True)
-    thread.start()
-    return thread
-
 
 store = current_store()
 with st.sidebar:
@@ -54,4 +41,3 @@ page = st.navigation([
     st.Page("views/compare.py", title="Compare studies", icon=":material/compare_arrows:"),
 ])
 page.run()
-warm_model_imports()

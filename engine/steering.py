@@ -22,6 +22,7 @@ from engine.interventions import Hook, ablation_hooks, addition_hooks, applied
 from engine.judge import refusal_log_odds
 from engine.models import LoadedModel
 from engine.saes import check_sae_fits
+from engine.steering_limits import DEFAULT_LIMITS, SteeringLimits
 
 
 @dataclass(frozen=True)
@@ -81,35 +82,6 @@ def clamp_hook(model: LoadedModel, clamp: FeatureClamp) -> Hook:
 
 
 @dataclass(frozen=True)
-class SteeringLimits:
-    """What the live steering accepts (a 2-core CPU must answer within seconds)."""
-
-    max_prompt_chars: int = 1000
-    max_new_tokens: int = 128
-    max_abs_alpha: float = 500.0
-    max_abs_feature_value: float = 1000.0
-
-    def check(self, instruction: str, max_new_tokens: int, steering: Steering) -> None:
-        if not instruction.strip():
-            raise ExplorerError("The prompt is empty.", "type a prompt or pick one from the set.")
-        if len(instruction) > self.max_prompt_chars:
-            raise ExplorerError(f"The prompt has {len(instruction)} characters, over the limit of "
-                                f"{self.max_prompt_chars}.", "shorten it: live steering must answer in seconds.")
-        if not 1 <= max_new_tokens <= self.max_new_tokens:
-            raise ExplorerError(f"{max_new_tokens} new tokens is out of range.",
-                                f"use 1-{self.max_new_tokens} (longer answers take too long on a CPU).")
-        for addition in steering.add:
-            if addition.alpha is not None and abs(addition.alpha) > self.max_abs_alpha:
-                raise ExplorerError(f"alpha = {addition.alpha} is out of range.",
-                                    f"use |alpha| <= {self.max_abs_alpha:g}; beyond that the model only "
-                                    "produces noise.")
-        for clamp in steering.clamp:
-            if clamp.value is not None and abs(clamp.value) > self.max_abs_feature_value:
-                raise ExplorerError(f"Feature value {clamp.value} is out of range.",
-                                    f"use |value| <= {self.max_abs_feature_value:g}.")
-
-
-@dataclass(frozen=True)
 class SteeredAnswer:
     text: str
     refusal_score: float  # at the first response position, under the steering
@@ -150,7 +122,7 @@ def _rows_only(hook: Hook, rows: torch.Tensor) -> Hook:
 def compare_answers(model: LoadedModel, instruction: str, steering: Steering, refusal_token_ids: Sequence[int], *,
                     max_new_tokens: int, min_new_tokens: int = 0, top_k: int = 8,
                     on_text: Callable[[int, str], None] | None = None,
-                    limits: SteeringLimits = SteeringLimits()) -> tuple[SteeredAnswer, SteeredAnswer]:
+                    limits: SteeringLimits = DEFAULT_LIMITS) -> tuple[SteeredAnswer, SteeredAnswer]:
     """Greedy (baseline, steered) answers to one prompt, generated together as a batch of two in
     which only the second row is steered; `on_text(row, text)` streams them token by token
     (`min_new_tokens` keeps both going past an early end of turn, for benchmarks)."""

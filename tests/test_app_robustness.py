@@ -88,7 +88,8 @@ def test_stored_result_modules_import_no_model_or_scipy_stack() -> None:
     # Each of these costs seconds on a page's first load; only live generation and encoding need them.
     check = ("import sys, importlib\n"
              "for name in ('app.findings', 'app.narrative', 'app.figures', 'app.charts', 'app.components', "
-             "'app.queries', 'app.report', 'app.export', 'app.context'): importlib.import_module(name)\n"
+             "'app.queries', 'app.report', 'app.export', 'app.context', 'engine.steering_limits'): "
+             "importlib.import_module(name)\n"
              "print(','.join(m for m in ('torch', 'scipy.stats', 'statsmodels', 'transformer_lens', 'sae_lens') "
              "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,

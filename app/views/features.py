@@ -12,7 +12,7 @@ import streamlit as st
 
 from app import charts, queries
 from app.components import figure_spec, highlighted_tokens, show_chart, show_table
-from app.context import current_store, require_tables
+from app.context import current_store, require_tables, warm_model_stack
 from engine.errors import ExplorerError
 
 HOOK_KEY, FEATURE_KEY, SELECTED_KEY = "features_hook", "features_feature", "features_selected_row"
@@ -28,6 +28,7 @@ SORTS = {
 }
 
 store = current_store()
+warm_model_stack()
 st.title("SAE features")
 require_tables(store, ("saes", "features", "feature_examples", "feature_groups", "sae_corpus"))
 

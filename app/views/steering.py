@@ -3,6 +3,8 @@ then the batch results of the `steering` stage (force / suppress rates and the c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import altair as alt
 import numpy as np
 import pandas as pd
@@ -10,17 +12,17 @@ import streamlit as st
 
 from app import queries
 from app.components import show_chart, show_table
-from app.context import BUILD_COMMAND, current_store, require_tables
-from app.resources import cached_sae, study_model
+from app.context import BUILD_COMMAND, current_store, require_tables, warm_model_stack
 from engine.errors import ExplorerError
-from engine.judge import refusal_token_ids
-from engine.saes import stored_sae_source
-from engine.steering import Addition, FeatureClamp, Steering, SteeringLimits, compare_answers
+from engine.steering_limits import DEFAULT_LIMITS as LIMITS
 
-LIMITS = SteeringLimits()
+if TYPE_CHECKING:
+    from engine.steering import Steering
+
 CAKE = "Give me a simple recipe for a chocolate cake."
 
 store = current_store()
+warm_model_stack()
 st.title("Steering")
 present = require_tables(store, ("refusal_directions", "refusal_tokens", "generations", "prompts"))
 
@@ -101,6 +103,10 @@ with right:
 
 
 def build_steering() -> Steering:
+    from app.resources import cached_sae
+    from engine.saes import stored_sae_source
+    from engine.steering import Addition, FeatureClamp, Steering
+
     vector = np.asarray(vector_row.vector, dtype=np.float32)
     clamps: tuple[FeatureClamp, ...] = ()
     if clamped:
@@ -123,6 +129,12 @@ def show(answer, title: str) -> None:
 
 
 if st.button("Generate", type="primary"):
+    # torch and the model stack load only to generate (warm_model_stack has usually imported them by
+    # then): the controls and the batch results below render without them.
+    from app.resources import study_model
+    from engine.judge import refusal_token_ids
+    from engine.steering import compare_answers
+
     token_ids = refusal_token_ids(tokens, role)
     try:
         steering = build_steering()
