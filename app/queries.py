@@ -185,7 +185,8 @@ def run_query(path: str, version: int, sql: str, params: tuple = ()) -> pd.DataF
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def available_tables(path: str, version: int) -> frozenset[str]:
-    return frozenset(run_query(path, version, store.SELECT_TABLES)["table_name"]) - store.BOOKKEEPING_TABLES
+    with store.snapshot_cursor(store_snapshot(path, version)) as cursor:
+        return frozenset(store.study_tables(cursor))
 
 
 def query(path: str | Path, sql: str, params: tuple = ()) -> pd.DataFrame:

@@ -85,8 +85,17 @@ class RunRecord:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC).replace(tzinfo=None))
 
 
+def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {row[0] for row in con.execute(SELECT_TABLES).fetchall()}
+
+
+def study_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The study's tables on an open connection or cursor (not the store's bookkeeping)."""
+    return _tables(con) - BOOKKEEPING_TABLES
+
+
 def _check_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    tables = {row[0] for row in con.execute(SELECT_TABLES).fetchall()}
+    tables = _tables(con)
     if "store_meta" not in tables:
         if tables:
             raise ExplorerError(
@@ -153,7 +162,7 @@ def reading(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def table_names(path: str | Path) -> set[str]:
     with reading(path) as con:
-        return {row[0] for row in con.execute(SELECT_TABLES).fetchall()} - BOOKKEEPING_TABLES
+        return study_tables(con)
 
 
 def read_table(path: str | Path, name: str) -> pd.DataFrame:
@@ -168,7 +177,7 @@ def stage_hash(path: str | Path, stage: str) -> str | None:
     if not Path(path).is_file():
         return None
     with reading(path) as con:
-        if "stages" not in {row[0] for row in con.execute(SELECT_TABLES).fetchall()}:
+        if "stages" not in _tables(con):
             return None
         row = con.execute(SELECT_STAGE_HASH, [stage]).fetchone()
         return row[0] if row else None
