@@ -23,10 +23,13 @@ logger = logging.getLogger("precompute")
 
 DEFAULT_CONFIG = Path("precompute/configs/demo.yaml")
 SHARDING_HELP = (
-    "Sharding (e.g. a cluster array job): `run --shard K/N` for K = 1..N answers only slice K of the "
-    "prompts and writes data/stores/<study>.shards/generate/shard-K-of-N/; then `merge --shards N` checks every "
-    "shard is there and writes the generate stage into the store; then a plain `run` does the stages "
-    "that need all prompts at once (directions, saes, steering, circuits)."
+    "Sharding (e.g. a cluster array job): `run --shard K/N` for K = 1..N works on slice K of the prompts "
+    "for the first per-prompt stage the store does not hold yet (generate, directions, steering; or "
+    "--stage NAME) and writes data/stores/<study>.shards/<stage>/shard-K-of-N/; then `merge --shards N` "
+    "checks every shard is there and writes that stage into the store. directions shards in two rounds "
+    "(select, then evaluate): shard and merge it twice. `run --until saes` does the stages between "
+    "(saes must be stored before steering is sharded); a plain `run` does the rest. "
+    "precompute/cluster/submit_slurm.sh and submit_pbs.sh chain these jobs."
 )
 
 
@@ -64,10 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         elif name != "status":
             command.add_argument("--force", action="append", default=[], metavar="STAGE",
                                  help="re-run STAGE even if unchanged (repeatable)")
+        if name in ("run", "merge"):
+            command.add_argument("--stage", default=None, metavar="STAGE",
+                                 help="the sharded stage (default: the first per-prompt stage not yet in the store)")
         if name == "run":
             command.add_argument("--shard", metavar="K/N", default=None,
-                                 help="run only the per-prompt stage (generate) on slice K of N (1-based, e.g. "
-                                      "3/8) and write its parquet partition beside the store; see below")
+                                 help="run only one per-prompt stage on slice K of N (1-based, e.g. 3/8) and write "
+                                      "its parquet partition beside the store; see below")
+            command.add_argument("--until", default=None, metavar="STAGE",
+                                 help="stop after STAGE (e.g. saes, before sharding steering)")
     return parser
 
 
@@ -103,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "merge":
             store_option = f" --store {args.store}" if args.store else ""
-            reports = merge_shards(config, STAGES, args.shards,
-                                   rerun=f"python -m precompute run --config {args.config}{store_option} --shard {{shard}}")
+            reports = merge_shards(config, STAGES, args.shards, stage_name=args.stage,
+                                   rerun=f"python -m precompute run --config {args.config}{store_option} "
+                                         "--shard {shard} --stage {stage}")
         elif shard is not None:
-            reports = run_shard(config, STAGES, shard, force=frozenset(args.force))
+            reports = run_shard(config, STAGES, shard, force=frozenset(args.force), stage_name=args.stage)
+        elif getattr(args, "stage", None):
+            raise ExplorerError("--stage names the stage to shard, but no --shard K/N was given.",
+                                "add --shard K/N, or drop --stage (use --until to stop after a stage).")
         else:
-            until = "tune" if args.command == "tune" else None
+            until = "tune" if args.command == "tune" else getattr(args, "until", None)
             reports = run_pipeline(config, STAGES, force=frozenset(args.force), until=until)
         for report in reports:
             logger.info("%-10s %-15s %6.1f s", report.stage, report.status, report.seconds)

@@ -85,17 +85,27 @@ class StageContext:
 
 @dataclass
 class ShardContext(StageContext):
-    """Inside one shard: upstream stages' tables are computed in memory, never written to the
-    store, so N shards running at once never write the same file."""
+    """Inside one shard: upstream stages the store does not hold are computed in memory, never
+    written to the store, so N shards running at once never write the same file."""
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def table(self, name: str) -> pd.DataFrame:
-        return self.tables[name]
+        return self.tables[name] if name in self.tables else super().table(name)
 
     @property
     def available(self) -> set[str]:
-        return set(self.tables)
+        return set(self.tables) | super().available
+
+
+@dataclass(frozen=True)
+class ShardRound:
+    """Which round of a sharded stage runs, with the merged tables of the rounds before it."""
+
+    name: str
+    earlier: Mapping[str, pd.DataFrame]
+    last: bool
+    input_hash: str  # the stage's, plus the earlier rounds' merged results
 
 
 class Stage:
@@ -108,6 +118,10 @@ class Stage:
     # (`merge_shards`); `shard_keys` names each per-prompt table's row key.
     shardable: bool = False
     shard_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    # A stage whose per-prompt work needs a result of every prompt first (directions: the chosen
+    # direction) shards in rounds: each earlier round is merged beside the partitions and read by
+    # the next round's shards; the last round is merged into the store.
+    shard_rounds: ClassVar[tuple[str, ...]] = ("",)
     # Upstream of a sharded stage, every shard recomputes this stage in memory; False for a stage
     # that writes files outside the store (N shards would write them at once).
     runs_in_every_shard: bool = True
@@ -125,12 +139,14 @@ class Stage:
     def run(self, context: StageContext) -> StageOutput:
         raise NotImplementedError
 
-    def run_shard(self, context: StageContext, shard: ShardSpec) -> dict[str, pd.DataFrame]:
-        """The per-prompt rows of the prompts in `shard` (tables named in `shard_keys`)."""
+    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+        """The rows the prompts in `shard` give in round `current` (per-prompt rows, or partial sums)."""
         raise NotImplementedError
 
-    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame]) -> StageOutput:
-        """The stage's output from every shard's per-prompt rows, as `run` would have made it."""
+    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame],
+                     current: ShardRound) -> StageOutput:
+        """Round `current`'s result from every shard's rows: for the last round the stage's output,
+        as `run` would have made it; for an earlier one the tables the next round's shards read."""
         raise NotImplementedError
 
 
@@ -211,76 +227,157 @@ def run_pipeline(
     return reports
 
 
-def _up_to_sharded(stages: list[Stage], config: StudyConfig) -> list[Stage]:
-    """The stages up to and including the first shardable one that applies to the config."""
+def _up_to_sharded(stages: list[Stage], config: StudyConfig, name: str | None) -> list[Stage]:
+    """The stages up to and including the one to shard: `name`, or else the first shardable stage
+    the store does not hold up to date (so an array job after each merge shards the next one)."""
+    shardable = [s.name for s in stages if s.shardable and s.applies(config)]
+    if not shardable:
+        raise ExplorerError("No stage of this config works prompt by prompt, so none can be sharded.",
+                            "run it without --shard.")
+    if name is not None and name not in shardable:
+        _check_stage_names(stages, [name])
+        raise ExplorerError(f"Stage {name} cannot be sharded with this config.",
+                            f"shard one of {', '.join(shardable)}, or run {name} without --shard.")
+    hashes: dict[str, str] = {}
     for index, stage in enumerate(stages):
-        if stage.shardable and stage.applies(config):
+        if not stage.applies(config):
+            continue
+        hashes[stage.name] = input_hash(stage, config, hashes)
+        if stage.name == name or (name is None and stage.shardable
+                                  and store.stage_hash(config.store, stage.name) != hashes[stage.name]):
             return stages[: index + 1]
-    raise ExplorerError("No stage of this config works prompt by prompt, so none can be sharded.",
-                        "run it without --shard.")
+    return []
+
+
+def _current_round(config: StudyConfig, stage: Stage, digest: str) -> ShardRound:
+    """The first round whose merged result is not on disk (the last round merges into the store)."""
+    earlier: dict[str, pd.DataFrame] = {}
+    round_hash, merged_so_far = digest, hashlib.sha256(digest.encode())
+    for index, name in enumerate(stage.shard_rounds):
+        last = index == len(stage.shard_rounds) - 1
+        if index:  # a later round's partitions depend on what the earlier rounds merged into
+            merged_so_far.update(name.encode())
+            round_hash = merged_so_far.hexdigest()[:16]
+        folder = shards.merged_dir(config.store, stage.name, name)
+        if last or shards.partition_hash(folder) != round_hash:
+            return ShardRound(name, earlier, last, round_hash)
+        earlier.update(shards.read_tables(folder))
+        merged_so_far.update(fingerprint_path(folder).encode())
+    raise AssertionError("unreachable: the last round always returns")
+
+
+def _shard_upstream(stage: Stage, context: StageContext, target: Stage) -> StageReport | None:
+    """A stage before the sharded one, held up to date in the store: None if so, else why it cannot
+    be used from the store (a report if it can run in memory instead)."""
+    digest = input_hash(stage, context.config, context.hashes)
+    context.hashes[stage.name] = digest
+    if store.stage_hash(context.config.store, stage.name) == digest and stage.is_fresh(context):
+        return None
+    if stage.shardable:
+        raise ExplorerError(
+            f"Stage {target.name} reads stage {stage.name}, which the store does not hold up to date.",
+            f"shard and merge {stage.name} first (`run --shard K/N --stage {stage.name}` for every K, then "
+            f"`merge --stage {stage.name} --shards N`).")
+    if not stage.runs_in_every_shard:
+        raise ExplorerError(f"Stage {stage.name} cannot run inside a shard: it writes files outside the store.",
+                            f"run `python -m precompute run --until {stage.name}` first (one job, not sharded), "
+                            f"or drop its `{stage.name}:` section.")
+    return StageReport(stage.name, "in memory", 0.0, digest)
 
 
 def run_shard(
-    config: StudyConfig, stages: Iterable[Stage], shard: ShardSpec, *, force: frozenset[str] = frozenset()
+    config: StudyConfig, stages: Iterable[Stage], shard: ShardSpec, *, force: frozenset[str] = frozenset(),
+    stage_name: str | None = None,
 ) -> list[StageReport]:
-    """Run the sharded stage on the prompts of `shard` only, into its parquet partition.
+    """Run a sharded stage (`stage_name`, or the first not yet merged) on the prompts of `shard`
+    only, into its parquet partition for the stage's current round.
 
-    The stages before it are recomputed in memory (the store is not written, so shards can run at
-    once); a partition already made with the same inputs is kept unless the stage is in `force`.
-    The stages after it need every prompt: they run after `merge_shards`.
+    The stages before it come from the store when it holds them up to date; otherwise they are
+    recomputed in memory (the store is not written, so shards can run at once). A partition already
+    made with the same inputs is kept unless the stage is in `force`. The stages after it need every
+    prompt: they run after `merge_shards`.
     """
     stages = list(stages)
     _check_stage_names(stages, force)
+    *before, stage = _up_to_sharded(stages, config, stage_name) or [None]
+    if stage is None:
+        logger.info("Every sharded stage of this config is merged and up to date: nothing to shard.")
+        return []
     context = ShardContext(config=config)
     reports: list[StageReport] = []
-    for stage in _up_to_sharded(stages, config):
-        if not stage.applies(config):
-            reports.append(StageReport(stage.name, "not applicable", 0.0))
+    for upstream in before:
+        if not upstream.applies(config):
+            reports.append(StageReport(upstream.name, "not applicable", 0.0))
             continue
-        digest = input_hash(stage, config, context.hashes)
-        context.hashes[stage.name] = digest
         started = time.perf_counter()
-        if not stage.shardable:
-            if not stage.runs_in_every_shard:
-                raise ExplorerError(f"Stage {stage.name} cannot run inside a shard: it writes files outside the store.",
-                                    f"run this config without --shard, or drop its `{stage.name}:` section.")
-            output = stage.run(context)
-            context.tables.update({name: frame.assign(run_id=shard.folder_name) for name, frame in output.tables.items()})
-            reports.append(StageReport(stage.name, "ran in memory", time.perf_counter() - started, digest))
+        report = _shard_upstream(upstream, context, stage)
+        if report is None:
+            reports.append(StageReport(upstream.name, "stored", 0.0, context.hashes[upstream.name]))
             continue
-        folder = shards.partition_dir(config.store, stage.name, shard)
-        if shards.partition_hash(folder) == digest and stage.name not in force:
-            logger.info("Stage %s, shard %s: unchanged (%s), skipped", stage.name, shard, digest)
-            reports.append(StageReport(stage.name, "skipped", 0.0, digest))
-            continue
-        logger.info("Stage %s, shard %s: running (inputs %s)", stage.name, shard, digest)
-        shards.write_partition(folder, stage=stage.name, shard=shard, input_hash=digest,
-                               tables=stage.run_shard(context, shard))
-        logger.info("Stage %s, shard %s: written to %s", stage.name, shard, folder)
-        reports.append(StageReport(stage.name, "ran", time.perf_counter() - started, digest))
+        output = upstream.run(context)
+        context.tables.update({name: frame.assign(run_id=shard.folder_name) for name, frame in output.tables.items()})
+        reports.append(StageReport(upstream.name, "ran in memory", time.perf_counter() - started, report.input_hash))
+    digest = input_hash(stage, config, context.hashes)
+    context.hashes[stage.name] = digest
+    current = _current_round(config, stage, digest)
+    label = f"Stage {stage.name}" + (f", round {current.name}" if current.name else "") + f", shard {shard}"
+    started = time.perf_counter()
+    folder = shards.partition_dir(config.store, stage.name, shard, current.name)
+    if shards.partition_hash(folder) == current.input_hash and stage.name not in force:
+        logger.info("%s: unchanged (%s), skipped", label, current.input_hash)
+        reports.append(StageReport(stage.name, "skipped", 0.0, current.input_hash))
+        return reports
+    logger.info("%s: running (inputs %s)", label, current.input_hash)
+    shards.write_partition(folder, stage=stage.name, shard=shard, input_hash=current.input_hash,
+                           tables=stage.run_shard(context, shard, current))
+    logger.info("%s: written to %s", label, folder)
+    reports.append(StageReport(stage.name, "ran" if current.last else f"ran round {current.name}",
+                               time.perf_counter() - started, current.input_hash))
     return reports
 
 
-def merge_shards(config: StudyConfig, stages: Iterable[Stage], count: int, *, rerun: str) -> list[StageReport]:
-    """Run the stages before the sharded one as usual, then merge its `count` partitions into the store.
+def merge_shards(config: StudyConfig, stages: Iterable[Stage], count: int, *, rerun: str,
+                 stage_name: str | None = None) -> list[StageReport]:
+    """Run the stages before the sharded one as usual, then merge its `count` partitions of the
+    current round: the last round into the store, an earlier one beside the partitions for the next
+    round's shards.
 
     `rerun` is the command that makes one shard, with `{shard}` for K/N (named in errors)."""
     if count < 1:
         raise ExplorerError(f"--shards {count} is not a shard count.", "pass the N of the shards' K/N, e.g. --shards 8.")
     stages = list(stages)
+    *before, stage = _up_to_sharded(stages, config, stage_name) or [None]
+    if stage is None:
+        raise ExplorerError("Every sharded stage of this config is already merged and up to date.",
+                            "run the remaining stages with `python -m precompute run`.")
     context = StageContext(config=config)
     planned = _planned(stages, config)
-    *before, stage = _up_to_sharded(stages, config)
-    reports = [_run_stage(s, context, force=frozenset(), planned=planned) for s in before]
+    reports = []
+    for upstream in before:
+        if upstream.shardable and upstream.applies(config):
+            _shard_upstream(upstream, context, stage)  # raises unless merged; a sharded stage never runs whole here
+        reports.append(_run_stage(upstream, context, force=frozenset(), planned=planned))
     digest = input_hash(stage, config, context.hashes)
     context.hashes[stage.name] = digest
+    current = _current_round(config, stage, digest)
     started = time.perf_counter()
-    tables = shards.read_partitions(config.store, stage.name, count, input_hash=digest, keys=stage.shard_keys,
-                                    rerun=rerun)
-    logger.info("Stage %s: merging %d shards (%s)", stage.name, count,
+    tables = shards.read_partitions(config.store, stage.name, count, input_hash=current.input_hash,
+                                    keys=stage.shard_keys, rerun=rerun.format(shard="{shard}", stage=stage.name),
+                                    round_name=current.name)
+    label = f"Stage {stage.name}" + (f", round {current.name}," if current.name else "")
+    logger.info("%s merging %d shards (%s)", label, count,
                 ", ".join(f"{name} {len(frame)} rows" for name, frame in tables.items()))
-    _store_output(config, stage, stage.merge_shards(context, tables), digest, planned)
+    output = stage.merge_shards(context, tables, current)
+    if current.last:
+        _store_output(config, stage, output, digest, planned)
+    else:
+        folder = shards.merged_dir(config.store, stage.name, current.name)
+        shards.write_partition(folder, stage=stage.name, shard="merged", input_hash=current.input_hash,
+                               tables=output.tables)
+        logger.info("%s merged into %s: now run the %d shards again for its next round, then merge again.",
+                    label, folder, count)
     seconds = time.perf_counter() - started
-    logger.info("Stage %s: merged in %.1f s", stage.name, seconds)
-    reports.append(StageReport(stage.name, "merged", seconds, digest))
+    logger.info("%s merged in %.1f s", label, seconds)
+    reports.append(StageReport(stage.name, "merged" if current.last else f"merged round {current.name}",
+                               seconds, digest))
     return reports

@@ -1,7 +1,8 @@
 """Shards of a per-prompt stage: which prompts slice K of N holds, and its parquet partition on disk.
 
-A shard's rows live beside the store in `<study>.shards/<stage>/shard-K-of-N/<table>.parquet`, with
-a manifest that names the stage's input hash. The manifest is written last and removed first, so a partition is
+A shard's rows live beside the store in `<study>.shards/<stage>/[<round>/]shard-K-of-N/<table>.parquet`,
+with a manifest that names the inputs' hash; a stage sharded in rounds keeps each earlier round's
+merged result in `<round>/merged/`, read by the next round's shards. The manifest is written last and removed first, so a partition is
 either complete and labelled with the inputs that made it, or absent: re-running a shard replaces
 its own partition and nothing else, and a killed shard never looks finished.
 """
@@ -27,7 +28,7 @@ SHARD_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 DUPLICATES_SQL = """
 SELECT {keys}, count(*) AS copies FROM read_parquet(?) GROUP BY ALL HAVING count(*) > 1 ORDER BY copies DESC LIMIT 5
 """
-READ_SQL = "SELECT * FROM read_parquet(?)"
+READ_SQL = "SELECT * FROM read_parquet(?, union_by_name = true)"  # an empty shard may type columns differently
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,19 @@ def in_shard(ids: pd.Series, shard: ShardSpec) -> np.ndarray:
     return buckets == shard.index - 1
 
 
-def partition_dir(store: Path, stage: str, shard: ShardSpec) -> Path:
-    return store.parent / f"{store.stem}.shards" / stage / shard.folder_name
+def stage_dir(store: Path, stage: str, round_name: str = "") -> Path:
+    """The folder of one round's partitions (a one-round stage has no round folder)."""
+    folder = store.parent / f"{store.stem}.shards" / stage
+    return folder / round_name if round_name else folder
+
+
+def partition_dir(store: Path, stage: str, shard: ShardSpec, round_name: str = "") -> Path:
+    return stage_dir(store, stage, round_name) / shard.folder_name
+
+
+def merged_dir(store: Path, stage: str, round_name: str) -> Path:
+    """Where an earlier round's merged tables are kept for the next round's shards."""
+    return stage_dir(store, stage, round_name) / "merged"
 
 
 def partition_hash(folder: Path) -> str | None:
@@ -84,9 +96,10 @@ def _replace_atomically(path: Path, write) -> None:
     os.replace(partial, path)
 
 
-def write_partition(folder: Path, *, stage: str, shard: ShardSpec, input_hash: str,
+def write_partition(folder: Path, *, stage: str, shard: ShardSpec | str, input_hash: str,
                     tables: Mapping[str, pd.DataFrame]) -> None:
-    """Replace one shard's partition: tables first, the manifest that vouches for them last."""
+    """Replace one shard's partition (or a round's merged tables, `shard="merged"`): tables first,
+    the manifest that vouches for them last."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     for name, frame in tables.items():
@@ -96,32 +109,43 @@ def write_partition(folder: Path, *, stage: str, shard: ShardSpec, input_hash: s
     _replace_atomically(folder / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
 
 
+def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
+    """The tables a complete partition's manifest lists."""
+    rows = json.loads((folder / MANIFEST).read_text())["rows"]
+    return {name: pd.read_parquet(folder / f"{name}.parquet") for name in rows}
+
+
 def read_partitions(store: Path, stage: str, count: int, *, input_hash: str, keys: Mapping[str, tuple[str, ...]],
-                    rerun: str) -> dict[str, pd.DataFrame]:
-    """All N partitions of a stage, each table read across them by DuckDB, after checking that
-    every shard is there, was made with `input_hash`, and no row key appears twice.
+                    rerun: str, round_name: str = "") -> dict[str, pd.DataFrame]:
+    """All N partitions of a stage's round, each table read across them by DuckDB, after checking
+    that every shard is there, was made with `input_hash`, and no row key (`keys`, per table)
+    appears twice.
 
     `rerun` is the command that makes a shard, with `{shard}` where K/N goes (for the fix)."""
     shards = [ShardSpec(k, count) for k in range(1, count + 1)]
-    hashes = {shard: partition_hash(partition_dir(store, stage, shard)) for shard in shards}
+    hashes = {shard: partition_hash(partition_dir(store, stage, shard, round_name)) for shard in shards}
     missing = [shard for shard, digest in hashes.items() if digest is None]
     stale = [shard for shard, digest in hashes.items() if digest not in (None, input_hash)]
     for problem, bad in (("is missing", missing), ("was made with other inputs (config, prompts or code)", stale)):
         if bad:
             names = ", ".join(str(shard) for shard in bad)
+            which = f"stage {stage}" + (f", round {round_name}," if round_name else "")
             raise ExplorerError(
-                f"shard {names} of stage {stage} {problem} (in {partition_dir(store, stage, bad[0]).parent}).",
+                f"shard {names} of {which} {problem} (in {stage_dir(store, stage, round_name)}).",
                 "run " + " and ".join(f"`{rerun.format(shard=shard)}`" for shard in bad) + ", then merge again.")
+    folders = [partition_dir(store, stage, shard, round_name) for shard in shards]
+    names = json.loads((folders[0] / MANIFEST).read_text())["rows"]
     tables: dict[str, pd.DataFrame] = {}
     with duckdb.connect() as con:
-        for name, key in keys.items():
-            files = [str(partition_dir(store, stage, shard) / f"{name}.parquet") for shard in shards]
-            duplicated = con.execute(DUPLICATES_SQL.format(keys=", ".join(key)), [files]).fetchall()
+        for name in names:
+            files = [str(folder / f"{name}.parquet") for folder in folders]
+            key = keys.get(name)
+            duplicated = key and con.execute(DUPLICATES_SQL.format(keys=", ".join(key)), [files]).fetchall()
             if duplicated:
                 raise ExplorerError(
                     f"The shards of stage {stage} hold {name} rows more than once, e.g. {key} = {duplicated[0][:-1]} "
                     f"({duplicated[0][-1]} copies).",
-                    f"delete {partition_dir(store, stage, shards[0]).parent} and run all {count} shards again "
+                    f"delete {stage_dir(store, stage, round_name)} and run all {count} shards again "
                     "with the same N.")
             tables[name] = con.execute(READ_SQL, [files]).df()
     return tables

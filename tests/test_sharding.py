@@ -135,7 +135,7 @@ def test_cli_shards_and_merges(tmp_path, tiny_model_dir, prompt_file, caplog) ->
     assert main(["run", "--config", str(path), "--shard", "2/2"]) == 0
     with caplog.at_level(logging.ERROR, logger="precompute"):
         assert main(["merge", "--config", str(path), "--shards", "2"]) == 2
-    assert f"run `python -m precompute run --config {path} --shard 1/2`" in caplog.text
+    assert f"run `python -m precompute run --config {path} --shard 1/2 --stage generate`" in caplog.text
     assert main(["run", "--config", str(path), "--shard", "1/2"]) == 0
     assert main(["merge", "--config", str(path), "--shards", "2"]) == 0
     assert len(store.read_table(tmp_path / "sharded.duckdb", "generations")) > 0

@@ -24,7 +24,7 @@ from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refus
 from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, LoadedModel
 from engine.scoring import next_token_logprobs
 from precompute.config import StudyConfig
-from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
+from precompute.pipeline import ShardRound, Stage, StageContext, StageOutput, fingerprint_path
 from precompute.shards import ShardSpec, in_shard
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class GenerateStage(Stage):
         return self._output(
             context, lambda model, role, spec: self._answers(context, model, role, spec, selected), selected)
 
-    def run_shard(self, context: StageContext, shard: ShardSpec) -> dict[str, pd.DataFrame]:
+    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
         selected = self._selected(context)
         selected = selected[in_shard(selected["id"], shard)].reset_index(drop=True)
         answers = []
@@ -148,7 +148,8 @@ class GenerateStage(Stage):
             del model
         return {"answers": pd.concat(answers, ignore_index=True)}
 
-    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame]) -> StageOutput:
+    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame],
+                     current: ShardRound) -> StageOutput:
         selected = self._selected(context)
         answers = tables["answers"]
         for role in context.config.models:

@@ -14,6 +14,8 @@ on safe prompts and the cross-entropy of the model's own safe answers measure th
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -25,7 +27,8 @@ from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
 from engine.saes import load_sae, stored_sae_source
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from engine.steering import Addition, FeatureClamp, Steering
-from precompute.pipeline import StageContext, StageOutput
+from precompute.pipeline import ShardRound, StageContext, StageOutput
+from precompute.shards import ShardSpec, in_shard
 from precompute.stages.section import ModelSectionStage
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,11 @@ class SteeringStage(ModelSectionStage):
     name = "steering"
     version = 1
     upstream = ("prompts", "generate", "directions", "saes")
+    # Sharded, each shard measures its test prompts under every intervention; the merge aggregates.
+    shardable = True
+    shard_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "steering_scores": ("intervention", "mode", "prompt_id"), "steering_safe": ("intervention", "prompt_id"),
+        "steering_answers": ("intervention", "mode", "prompt_id")}
 
 
     def _interventions(self, context: StageContext,
@@ -66,55 +74,53 @@ class SteeringStage(ModelSectionStage):
                     Steering(clamp=(FeatureClamp(sae, (int(feature.feature),), value=force_value),))))
         return interventions
 
-    def run(self, context: StageContext) -> StageOutput:
+    @staticmethod
+    def _test_prompts(context: StageContext) -> pd.DataFrame:
+        return context.table("prompts").query("split == 'test'").drop(columns="run_id").reset_index(drop=True)
+
+    def _per_prompt(self, context: StageContext, prompts: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        """Every intervention's effect on each of `prompts` (test prompts, or one shard's slice):
+        refusal scores, KL and completion cross-entropy on safe prompts, and judged answers."""
         config = context.config
         settings = config.steering
         batch_size = config.generation.batch_size
         role = settings.model
         model = config.generation.load(config.models[role])
-        prompts = context.table("prompts").query("split == 'test'").reset_index(drop=True)
-        tokens = context.table("refusal_tokens")
-        token_ids = refusal_token_ids(tokens, role)
+        token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
         generations = context.table("generations").query("model == @role").set_index("prompt_id")
         texts = list(prompts["text"])
         kind = prompts["kind"].to_numpy()
         safe, benign = kind == "safe", kind != "toxic"
+        safe_texts = list(prompts.loc[safe, "text"])
         safe_answers = generations.loc[prompts.loc[safe, "id"], "response"].tolist()
+        safe_ids, benign_ids = prompts.loc[safe, "id"].to_numpy(), prompts.loc[benign, "id"].to_numpy()
 
         baseline = next_token_logprobs(model, texts, batch_size=batch_size)
         baseline_scores = refusal_score(baseline[:, token_ids])
-        baseline_ce = float(np.nanmean(completion_cross_entropy(
-            model, list(prompts.loc[safe, "text"]), safe_answers, batch_size=batch_size)))
-        effects, harmlessness, answers = [], [], []
-        interventions = self._interventions(context, model.device)
-        for name, kind_of, suppress, force in interventions:
+        baseline_ce = completion_cross_entropy(model, safe_texts, safe_answers, batch_size=batch_size)
+        score_frames, safe_frames, answers = [], [], []
+        for order, (name, kind_of, suppress, force) in enumerate(self._interventions(context, model.device)):
             logger.info("Steering with %s", name)
             # Completions and generated answers for the global direction and the features only
             # (the category directions are read by the refusal score alone, to keep the stage short).
             in_depth = name == "global" or kind_of == "feature"
             with applied(model, suppress.hooks(model)):
                 suppressed = next_token_logprobs(model, texts, batch_size=batch_size)
-                ce = completion_cross_entropy(model, list(prompts.loc[safe, "text"]), safe_answers,
-                                              batch_size=batch_size) if in_depth else None
+                ce = completion_cross_entropy(model, safe_texts, safe_answers,
+                                              batch_size=batch_size) if in_depth else np.full(len(safe_texts), np.nan)
             with applied(model, force.hooks(model)):
                 forced = refusal_score(next_token_logprobs(
                     model, list(prompts.loc[benign, "text"]), batch_size=batch_size, token_ids=token_ids))
-            scores = {"suppress": (np.ones(len(prompts), bool), refusal_score(suppressed[:, token_ids])),
-                      "force": (benign, forced)}
-            for mode, (rows, values) in scores.items():
-                frame = prompts.loc[rows, ["category", "kind"]].assign(
-                    score=values, baseline=baseline_scores[rows])
-                for (category, group_kind), group in frame.groupby(["category", "kind"]):
-                    effects.append({"intervention": name, "type": kind_of, "mode": mode, "category": category,
-                                    "kind": group_kind, "n": len(group),
-                                    "n_refused_by_score": int((group["score"] > 0).sum()),
-                                    "rate_by_score": float((group["score"] > 0).mean()),
-                                    "baseline_rate_by_score": float((group["baseline"] > 0).mean()),
-                                    "mean_refusal_score": float(group["score"].mean())})
-            harmlessness.append({"intervention": name, "type": kind_of, "n_safe": int(safe.sum()),
-                                 "mean_kl": float(kl_divergence(baseline[safe], suppressed[safe]).mean()),
-                                 "cross_entropy": float(np.nanmean(ce)) if ce is not None else np.nan,
-                                 "baseline_cross_entropy": baseline_ce})
+            which = {"order": order, "intervention": name, "type": kind_of}
+            score_frames += [
+                pd.DataFrame({**which, "mode": "suppress", "prompt_id": prompts["id"].to_numpy(),
+                              "score": refusal_score(suppressed[:, token_ids]), "baseline": baseline_scores}),
+                pd.DataFrame({**which, "mode": "force", "prompt_id": benign_ids, "score": forced,
+                              "baseline": baseline_scores[benign]}),
+            ]
+            safe_frames.append(pd.DataFrame({
+                **which, "prompt_id": safe_ids, "kl": kl_divergence(baseline[safe], suppressed[safe]),
+                "cross_entropy": ce, "in_depth": in_depth, "baseline_cross_entropy": baseline_ce}))
             if in_depth:
                 # Generated answers: refusal as users see it (the RCM seed's force/suppress rates).
                 evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
@@ -124,13 +130,48 @@ class SteeringStage(ModelSectionStage):
                     judged_answers(model, prompts[safe], "force", force.hooks(model), token_ids,
                                    **evaluate).assign(intervention=name),
                 ]
-        steered = pd.concat(answers, ignore_index=True).merge(
-            prompts[["id", "category", "kind"]], left_on="prompt_id", right_on="id").drop(columns="id")
-        steered = steered.rename(columns={"condition": "mode"})
+        return {"steering_scores": pd.concat(score_frames, ignore_index=True),
+                "steering_safe": pd.concat(safe_frames, ignore_index=True),
+                "steering_answers": pd.concat(answers, ignore_index=True).rename(columns={"condition": "mode"})}
+
+    def _output(self, context: StageContext, prompts: pd.DataFrame, rows: Mapping[str, pd.DataFrame]) -> StageOutput:
+        """The stage's tables from every test prompt's rows (`_per_prompt`, maybe over shards)."""
+        role = context.config.steering.model
+        groups = prompts[["id", "category", "kind"]]
+        scores = rows["steering_scores"].merge(groups, left_on="prompt_id", right_on="id")
+        effects = scores.groupby(["order", "intervention", "type", "mode", "category", "kind"], sort=False).agg(
+            n=("score", "size"), n_refused_by_score=("score", lambda v: int((v > 0).sum())),
+            rate_by_score=("score", lambda v: float((v > 0).mean())),
+            baseline_rate_by_score=("baseline", lambda v: float((v > 0).mean())),
+            mean_refusal_score=("score", "mean"))
+        mode_order = {"suppress": 0, "force": 1}
+        effects = effects.reset_index().sort_values(["order", "mode", "category", "kind"],
+                                                    key=lambda c: c.map(mode_order) if c.name == "mode" else c)
+        safe = rows["steering_safe"]
+        harmlessness = safe.groupby(["order", "intervention", "type"], sort=True).apply(
+            lambda g: pd.Series({"n_safe": len(g), "mean_kl": float(g["kl"].mean()),
+                                 "cross_entropy": float(np.nanmean(g["cross_entropy"])) if g["in_depth"].all()
+                                 else np.nan,
+                                 "baseline_cross_entropy": float(np.nanmean(g["baseline_cross_entropy"]))}),
+            include_groups=False).reset_index()
+        steered = rows["steering_answers"].merge(groups, left_on="prompt_id", right_on="id").drop(columns="id")
         return StageOutput(
-            tables={"steering_effects": pd.DataFrame(effects).assign(model=role),
-                    "steering_harmlessness": pd.DataFrame(harmlessness).assign(model=role),
+            tables={"steering_effects": effects.drop(columns="order").reset_index(drop=True).assign(model=role),
+                    "steering_harmlessness": harmlessness.drop(columns="order").astype({"n_safe": int}).assign(
+                        model=role),
                     "steering_generations": steered.assign(model=role),
                     "steering_rates": refusal_rate_table(steered, ["intervention", "mode"]).assign(model=role)},
-            models=(config.models[role],),
+            models=(context.config.models[role],),
         )
+
+    def run(self, context: StageContext) -> StageOutput:
+        prompts = self._test_prompts(context)
+        return self._output(context, prompts, self._per_prompt(context, prompts))
+
+    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+        prompts = self._test_prompts(context)
+        return self._per_prompt(context, prompts[in_shard(prompts["id"], shard)].reset_index(drop=True))
+
+    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame],
+                     current: ShardRound) -> StageOutput:
+        return self._output(context, self._test_prompts(context), tables)
