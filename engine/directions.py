@@ -49,6 +49,19 @@ class GroupSums:
             if picked.any():
                 self.totals[name] += values[picked].sum(axis=0, dtype=np.float64)
 
+    def partial_sums(self) -> pd.DataFrame:
+        """The totals as rows (group, cell, total), `cell` a flat index over the shape between the
+        rows and the last axis: one shard's part, added up by `add_partial_sums`."""
+        return pd.concat([pd.DataFrame({"group": name, "cell": np.arange(len(flat)), "total": list(flat)})
+                          for name, total in self.totals.items()
+                          for flat in [total.reshape(-1, self.shape[-1])]], ignore_index=True)
+
+    def add_partial_sums(self, rows: pd.DataFrame) -> None:
+        """Add `partial_sums` rows (of any number of shards) to the totals."""
+        for name, group in rows.groupby("group"):
+            flat = self.totals[name].reshape(-1, self.shape[-1])  # a view: added in place
+            np.add.at(flat, group["cell"].to_numpy(), np.stack(group["total"].to_numpy()).astype(np.float64))
+
     def mean_difference(self, harmful: str, harmless: str) -> np.ndarray:
         """Mean of group `harmful` minus mean of group `harmless`, as `mean_difference` gives it."""
         counts = [int(self.masks[name].sum()) for name in (harmful, harmless)]

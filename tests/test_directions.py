@@ -53,6 +53,23 @@ def test_group_sums_filled_in_any_batches_give_the_mean_differences() -> None:
         GroupSums({"a": toxic, "none": np.zeros(60, bool)}, acts.shape).mean_difference("a", "none")
 
 
+def test_group_sums_of_shards_add_up_to_the_whole() -> None:
+    rng = np.random.default_rng(5)
+    acts = rng.normal(size=(40, 3, 2, 4)).astype(np.float32)
+    toxic = rng.random(40) < 0.5
+    groups = {"toxic": toxic, "safe": ~toxic}
+    parts = []
+    for rows in np.array_split(rng.permutation(40), 3):  # three shards, each its own prompts
+        mine = np.isin(np.arange(40), rows)
+        shard = GroupSums({name: mask[mine] for name, mask in groups.items()}, (int(mine.sum()), 3, 2, 4))
+        shard[list(range(int(mine.sum())))] = acts[mine]
+        parts.append(shard.partial_sums())
+    assert len(parts[0]) == 2 * 3 * 2 and set(parts[0].columns) == {"group", "cell", "total"}
+    merged = GroupSums(groups, acts.shape)
+    merged.add_partial_sums(pd.concat(parts, ignore_index=True).sample(frac=1, random_state=0))  # any row order
+    assert np.allclose(merged.mean_difference("toxic", "safe"), mean_difference(acts, toxic, ~toxic), atol=1e-6)
+
+
 def test_capture_into_group_sums_matches_the_captured_array(tiny_model) -> None:
     from engine.activations import capture, prompt_end_positions
 

@@ -146,3 +146,57 @@ def test_a_config_with_the_demo_fine_tune_cannot_be_sharded(tmp_path, tiny_model
     raw["models"] = {"base": "smollm2-135m-instruct", "tuned": "smollm2-135m-refusal"}  # as in the demo
     with pytest.raises(ExplorerError, match="Stage tune cannot run inside a shard"):
         pipeline.run_shard(parse_config(raw), STAGES, ShardSpec(1, 2))
+
+
+def _sorted(path: Path, name: str) -> pd.DataFrame:
+    frame = store.read_table(path, name).drop(columns="run_id")
+    keys = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, (str, int, float, bool))).all()]
+    return frame.sort_values(keys).reset_index(drop=True)
+
+
+def test_every_sharded_stage_merges_into_the_unsharded_study(tmp_path, tiny_model_dir, tiny_store) -> None:
+    """generate, directions (two rounds) and steering, each in 2 shards, give the whole run's tables."""
+    from conftest import tiny_study_settings
+
+    config = parse_config(tiny_study_settings(tmp_path / "sharded.duckdb", tiny_model_dir))
+
+    def shard_and_merge(stage: str, ran: str, merged: str) -> None:
+        for k in (1, 2):
+            assert [(r.stage, r.status) for r in pipeline.run_shard(config, STAGES, ShardSpec(k, 2))][-1] == (stage, ran)
+        assert [(r.stage, r.status) for r in pipeline.merge_shards(config, STAGES, 2, rerun=RERUN)][-1] == (
+            stage, merged)
+
+    shard_and_merge("generate", "ran", "merged")
+    shard_and_merge("directions", "ran round select", "merged round select")
+    assert (tmp_path / "sharded.shards" / "directions" / "select" / "merged" / "manifest.json").is_file()
+    assert store.stage_hash(config.store, "directions") is None  # the first round is not the stage's result
+    shard_and_merge("directions", "ran", "merged")
+    with pytest.raises(ExplorerError, match=r"Stage saes cannot run inside a shard.*run `python -m precompute run "
+                                            r"--until saes` first"):
+        pipeline.run_shard(config, STAGES, ShardSpec(1, 2))
+    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="saes")}["saes"] == "ran"
+    shard_and_merge("steering", "ran", "merged")
+    assert pipeline.run_shard(config, STAGES, ShardSpec(1, 2)) == []  # every sharded stage is merged
+    reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
+    assert reports == {"prompts": "skipped", "tune": "not applicable", "generate": "skipped", "directions": "skipped",
+                       "saes": "skipped", "steering": "skipped", "circuits": "ran"}
+    for stage in ("generate", "directions", "steering"):
+        assert store.stage_hash(config.store, stage) == store.stage_hash(tiny_store, stage)
+    for name in ("direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
+                 "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
+                 "category_cosines", "hard_prompt_direction", "steering_effects", "steering_harmlessness",
+                 "steering_generations", "steering_rates"):
+        # Shards add activations up in another order: equal up to float rounding.
+        pd.testing.assert_frame_equal(_sorted(config.store, name), _sorted(tiny_store, name), check_dtype=False,
+                                      rtol=1e-4, atol=1e-5, obj=name)
+
+
+def test_a_stage_that_cannot_be_sharded_is_named(tmp_path, tiny_model_dir, prompt_file) -> None:
+    config = parse_config(_raw(tmp_path, tiny_model_dir, prompt_file))
+    with pytest.raises(ExplorerError, match=r"Stage prompts cannot be sharded with this config.*shard one of generate"):
+        pipeline.run_shard(config, STAGES, ShardSpec(1, 2), stage_name="prompts")
+    with pytest.raises(ExplorerError, match="Unknown stage 'generation'"):
+        pipeline.merge_shards(config, STAGES, 2, rerun=RERUN, stage_name="generation")
+    with pytest.raises(ExplorerError, match="reads stage generate, which the store does not hold up to date"):
+        pipeline.run_shard(parse_config(_raw(tmp_path, tiny_model_dir, prompt_file) | {"directions": {"model": "base"}}), STAGES,
+                           ShardSpec(1, 2), stage_name="directions")

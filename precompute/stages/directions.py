@@ -1,24 +1,32 @@
 """Stage `directions`: refusal directions per layer and category, chosen and tested causally.
 
 1. Capture the residual stream (`blocks.{l}.hook_resid_pre`) at the prompt-end positions into
-   running sums per prompt group: no prompt's activations are kept.
+   running sums per prompt group, for every model: no prompt's activations are kept.
 2. Candidates: difference of means, toxic minus safe, on the train split minus a validation
    part, for every (layer, position): one global set and one per category.
-3. Score candidates on the validation part and choose one (Arditi et al. 2024).
-4. Test it on the test split: generation with the direction ablated (toxic, hard) and added
-   (safe, hard); KL and completion cross-entropy on safe prompts.
+3. Score candidates on the validation part and choose one (Arditi et al. 2024); the other models'
+   direction is their own difference of means at the chosen site (no search).
+4. Test it on the test split, per prompt: generation with the direction ablated (toxic, hard) and
+   added (safe, hard); KL and completion cross-entropy on safe prompts; the cross-ablation scores
+   (ablate category k's direction, read category j's refusal score).
 5. Geometry, from captures at the chosen position only (every layer for the toxic and safe
    prompts, streamed to a scratch file removed afterwards; the chosen layer for every prompt):
-   separation and probe accuracy per layer for every model, projections, category
-   cosines with bootstrap intervals, a refused-vs-answered direction from hard prompts, and the
-   cross-ablation matrix (ablate category k's direction, measure category j's refusal score).
+   separation and probe accuracy per layer for every model, projections, category cosines with
+   bootstrap intervals, and a refused-vs-answered direction from hard prompts.
+
+Sharded, it runs in two rounds: shards add up step 1 over their prompts and the merge does steps
+2-3 (`select`); then shards do step 4 on their test prompts and the merge aggregates them and does
+step 5 (`evaluate`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -31,7 +39,6 @@ from engine.directions import (
     SelectionRule,
     bootstrap_cosines,
     layer_separation,
-    mean_difference,
     select_candidate,
     unit,
 )
@@ -43,50 +50,54 @@ from engine.models import LoadedModel
 from engine.prompts import CATEGORIES, stable_split
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from precompute.config import StudyConfig
-from precompute.pipeline import Stage, StageContext, StageOutput
+from precompute.pipeline import ShardRound, Stage, StageContext, StageOutput
+from precompute.shards import ShardSpec, in_shard
 from precompute.stages.generate import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate_direction(model: LoadedModel, role: str, prompts: pd.DataFrame, baseline: pd.DataFrame,
-                       direction: np.ndarray, layer: int, alpha: float | None, token_ids: list[int], *,
-                       max_new_tokens: int, batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Test-split effects of one direction on one model: answers under ablation (toxic, hard)
-    and addition (safe, hard) next to the baseline, plus KL and completion cross-entropy on
-    safe prompts under ablation. Returns (judged answers, harmlessness)."""
+def direction_effects(model: LoadedModel, prompts: pd.DataFrame, direction: np.ndarray, layer: int,
+                      alpha: float | None, token_ids: list[int], answers: pd.Series, *, max_new_tokens: int,
+                      batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One direction's effects on each of `prompts` (test prompts): judged answers under ablation
+    (toxic, hard) and addition (safe, hard), and per safe prompt the KL under ablation and the
+    cross-entropy of its own baseline answer (`answers`, by prompt id) with and without."""
     tensor = torch.from_numpy(direction)
-    evaluation = pd.concat([
+    judged = pd.concat([
         judged_answers(model, prompts[prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
-                token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
-        judged_answers(model, prompts[prompts["kind"] != "toxic"], "addition", addition_hooks(model, tensor, layer, alpha),
-                token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
+                       token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        judged_answers(model, prompts[prompts["kind"] != "toxic"], "addition",
+                       addition_hooks(model, tensor, layer, alpha), token_ids, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size),
     ], ignore_index=True)
-    baseline = baseline[(baseline["model"] == role) & baseline["prompt_id"].isin(prompts["id"])]
-    judged = pd.concat([baseline.assign(condition="baseline"), evaluation], ignore_index=True)
-    judged = judged.drop(columns=["category", "kind", "split"], errors="ignore").merge(
-        prompts[["id", "category", "kind"]], left_on="prompt_id", right_on="id").drop(columns="id")
-
     safe = prompts[prompts["kind"] == "safe"]
-    texts = list(safe["text"])
-    answers = baseline.set_index("prompt_id").loc[safe["id"], "response"].tolist()
+    texts, completions = list(safe["text"]), answers.loc[safe["id"]].tolist()
     plain = next_token_logprobs(model, texts, batch_size=batch_size)
-    ce_plain = completion_cross_entropy(model, texts, answers, batch_size=batch_size)
+    ce_plain = completion_cross_entropy(model, texts, completions, batch_size=batch_size)
     with applied(model, ablation_hooks(model, tensor)):
         ablated = next_token_logprobs(model, texts, batch_size=batch_size)
-        ce_ablated = completion_cross_entropy(model, texts, answers, batch_size=batch_size)
-    kl = kl_divergence(plain, ablated)
-    # Ablation also removes a safe prompt's own pull towards refusing, which counts as KL: report
-    # the KL on the safe prompts the model does not lean to refuse (refusal tokens < 5%) as well.
-    settled = refusal_score(plain[:, token_ids]) < np.log(0.05 / 0.95)
-    harmlessness = pd.DataFrame([
-        {"condition": "baseline", "n": len(safe), "mean_kl": 0.0, "median_kl": 0.0, "n_not_leaning": int(settled.sum()),
-         "mean_kl_not_leaning": 0.0, "mean_cross_entropy": float(np.nanmean(ce_plain))},
-        {"condition": "ablation", "n": len(safe), "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)),
+        ce_ablated = completion_cross_entropy(model, texts, completions, batch_size=batch_size)
+    # Ablation also removes a safe prompt's own pull towards refusing, which counts as KL: the
+    # harmlessness table also reports the KL on the safe prompts that do not lean to refuse
+    # (refusal tokens < 5%).
+    leaning = refusal_score(plain[:, token_ids]) >= np.log(0.05 / 0.95) if len(safe) else np.zeros(0, bool)
+    safe_rows = pd.DataFrame({"prompt_id": safe["id"].to_numpy(), "kl": kl_divergence(plain, ablated),
+                              "leaning": leaning, "ce_plain": ce_plain, "ce_ablated": ce_ablated})
+    return judged, safe_rows
+
+
+def harmlessness_table(safe_rows: pd.DataFrame) -> pd.DataFrame:
+    """Per condition (baseline, ablation): KL (mean, median, and on the safe prompts that do not
+    lean to refuse) and the mean completion cross-entropy, from `direction_effects`' safe rows."""
+    kl, settled = safe_rows["kl"].to_numpy(), ~safe_rows["leaning"].to_numpy(bool)
+    return pd.DataFrame([
+        {"condition": "baseline", "n": len(kl), "mean_kl": 0.0, "median_kl": 0.0, "n_not_leaning": int(settled.sum()),
+         "mean_kl_not_leaning": 0.0, "mean_cross_entropy": float(np.nanmean(safe_rows["ce_plain"]))},
+        {"condition": "ablation", "n": len(kl), "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)),
          "n_not_leaning": int(settled.sum()), "mean_kl_not_leaning": float(kl[settled].mean()),
-         "mean_cross_entropy": float(np.nanmean(ce_ablated))},
+         "mean_cross_entropy": float(np.nanmean(safe_rows["ce_ablated"]))},
     ])
-    return judged.assign(model=role), harmlessness.assign(model=role)
 
 
 def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answered: np.ndarray,
@@ -110,10 +121,63 @@ def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answ
                   "ci_high": float(high), "note": ""}
 
 
+@dataclass(frozen=True)
+class PromptSplit:
+    """Which prompts fit the directions, choose among them (validation) and test them."""
+
+    prompts: pd.DataFrame
+    toxic: np.ndarray
+    safe: np.ndarray
+    fit: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    categories: list[str]  # the studied categories with toxic fit prompts
+
+    @property
+    def groups(self) -> dict[str, np.ndarray]:
+        """The prompt groups whose activation sums make every candidate direction."""
+        category = self.prompts["category"].to_numpy()
+        return {"toxic": self.toxic & self.fit, "safe": self.safe & self.fit} | {
+            f"toxic {c}": self.toxic & self.fit & (category == c) for c in self.categories}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen site and the direction tested on each model (round `select`'s result)."""
+
+    tables: Mapping[str, pd.DataFrame]  # direction_candidates, refusal_directions, model_directions
+
+    @property
+    def chosen(self) -> pd.Series:
+        candidates = self.tables["direction_candidates"]
+        return candidates[candidates["chosen"]].iloc[0]
+
+    @property
+    def layer(self) -> int:
+        return int(self.chosen["layer"])
+
+    @property
+    def position(self) -> int:
+        return int(self.chosen["position"])
+
+    def vector(self, role: str) -> np.ndarray:
+        vectors = self.tables["model_directions"].set_index("model")["vector"]
+        return np.asarray(vectors[role], dtype=np.float32)
+
+    def category_directions(self) -> dict[str, np.ndarray]:
+        rows = self.tables["refusal_directions"].query("scope != 'global' and chosen")
+        return {row.scope: np.asarray(row.vector, dtype=np.float32) for row in rows.itertuples()}
+
+
 class DirectionsStage(Stage):
     name = "directions"
     version = 6
     upstream = ("prompts", "generate")
+    shardable = True
+    shard_rounds: ClassVar[tuple[str, ...]] = ("select", "evaluate")
+    shard_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "evaluated": ("model", "condition", "prompt_id"), "safe_effects": ("model", "prompt_id"),
+        "cross_scores": ("ablated", "prompt_id")}
 
     def applies(self, config: StudyConfig) -> bool:
         return config.directions is not None
@@ -126,33 +190,44 @@ class DirectionsStage(Stage):
             "dtype": config.generation.dtype_name,
         }
 
-    def run(self, context: StageContext) -> StageOutput:
-        key = self.inputs(context.config) | {"prompts": context.hashes["prompts"]}
-        with context.scratch("activations", key) as scratch:
-            return self._run(context, scratch)
+    @staticmethod
+    def _loader(context: StageContext) -> Callable[[str], LoadedModel]:
+        """Each model of the study by role, loaded once per run of the stage."""
+        config = context.config
+        return cache(lambda role: config.generation.load(config.models[role]))
 
-    def _run(self, context: StageContext, scratch: Path) -> StageOutput:
+    def run(self, context: StageContext) -> StageOutput:
+        split, load = self._split(context), self._loader(context)
+        selection = self._select(context, load, split, self._sums(context, load, split, np.ones(len(split.prompts), bool)))
+        effects = self._evaluate(context, load, selection, split.prompts[split.test])
+        return self._finish(context, load, split, selection, effects)
+
+    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+        split, load = self._split(context), self._loader(context)
+        mine = in_shard(split.prompts["id"], shard)
+        if current.name == "select":
+            return {"partial_sums": self._sums(context, load, split, mine)}
+        return self._evaluate(context, load, Selection(current.earlier), split.prompts[split.test & mine])
+
+    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame],
+                     current: ShardRound) -> StageOutput:
+        split, load = self._split(context), self._loader(context)
+        if current.name == "select":
+            return StageOutput(self._select(context, load, split, tables["partial_sums"]).tables)
+        return self._finish(context, load, split, Selection(current.earlier), tables)
+
+    @staticmethod
+    def _split(context: StageContext) -> PromptSplit:
         config = context.config
         settings = config.directions
         assert settings is not None  # applies() guarantees it
-        batch_size = config.generation.batch_size
-        role = settings.model
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
-        generations = context.table("generations").drop(columns="run_id")
-        tokens = context.table("refusal_tokens")
-        token_ids = refusal_token_ids(tokens, role)
-        model = config.generation.load(config.models[role])
-        positions = prompt_end_positions(model.tokenizer)
-        hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
-
-        kind = prompts["kind"].to_numpy()
-        category = prompts["category"].to_numpy()
-        toxic, safe = kind == "toxic", kind == "safe"
+        kind, category = prompts["kind"].to_numpy(), prompts["category"].to_numpy()
+        toxic = kind == "toxic"
         train = (prompts["split"] == "train").to_numpy()
         validation = train & np.array(
             [stable_split("validation:" + t, settings.validation_fraction) == "test" for t in prompts["text"]])
-        fit, test = train & ~validation, (prompts["split"] == "test").to_numpy()
-
+        fit = train & ~validation
         wanted = [c for c in config.prompts.categories if c in CATEGORIES]
         categories = [c for c in wanted if (toxic & fit & (category == c)).any()]
         if empty := sorted(set(wanted) - set(categories)):
@@ -160,26 +235,61 @@ class DirectionsStage(Stage):
                 f"No toxic training prompts in categor{'y' if len(empty) == 1 else 'ies'} {empty}: "
                 "no category direction can be computed.",
                 "add toxic prompts for it or drop it from prompts.categories in the config.")
-        # Every (layer, position)'s group sums, [layers, positions, d_model] each: memory does not
-        # grow with the number of prompts, and no activation goes to disk.
-        groups = {"toxic": toxic & fit, "safe": safe & fit} | {
-            f"toxic {c}": toxic & fit & (category == c) for c in categories}
-        sums = GroupSums(groups, (len(prompts), model.n_layers, len(positions.offsets), model.d_model))
-        capture(model, list(prompts["text"]), hooks, positions.offsets, batch_size=batch_size,
-                desc=f"capture {role}", out=sums)
-        global_candidates = sums.mean_difference("toxic", "safe")
+        return PromptSplit(prompts, toxic, kind == "safe", fit, validation, (prompts["split"] == "test").to_numpy(),
+                           categories)
 
+    @staticmethod
+    def _sums(context: StageContext, load: Callable[[str], LoadedModel], split: PromptSplit,
+              rows: np.ndarray) -> pd.DataFrame:
+        """Every model's activation sums over each prompt group, at every (layer, position), over
+        the prompts in `rows`, as rows (model, group, cell, total): a shard's part of the totals."""
+        config = context.config
+        role = config.directions.model
+        texts = list(split.prompts["text"][rows])
+        frames = []
+        for other_role in config.models:
+            model = load(other_role)
+            positions = prompt_end_positions(model.tokenizer)
+            # The studied model's sums make every candidate; the others' only the chosen site's direction.
+            groups = split.groups if other_role == role else {k: split.groups[k] for k in ("toxic", "safe")}
+            sums = GroupSums({name: mask[rows] for name, mask in groups.items()},
+                             (len(texts), model.n_layers, len(positions.offsets), model.d_model))
+            capture(model, texts, [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)],
+                    positions.offsets, batch_size=config.generation.batch_size, desc=f"capture {other_role}", out=sums)
+            frames.append(sums.partial_sums().assign(model=other_role))
+        return pd.concat(frames, ignore_index=True)
+
+    @staticmethod
+    def _select(context: StageContext, load: Callable[[str], LoadedModel], split: PromptSplit,
+                partial_sums: pd.DataFrame) -> Selection:
+        """Candidates from the summed activations, scored on the validation prompts; the chosen one."""
+        config = context.config
+        settings = config.directions
+        role = settings.model
+        batch_size = config.generation.batch_size
+        model = load(role)
+        positions = prompt_end_positions(model.tokenizer)
+        shape = (len(split.prompts), model.n_layers, len(positions.offsets), model.d_model)
+
+        def summed(model_role: str, groups: Mapping[str, np.ndarray]) -> GroupSums:
+            sums = GroupSums(groups, shape)
+            sums.add_partial_sums(partial_sums[partial_sums["model"] == model_role])
+            return sums
+
+        sums = summed(role, split.groups)
+        global_candidates = sums.mean_difference("toxic", "safe")
         rng = np.random.default_rng(settings.seed)
 
         def sample(mask: np.ndarray) -> list[str]:
             rows = np.flatnonzero(mask)
             rows = rng.choice(rows, size=min(len(rows), settings.max_validation_prompts), replace=False)
-            return list(prompts["text"].to_numpy()[np.sort(rows)])
+            return list(split.prompts["text"].to_numpy()[np.sort(rows)])
 
         cutoff = model.n_layers * (1 - settings.prune_last_fraction)
         layers = [layer for layer in range(0, model.n_layers, settings.layer_stride) if layer < cutoff]
+        token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
         scored = score_candidates(model, global_candidates, layers, positions.labels, token_ids,
-                                  sample(validation & toxic), sample(validation & safe),
+                                  sample(split.validation & split.toxic), sample(split.validation & split.safe),
                                   alpha=settings.addition_alpha, batch_size=batch_size)
         rule = SelectionRule(max_kl=settings.max_kl, prune_last_fraction=settings.prune_last_fraction)
         candidates = select_candidate(scored, model.n_layers, rule)
@@ -192,87 +302,137 @@ class DirectionsStage(Stage):
         layer, position = int(chosen["layer"]), int(chosen["position"])
         logger.info("Chosen direction: layer %d, position %s (ablation %.2f, induce %.2f, KL %.3f)",
                     layer, chosen["position_label"], chosen["ablation_score"], chosen["induce_score"], chosen["kl"])
-        direction = global_candidates[layer, position]
         # Per category, every layer at the chosen position: [layers, d_model] each.
-        category_candidates = {c: sums.mean_difference(f"toxic {c}", "safe")[:, position] for c in categories}
-        category_directions = {c: vectors[layer] for c, vectors in category_candidates.items()}
+        per_layer = {"global": global_candidates[:, position]} | {
+            c: sums.mean_difference(f"toxic {c}", "safe")[:, position] for c in split.categories}
+        vectors = pd.DataFrame([
+            {"scope": scope, "layer": lay, "position": position, "chosen": lay == layer,
+             "norm": float(np.linalg.norm(values[lay])), "vector": values[lay].astype(np.float32).tolist()}
+            for scope, values in per_layer.items() for lay in range(model.n_layers)]).assign(model=role)
+        # The same site's direction in every other model, tested the same way (no search).
+        tested = {other: summed(other, {k: split.groups[k] for k in ("toxic", "safe")}).mean_difference(
+            "toxic", "safe")[layer, position] for other in config.models if other != role}
+        tested = {role: global_candidates[layer, position]} | tested
+        return Selection({
+            "direction_candidates": candidates.assign(model=role),
+            "refusal_directions": vectors,
+            "model_directions": pd.DataFrame({"model": list(tested),
+                                              "vector": [v.astype(np.float32).tolist() for v in tested.values()]}),
+        })
 
-        # Causal evaluation on the test split.
+    @staticmethod
+    def _evaluate(context: StageContext, load: Callable[[str], LoadedModel], selection: Selection,
+                  prompts: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        """Per test prompt (all of them, or a shard's): each model's answers and safe-prompt effects
+        under its direction, and the studied model's refusal score with each direction ablated."""
+        config = context.config
+        settings = config.directions
+        role, batch_size = settings.model, config.generation.batch_size
+        tokens, generations = context.table("refusal_tokens"), context.table("generations")
+        evaluated, safe_effects = [], []
+        for other_role in sorted(config.models, key=lambda name: name != role):
+            model = load(other_role)
+            token_ids = refusal_token_ids(tokens, other_role)
+            answers = generations[generations["model"] == other_role].set_index("prompt_id")["response"]
+            judged, safe_rows = direction_effects(
+                model, prompts, selection.vector(other_role), selection.layer, settings.addition_alpha, token_ids,
+                answers, max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size)
+            evaluated.append(judged.assign(model=other_role))
+            safe_effects.append(safe_rows.assign(model=other_role))
+            if other_role == role:
+                toxic = prompts[prompts["kind"] == "toxic"]
+                ablated = [("none", None), ("global", selection.vector(role)), *selection.category_directions().items()]
+                cross_scores = pd.concat([pd.DataFrame({
+                    "order": order, "ablated": name, "prompt_id": toxic["id"].to_numpy(),
+                    "score": refusal_scores_under_ablation(model, None if vector is None else torch.from_numpy(vector),
+                                                           list(toxic["text"]), token_ids, batch_size=batch_size)})
+                    for order, (name, vector) in enumerate(ablated)], ignore_index=True)
+        return {"evaluated": pd.concat(evaluated, ignore_index=True),
+                "safe_effects": pd.concat(safe_effects, ignore_index=True), "cross_scores": cross_scores}
+
+    def _finish(self, context: StageContext, load: Callable[[str], LoadedModel], split: PromptSplit,
+                selection: Selection, effects: Mapping[str, pd.DataFrame]) -> StageOutput:
+        key = self.inputs(context.config) | {"prompts": context.hashes["prompts"]}
+        with context.scratch("activations", key) as scratch:
+            return self._finish_in(context, load, split, selection, effects, scratch)
+
+    @staticmethod
+    def _finish_in(context: StageContext, load: Callable[[str], LoadedModel], split: PromptSplit,
+                   selection: Selection, effects: Mapping[str, pd.DataFrame], scratch: Path) -> StageOutput:
+        """The test prompts' effects aggregated, and the geometry at the chosen position."""
+        config = context.config
+        settings = config.directions
+        role, batch_size = settings.model, config.generation.batch_size
+        prompts, toxic, safe, fit, test = split.prompts, split.toxic, split.safe, split.fit, split.test
+        kind, category = prompts["kind"].to_numpy(), prompts["category"].to_numpy()
+        generations = context.table("generations").drop(columns="run_id")
         test_prompts = prompts[test]
-        evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
-        judged_frames, harmless_frames = [], []
-        judged, harmlessness = evaluate_direction(model, role, test_prompts, generations, direction, layer,
-                                                  settings.addition_alpha,
-                                                  token_ids, **evaluate)
-        judged_frames.append(judged)
-        harmless_frames.append(harmlessness)
+        groups = test_prompts[["id", "category", "kind"]]
+        models = sorted(config.models, key=lambda name: name != role)
 
-        # Cross-ablation: ablate each direction, read each category's toxic test prompts.
-        toxic_test = test_prompts[test_prompts["kind"] == "toxic"]
-        cross_rows = []
-        for name, vector in [("none", None), ("global", direction), *category_directions.items()]:
-            scores = refusal_scores_under_ablation(
-                model, None if vector is None else torch.from_numpy(vector), list(toxic_test["text"]),
-                token_ids, batch_size=batch_size)
-            for target, group in toxic_test.assign(score=scores).groupby("category"):
-                cross_rows.append({"ablated": name, "category": target, "n": len(group),
-                                   "mean_refusal_score": float(group["score"].mean()),
-                                   "refusal_rate_by_score": float((group["score"] > 0).mean())})
+        judged_frames, harmless_frames = [], []
+        for model_role in models:
+            baseline = generations[(generations["model"] == model_role)
+                                   & generations["prompt_id"].isin(test_prompts["id"])].assign(condition="baseline")
+            mine = effects["evaluated"].query("model == @model_role")
+            # Each condition's rows in test-prompt order, as one unsharded run makes them.
+            ordered = [groups[["id"]].merge(mine[mine["condition"] == condition], left_on="id",
+                                            right_on="prompt_id").drop(columns="id")
+                       for condition in ("ablation", "addition")]
+            judged = pd.concat([baseline, *ordered], ignore_index=True)
+            judged = judged.drop(columns=["category", "kind", "split"], errors="ignore").merge(
+                groups, left_on="prompt_id", right_on="id").drop(columns="id")
+            judged_frames.append(judged.assign(model=model_role))
+            safe_rows = groups[["id"]].merge(effects["safe_effects"].query("model == @model_role"),
+                                             left_on="id", right_on="prompt_id")
+            harmless_frames.append(harmlessness_table(safe_rows).assign(model=model_role))
+        cross = effects["cross_scores"].merge(groups, left_on="prompt_id", right_on="id")
+        cross_ablation = cross.groupby(["order", "ablated", "category"], sort=True)["score"].agg(
+            n="size", mean_refusal_score="mean", refusal_rate_by_score=lambda v: float((v > 0).mean()))
+        cross_ablation = cross_ablation.reset_index().drop(columns="order").assign(model=role)
 
         # Geometry at the chosen position, for every model of the study. Per layer, toxic and safe
         # prompts only ([n_toxic + n_safe, layers, d_model], on disk); the studied model's chosen
         # site also for every prompt ([n, d_model], for projections, cosines and hard prompts).
+        layer, position = selection.layer, selection.position
         separation_rows, projection_frames = [], []
         both = toxic | safe  # separation compares toxic with safe prompts
-        offset = [positions.offsets[position]]
-        site = capture(model, list(prompts["text"]), [hooks[layer]], offset, batch_size=batch_size,
-                       desc=f"capture {role} at the chosen site")[:, 0, 0, :]
-        for other_role, spec in config.models.items():
-            other = model if other_role == role else config.generation.load(spec)
-            on_disk = np.lib.format.open_memmap(scratch / f"{other_role}.npy", mode="w+", dtype=np.float32,
+        site = None
+        for model_role in config.models:
+            model = load(model_role)
+            hooks = [f"blocks.{lay}.hook_resid_pre" for lay in range(model.n_layers)]
+            offset = [prompt_end_positions(model.tokenizer).offsets[position]]
+            if model_role == role:
+                site = capture(model, list(prompts["text"]), [hooks[layer]], offset, batch_size=batch_size,
+                               desc=f"capture {role} at the chosen site")[:, 0, 0, :]
+            on_disk = np.lib.format.open_memmap(scratch / f"{model_role}.npy", mode="w+", dtype=np.float32,
                                                 shape=(int(both.sum()), model.n_layers, 1, model.d_model))
-            layer_acts = capture(other, list(prompts["text"][both]), hooks, offset, batch_size=batch_size,
-                                 desc=f"capture {other_role} at the chosen position", out=on_disk)[:, :, 0, :]
-            fit_rows = fit[both]
-            separation = layer_separation(layer_acts, toxic[both], fit_rows, test[both])
-            separation_rows.append(separation.assign(model=other_role))
-            own_vector = mean_difference(layer_acts[:, layer], toxic[both] & fit_rows, safe[both] & fit_rows)
-            if other_role != role:
-                # The same site's direction in the other model, tested the same way (no search).
-                other_tokens = refusal_token_ids(tokens, other_role)
-                judged, harmlessness = evaluate_direction(other, other_role, test_prompts, generations, own_vector,
-                                                          layer, settings.addition_alpha, other_tokens, **evaluate)
-                judged_frames.append(judged)
-                harmless_frames.append(harmlessness)
-            rows = np.ones(len(prompts), dtype=bool) if other_role == role else both
-            projected = site if other_role == role else np.asarray(layer_acts[:, layer])
+            layer_acts = capture(model, list(prompts["text"][both]), hooks, offset, batch_size=batch_size,
+                                 desc=f"capture {model_role} at the chosen position", out=on_disk)[:, :, 0, :]
+            separation = layer_separation(layer_acts, toxic[both], fit[both], test[both])
+            separation_rows.append(separation.assign(model=model_role))
+            rows = np.ones(len(prompts), dtype=bool) if model_role == role else both
+            projected = site if model_role == role else np.asarray(layer_acts[:, layer])
             projection_frames.append(
                 prompts.loc[rows, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
-                .assign(model=other_role, projection=projected @ unit(own_vector)))
+                .assign(model=model_role, projection=projected @ unit(selection.vector(model_role))))
         cosines = bootstrap_cosines(site[fit], np.where(toxic[fit], category[fit], ""),
-                                    categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
+                                    split.categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
         verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])
         hard_refused = (kind == "hard") & verdict.eq(True).to_numpy()
         hard_answered = (kind == "hard") & verdict.eq(False).to_numpy()
-        hard_direction = _hard_prompt_direction(site, hard_refused, hard_answered, direction,
+        hard_direction = _hard_prompt_direction(site, hard_refused, hard_answered, selection.vector(role),
                                                 n_boot=settings.bootstrap, seed=settings.seed)
-
-        vectors = [{"scope": "global", "layer": lay, "position": position, "chosen": lay == layer,
-                    "norm": float(np.linalg.norm(global_candidates[lay, position])),
-                    "vector": global_candidates[lay, position].astype(np.float32).tolist()}
-                   for lay in range(model.n_layers)]
-        vectors += [{"scope": name, "layer": lay, "position": position, "chosen": lay == layer,
-                     "norm": float(np.linalg.norm(per_layer[lay])), "vector": per_layer[lay].astype(np.float32).tolist()}
-                    for name, per_layer in category_candidates.items() for lay in range(model.n_layers)]
+        direction_generations = pd.concat(judged_frames, ignore_index=True)
         return StageOutput(
             tables={
-                "direction_candidates": candidates.assign(model=role),
-                "refusal_directions": pd.DataFrame(vectors).assign(model=role),
-                "direction_generations": pd.concat(judged_frames, ignore_index=True),
-                "direction_effects": refusal_rate_table(pd.concat(judged_frames, ignore_index=True),
+                "direction_candidates": selection.tables["direction_candidates"],
+                "refusal_directions": selection.tables["refusal_directions"],
+                "direction_generations": direction_generations,
+                "direction_effects": refusal_rate_table(direction_generations,
                                                         ["model", "condition", "category", "kind"]),
                 "direction_harmlessness": pd.concat(harmless_frames, ignore_index=True),
-                "cross_ablation": pd.DataFrame(cross_rows).assign(model=role),
+                "cross_ablation": cross_ablation,
                 "layer_separation": pd.concat(separation_rows, ignore_index=True),
                 "direction_projections": pd.concat(projection_frames, ignore_index=True),
                 "category_cosines": cosines.assign(model=role),

@@ -89,7 +89,7 @@ class SaesStage(ModelSectionStage):
     name = "saes"
     version = 1
     upstream = ("prompts", "tune", "generate", "directions")
-
+    runs_in_every_shard = False  # it saves trained SAEs beside the store (and trains for long)
 
     @staticmethod
     def folder(context: StageContext) -> Path:
