@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,9 +89,15 @@ class ShardContext(StageContext):
     written to the store, so N shards running at once never write the same file."""
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    until_written: ExitStack = field(default_factory=ExitStack)
 
     def table(self, name: str) -> pd.DataFrame:
         return self.tables[name] if name in self.tables else super().table(name)
+
+    def partition_scratch(self, name: str, key: Mapping[str, Any]) -> Path:
+        """A `scratch` folder kept until the shard's partition is written (for arrays it returns
+        memory-mapped from a file there), removed afterwards, also on failure."""
+        return self.until_written.enter_context(self.scratch(name, key))
 
     @property
     def available(self) -> set[str]:
@@ -139,7 +145,7 @@ class Stage:
     def run(self, context: StageContext) -> StageOutput:
         raise NotImplementedError
 
-    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+    def run_shard(self, context: ShardContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
         """The rows the prompts in `shard` give in round `current` (per-prompt rows, or partial sums)."""
         raise NotImplementedError
 
@@ -328,8 +334,9 @@ def run_shard(
         reports.append(StageReport(stage.name, "skipped", 0.0, current.input_hash))
         return reports
     logger.info("%s: running (inputs %s)", label, current.input_hash)
-    shards.write_partition(folder, stage=stage.name, shard=shard, input_hash=current.input_hash,
-                           tables=stage.run_shard(context, shard, current))
+    with context.until_written:
+        shards.write_partition(folder, stage=stage.name, shard=shard, input_hash=current.input_hash,
+                               tables=stage.run_shard(context, shard, current))
     logger.info("%s: written to %s", label, folder)
     reports.append(StageReport(stage.name, "ran" if current.last else f"ran round {current.name}",
                                time.perf_counter() - started, current.input_hash))

@@ -96,16 +96,26 @@ def _replace_atomically(path: Path, write) -> None:
     os.replace(partial, path)
 
 
+def _write_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle, so np.save adds no ".npy" to the partial name
+        np.save(handle, array)
+
+
 def write_partition(folder: Path, *, stage: str, shard: ShardSpec | str, input_hash: str,
-                    tables: Mapping[str, pd.DataFrame]) -> None:
-    """Replace one shard's partition (or a round's merged tables, `shard="merged"`): tables first,
-    the manifest that vouches for them last."""
+                    tables: Mapping[str, pd.DataFrame | np.ndarray]) -> None:
+    """Replace one shard's partition (or a round's merged tables, `shard="merged"`): tables (parquet)
+    and arrays (.npy, e.g. activations) first, the manifest that vouches for them last."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
-    for name, frame in tables.items():
+    frames = {name: value for name, value in tables.items() if isinstance(value, pd.DataFrame)}
+    arrays = {name: value for name, value in tables.items() if not isinstance(value, pd.DataFrame)}
+    for name, frame in frames.items():
         _replace_atomically(folder / f"{name}.parquet", lambda path, f=frame: f.to_parquet(path, index=False))
+    for name, array in arrays.items():
+        _replace_atomically(folder / f"{name}.npy", lambda path, a=array: _write_array(path, a))
     manifest = {"stage": stage, "shard": str(shard), "input_hash": input_hash,
-                "rows": {name: len(frame) for name, frame in tables.items()}}
+                "rows": {name: len(frame) for name, frame in frames.items()},
+                "arrays": {name: list(array.shape) for name, array in arrays.items()}}
     _replace_atomically(folder / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
 
 
@@ -116,10 +126,10 @@ def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
 
 
 def read_partitions(store: Path, stage: str, count: int, *, input_hash: str, keys: Mapping[str, tuple[str, ...]],
-                    rerun: str, round_name: str = "") -> dict[str, pd.DataFrame]:
+                    rerun: str, round_name: str = "") -> dict[str, pd.DataFrame | list[np.ndarray]]:
     """All N partitions of a stage's round, each table read across them by DuckDB, after checking
     that every shard is there, was made with `input_hash`, and no row key (`keys`, per table)
-    appears twice.
+    appears twice. An array comes back as one read-only memory map per shard, in shard order.
 
     `rerun` is the command that makes a shard, with `{shard}` where K/N goes (for the fix)."""
     shards = [ShardSpec(k, count) for k in range(1, count + 1)]
@@ -134,8 +144,11 @@ def read_partitions(store: Path, stage: str, count: int, *, input_hash: str, key
                 f"shard {names} of {which} {problem} (in {stage_dir(store, stage, round_name)}).",
                 "run " + " and ".join(f"`{rerun.format(shard=shard)}`" for shard in bad) + ", then merge again.")
     folders = [partition_dir(store, stage, shard, round_name) for shard in shards]
-    names = json.loads((folders[0] / MANIFEST).read_text())["rows"]
-    tables: dict[str, pd.DataFrame] = {}
+    manifest = json.loads((folders[0] / MANIFEST).read_text())
+    names = manifest["rows"]
+    tables: dict[str, pd.DataFrame | list[np.ndarray]] = {
+        name: [np.load(folder / f"{name}.npy", mmap_mode="r") for folder in folders]
+        for name in manifest.get("arrays", {})}
     with duckdb.connect() as con:
         for name in names:
             files = [str(folder / f"{name}.parquet") for folder in folders]

@@ -149,13 +149,14 @@ def test_a_config_with_the_demo_fine_tune_cannot_be_sharded(tmp_path, tiny_model
 
 
 def _sorted(path: Path, name: str) -> pd.DataFrame:
-    frame = store.read_table(path, name).drop(columns="run_id")
+    # where the trained SAEs are saved (named after the store) and how long training took differ
+    frame = store.read_table(path, name).drop(columns=["run_id", "path", "train_seconds"], errors="ignore")
     keys = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, (str, int, float, bool))).all()]
     return frame.sort_values(keys).reset_index(drop=True)
 
 
 def test_every_sharded_stage_merges_into_the_unsharded_study(tmp_path, tiny_model_dir, tiny_store) -> None:
-    """generate, directions (two rounds) and steering, each in 2 shards, give the whole run's tables."""
+    """generate, directions (two rounds), saes and steering, each in 2 shards, give the whole run's tables."""
     from conftest import tiny_study_settings
 
     config = parse_config(tiny_study_settings(tmp_path / "sharded.duckdb", tiny_model_dir))
@@ -171,20 +172,21 @@ def test_every_sharded_stage_merges_into_the_unsharded_study(tmp_path, tiny_mode
     assert (tmp_path / "sharded.shards" / "directions" / "select" / "merged" / "manifest.json").is_file()
     assert store.stage_hash(config.store, "directions") is None  # the first round is not the stage's result
     shard_and_merge("directions", "ran", "merged")
-    with pytest.raises(ExplorerError, match=r"Stage saes cannot run inside a shard.*run `python -m precompute run "
-                                            r"--until saes` first"):
-        pipeline.run_shard(config, STAGES, ShardSpec(1, 2))
-    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="saes")}["saes"] == "ran"
+    with pytest.raises(ExplorerError, match=r"Stage steering reads stage saes, which the store does not hold up to "
+                                            r"date.*shard and merge saes first"):
+        pipeline.run_shard(config, STAGES, ShardSpec(1, 2), stage_name="steering")
+    shard_and_merge("saes", "ran", "merged")
     shard_and_merge("steering", "ran", "merged")
     assert pipeline.run_shard(config, STAGES, ShardSpec(1, 2)) == []  # every sharded stage is merged
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports == {"prompts": "skipped", "tune": "not applicable", "generate": "skipped", "directions": "skipped",
                        "saes": "skipped", "steering": "skipped", "circuits": "ran"}
-    for stage in ("generate", "directions", "steering"):
+    for stage in ("generate", "directions", "saes", "steering"):
         assert store.stage_hash(config.store, stage) == store.stage_hash(tiny_store, stage)
     for name in ("direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
                  "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
-                 "category_cosines", "hard_prompt_direction", "steering_effects", "steering_harmlessness",
+                 "category_cosines", "hard_prompt_direction", "saes", "sae_corpus", "features", "feature_examples",
+                 "feature_groups", "feature_direction_cosines", "steering_effects", "steering_harmlessness",
                  "steering_generations", "steering_rates"):
         # Shards add activations up in another order: equal up to float rounding.
         pd.testing.assert_frame_equal(_sorted(config.store, name), _sorted(tiny_store, name), check_dtype=False,

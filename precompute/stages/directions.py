@@ -50,7 +50,7 @@ from engine.models import LoadedModel
 from engine.prompts import CATEGORIES, stable_split
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from precompute.config import StudyConfig
-from precompute.pipeline import ShardRound, Stage, StageContext, StageOutput
+from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput
 from precompute.shards import ShardSpec, in_shard
 from precompute.stages.generate import model_fingerprint
 
@@ -202,7 +202,7 @@ class DirectionsStage(Stage):
         effects = self._evaluate(context, load, selection, split.prompts[split.test])
         return self._finish(context, load, split, selection, effects)
 
-    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+    def run_shard(self, context: ShardContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
         split, load = self._split(context), self._loader(context)
         mine = in_shard(split.prompts["id"], shard)
         if current.name == "select":

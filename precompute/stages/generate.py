@@ -24,7 +24,7 @@ from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refus
 from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, LoadedModel
 from engine.scoring import next_token_logprobs
 from precompute.config import StudyConfig
-from precompute.pipeline import ShardRound, Stage, StageContext, StageOutput, fingerprint_path
+from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput, fingerprint_path
 from precompute.shards import ShardSpec, in_shard
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class GenerateStage(Stage):
         return self._output(
             context, lambda model, role, spec: self._answers(context, model, role, spec, selected), selected)
 
-    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+    def run_shard(self, context: ShardContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
         selected = self._selected(context)
         selected = selected[in_shard(selected["id"], shard)].reset_index(drop=True)
         answers = []

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 from sae_lens import SAE
 
-from engine.activations import capture, capture_tokens, prompt_end_positions
+from engine.activations import TokenActivations, capture, capture_tokens, prompt_end_positions
 from engine.attribution import metric_gradients
 from engine.corpus import ChatCorpus, chat_corpus
 from engine.errors import ExplorerError
@@ -34,6 +37,7 @@ from engine.features import (
     token_activations,
     top_texts,
 )
+from engine.generation import length_order
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel
 from engine.prompts import stable_split
@@ -49,13 +53,33 @@ from engine.saes import (
     train_sae,
 )
 from precompute.config import SaesConfig
-from precompute.pipeline import StageContext, StageOutput
+from precompute.pipeline import ShardContext, ShardRound, StageContext, StageOutput
+from precompute.shards import ShardSpec, in_shard
 from precompute.stages.section import ModelSectionStage
 
 logger = logging.getLogger(__name__)
 
 MAX_CE_TEXTS = 256  # held-out transcripts for CE loss recovered (three forward passes each)
 NO_DIRECTIONS = pd.DataFrame(columns=["scope", "layer", "position", "chosen", "vector"])
+MERGE_ROWS = 65_536  # token rows copied at a time from the shards' activations into one file
+
+
+@dataclass(frozen=True)
+class SaeSetup:
+    """What capturing and measuring both need: the model, the SAEs to load and the corpus."""
+
+    model: LoadedModel
+    prompts: pd.DataFrame
+    tables: dict[str, pd.DataFrame]  # the upstream tables the stage reads
+    pretrained: dict[str, tuple[SAE, dict[str, str]]]  # hook: (SAE, its config entry)
+    directions: pd.DataFrame
+    hooks: list[str]
+    rows: pd.DataFrame  # one per transcript (corpus_rows)
+    corpus: ChatCorpus
+
+    @property
+    def skip(self) -> list[int]:
+        return list(self.model.tokenizer.all_special_ids)
 
 
 def corpus_rows(prompts: pd.DataFrame, generations: pd.DataFrame, tune_data: pd.DataFrame | None,
@@ -90,6 +114,9 @@ class SaesStage(ModelSectionStage):
     version = 1
     upstream = ("prompts", "tune", "generate", "directions")
     runs_in_every_shard = False  # it saves trained SAEs beside the store (and trains for long)
+    # Sharded, each shard captures its prompts' transcripts; the merge trains and measures the SAEs.
+    shardable = True
+    shard_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"corpus_tokens": ("text_id", "position")}
 
     @staticmethod
     def folder(context: StageContext) -> Path:
@@ -119,32 +146,84 @@ class SaesStage(ModelSectionStage):
         # The corpus' activations ([n_tokens, n_hooks, d_model], ~100 GB at OR-Bench scale) go to a
         # scratch file, memory-mapped: training and statistics read them a batch at a time.
         with context.scratch("sae_corpus", {"saes": context.hashes["saes"]}) as scratch:
-            return self._run(context, scratch / "activations.f32")
+            setup = self._setup(context)
+            texts = np.arange(len(setup.rows))
+            return self._measure(context, setup, self._capture(context, setup, texts, scratch / "activations.f32"))
 
-    def _run(self, context: StageContext, spill: Path) -> StageOutput:
+    def run_shard(self, context: ShardContext, shard: ShardSpec, current: ShardRound) -> dict[str, Any]:
+        """The activations of the transcripts of the shard's prompts (all of a prompt's answers)."""
+        setup = self._setup(context)
+        texts = np.flatnonzero(in_shard(setup.rows["prompt_id"], shard))
+        scratch = context.partition_scratch("sae_corpus", {"saes": context.hashes["saes"], "shard": str(shard)})
+        tokens = self._capture(context, setup, texts, scratch / "activations.f32")
+        table = pd.DataFrame({"shard": shard.index, "row": np.arange(len(tokens.text_index)),
+                              "text_id": tokens.text_index, "position": tokens.position, "token_id": tokens.token_id})
+        return {"corpus_tokens": table, "activations": tokens.values}
+
+    def merge_shards(self, context: StageContext, tables: Mapping[str, Any], current: ShardRound) -> StageOutput:
+        """The shards' activations in one scratch file, in the row order one unsharded capture gives
+        (transcripts longest first, tokens in order), then training and statistics as in `run`."""
+        setup = self._setup(context)
+        rank = np.empty(len(setup.rows), dtype=np.int64)
+        rank[length_order([len(s) for s in setup.corpus.sequences])] = np.arange(len(setup.rows))
+        found = tables["corpus_tokens"]
+        found = found.iloc[np.lexsort((found["position"].to_numpy(), rank[found["text_id"].to_numpy()]))]
+        parts = tables["activations"]
+        with context.scratch("sae_corpus", {"saes": context.hashes["saes"]}) as scratch:
+            spill = scratch / "activations.f32"
+            with open(spill, "wb") as sink:
+                for start in range(0, len(found), MERGE_ROWS):
+                    chunk = found.iloc[start:start + MERGE_ROWS]
+                    block = np.empty((len(chunk), *parts[0].shape[1:]), dtype=np.float32)
+                    for index, part in enumerate(parts, start=1):
+                        mine = (chunk["shard"] == index).to_numpy()
+                        block[mine] = part[chunk["row"].to_numpy()[mine]]
+                    sink.write(block.tobytes())
+            values = np.memmap(spill, dtype=np.float32, mode="r", shape=(len(found), *parts[0].shape[1:])) \
+                if len(found) else np.zeros((0, *parts[0].shape[1:]), dtype=np.float32)
+            tokens = TokenActivations(values=values, text_index=found["text_id"].to_numpy(),
+                                      position=found["position"].to_numpy(), token_id=found["token_id"].to_numpy())
+            return self._measure(context, setup, tokens)
+
+    def _setup(self, context: StageContext) -> SaeSetup:
+        """The model, the SAEs to load, their hooks, and the transcript corpus."""
         config = context.config
         settings: SaesConfig = config.saes
-        batch_size = config.generation.batch_size
-        role = settings.model
-        model = config.generation.load(config.models[role])
+        model = config.generation.load(config.models[settings.model])
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         tables = {name: context.table(name).drop(columns="run_id") for name in
                   ("generations", "tune_data", "direction_generations", "refusal_tokens", "refusal_directions")
                   if name in context.available}
-        saes: dict[str, tuple[SAE, dict[str, str]]] = {}
+        pretrained: dict[str, tuple[SAE, dict[str, str]]] = {}
         for entry in settings.pretrained:
             source = (entry["path"], None) if "path" in entry else (entry["release"], entry["sae_id"])
             sae = load_sae(*source, device=model.device)
-            saes[check_sae_fits(sae, model)] = (sae, entry)
+            pretrained[check_sae_fits(sae, model)] = (sae, entry)
         directions = tables.get("refusal_directions", NO_DIRECTIONS)
-        hooks = list(saes) or self._hooks(settings, directions, model)
-
+        hooks = list(pretrained) or self._hooks(settings, directions, model)
         rows = corpus_rows(prompts, tables["generations"], tables.get("tune_data"),
-                           tables.get("direction_generations"), role)
+                           tables.get("direction_generations"), settings.model)
         corpus = chat_corpus(model.tokenizer, list(rows["text"]), list(rows["response"]))
-        skip = list(model.tokenizer.all_special_ids)
-        tokens = capture_tokens(model, corpus.sequences, hooks, batch_size=batch_size, skip_token_ids=skip,
+        return SaeSetup(model, prompts, tables, pretrained, directions, hooks, rows, corpus)
+
+    @staticmethod
+    def _capture(context: StageContext, setup: SaeSetup, texts: np.ndarray, spill: Path) -> TokenActivations:
+        """The activations at every read token of transcripts `texts` (text_index counts all)."""
+        tokens = capture_tokens(setup.model, [setup.corpus.sequences[i] for i in texts], setup.hooks,
+                                batch_size=context.config.generation.batch_size, skip_token_ids=setup.skip,
                                 desc="capture corpus", spill=spill)
+        return TokenActivations(tokens.values, texts[tokens.text_index], tokens.position, tokens.token_id)
+
+    def _measure(self, context: StageContext, setup: SaeSetup, tokens: TokenActivations) -> StageOutput:
+        """Train (or load) each SAE on the corpus' activations and describe its features."""
+        config = context.config
+        settings: SaesConfig = config.saes
+        batch_size = config.generation.batch_size
+        role = settings.model
+        model, prompts, tables, saes, directions, hooks, rows, corpus = (
+            setup.model, setup.prompts, setup.tables, setup.pretrained, setup.directions, setup.hooks, setup.rows,
+            setup.corpus)
+        skip = setup.skip
         held_out_text = np.array([stable_split(f"sae:{t}", settings.held_out_fraction) == "test"
                                   for t in rows["prompt_id"] + "|" + rows["response"]])
         held_out = held_out_text[tokens.text_index]

@@ -27,7 +27,7 @@ from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
 from engine.saes import load_sae, stored_sae_source
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from engine.steering import Addition, FeatureClamp, Steering
-from precompute.pipeline import ShardRound, StageContext, StageOutput
+from precompute.pipeline import ShardContext, ShardRound, StageContext, StageOutput
 from precompute.shards import ShardSpec, in_shard
 from precompute.stages.section import ModelSectionStage
 
@@ -168,7 +168,7 @@ class SteeringStage(ModelSectionStage):
         prompts = self._test_prompts(context)
         return self._output(context, prompts, self._per_prompt(context, prompts))
 
-    def run_shard(self, context: StageContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+    def run_shard(self, context: ShardContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
         prompts = self._test_prompts(context)
         return self._per_prompt(context, prompts[in_shard(prompts["id"], shard)].reset_index(drop=True))
 
