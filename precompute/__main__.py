@@ -24,12 +24,11 @@ logger = logging.getLogger("precompute")
 DEFAULT_CONFIG = Path("precompute/configs/demo.yaml")
 SHARDING_HELP = (
     "Sharding (e.g. a cluster array job): `run --shard K/N` for K = 1..N works on slice K of the prompts "
-    "for the first per-prompt stage the store does not hold yet (generate, directions, steering; or "
-    "--stage NAME) and writes data/stores/<study>.shards/<stage>/shard-K-of-N/; then `merge --shards N` "
-    "checks every shard is there and writes that stage into the store. directions shards in two rounds "
-    "(select, then evaluate): shard and merge it twice. `run --until saes` does the stages between "
-    "(saes must be stored before steering is sharded); a plain `run` does the rest. "
-    "precompute/cluster/submit_slurm.sh and submit_pbs.sh chain these jobs."
+    "for the first per-prompt stage the store does not hold up to date (generate, directions, saes, steering, "
+    "circuits; or --stage NAME) and writes data/stores/<study>.shards/<stage>/shard-K-of-N/; then "
+    "`merge --shards N` checks every shard is there and writes that stage into the store, and the next "
+    "`run --shard K/N` moves on to the next stage. directions shards in two rounds (select, then evaluate): "
+    "shard and merge it twice. precompute/cluster/submit.sh submits the whole chain to SLURM or PBS."
 )
 
 

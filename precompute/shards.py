@@ -144,14 +144,17 @@ def read_partitions(store: Path, stage: str, count: int, *, input_hash: str, key
                 f"shard {names} of {which} {problem} (in {stage_dir(store, stage, round_name)}).",
                 "run " + " and ".join(f"`{rerun.format(shard=shard)}`" for shard in bad) + ", then merge again.")
     folders = [partition_dir(store, stage, shard, round_name) for shard in shards]
-    manifest = json.loads((folders[0] / MANIFEST).read_text())
-    names = manifest["rows"]
+    manifests = [json.loads((folder / MANIFEST).read_text()) for folder in folders]
     tables: dict[str, pd.DataFrame | list[np.ndarray]] = {
         name: [np.load(folder / f"{name}.npy", mmap_mode="r") for folder in folders]
-        for name in manifest.get("arrays", {})}
+        for name in manifests[0].get("arrays", {})}
     with duckdb.connect() as con:
-        for name in names:
-            files = [str(folder / f"{name}.parquet") for folder in folders]
+        for name in manifests[0]["rows"]:
+            files = [str(folder / f"{name}.parquet") for folder, manifest in zip(folders, manifests, strict=True)
+                     if manifest["rows"][name]]  # an empty shard's table may have no columns to read
+            if not files:
+                tables[name] = pd.concat([pd.read_parquet(folder / f"{name}.parquet") for folder in folders])
+                continue
             key = keys.get(name)
             duplicated = key and con.execute(DUPLICATES_SQL.format(keys=", ".join(key)), [files]).fetchall()
             if duplicated:

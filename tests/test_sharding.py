@@ -156,7 +156,7 @@ def _sorted(path: Path, name: str) -> pd.DataFrame:
 
 
 def test_every_sharded_stage_merges_into_the_unsharded_study(tmp_path, tiny_model_dir, tiny_store) -> None:
-    """generate, directions (two rounds), saes and steering, each in 2 shards, give the whole run's tables."""
+    """Every sharded stage (directions in two rounds), each in 2 shards, gives the whole run's tables."""
     from conftest import tiny_study_settings
 
     config = parse_config(tiny_study_settings(tmp_path / "sharded.duckdb", tiny_model_dir))
@@ -177,17 +177,19 @@ def test_every_sharded_stage_merges_into_the_unsharded_study(tmp_path, tiny_mode
         pipeline.run_shard(config, STAGES, ShardSpec(1, 2), stage_name="steering")
     shard_and_merge("saes", "ran", "merged")
     shard_and_merge("steering", "ran", "merged")
+    shard_and_merge("circuits", "ran", "merged")
     assert pipeline.run_shard(config, STAGES, ShardSpec(1, 2)) == []  # every sharded stage is merged
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
-    assert reports == {"prompts": "skipped", "tune": "not applicable", "generate": "skipped", "directions": "skipped",
-                       "saes": "skipped", "steering": "skipped", "circuits": "ran"}
-    for stage in ("generate", "directions", "saes", "steering"):
+    assert set(reports.values()) == {"skipped", "not applicable"}
+    for stage in ("generate", "directions", "saes", "steering", "circuits"):
         assert store.stage_hash(config.store, stage) == store.stage_hash(tiny_store, stage)
     for name in ("direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
                  "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
                  "category_cosines", "hard_prompt_direction", "saes", "sae_corpus", "features", "feature_examples",
                  "feature_groups", "feature_direction_cosines", "steering_effects", "steering_harmlessness",
-                 "steering_generations", "steering_rates"):
+                 "steering_generations", "steering_rates", "circuits", "circuit_nodes", "circuit_edges",
+                 "circuit_faithfulness", "circuit_similarity", "circuit_verdicts", "circuit_core",
+                 "circuit_components"):
         # Shards add activations up in another order: equal up to float rounding.
         pd.testing.assert_frame_equal(_sorted(config.store, name), _sorted(tiny_store, name), check_dtype=False,
                                       rtol=1e-4, atol=1e-5, obj=name)
@@ -202,3 +204,15 @@ def test_a_stage_that_cannot_be_sharded_is_named(tmp_path, tiny_model_dir, promp
     with pytest.raises(ExplorerError, match="reads stage generate, which the store does not hold up to date"):
         pipeline.run_shard(parse_config(_raw(tmp_path, tiny_model_dir, prompt_file) | {"directions": {"model": "base"}}), STAGES,
                            ShardSpec(1, 2), stage_name="directions")
+
+
+def test_a_shard_without_rows_merges(tmp_path) -> None:
+    """A shard can hold no rows of a table (e.g. no circuit group hashed to it), even without columns."""
+    store_path = tmp_path / "s.duckdb"
+    full = pd.DataFrame({"prompt_id": ["a", "b"], "score": [1.0, 2.0]})
+    for k, frame in ((1, full), (2, pd.DataFrame()), (3, full.iloc[:0])):
+        shards.write_partition(shards.partition_dir(store_path, "x", ShardSpec(k, 3)), stage="x", shard=ShardSpec(k, 3),
+                               input_hash="h", tables={"scores": frame, "nothing": pd.DataFrame()})
+    tables = shards.read_partitions(store_path, "x", 3, input_hash="h", keys={"scores": ("prompt_id",)}, rerun=RERUN)
+    pd.testing.assert_frame_equal(tables["scores"], full)
+    assert tables["nothing"].empty

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -31,7 +33,15 @@ from engine.circuit_stats import (
     split_half,
     verdict,
 )
-from engine.circuits import NodeEffects, SaeSite, edge_effects, faithfulness_curve, node_effects, sae_site
+from engine.circuits import (
+    NodeEffects,
+    SaeSite,
+    edge_effects,
+    faithfulness_curve,
+    node_effects,
+    node_table,
+    sae_site,
+)
 from engine.components import gap_share, head_sites, layer_sites, patched_metric, patching_attribution
 from engine.errors import ExplorerError
 from engine.judge import refusal_token_ids
@@ -39,7 +49,8 @@ from engine.models import LoadedModel
 from engine.refusal_metric import RefusalMetric, compliance_token_ids
 from engine.saes import load_sae, stored_sae_source
 from precompute.config import CircuitsConfig
-from precompute.pipeline import StageContext, StageOutput
+from precompute.pipeline import ShardContext, ShardRound, StageContext, StageOutput
+from precompute.shards import ShardSpec, in_shard
 from precompute.stages.section import ModelSectionStage
 
 logger = logging.getLogger(__name__)
@@ -47,10 +58,36 @@ logger = logging.getLogger(__name__)
 BASELINE_KIND = {"toxic": "safe", "hard": "safe", "safe": "toxic"}  # what each kind is patched towards
 
 
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames as one (none: an empty table, e.g. a shard without circuits)."""
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+@dataclass(frozen=True)
+class CircuitSetup:
+    """What every circuit needs: the model, its SAEs' sites and baselines, the metric and groups."""
+
+    model: LoadedModel
+    prompts: pd.DataFrame
+    sae_rows: list[dict[str, Any]]
+    hooks: list[str]
+    offsets: tuple[int, ...]
+    metric: RefusalMetric
+    groups: dict[tuple[str, str], pd.DataFrame]  # (kind, category): its prompts
+    status: list[dict[str, Any]]  # a row per group: enough prompts or skipped
+    sites: dict[str, list[SaeSite]]  # per reference kind: the SAE sites with its baseline
+
+
 class CircuitsStage(ModelSectionStage):
     name = "circuits"
     version = 1
     upstream = ("prompts", "generate", "saes")
+    # Sharded by (kind, category) group: each shard finds its groups' circuits and keeps their
+    # per-prompt node effects; the merge compares every pair.
+    shardable = True
+    shard_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "node_effects": ("kind", "category", "prompt"), "circuit_nodes": ("kind", "category", "node"),
+        "circuit_faithfulness": ("kind", "category", "n_nodes")}
 
 
     @staticmethod
@@ -84,43 +121,52 @@ class CircuitsStage(ModelSectionStage):
                            "message": ""})
         return groups, status
 
-    def run(self, context: StageContext) -> StageOutput:
+    def _setup(self, context: StageContext) -> CircuitSetup:
+        """The model, its SAEs, the metric, the prompt groups and their baselines."""
         config = context.config
         settings: CircuitsConfig = config.circuits
-        batch_size = config.generation.batch_size
         model = config.generation.load(config.models[settings.model])
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         sae_rows = context.table("saes").sort_values("layer").to_dict("records")
         hooks = [row["hook"] for row in sae_rows]
         saes = [load_sae(*stored_sae_source(config.store, row), device=model.device) for row in sae_rows]
         offsets = prompt_end_positions(model.tokenizer).offsets
-        metric = self._metric(context, settings)
         groups, status = self._groups(prompts, settings)
         if not groups:
             raise ExplorerError(f"No category has {settings.min_prompts}+ prompts of kinds {list(settings.kinds)}.",
                                 "add prompts, or lower circuits.min_prompts.")
-
         # Baselines: the mean activation of a sample of each reference kind, per hook and position.
         rng = np.random.default_rng(settings.seed)
         sites: dict[str, list[SaeSite]] = {}
         for kind in sorted({BASELINE_KIND[k] for k in settings.kinds}):
             texts = prompts.loc[prompts["kind"] == kind, "text"].to_numpy()
             sample = list(texts[rng.choice(len(texts), min(len(texts), 4 * settings.max_prompts), replace=False)])
-            activations = capture(model, sample, hooks, offsets, batch_size=batch_size, desc=f"{kind} baseline")
+            activations = capture(model, sample, hooks, offsets, batch_size=config.generation.batch_size,
+                                  desc=f"{kind} baseline")
             sites[kind] = [sae_site(hook, sae, activations[:, h]) for h, (hook, sae) in enumerate(zip(hooks, saes,
                                                                                                        strict=True))]
+        return CircuitSetup(model, prompts, sae_rows, hooks, offsets, self._metric(context, settings), groups, status,
+                            sites)
 
+    def _circuits(self, context: StageContext, setup: CircuitSetup,
+                  groups: Mapping[tuple[str, str], pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
+                                                                           dict[tuple[str, str], NodeEffects]]:
+        """Each of `groups`' circuit (its nodes, faithfulness curve and edges), the toxic ones'
+        head and MLP patching, and every group's per-prompt node effects."""
+        settings: CircuitsConfig = context.config.circuits
+        batch_size = context.config.generation.batch_size
+        model, hooks, offsets, metric = setup.model, setup.hooks, setup.offsets, setup.metric
         effects: dict[tuple[str, str], NodeEffects] = {}
         node_frames, faith_frames, edge_frames = [], [], []
         for key, group in tqdm(groups.items(), desc="circuits", unit="circuit"):
             kind, category = key
             texts = list(group["text"])
-            kind_sites = sites[BASELINE_KIND[kind]]
+            kind_sites = setup.sites[BASELINE_KIND[kind]]
             gradients = self._gradients(model, texts, hooks, offsets, metric, kind_sites, settings, batch_size)
             effects[key] = node_effects(kind_sites, gradients)
             mean = effects[key].effects.mean(0)
             circuit = ranked_nodes(mean, threshold=settings.node_threshold, max_nodes=settings.max_nodes)
-            node_frames.append(self._node_rows(effects[key], circuit, settings, sae_rows).assign(
+            node_frames.append(self._node_rows(effects[key], circuit, settings, setup.sae_rows).assign(
                 kind=kind, category=category))
             sizes = sorted({*settings.faithfulness_sizes, len(circuit)})
             subset = texts[: settings.subset_prompts]  # the costly measurements: a pass per size or node
@@ -134,11 +180,23 @@ class CircuitsStage(ModelSectionStage):
                                 effects[key], circuit[: settings.edge_nodes], batch_size)
             edge_frames.append(edges[edges["effect"].abs() >= settings.edge_threshold].assign(kind=kind,
                                                                                                category=category))
+        tables = {
+            "circuit_nodes": _concat(node_frames),
+            "circuit_faithfulness": _concat(faith_frames),
+            "circuit_edges": _concat(edge_frames),
+            "circuit_components": self._components(model, setup.prompts, groups, effects, offsets, metric, settings,
+                                                   batch_size),
+        }
+        return tables, effects
 
-        nodes = pd.concat(node_frames, ignore_index=True)
-        faithfulness = pd.concat(faith_frames, ignore_index=True)
+    def _output(self, context: StageContext, setup: CircuitSetup, tables: Mapping[str, pd.DataFrame],
+                effects: dict[tuple[str, str], NodeEffects]) -> StageOutput:
+        """Every circuit's tables, compared: similarity, reliability, verdicts and the shared core."""
+        settings: CircuitsConfig = context.config.circuits
+        effects = {key: effects[key] for key in setup.groups}  # one order, however the groups were computed
+        faithfulness = tables["circuit_faithfulness"]
         similarity, reliability, verdicts, core = self._compare(effects, settings)
-        summary = pd.DataFrame(status).merge(reliability, on=["kind", "category"], how="left").merge(
+        summary = pd.DataFrame(setup.status).merge(reliability, on=["kind", "category"], how="left").merge(
             faithfulness.query("is_circuit")[["kind", "category", "n_nodes", "faithfulness", "metric_full",
                                               "metric_empty"]], on=["kind", "category"], how="left")
         for row in summary.query("status == 'ok' and kind == 'toxic'").itertuples():
@@ -146,20 +204,47 @@ class CircuitsStage(ModelSectionStage):
                         100 * row.faithfulness)
         for row in verdicts.itertuples():
             logger.info("verdict (%s): %s: %s", row.kind, row.label, row.reason)
-        components = self._components(model, prompts, groups, effects, offsets, metric, settings, batch_size)
         return StageOutput(
             tables={
                 "circuits": summary.assign(metric_name=settings.metric, method=settings.method),
-                "circuit_nodes": nodes,
-                "circuit_edges": pd.concat(edge_frames, ignore_index=True),
-                "circuit_faithfulness": faithfulness,
+                **tables,
                 "circuit_similarity": similarity,
                 "circuit_verdicts": verdicts,
                 "circuit_core": core,
-                "circuit_components": components,
             },
-            models=(config.models[settings.model],),
+            models=(context.config.models[settings.model],),
         )
+
+    def run(self, context: StageContext) -> StageOutput:
+        setup = self._setup(context)
+        return self._output(context, setup, *self._circuits(context, setup, setup.groups))
+
+    def run_shard(self, context: ShardContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
+        """The circuits of the (kind, category) groups in the shard, with their per-prompt node effects."""
+        setup = self._setup(context)
+        keys = list(setup.groups)
+        mine = in_shard(pd.Series([f"{kind}/{category}" for kind, category in keys]), shard)
+        tables, effects = self._circuits(context, setup, {key: setup.groups[key] for key, m in zip(keys, mine) if m})
+        rows = [pd.DataFrame({"kind": kind, "category": category, "prompt": np.arange(len(value.metric)),
+                              "metric": value.metric, "effects": list(value.effects.astype(np.float32))})
+                for (kind, category), value in effects.items()]
+        return {**tables, "node_effects": _concat(rows)}
+
+    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame],
+                     current: ShardRound) -> StageOutput:
+        setup = self._setup(context)
+        effects = {}
+        for (kind, category), rows in tables["node_effects"].groupby(["kind", "category"]):
+            rows = rows.sort_values("prompt")
+            effects[(kind, category)] = NodeEffects(node_table(setup.sites[BASELINE_KIND[kind]]),
+                                                    np.stack(rows["effects"].to_numpy()), rows["metric"].to_numpy())
+        if missing := sorted(set(setup.groups) - set(effects)):
+            raise ExplorerError(f"The circuits shards hold no node effects for {missing}.",
+                                "run every shard with the same config and N, then merge again.")
+        # Each group's rows in the group order one unsharded run makes them (stable within a group).
+        per_group = {name: frame.sort_values([c for c in ("kind", "category") if c in frame], kind="stable")
+                     .reset_index(drop=True) for name, frame in tables.items() if name != "node_effects"}
+        return self._output(context, setup, per_group, effects)
 
     @staticmethod
     def _gradients(model: LoadedModel, texts: list[str], hooks: list[str], offsets, metric: RefusalMetric,
@@ -264,6 +349,9 @@ class CircuitsStage(ModelSectionStage):
         """Toxic -> safe patching of every layer's attention and MLP output and every head by
         attribution, the `exact_sites` strongest per category re-checked exactly, for every category
         with a toxic circuit."""
+        toxic_groups = [(category, group) for (kind, category), group in groups.items() if kind == "toxic"]
+        if not toxic_groups:
+            return pd.DataFrame()
         rng = np.random.default_rng(settings.seed + 1)
         safe_texts = prompts.loc[prompts["kind"] == "safe", "text"].to_numpy()
         receivers = list(safe_texts[rng.choice(len(safe_texts), min(len(safe_texts), settings.patch_prompts),
@@ -277,7 +365,6 @@ class CircuitsStage(ModelSectionStage):
                                            desc=f"{name} gradients") for name, (hooks, _) in families.items()}
         safe = float(receiver["layers"].metric.mean())
         rows = []
-        toxic_groups = [(category, group) for (kind, category), group in groups.items() if kind == "toxic"]
         for category, group in tqdm(toxic_groups, desc="head/MLP patching", unit="category"):
             donors = list(group["text"])[: settings.patch_prompts]
             toxic = float(effects[("toxic", category)].metric.mean())
