@@ -2,7 +2,8 @@
 
 Every batched loop over prompts (capture, generation, scoring, gradients) goes through
 `backed_off`: on a CUDA out-of-memory error (or the CPU allocator's) the cache is freed, the
-batch halved and the same slice retried; the smaller size is kept for the slices after it.
+batch halved and the same slice retried; the smaller size is kept for the slices after it, and for
+the next loops of the same kind (`desc`) in this process, e.g. one per steering intervention.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+_fitted_sizes: dict[str, int] = {}  # desc: the batch size a loop of that kind last fell back to
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -40,10 +42,13 @@ def backed_off(
 ) -> Iterator[tuple[list[int], R]]:
     """(indices, work(indices)) for consecutive slices of `order`, in order, at most `batch_size`
     long. A slice that runs out of memory is retried at half its size, down to one item; the
-    reduced size is kept for the rest. `work` must not keep side effects of a failed attempt."""
+    reduced size is kept for the rest, and a later loop with the same `desc` starts from it.
+    `work` must not keep side effects of a failed attempt."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    size, start = batch_size, 0
+    size, start = min(batch_size, _fitted_sizes.get(desc, batch_size)), 0
+    if size < batch_size:
+        logger.info("%s: batch size %d (an earlier %s loop ran out of memory at more)", desc, size, desc)
     while start < len(order):
         batch = list(order[start : start + size])
         try:
@@ -60,7 +65,7 @@ def backed_off(
             failed = False
         if failed:  # outside the except block, so the error's traceback (and its tensors) is gone
             free_memory()
-            size = len(batch) // 2
+            size = _fitted_sizes[desc] = len(batch) // 2
             logger.warning("%s: out of memory at batch size %d, retrying at %d", desc, len(batch), size)
             continue
         yield batch, result

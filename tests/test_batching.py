@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine import batching
 from engine.activations import capture, capture_tokens, prompt_end_positions
 from engine.attribution import metric_gradients
 from engine.batching import backed_off, is_out_of_memory
@@ -20,6 +21,14 @@ from engine.scoring import completion_cross_entropy, next_token_logprobs
 
 PROMPTS = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today",
            "How do I pick a lock", "Describe a cat", "Tell me about rivers in Europe", "Say hi"]
+
+
+@pytest.fixture(autouse=True)
+def no_remembered_sizes():
+    """Each test starts without the batch sizes earlier loops fell back to."""
+    batching._fitted_sizes.clear()
+    yield
+    batching._fitted_sizes.clear()
 
 
 def failing_above(limit: int, attempts: list[int], error: type[Exception] = torch.OutOfMemoryError):
@@ -43,6 +52,19 @@ def test_backed_off_halves_on_oom_keeps_the_smaller_size_and_matches_no_oom(capl
     assert [len(batch) for batch, _ in results] == [2, 2, 2, 2, 2]
     assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
     assert "out of memory at batch size 8, retrying at 4" in caplog.records[0].getMessage()
+
+
+def test_a_later_loop_of_the_same_kind_starts_at_the_size_that_fit(caplog) -> None:
+    first: list[int] = []
+    list(backed_off(range(10), failing_above(2, first), batch_size=8, desc="suppress"))
+    again, other = [], []
+    with caplog.at_level(logging.INFO, logger="engine.batching"):
+        results = list(backed_off(range(10), failing_above(2, again), batch_size=8, desc="suppress"))
+    list(backed_off(range(10), failing_above(2, other), batch_size=8, desc="force"))
+    assert first[:3] == [8, 4, 2] and again == [2, 2, 2, 2, 2]  # no failed attempt the second time
+    assert [i for batch, _ in results for i in batch] == list(range(10))
+    assert other[:3] == [8, 4, 2]  # another kind of loop finds its own size
+    assert "suppress: batch size 2 (an earlier suppress loop ran out of memory at more)" in caplog.text
 
 
 def test_backed_off_handles_the_cpu_allocator_failure() -> None:
@@ -103,6 +125,10 @@ def test_every_engine_loop_backs_off_to_the_same_results(tiny_model) -> None:
     with applied(tiny_model, [("blocks.0.hook_resid_pre", out_of_memory_above_two)]):
         backed = engine_loops(tiny_model, sae)
         sizes.clear()
+        capture(tiny_model, PROMPTS, ["blocks.0.hook_resid_post"], [-1], batch_size=4)
+        assert sizes == [2, 2, 2, 1]  # the earlier capture loop's size: no failed attempt
+        sizes.clear()
+        batching._fitted_sizes.clear()
         capture(tiny_model, PROMPTS, ["blocks.0.hook_resid_post"], [-1], batch_size=4)
     assert sizes == [4, 2, 2, 2, 1]  # 7 prompts: one failed batch of 4, then 2 kept for the rest
     assert backed["generate"] == plain.pop("generate")
