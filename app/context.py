@@ -77,11 +77,17 @@ def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
     return present
 
 
+IMPORT_DELAY = 2.0  # seconds: a reader looks at the page longer than this before generating
+
+
 @st.cache_resource(show_spinner=False)
 def warm_model_stack() -> threading.Thread:
-    """Import torch, TransformerLens and SAELens once per server, in the background, when a page that
-    can run the model opens (Steering, Features): the reader is still choosing a prompt or a text when
-    they are needed. Not from every page: the import thread's hold on the GIL doubled a page's time."""
-    thread = threading.Thread(target=importlib.import_module, args=("app.resources",), daemon=True)
+    """Import torch, TransformerLens and SAELens once per server, in the background, when the model will
+    be needed soon: once Steering is drawn, or when Features' own-text box is edited. The reader is
+    still choosing a prompt or writing when they are needed. Not on every page, nor before a page is
+    drawn: the import thread's hold on the GIL doubled a page's time. It starts `IMPORT_DELAY` seconds
+    later, once the page's last messages are out (they need the GIL too)."""
+    thread = threading.Timer(IMPORT_DELAY, importlib.import_module, args=("app.resources",))
+    thread.daemon = True
     thread.start()
     return thread

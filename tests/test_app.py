@@ -196,3 +196,19 @@ def test_circuits_page_says_which_categories_had_too_few_prompts(tiny_store: Pat
     app = _page("circuits", copy)
     assert not app.exception
     assert "hard/hate**: hard/hate has 3 prompt(s)" in app.warning[0].value
+
+
+def test_the_model_stack_warms_up_only_when_the_model_is_about_to_be_needed(tiny_store: Path, monkeypatch) -> None:
+    """Opening Features does not start the background import of torch (it slowed the pages opened next);
+    editing its own-text box does, and Steering starts it after drawing itself."""
+    import app.context
+
+    calls: list[str] = []
+    monkeypatch.setattr(app.context, "warm_model_stack", lambda: calls.append("warm"))
+    features = _page("features", tiny_store)
+    assert not features.exception and calls == []
+    features.text_area[0].input("A text of my own").run()
+    assert not features.exception and calls == ["warm"]
+    calls.clear()
+    steering = _page("steering", tiny_store)
+    assert not steering.exception and calls == ["warm"]

@@ -28,7 +28,6 @@ SORTS = {
 }
 
 store = current_store()
-warm_model_stack()
 st.title("SAE features")
 require_tables(store, ("saes", "features", "feature_examples", "feature_groups", "sae_corpus"))
 
@@ -193,7 +192,10 @@ def feature_dashboard(d_sae: int) -> None:
             for example in examples.itertuples()))
 
     st.subheader("Try your own text")
-    text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000)
+    # Editing the text is the sign a live encoding is coming: the model stack imports in the background
+    # then, not on every visit (the import slowed the pages opened after this one).
+    text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000,
+                        on_change=warm_model_stack)
     as_chat = st.checkbox("Format as a user turn of the chat template", value=True)
     if st.button("Encode", type="primary"):
         # torch and SAELens load only for live encoding: the stored dashboard renders without them.

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 CAKE = "Give me a simple recipe for a chocolate cake."
 
 store = current_store()
-warm_model_stack()
 st.title("Steering")
 present = require_tables(store, ("refusal_directions", "refusal_tokens", "generations", "prompts"))
 
@@ -204,3 +203,7 @@ show_table(harmlessness, "Steering harmlessness", hide_index=True, width="stretc
     "mean_kl": st.column_config.NumberColumn("KL on safe prompts (suppress)", format="%.3f"),
     "cross_entropy": st.column_config.NumberColumn("CE of safe answers (suppress)", format="%.3f"),
     "baseline_cross_entropy": st.column_config.NumberColumn("CE unsteered", format="%.3f")})
+
+# Generating needs torch and the model stack: import them in the background once the page is drawn
+# (started before, the import slowed this page's own first render).
+warm_model_stack()
