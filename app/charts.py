@@ -174,3 +174,63 @@ def faithfulness_curves(curves: pd.DataFrame, highlighted: str, target: float) -
     target_line = alt.Chart(pd.DataFrame({"faithfulness": [target]})).mark_rule(strokeDash=[4, 4]).encode(
         y=alt.Y("faithfulness:Q"))
     return (lines + target_line).properties(height=280)
+
+
+# --- Circuit graph --------------------------------------------------------------------------------
+SIGN_COLORS = alt.Scale(domain=["towards refusal", "away from refusal"], range=["#d62728", "#1f77b4"])
+GRAPH_ROW_PX, GRAPH_MIN_PX = 34, 260
+
+
+def circuit_layout(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Node positions by layer (one column per hook, upstream left; within a column by effect, largest
+    on top) and the edges between shown nodes with their end points.
+
+    `nodes`: hook, feature (-1: the SAE error term), effect, effect_se, label; `edges`: upstream_hook,
+    upstream_feature, downstream_hook, downstream_feature, effect."""
+    placed = nodes.assign(column=nodes["hook"].map({hook: i for i, hook in enumerate(hooks)}))
+    placed = placed.sort_values(["column", "effect"], ascending=[True, False])
+    placed["row"] = placed.groupby("column").cumcount()
+    placed["row"] -= placed.groupby("column")["row"].transform("max") / 2  # columns centred on each other
+    placed["kind"] = np.where(placed["feature"] < 0, "SAE error term", "feature")
+    placed["name"] = np.where(placed["feature"] < 0, "error", placed["feature"].astype(int).astype(str))
+    placed["sign"] = np.where(placed["effect"] > 0, "towards refusal", "away from refusal")
+    placed["size"] = placed["effect"].abs()
+    placed["dashboard"] = [None if f < 0 else f"features?hook={h}&feature={int(f)}"
+                           for h, f in zip(placed["hook"], placed["feature"], strict=True)]
+    where = placed.set_index(["hook", "feature"])[["column", "row"]]
+    joined = edges.join(where, on=["upstream_hook", "upstream_feature"]).join(
+        where.rename(columns={"column": "column_end", "row": "row_end"}), on=["downstream_hook", "downstream_feature"])
+    joined = joined.dropna(subset=["column", "column_end"])  # an edge to a node that is not shown
+    joined = joined.assign(sign=np.where(joined["effect"] > 0, "towards refusal", "away from refusal"),
+                           size=joined["effect"].abs())
+    return placed.reset_index(drop=True), joined.reset_index(drop=True)
+
+
+def circuit_graph(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: list[str]) -> alt.LayerChart:
+    """A circuit laid out by layer: node size by |effect|, colour by sign, SAE error terms as squares,
+    edges as lines weighted by |effect|; clicking a feature opens its dashboard (`href`)."""
+    placed, joined = circuit_layout(nodes, edges, hooks)
+    names = "[" + ", ".join(f"'{hook}'" for hook in hooks) + "]"
+    x_axis = alt.Axis(values=list(range(len(hooks))), labelExpr=f"{names}[datum.value]", orient="top", title=None,
+                      grid=False, labelAngle=0, domain=False, ticks=False, labelLimit=0)
+    x_scale = alt.Scale(domain=[-0.2, len(hooks) - 0.6])  # room for the last column's labels
+    y = alt.Y("row:Q", axis=None, scale=alt.Scale(reverse=True))
+    lines = alt.Chart(joined).mark_rule(opacity=0.55).encode(
+        x=alt.X("column:Q", axis=x_axis, scale=x_scale), x2=alt.X2("column_end"), y=y, y2=alt.Y2("row_end"),
+        color=alt.Color("sign:N", scale=SIGN_COLORS, title="effect"),
+        strokeWidth=alt.StrokeWidth("size:Q", scale=alt.Scale(range=[0.5, 7]), legend=None),
+        tooltip=[alt.Tooltip("upstream_hook"), alt.Tooltip("upstream_feature"), alt.Tooltip("downstream_hook"),
+                 alt.Tooltip("downstream_feature"), alt.Tooltip("effect:Q", format="+.4f", title="edge effect")])
+    points = alt.Chart(placed).mark_point(filled=True, opacity=0.9, cursor="pointer").encode(
+        x=alt.X("column:Q", axis=x_axis, scale=x_scale), y=y,
+        color=alt.Color("sign:N", scale=SIGN_COLORS, title="effect"),
+        shape=alt.Shape("kind:N", scale=alt.Scale(domain=["feature", "SAE error term"], range=["circle", "square"]),
+                        title=None),
+        size=alt.Size("size:Q", scale=alt.Scale(range=[40, 900]), legend=None),
+        href=alt.Href("dashboard:N"),
+        tooltip=[alt.Tooltip("hook"), alt.Tooltip("name:N", title="feature"), alt.Tooltip("effect:Q", format="+.4f"),
+                 alt.Tooltip("effect_se:Q", format=".4f", title="± s.e."), alt.Tooltip("label:N", title="promotes")])
+    labels = alt.Chart(placed).mark_text(align="left", dx=14, fontSize=11).encode(
+        x=alt.X("column:Q", axis=x_axis, scale=x_scale), y=y, text=alt.Text("name:N"))
+    tallest = int(placed.groupby("column").size().max()) if len(placed) else 1
+    return (lines + points + labels).properties(height=max(GRAPH_MIN_PX, GRAPH_ROW_PX * tallest))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from types import FunctionType
@@ -95,53 +94,3 @@ def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float], scal
         spans.append(f'<span title="{float(value):.3f}" style="background:rgba(255,140,0,{strength:.2f});'
                      f'{outline}border-radius:3px;padding:0 1px;white-space:pre-wrap">{text}</span>')
     return '<div style="font-family:monospace;font-size:0.9em;line-height:1.9">' + "".join(spans) + "</div>"
-
-
-POSITIVE, NEGATIVE = "#d62728", "#1f77b4"  # pushes towards refusal / away from it
-_OFFLINE_UNUSED = re.compile(r'<(?:link|script)[^>]*(?:https://cdn\.jsdelivr\.net|node_modules)[^>]*>(?:</script>)?')
-
-
-def circuit_graph_html(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: Sequence[str], height: int = 560) -> str:
-    """A pyvis graph of a circuit laid out by layer: one column per hook (upstream left), node size
-    by |effect|, colour by sign, error nodes as grey-bordered boxes; clicking a feature opens its
-    dashboard on the Features page. `nodes`: hook, feature (-1 = error), effect, effect_se, label;
-    `edges`: upstream_hook, upstream_feature, downstream_hook, downstream_feature, effect."""
-    from pyvis.network import Network
-
-    network = Network(height=f"{height}px", width="100%", directed=True, cdn_resources="in_line")
-    largest = float(nodes["effect"].abs().max() or 1.0)
-    for column, hook in enumerate(hooks):
-        here = nodes[nodes["hook"] == hook].sort_values("effect", ascending=False)
-        for row_index, node in enumerate(here.itertuples()):
-            is_error = int(node.feature) == -1
-            colour = POSITIVE if node.effect > 0 else NEGATIVE
-            network.add_node(
-                f"{hook}:{int(node.feature)}", label=("error" if is_error else f"{int(node.feature)}"),
-                title=(f"{hook} {'SAE error term' if is_error else f'feature {int(node.feature)}'}\n"
-                       f"effect {node.effect:+.3f} ± {node.effect_se:.3f}\n{node.label}"),
-                x=column * 360, y=(row_index - (len(here) - 1) / 2) * 52, physics=False,
-                size=8 + 28 * abs(node.effect) / largest, shape="box" if is_error else "dot",
-                color={"background": colour, "border": "#555555" if is_error else colour},
-                borderWidth=3 if is_error else 1, font={"size": 13},
-                url="" if is_error else f"features?hook={hook}&feature={int(node.feature)}")
-    widest = float(edges["effect"].abs().max()) if len(edges) else 1.0
-    present = set(network.get_nodes())
-    for edge in edges.itertuples():
-        source = f"{edge.upstream_hook}:{int(edge.upstream_feature)}"
-        target = f"{edge.downstream_hook}:{int(edge.downstream_feature)}"
-        if source in present and target in present:
-            network.add_edge(source, target, width=1 + 7 * abs(edge.effect) / (widest or 1.0),
-                             color=POSITIVE if edge.effect > 0 else NEGATIVE, title=f"edge {edge.effect:+.4f}")
-    network.toggle_physics(False)
-    page = _OFFLINE_UNUSED.sub("", network.generate_html())
-    opener = """<script>
-network.on("click", function (params) {
-  if (!params.nodes.length) { return; }
-  var url = nodes.get(params.nodes[0]).url;
-  if (!url) { return; }
-  var base = "";
-  try { base = window.parent.location.origin + "/"; } catch (error) { base = "/"; }
-  window.open(base + url, "_blank");
-});
-</script></body>"""
-    return page.replace("</body>", opener, 1)

@@ -180,7 +180,8 @@ def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) ->
     charts = len(app.get("vega_lite_chart"))
     app.toggle(key="similarity_all").set_value(True).run()  # the all-circuits matrix only on request
     assert not app.exception and len(app.get("vega_lite_chart")) == charts + 1
-    assert len(app.get("iframe")) == 1  # the circuit graph
+    graph = next(c.proto.spec for c in app.get("vega_lite_chart") if '"href"' in c.proto.spec)  # the circuit graph
+    assert '"href": {"field": "dashboard"' in graph  # a click opens a feature's dashboard (the table's links)
 
 
 def test_circuits_page_says_which_categories_had_too_few_prompts(tiny_store: Path, tmp_path: Path) -> None:

@@ -30,3 +30,27 @@ def test_histogram_bins_span_zero_to_the_maximum_activation() -> None:
     assert bins["from"].tolist() == [0.0, 0.5, 1.0, 1.5] and bins["to"].tolist() == [0.5, 1.0, 1.5, 2.0]
     assert bins["tokens"].tolist() == [5, 0, 2, 1]
     assert np.isclose(charts.histogram_bins([1, 1], 0.0)["to"].iloc[-1], 1.0)  # a dead feature still has bins
+
+
+def test_circuit_layout_places_nodes_by_layer_and_joins_the_shown_edges() -> None:
+    from app.charts import circuit_graph, circuit_layout
+
+    hooks = ["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre"]
+    nodes = pd.DataFrame({"hook": [hooks[0], hooks[0], hooks[0], hooks[1]], "feature": [5, -1, 7, 2],
+                          "effect": [0.1, 0.4, -0.2, 0.3], "effect_se": 0.01, "label": ["a", "", "b", "c"]})
+    edges = pd.DataFrame({"upstream_hook": [hooks[0], hooks[0]], "upstream_feature": [5, 9],
+                          "downstream_hook": [hooks[1], hooks[1]], "downstream_feature": [2, 2], "effect": [-0.05, 0.2]})
+    placed, joined = circuit_layout(nodes, edges, hooks)
+    first = placed[placed["column"] == 0].set_index("name")
+    assert list(first.index) == ["error", "5", "7"]  # largest effect on top
+    assert list(first["row"]) == [-1.0, 0.0, 1.0]  # centred
+    assert placed.loc[placed["column"] == 1, "row"].tolist() == [0.0]
+    assert first.loc["error", "kind"] == "SAE error term" and pd.isna(first.loc["error", "dashboard"])
+    assert first.loc["7", "sign"] == "away from refusal"
+    assert first.loc["5", "dashboard"] == "features?hook=blocks.1.hook_resid_pre&feature=5"
+    assert len(joined) == 1  # feature 9 is not shown: its edge is left out
+    assert joined.iloc[0][["column", "row", "column_end", "row_end", "sign"]].tolist() == [0, 0.0, 1, 0.0,
+                                                                                           "away from refusal"]
+    spec = circuit_graph(nodes, edges, hooks).to_dict()
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["rule", "point", "text"]
+    assert spec["layer"][1]["encoding"]["href"]["field"] == "dashboard"

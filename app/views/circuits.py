@@ -8,15 +8,12 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, queries
-from app.components import circuit_graph_html, figure_spec, show_chart, show_table
+from app.components import figure_spec, show_chart, show_table
 from app.context import current_store, require_tables
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 TARGET_FAITHFULNESS = 0.6
 GRAPH_NODES = 30  # shown by default: a readable graph
-
-# The graph's HTML carries the whole vis-network library: build it once per circuit and thresholds.
-cached_graph_html = st.cache_data(circuit_graph_html, max_entries=64, show_spinner=False)
 
 store = current_store()
 st.title("Refusal circuits")
@@ -166,11 +163,13 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
     m3.metric("Split-half cosine", f"{row.split_half_cosine:.2f}", help="the circuit's own reliability over prompts")
     m4.metric("Nodes / edges shown", f"{len(shown_nodes)} / {len(shown_edges)}")
     st.caption(f"Columns left to right: {' → '.join(f'`{h}`' for h in hooks)}. Red pushes towards refusal, blue away; "
-               "grey-bordered boxes are SAE error terms. Click a feature to open its dashboard.")
+               "size and line width follow |effect|; squares are SAE error terms. Click a feature to open its "
+               "dashboard.")
     if shown_nodes.empty:
         st.info("No node passes these thresholds: lower them.")
     else:
-        st.iframe(cached_graph_html(shown_nodes, shown_edges, hooks), height=580)
+        show_chart(figure_spec(charts.circuit_graph, shown_nodes, shown_edges, hooks),
+                   f"Circuit graph, {kind} {category}", data=shown_nodes, key="circuit-graph", width="stretch")
 
     table = shown_nodes.assign(dashboard=[
         f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
