@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Heavy imports (torch, transformers) only after argument parsing keeps --help instant.
         from precompute.config import load_config
-        from precompute.pipeline import input_hash, merge_shards, run_pipeline, run_shard
+        from precompute.pipeline import input_hash, merge_shards, run_pipeline, run_shard, shard_progress
         from precompute.shards import parse_shard
         from precompute.stages import STAGES
 
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                 hashes[stage.name] = input_hash(stage, config, hashes)
                 stored = store.stage_hash(config.store, stage.name)
                 state = "missing" if stored is None else "up to date" if stored == hashes[stage.name] else "stale"
-                logger.info("%-10s %s", stage.name, state)
+                progress = shard_progress(config, stage, hashes[stage.name]) if (
+                    stage.shardable and state != "up to date") else ""
+                logger.info("%-10s %s%s", stage.name, state, f" ({progress})" if progress else "")
             return 0
         if args.command == "bench":
             from precompute.bench import run_bench

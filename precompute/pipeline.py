@@ -272,6 +272,19 @@ def _current_round(config: StudyConfig, stage: Stage, digest: str) -> ShardRound
     raise AssertionError("unreachable: the last round always returns")
 
 
+def shard_progress(config: StudyConfig, stage: Stage, digest: str) -> str:
+    """Which shards of a stage's current round are done, e.g. "round select: 3 of 8 shards done,
+    missing 2/8, 5/8, ..." ("" when none has run)."""
+    current = _current_round(config, stage, digest)
+    label = f"round {current.name}: " if current.name else ""
+    parts = []
+    for count, done in shards.finished_shards(config.store, stage.name, current.name, current.input_hash).items():
+        missing = [f"{k}/{count}" for k in range(1, count + 1) if k not in done]
+        parts.append(f"{len(done)} of {count} shards done" + (f", missing {', '.join(missing)}" if missing
+                                                                else f", ready to merge (merge --shards {count})"))
+    return label + "; ".join(parts) if parts else ""
+
+
 def _shard_upstream(stage: Stage, context: StageContext, target: Stage) -> StageReport | None:
     """A stage before the sharded one, held up to date in the store: None if so, else why it cannot
     be used from the store (a report if it can run in memory instead)."""

@@ -119,6 +119,17 @@ def write_partition(folder: Path, *, stage: str, shard: ShardSpec | str, input_h
     _replace_atomically(folder / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
 
 
+def finished_shards(store: Path, stage: str, round_name: str, input_hash: str) -> dict[int, list[int]]:
+    """Per shard count N found on disk, the K of the partitions complete and made with `input_hash`."""
+    found: dict[int, list[int]] = {}
+    folder = stage_dir(store, stage, round_name)
+    for partition in sorted(folder.glob("shard-*-of-*")) if folder.is_dir() else []:
+        match = re.fullmatch(r"shard-(\d+)-of-(\d+)", partition.name)
+        if match and partition_hash(partition) == input_hash:
+            found.setdefault(int(match.group(2)), []).append(int(match.group(1)))
+    return {count: sorted(indices) for count, indices in sorted(found.items())}
+
+
 def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
     """The tables a complete partition's manifest lists."""
     rows = json.loads((folder / MANIFEST).read_text())["rows"]

@@ -133,10 +133,18 @@ def test_cli_shards_and_merges(tmp_path, tiny_model_dir, prompt_file, caplog) ->
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_raw(tmp_path, tiny_model_dir, prompt_file)))
     assert main(["run", "--config", str(path), "--shard", "2/2"]) == 0
+    with caplog.at_level(logging.INFO, logger="precompute"):
+        assert main(["status", "--config", str(path)]) == 0
+    assert "generate   missing (1 of 2 shards done, missing 1/2)" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.ERROR, logger="precompute"):
         assert main(["merge", "--config", str(path), "--shards", "2"]) == 2
     assert f"run `python -m precompute run --config {path} --shard 1/2 --stage generate`" in caplog.text
     assert main(["run", "--config", str(path), "--shard", "1/2"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="precompute"):
+        assert main(["status", "--config", str(path)]) == 0
+    assert "generate   missing (2 of 2 shards done, ready to merge (merge --shards 2))" in caplog.text
     assert main(["merge", "--config", str(path), "--shards", "2"]) == 0
     assert len(store.read_table(tmp_path / "sharded.duckdb", "generations")) > 0
 
