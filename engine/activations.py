@@ -146,6 +146,13 @@ def kept_token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_token_ids: Seque
     return kept
 
 
+def spilled_rows(path: Path, n_rows: int, row_shape: Sequence[int]) -> np.ndarray:
+    """[n_rows, *row_shape] float32 rows written one after another to `path`, memory-mapped read-only."""
+    if not n_rows:  # nothing written: an empty file cannot be mapped
+        return np.zeros((0, *row_shape), dtype=np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_rows, *row_shape))
+
+
 def capture_tokens(
     model: LoadedModel,
     sequences: Sequence[Sequence[int]],
@@ -195,12 +202,7 @@ def capture_tokens(
             row_shape = stacked.shape[1:]  # [n_hooks, d_model]
             bar.update(len(batch))
     text_index, position, token_id = (np.concatenate(column) for column in zip(*indices, strict=True))
-    if spill is None:
-        stored = np.concatenate(values)
-    elif len(text_index):
-        stored = np.memmap(spill, dtype=np.float32, mode="r", shape=(len(text_index), *row_shape))
-    else:  # nothing kept: an empty file cannot be mapped
-        stored = np.zeros((0, *row_shape), dtype=np.float32)
+    stored = np.concatenate(values) if spill is None else spilled_rows(spill, len(text_index), row_shape)
     return TokenActivations(
         values=stored,
         text_index=text_index,

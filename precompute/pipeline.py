@@ -285,13 +285,13 @@ def shard_progress(config: StudyConfig, stage: Stage, digest: str) -> str:
     return label + "; ".join(parts) if parts else ""
 
 
-def _shard_upstream(stage: Stage, context: StageContext, target: Stage) -> StageReport | None:
-    """A stage before the sharded one, held up to date in the store: None if so, else why it cannot
-    be used from the store (a report if it can run in memory instead)."""
+def _stored_upstream(stage: Stage, context: StageContext, target: Stage) -> bool:
+    """Whether the store holds a stage before the sharded one up to date; if not, it must run in
+    memory inside the shard, and a stage that cannot is named with the fix."""
     digest = input_hash(stage, context.config, context.hashes)
     context.hashes[stage.name] = digest
     if store.stage_hash(context.config.store, stage.name) == digest and stage.is_fresh(context):
-        return None
+        return True
     if stage.shardable:
         raise ExplorerError(
             f"Stage {target.name} reads stage {stage.name}, which the store does not hold up to date.",
@@ -301,7 +301,7 @@ def _shard_upstream(stage: Stage, context: StageContext, target: Stage) -> Stage
         raise ExplorerError(f"Stage {stage.name} cannot run inside a shard: it writes files outside the store.",
                             f"run `python -m precompute run --until {stage.name}` first (one job, not sharded), "
                             f"or drop its `{stage.name}:` section.")
-    return StageReport(stage.name, "in memory", 0.0, digest)
+    return False
 
 
 def run_shard(
@@ -329,13 +329,13 @@ def run_shard(
             reports.append(StageReport(upstream.name, "not applicable", 0.0))
             continue
         started = time.perf_counter()
-        report = _shard_upstream(upstream, context, stage)
-        if report is None:
+        if _stored_upstream(upstream, context, stage):
             reports.append(StageReport(upstream.name, "stored", 0.0, context.hashes[upstream.name]))
             continue
         output = upstream.run(context)
         context.tables.update({name: frame.assign(run_id=shard.folder_name) for name, frame in output.tables.items()})
-        reports.append(StageReport(upstream.name, "ran in memory", time.perf_counter() - started, report.input_hash))
+        reports.append(StageReport(upstream.name, "ran in memory", time.perf_counter() - started,
+                                   context.hashes[upstream.name]))
     digest = input_hash(stage, config, context.hashes)
     context.hashes[stage.name] = digest
     current = _current_round(config, stage, digest)
@@ -375,7 +375,7 @@ def merge_shards(config: StudyConfig, stages: Iterable[Stage], count: int, *, re
     reports = []
     for upstream in before:
         if upstream.shardable and upstream.applies(config):
-            _shard_upstream(upstream, context, stage)  # raises unless merged; a sharded stage never runs whole here
+            _stored_upstream(upstream, context, stage)  # raises unless merged: a sharded stage never runs whole here
         reports.append(_run_stage(upstream, context, force=frozenset(), planned=planned))
     digest = input_hash(stage, config, context.hashes)
     context.hashes[stage.name] = digest

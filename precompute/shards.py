@@ -2,9 +2,10 @@
 
 A shard's rows live beside the store in `<study>.shards/<stage>/[<round>/]shard-K-of-N/<table>.parquet`,
 with a manifest that names the inputs' hash; a stage sharded in rounds keeps each earlier round's
-merged result in `<round>/merged/`, read by the next round's shards. The manifest is written last and removed first, so a partition is
-either complete and labelled with the inputs that made it, or absent: re-running a shard replaces
-its own partition and nothing else, and a killed shard never looks finished.
+merged result in `<round>/merged/`, read by the next round's shards. The manifest is written last
+and removed first, so a partition is either complete and labelled with the inputs that made it, or
+absent: re-running a shard replaces its own partition and nothing else, and a killed shard never
+looks finished.
 """
 
 from __future__ import annotations

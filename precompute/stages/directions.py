@@ -133,12 +133,12 @@ class PromptSplit:
     test: np.ndarray
     categories: list[str]  # the studied categories with toxic fit prompts
 
-    @property
-    def groups(self) -> dict[str, np.ndarray]:
-        """The prompt groups whose activation sums make every candidate direction."""
+    def groups(self, *, by_category: bool) -> dict[str, np.ndarray]:
+        """The prompt groups whose activation sums make the candidate directions: toxic and safe fit
+        prompts, and with `by_category` each category's toxic ones (for the studied model)."""
         category = self.prompts["category"].to_numpy()
         return {"toxic": self.toxic & self.fit, "safe": self.safe & self.fit} | {
-            f"toxic {c}": self.toxic & self.fit & (category == c) for c in self.categories}
+            f"toxic {c}": self.toxic & self.fit & (category == c) for c in (self.categories if by_category else ())}
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class DirectionsStage(Stage):
             model = load(other_role)
             positions = prompt_end_positions(model.tokenizer)
             # The studied model's sums make every candidate; the others' only the chosen site's direction.
-            groups = split.groups if other_role == role else {k: split.groups[k] for k in ("toxic", "safe")}
+            groups = split.groups(by_category=other_role == role)
             sums = GroupSums({name: mask[rows] for name, mask in groups.items()},
                              (len(texts), model.n_layers, len(positions.offsets), model.d_model))
             capture(model, texts, [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)],
@@ -276,7 +276,7 @@ class DirectionsStage(Stage):
             sums.add_partial_sums(partial_sums[partial_sums["model"] == model_role])
             return sums
 
-        sums = summed(role, split.groups)
+        sums = summed(role, split.groups(by_category=True))
         global_candidates = sums.mean_difference("toxic", "safe")
         rng = np.random.default_rng(settings.seed)
 
@@ -310,8 +310,8 @@ class DirectionsStage(Stage):
              "norm": float(np.linalg.norm(values[lay])), "vector": values[lay].astype(np.float32).tolist()}
             for scope, values in per_layer.items() for lay in range(model.n_layers)]).assign(model=role)
         # The same site's direction in every other model, tested the same way (no search).
-        tested = {other: summed(other, {k: split.groups[k] for k in ("toxic", "safe")}).mean_difference(
-            "toxic", "safe")[layer, position] for other in config.models if other != role}
+        tested = {other: summed(other, split.groups(by_category=False)).mean_difference("toxic", "safe")[layer, position]
+                  for other in config.models if other != role}
         tested = {role: global_candidates[layer, position]} | tested
         return Selection({
             "direction_candidates": candidates.assign(model=role),

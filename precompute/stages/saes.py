@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from sae_lens import SAE
 
-from engine.activations import TokenActivations, capture, capture_tokens, prompt_end_positions
+from engine.activations import TokenActivations, capture, capture_tokens, prompt_end_positions, spilled_rows
 from engine.attribution import metric_gradients
 from engine.corpus import ChatCorpus, chat_corpus
 from engine.errors import ExplorerError
@@ -179,9 +179,8 @@ class SaesStage(ModelSectionStage):
                         mine = (chunk["shard"] == index).to_numpy()
                         block[mine] = part[chunk["row"].to_numpy()[mine]]
                     sink.write(block.tobytes())
-            values = np.memmap(spill, dtype=np.float32, mode="r", shape=(len(found), *parts[0].shape[1:])) \
-                if len(found) else np.zeros((0, *parts[0].shape[1:]), dtype=np.float32)
-            tokens = TokenActivations(values=values, text_index=found["text_id"].to_numpy(),
+            tokens = TokenActivations(values=spilled_rows(spill, len(found), parts[0].shape[1:]),
+                                      text_index=found["text_id"].to_numpy(),
                                       position=found["position"].to_numpy(), token_id=found["token_id"].to_numpy())
             return self._measure(context, setup, tokens)
 
