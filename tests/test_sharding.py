@@ -62,6 +62,19 @@ def test_bad_shard_spec_is_one_error_line(tmp_path, caplog, text, message) -> No
     assert len(errors) == 1 and message in errors[0] and "Fix: write" in errors[0]
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--stage", "generate"], "--stage names the stage to shard, but no --shard K/N was given"),
+    (["run", "--until", "sae"], "Unknown stage 'sae'"),
+])
+def test_stage_options_misused_are_one_error_line(tmp_path, caplog, argv, message) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("study: x\nmodels: {base: m}\n")
+    with caplog.at_level(logging.ERROR, logger="precompute"):
+        assert main([*argv, "--config", str(config)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and message in errors[0] and "Fix: " in errors[0]
+
+
 def test_every_prompt_is_in_exactly_one_shard() -> None:
     assert parse_shard(" 3 / 8 ") == ShardSpec(3, 8)
     ids = pd.Series([f"{i:016x}" for i in range(4000)])
