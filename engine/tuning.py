@@ -98,14 +98,21 @@ def _batches(
     return batches
 
 
-def weighted_answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_token_weight: float) -> torch.Tensor:
-    """Next-token cross-entropy over answer tokens (labels != -100), the first one weighted."""
+def answer_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the next token is an answer token (mask [b, t-1] over positions 0..t-2), those
+    tokens ([n]) and which of them open their answer ([n])."""
     targets = labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
     answer = targets != -100
     first = answer & ~torch.cat([torch.zeros_like(answer[:, :1]), answer[:, :-1]], dim=1)
-    weights = answer.float() + (first_token_weight - 1) * first.float()
+    return answer, targets[answer], first[answer]
+
+
+def weighted_answer_loss(logits: torch.Tensor, targets: torch.Tensor, first: torch.Tensor,
+                         first_token_weight: float) -> torch.Tensor:
+    """Cross-entropy of the answer tokens `targets` ([n]) from their predicting `logits`
+    ([n, vocab], from `answer_targets`), each answer's first token weighted."""
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    weights = 1 + (first_token_weight - 1) * first.float()
     return (losses * weights).sum() / weights.sum()
 
 
@@ -154,7 +161,12 @@ def fine_tune(
             for batch in _batches(encoded, config.batch_size, rng):
                 inputs = _collate([encoded[i] for i in batch], pad_id)
                 labels = inputs.pop("labels")
-                loss = weighted_answer_loss(model(**inputs).logits, labels, config.first_token_weight)
+                hidden = model.base_model(**inputs).last_hidden_state
+                predicting, targets, first = answer_targets(labels)
+                # The vocabulary projection only where an answer token is predicted: it is the
+                # costliest matmul, and prompt positions carry no loss.
+                logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
+                loss = weighted_answer_loss(logits, targets, first, config.first_token_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()

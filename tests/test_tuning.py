@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from engine import models
 from engine.errors import ExplorerError
-from engine.tuning import SftExample, TuneConfig, encode_example, fine_tune, weighted_answer_loss
+from engine.tuning import SftExample, TuneConfig, answer_targets, encode_example, fine_tune, weighted_answer_loss
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.stages import STAGES
@@ -90,9 +90,15 @@ def test_weighted_loss_matches_plain_loss_and_weights_the_first_answer_token() -
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
     plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
-    assert weighted_answer_loss(logits, labels, 1.0) == pytest.approx(float(plain), abs=1e-6)
+    predicting, targets, opens = answer_targets(labels)
+    assert targets.tolist() == [3, 4, 5, 1, 2] and opens.tolist() == [True, False, False, True, False]
+
+    def loss(weight: float) -> float:
+        return float(weighted_answer_loss(logits[:, :-1][predicting], targets, opens, weight))
+
+    assert loss(1.0) == pytest.approx(float(plain), abs=1e-6)
     per_token = -torch.log_softmax(logits, -1)
     first = [per_token[0, 1, 3], per_token[1, 0, 1]]  # each row's first answer token, predicted one step early
     rest = [per_token[0, 2, 4], per_token[0, 3, 5], per_token[1, 1, 2]]
     expected = (3 * sum(first) + sum(rest)) / (3 * 2 + 3)
-    assert weighted_answer_loss(logits, labels, 3.0) == pytest.approx(float(expected), abs=1e-6)
+    assert loss(3.0) == pytest.approx(float(expected), abs=1e-6)

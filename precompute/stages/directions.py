@@ -245,14 +245,16 @@ class DirectionsStage(Stage):
         the prompts in `rows`, as rows (model, group, cell, total): a shard's part of the totals."""
         config = context.config
         role = config.directions.model
-        texts = list(split.prompts["text"][rows])
         frames = []
         for other_role in config.models:
             model = load(other_role)
             positions = prompt_end_positions(model.tokenizer)
             # The studied model's sums make every candidate; the others' only the chosen site's direction.
             groups = split.groups(by_category=other_role == role)
-            sums = GroupSums({name: mask[rows] for name, mask in groups.items()},
+            # Only the prompts some group sums (the fit split's toxic and safe ones, under half).
+            summed = rows & np.logical_or.reduce(list(groups.values()))
+            texts = list(split.prompts["text"][summed])
+            sums = GroupSums({name: mask[summed] for name, mask in groups.items()},
                              (len(texts), model.n_layers, len(positions.offsets), model.d_model))
             capture(model, texts, [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)],
                     positions.offsets, batch_size=config.generation.batch_size, desc=f"capture {other_role}", out=sums)
