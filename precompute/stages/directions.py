@@ -393,31 +393,31 @@ class DirectionsStage(Stage):
             n="size", mean_refusal_score="mean", refusal_rate_by_score=lambda v: float((v > 0).mean()))
         cross_ablation = cross_ablation.reset_index().drop(columns="order").assign(model=role)
 
-        # Geometry at the chosen position, for every model of the study. Per layer, toxic and safe
-        # prompts only ([n_toxic + n_safe, layers, d_model], on disk); the studied model's chosen
-        # site also for every prompt ([n, d_model], for projections, cosines and hard prompts).
+        # Geometry at the chosen position, for every model of the study, at every layer ([n, layers,
+        # d_model], on disk): the toxic and safe prompts (separation compares them), and for the
+        # studied model every prompt (its chosen site: projections, cosines and hard prompts).
         layer, position = selection.layer, selection.position
         separation_rows, projection_frames = [], []
-        both = toxic | safe  # separation compares toxic with safe prompts
+        both = toxic | safe
         site = None
         for model_role in config.models:
             model = load(model_role)
             hooks = [f"blocks.{lay}.hook_resid_pre" for lay in range(model.n_layers)]
             offset = [prompt_end_positions(model.tokenizer).offsets[position]]
-            if model_role == role:
-                site = capture(model, list(prompts["text"]), [hooks[layer]], offset, batch_size=batch_size,
-                               desc=f"capture {role} at the chosen site")[:, 0, 0, :]
+            captured = np.ones(len(prompts), dtype=bool) if model_role == role else both
             on_disk = np.lib.format.open_memmap(scratch / f"{model_role}.npy", mode="w+", dtype=np.float32,
-                                                shape=(int(both.sum()), model.n_layers, 1, model.d_model))
-            layer_acts = capture(model, list(prompts["text"][both]), hooks, offset, batch_size=batch_size,
-                                 desc=f"capture {model_role} at the chosen position", out=on_disk)[:, :, 0, :]
-            separation = layer_separation(layer_acts, toxic[both], fit[both], test[both])
+                                                shape=(int(captured.sum()), model.n_layers, 1, model.d_model))
+            acts = capture(model, list(prompts["text"][captured]), hooks, offset, batch_size=batch_size,
+                           desc=f"capture {model_role} at the chosen position", out=on_disk)[:, :, 0, :]
+            chosen_layer = np.asarray(acts[:, layer])
+            if model_role == role:
+                site = chosen_layer
+            # Rows in neither mask (hard prompts) are ignored: no copy of the activations.
+            separation = layer_separation(acts, toxic[captured], (fit & both)[captured], (test & both)[captured])
             separation_rows.append(separation.assign(model=model_role))
-            rows = np.ones(len(prompts), dtype=bool) if model_role == role else both
-            projected = site if model_role == role else np.asarray(layer_acts[:, layer])
             projection_frames.append(
-                prompts.loc[rows, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
-                .assign(model=model_role, projection=projected @ unit(selection.vector(model_role))))
+                prompts.loc[captured, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
+                .assign(model=model_role, projection=chosen_layer @ unit(selection.vector(model_role))))
         cosines = bootstrap_cosines(site[fit], np.where(toxic[fit], category[fit], ""),
                                     split.categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
         verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])
