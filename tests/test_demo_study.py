@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def demo_store(monkeypatch):
-    """The real demo study (built here if missing: about 25 minutes on 2 cores)."""
+    """The real demo study (built here if missing: 25 minutes on 2 AVX512-BF16 cores, over an hour on AVX2)."""
     monkeypatch.delenv("REFUSAL_EXPLORER_DATA", raising=False)
     config = load_config(REPO_ROOT / "precompute" / "configs" / "demo.yaml")
     run_pipeline(config, STAGES)
