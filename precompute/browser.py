@@ -436,17 +436,27 @@ class AppTab:
     def pick(self, label: str, option: str | None = None) -> str:
         """Choose `option` in the selectbox labelled `label`, or the first option shown that is not the current
         one; returns the option chosen."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         current = self.selectbox_value(label)
-        options = self._open_selectbox(label)
-        if option is None:
-            texts = [text.strip() for text in options.all_inner_texts()]
-            others = [text for text in texts if text != current]
-            if not others:
-                self.page.keyboard.press("Escape")
-                raise AssertionError(f"The selectbox {label!r} offers nothing but {current!r}.")
-            option = others[0]
-        options.filter(has_text=re.compile(rf"^\s*{re.escape(option)}\s*$")).first.click()
-        return option
+        failed = 0
+        while True:  # a late rerun may close the list between reading it and the click
+            options = self._open_selectbox(label)
+            if option is None:
+                texts = [text.strip() for text in options.all_inner_texts()]
+                others = [text for text in texts if text != current]
+                if not others:
+                    self.page.keyboard.press("Escape")
+                    raise AssertionError(f"The selectbox {label!r} offers nothing but {current!r}.")
+                option = others[0]
+            try:
+                options.filter(has_text=re.compile(rf"^\s*{re.escape(option)}\s*$")).first.click(timeout=5000)
+                return option
+            except PlaywrightTimeout:
+                failed += 1
+                if failed == 3:
+                    raise
+                self.wait_idle()
 
     def choose_radio(self, label: str, option: str) -> None:
         self.widget("stRadio", label).first.get_by_text(option, exact=True).click()
