@@ -416,40 +416,27 @@ class AppTab:
     def selectbox_value(self, label: str) -> str:
         return self.selectbox(label).get_by_role("combobox").input_value().strip()
 
-    def _open_selectbox(self, label: str) -> Locator:
-        """Open the list by the selectbox's toggle button (clicking the input opens it only when it was not
-        focused already, e.g. not right after a pick)."""
-        from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-        options = self.page.get_by_role("option")
-        for attempt in range(3):  # a rerun (e.g. another widget committing on blur) may close it at once
-            self.selectbox(label).locator('button[aria-haspopup="listbox"]').click()
-            try:
-                options.first.wait_for(timeout=3000)
-                return options
-            except PlaywrightTimeout:
-                if attempt == 2:
-                    raise
-                self.wait_idle()
-        return options
-
     def pick(self, label: str, option: str | None = None) -> str:
         """Choose `option` in the selectbox labelled `label`, or the first option shown that is not the current
-        one; returns the option chosen."""
+        one; returns the option chosen. The list opens by the selectbox's toggle button (clicking the input
+        opens it only when it was not focused already, e.g. not right after a pick)."""
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         current = self.selectbox_value(label)
+        options = self.page.get_by_role("option")
         failed = 0
-        while True:  # a late rerun may close the list between reading it and the click
-            options = self._open_selectbox(label)
-            if option is None:
-                texts = [text.strip() for text in options.all_inner_texts()]
-                others = [text for text in texts if text != current]
-                if not others:
-                    self.page.keyboard.press("Escape")
-                    raise AssertionError(f"The selectbox {label!r} offers nothing but {current!r}.")
-                option = others[0]
+        # A rerun (another widget committing on blur, or a late one) may close the list at any moment:
+        # as soon as it opens, or between reading it and the click. Then wait for quiet and reopen it.
+        while True:
+            self.selectbox(label).locator('button[aria-haspopup="listbox"]').click()
             try:
+                options.first.wait_for(timeout=3000)
+                if option is None:
+                    others = [text for text in (t.strip() for t in options.all_inner_texts()) if text != current]
+                    if not others:
+                        self.page.keyboard.press("Escape")
+                        raise AssertionError(f"The selectbox {label!r} offers nothing but {current!r}.")
+                    option = others[0]
                 options.filter(has_text=re.compile(rf"^\s*{re.escape(option)}\s*$")).first.click(timeout=5000)
                 return option
             except PlaywrightTimeout:
