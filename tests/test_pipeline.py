@@ -14,6 +14,7 @@ from engine.prompt_sources import load_builtin
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.stages import STAGES
+from precompute.stages import directions as directions_stage
 from precompute.stages import generate as generate_stage
 
 
@@ -132,6 +133,14 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
         return open_memmap(path, *args, shape=shape, **kwargs)
 
     monkeypatch.setattr(np.lib.format, "open_memmap", recorded)
+    captured: dict[str, list[str]] = {}
+    capture = directions_stage.capture
+
+    def recorded_capture(model, instructions, *args, desc, **kwargs):
+        captured[desc] = list(instructions)
+        return capture(model, instructions, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(directions_stage, "capture", recorded_capture)
     config = parse_config({
         "study": "tiny", "store": str(tmp_path / "tiny.duckdb"),
         "models": {"base": str(tiny_model_dir), "tuned": str(tiny_model_dir)},
@@ -146,6 +155,11 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     # model, and not for long): every prompt for the studied model, the toxic and safe ones else.
     kinds = store.read_table(config.store, "prompts")["kind"]
     assert sorted(on_disk) == [(int(kinds.isin(["toxic", "safe"]).sum()), 2, 1, 64), (len(kinds), 2, 1, 64)]
+    # The candidates' sums read only the train split's toxic and safe prompts: only those are captured.
+    prompts = store.read_table(config.store, "prompts").set_index("text")
+    for role in ("base", "tuned"):
+        seen = prompts.loc[captured[f"capture {role}"]]
+        assert 0 < len(seen) < len(prompts) and set(seen["kind"]) == {"toxic", "safe"} and set(seen["split"]) == {"train"}
     assert not any((isolated_data_dir / "cache" / "tiny" / "activations").iterdir())
     read = lambda name: store.read_table(config.store, name)
     candidates = read("direction_candidates")
