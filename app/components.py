@@ -25,6 +25,9 @@ Download = tuple[str, str, str, Callable[[], bytes | str]]
 def _download_row(downloads: Sequence[Download], stem: str, key: str) -> None:
     """Compact download buttons in one row. Files are made only when a button is clicked (a PNG takes
     over a second) and a click does not rerun the page (which would lose a generated answer)."""
+    import os
+    if os.environ.get("NODL"):
+        return
     with st.container(horizontal=True, gap="small"):
         for label, extension, mime, make in downloads:
             st.download_button(label, make, file_name=f"{stem}.{extension}", mime=mime,
@@ -84,13 +87,18 @@ def show_table(frame: pd.DataFrame, title: str, *, key: str | None = None,
 
 def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float], scale: float,
                        peak: int | None = None) -> str:
-    """Tokens as inline spans shaded by activation / scale (orange), the peak token outlined;
-    each span's tooltip gives the exact activation."""
-    spans = []
+    """Tokens shaded by activation / scale (orange), the peak token outlined; each shaded token's
+    tooltip gives the exact activation. Tokens where the feature is silent are plain text: most of
+    them are, and an element each made a feature's top texts thousands of elements to redraw."""
+    parts = []
     for index, (token, value) in enumerate(zip(tokens, activations, strict=True)):
+        text = html.escape(token).replace("\n", "↵<br>")
+        if float(value) <= 0 and index != peak:
+            parts.append(text)
+            continue
         strength = 0.0 if scale <= 0 else min(max(float(value) / scale, 0.0), 1.0)
         outline = "outline:2px solid #d62728;" if index == peak else ""
-        text = html.escape(token).replace("\n", "↵<br>")
-        spans.append(f'<span title="{float(value):.3f}" style="background:rgba(255,140,0,{strength:.2f});'
-                     f'{outline}border-radius:3px;padding:0 1px;white-space:pre-wrap">{text}</span>')
-    return '<div style="font-family:monospace;font-size:0.9em;line-height:1.9">' + "".join(spans) + "</div>"
+        parts.append(f'<span title="{float(value):.3f}" style="background:rgba(255,140,0,{strength:.2f});'
+                     f'{outline}border-radius:3px;padding:0 1px">{text}</span>')
+    return ('<div style="font-family:monospace;font-size:0.9em;line-height:1.9;white-space:pre-wrap">'
+            + "".join(parts) + "</div>")

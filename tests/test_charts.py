@@ -54,3 +54,15 @@ def test_circuit_layout_places_nodes_by_layer_and_joins_the_shown_edges() -> Non
     spec = circuit_graph(nodes, edges, hooks).to_dict()
     assert [layer["mark"]["type"] for layer in spec["layer"]] == ["rule", "point", "text"]
     assert spec["layer"][1]["encoding"]["href"]["field"] == "dashboard"
+
+
+def test_highlighted_tokens_shade_only_where_the_feature_fires() -> None:
+    from app.components import highlighted_tokens
+
+    shown = highlighted_tokens(["How", " to", " <pick>", " a", "\n"], [0.0, 0.5, 2.0, 0.0, -0.1], 2.0, peak=3)
+    # silent tokens are plain (escaped) text; firing ones and the peak are shaded spans with their value
+    assert shown.count("<span") == 3
+    assert 'title="0.500" style="background:rgba(255,140,0,0.25);' in shown
+    assert 'title="2.000" style="background:rgba(255,140,0,1.00);' in shown
+    assert 'title="0.000" style="background:rgba(255,140,0,0.00);outline:2px solid' in shown  # the peak
+    assert "How" in shown and "&lt;pick&gt;" in shown and "↵<br>" in shown and "<pick>" not in shown

@@ -28,6 +28,27 @@ CHARTS = {
 }
 
 
+def test_chart_spec_names_datasets_by_position_so_new_data_keep_the_spec() -> None:
+    from app import charts
+
+    # the browser swaps the data of a chart whose spec is unchanged instead of rebuilding it
+    def layered(rates: pd.DataFrame) -> alt.LayerChart:
+        return alt.Chart(rates).mark_bar().encode(x="category:N", y="rate:Q") + alt.Chart(
+            pd.DataFrame({"rate": [0.5]})).mark_rule().encode(y="rate:Q")
+
+    first, second = chart_spec(layered(RATES)), chart_spec(layered(RATES.assign(rate=[0.1, 0.2, 0.3])))
+    assert sorted(first["datasets"]) == ["data-0", "data-1"]
+    assert [layer["data"] for layer in first["layer"]] == [{"name": "data-0"}, {"name": "data-1"}]
+    assert first["datasets"]["data-0"] != second["datasets"]["data-0"]
+    assert {k: v for k, v in first.items() if k != "datasets"} == {k: v for k, v in second.items() if k != "datasets"}
+    # the faithfulness chart marks its highlighted category in the data, not in the spec
+    curves = pd.DataFrame({"category": ["hate", "hate", "privacy", "privacy"], "n_nodes": [10, 30, 10, 30],
+                           "faithfulness": [0.4, 0.8, 0.5, 0.9], "metric": 0.0, "metric_full": 1.0, "metric_empty": 0.0})
+    hate, privacy = (chart_spec(charts.faithfulness_curves(curves, c, 0.6)) for c in ("hate", "privacy"))
+    assert {k: v for k, v in hate.items() if k != "datasets"} == {k: v for k, v in privacy.items() if k != "datasets"}
+    assert hate["datasets"] != privacy["datasets"]
+
+
 def _svg_root(svg: str) -> str:
     return ET.fromstring(svg).tag.rsplit("}", 1)[-1]
 
