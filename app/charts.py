@@ -84,10 +84,11 @@ def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
 
 # --- Features -------------------------------------------------------------------------------------
 def firing_rates(aligned: pd.DataFrame) -> alt.Chart:
-    """Toxic and safe firing rates of the given features, side by side, in the frame's order."""
-    return alt.Chart(aligned.assign(toxic=aligned["toxic_rate"], safe=aligned["safe_rate"])).transform_fold(
-        ["toxic", "safe"], as_=["prompts", "firing rate"]).mark_bar().encode(
-        x=alt.X("feature:N", sort=aligned["feature"].tolist()), xOffset=alt.XOffset("prompts:N"),
+    """Toxic and safe firing rates of the given features, side by side, in the frame's order (a column,
+    not a list in the spec: another SAE's features redraw the same spec)."""
+    frame = aligned.assign(toxic=aligned["toxic_rate"], safe=aligned["safe_rate"], order=range(len(aligned)))
+    return alt.Chart(frame).transform_fold(["toxic", "safe"], as_=["prompts", "firing rate"]).mark_bar().encode(
+        x=alt.X("feature:N", sort=alt.EncodingSortField("order")), xOffset=alt.XOffset("prompts:N"),
         y=alt.Y("firing rate:Q", axis=PERCENT),
         color=alt.Color("prompts:N", scale=alt.Scale(domain=["toxic", "safe"], range=["#d62728", "#1f77b4"])),
         tooltip=[alt.Tooltip("feature"), alt.Tooltip("prompts:N"), alt.Tooltip("firing rate:Q", format=".1%"),

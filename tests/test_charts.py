@@ -66,3 +66,19 @@ def test_highlighted_tokens_shade_only_where_the_feature_fires() -> None:
     assert 'title="2.000" style="background:rgba(255,140,0,1.00);' in shown
     assert 'title="0.000" style="background:rgba(255,140,0,0.00);outline:2px solid' in shown  # the peak
     assert "How" in shown and "&lt;pick&gt;" in shown and "↵<br>" in shown and "<pick>" not in shown
+
+
+def test_firing_rates_keep_the_frames_order_with_one_spec_for_any_features() -> None:
+    import re
+
+    from app.export import chart_spec, chart_svg
+
+    def aligned(features: list[int]) -> pd.DataFrame:
+        n = len(features)
+        return pd.DataFrame({"feature": features, "toxic_rate": np.linspace(0.9, 0.5, n), "safe_rate": 0.1,
+                             "refusal_cosine": 0.3, "n_toxic_fired": 5, "n_toxic": 10, "n_safe_fired": 1, "n_safe": 10})
+
+    first, second = chart_spec(charts.firing_rates(aligned([7, 3, 9]))), chart_spec(charts.firing_rates(aligned([2, 8, 5])))
+    assert {k: v for k, v in first.items() if k != "datasets"} == {k: v for k, v in second.items() if k != "datasets"}
+    labels = re.findall(r">(\d)</text>", chart_svg(first))
+    assert [label for label in labels if label in "739"][:3] == ["7", "3", "9"]
