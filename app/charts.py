@@ -235,5 +235,11 @@ def circuit_graph(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: list[str]) ->
                  alt.Tooltip("effect_se:Q", format=".4f", title="± s.e."), alt.Tooltip("label:N", title="promotes")])
     labels = alt.Chart(placed).mark_text(align="left", dx=14, fontSize=11).encode(
         x=alt.X("column:Q", axis=x_axis, scale=x_scale), y=y, text=alt.Text("name:N"))
-    tallest = int(placed.groupby("column").size().max()) if len(placed) else 1
-    return (lines + points + labels).properties(height=max(GRAPH_MIN_PX, GRAPH_ROW_PX * tallest))
+    return lines + points + labels
+
+
+def circuit_graph_height(nodes: pd.DataFrame) -> int:
+    """Pixels for `circuit_graph` of `nodes`: a row per node of the tallest layer. Given to the page
+    element, not the spec, so another circuit keeps the spec (its data swapped in the browser)."""
+    tallest = int(nodes.groupby("hook").size().max()) if len(nodes) else 1
+    return max(GRAPH_MIN_PX, GRAPH_ROW_PX * tallest)

@@ -63,8 +63,11 @@ def show_chart(chart: alt.TopLevelMixin | ChartSpec, title: str, *, data: pd.Dat
     spec = chart if isinstance(chart, dict) else chart_spec(chart)
     st.vega_lite_chart(spec=spec, key=key, **chart_kwargs)
     frame = getattr(chart, "data", None) if data is None else data
-    downloads: list[Download] = [("PNG", "png", "image/png", partial(chart_png, spec)),
-                                 ("SVG", "svg", "image/svg+xml", partial(chart_svg, spec))]
+    # A height given to the element (not in the spec) is the files' height too.
+    height = chart_kwargs.get("height")
+    exported = {**spec, "height": height} if isinstance(height, int) else spec
+    downloads: list[Download] = [("PNG", "png", "image/png", partial(chart_png, exported)),
+                                 ("SVG", "svg", "image/svg+xml", partial(chart_svg, exported))]
     if isinstance(frame, pd.DataFrame):
         downloads.append(("CSV", "csv", "text/csv", partial(table_csv, frame)))
     stem = file_stem(title)

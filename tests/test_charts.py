@@ -54,6 +54,11 @@ def test_circuit_layout_places_nodes_by_layer_and_joins_the_shown_edges() -> Non
     spec = circuit_graph(nodes, edges, hooks).to_dict()
     assert [layer["mark"]["type"] for layer in spec["layer"]] == ["rule", "point", "text"]
     assert spec["layer"][1]["encoding"]["href"]["field"] == "dashboard"
+    # the height is the page element's (a row per node of the tallest layer), not the spec's
+    assert "height" not in spec
+    assert charts.circuit_graph_height(nodes) == charts.GRAPH_MIN_PX
+    tall = pd.DataFrame({"hook": [hooks[0]] * 10 + [hooks[1]] * 2})
+    assert charts.circuit_graph_height(tall) == 10 * charts.GRAPH_ROW_PX
 
 
 def test_highlighted_tokens_shade_only_where_the_feature_fires() -> None:

@@ -169,7 +169,8 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
         st.info("No node passes these thresholds: lower them.")
     else:
         show_chart(figure_spec(charts.circuit_graph, shown_nodes, shown_edges, hooks),
-                   f"Circuit graph, {kind} {category}", data=shown_nodes, key="circuit-graph", width="stretch")
+                   f"Circuit graph, {kind} {category}", data=shown_nodes, key="circuit-graph", width="stretch",
+                   height=charts.circuit_graph_height(shown_nodes))
 
     table = shown_nodes.assign(dashboard=[
         f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
