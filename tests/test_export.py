@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -172,3 +173,20 @@ def test_figure_spec_builds_a_chart_once_per_builder_and_data() -> None:
     figure_spec(bars, RATES.assign(rate=[0.1, 0.2, 0.3]), "red")
     assert calls == ["red", "blue", "red"]
     assert _svg_root(chart_svg(first)) == "svg"  # a cached spec exports like a fresh one
+
+
+def test_a_circuit_graph_file_has_the_height_drawn_on_the_page(tiny_store: Path, downloads: list[dict]) -> None:
+    from app import charts
+
+    app = _page("circuits", tiny_store)
+    assert not app.exception and not app.error
+    graph = next(call for call in downloads if call["file_name"].startswith("circuit-graph-")
+                 and call["file_name"].endswith(".svg"))
+    exported = graph["data"].args[0]
+    assert "height" not in next(spec for spec in _drawn_specs(app) if "href" in json.dumps(spec))
+    assert exported["height"] >= charts.GRAPH_MIN_PX
+    assert float(ET.fromstring(graph["data"]()).get("height")) >= exported["height"]  # plot plus axes
+
+
+def _drawn_specs(app: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in app.get("vega_lite_chart")]
