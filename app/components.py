@@ -60,9 +60,10 @@ def show_chart(chart: alt.TopLevelMixin | ChartSpec, title: str, *, data: pd.Dat
     spec = chart if isinstance(chart, dict) else chart_spec(chart)
     st.vega_lite_chart(spec=spec, key=key, **chart_kwargs)
     frame = getattr(chart, "data", None) if data is None else data
-    # A height given to the element (not in the spec) is the files' height too.
+    # A chart without a height of its own (the circuit graph's is the element's) gets the element's in
+    # its files; a spec's own height stays (the element's may include room for the axes).
     height = chart_kwargs.get("height")
-    exported = {**spec, "height": height} if isinstance(height, int) else spec
+    exported = {"height": height, **spec} if isinstance(height, int) else spec
     downloads: list[Download] = [("PNG", "png", "image/png", partial(chart_png, exported)),
                                  ("SVG", "svg", "image/svg+xml", partial(chart_svg, exported))]
     if isinstance(frame, pd.DataFrame):

@@ -190,3 +190,14 @@ def test_a_circuit_graph_file_has_the_height_drawn_on_the_page(tiny_store: Path,
 
 def _drawn_specs(app: AppTest) -> list[dict]:
     return [json.loads(chart.proto.spec) for chart in app.get("vega_lite_chart")]
+
+
+def test_a_charts_own_height_stays_in_its_files(tiny_store: Path, downloads: list[dict]) -> None:
+    # the candidate heatmap's element is taller than its plot (room for the axes): files keep the plot's
+    app = _page("directions", tiny_store)
+    assert not app.exception and not app.error
+    heatmap = next(call for call in downloads if call["file_name"].startswith("direction-candidates-by-")
+                   and call["file_name"].endswith(".svg"))
+    drawn = next(spec for spec in _drawn_specs(app) if "position_name" in json.dumps(spec))
+    n_positions = len(drawn["layer"][0]["encoding"]["y"]["sort"])
+    assert heatmap["data"].args[0]["height"] == drawn["height"] == 22 * n_positions
