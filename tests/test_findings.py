@@ -119,7 +119,7 @@ def test_findings_page_is_the_landing_page(tiny_store: Path, monkeypatch) -> Non
     assert metrics["Verdict (toxic prompts)"] == findings.verdict("toxic").label
     assert metrics["Toxic refused, direction ablated"] == f"{findings.direction.toxic_ablated.rate:.0%}"
     names = {button.proto.label for button in app.get("download_button")}
-    assert {"Report (HTML)", "Report (Markdown)", "PNG", "SVG"} <= names
+    assert {"Report (HTML)", "Report (Markdown)", "↓ PNG", "↓ SVG"} <= names
 
 
 def test_presentation_mode_shows_one_section_per_screen(tiny_store: Path, monkeypatch) -> None:
