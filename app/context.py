@@ -57,8 +57,9 @@ def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
     """Stop the page with a clear message when the store or some of its tables are missing."""
     if not path.is_file():
         st.info(
-            f"No study store at `{path}` yet. Build the embedded demo study (about 25 minutes "
-            f"on a 2-core CPU) with:\n\n```\n{BUILD_COMMAND}\n```\n\nor run `make demo`."
+            f"No study store at `{path}` yet. Build the embedded demo study (on a 2-core CPU: about "
+            f"half an hour with bfloat16 support, well over an hour without; the README has the figures) "
+            f"with:\n\n```\n{BUILD_COMMAND}\n```\n\nor run `make demo`."
         )
         st.stop()
     try:
