@@ -38,3 +38,17 @@ def map_in_chunks(
             partial.replace(path)
         results.append(pd.read_parquet(path))
     return pd.concat(results, ignore_index=True) if results else pd.DataFrame()
+
+
+def cached_frames(folder: Path, make: Callable[[], dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
+    """`make()`'s named frames, saved in `folder` (one parquet file each) once all are written; a later
+    call with the same folder reads them instead of calling `make` again."""
+    done = folder / "done"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, frame in make().items():
+            partial = folder / f"{name}.partial"
+            frame.to_parquet(partial, index=False)
+            partial.replace(folder / f"{name}.parquet")
+        done.touch()  # last: a crash while saving leaves the folder to be made again
+    return {path.stem: pd.read_parquet(path) for path in sorted(folder.glob("*.parquet"))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from precompute.config import parse_config
 from precompute.stages import STAGES
 from precompute.stages import directions as directions_stage
 from precompute.stages import generate as generate_stage
+from precompute.stages import steering as steering_stage
 
 
 @pytest.fixture
@@ -309,13 +311,29 @@ def test_saes_stage_loads_a_saved_sae_through_the_pretrained_path(tmp_path, tiny
         pipeline.run_pipeline(parse_config(raw), STAGES)
 
 
-def test_steering_stage_measures_every_intervention(tmp_path, tiny_model_dir) -> None:
+def test_steering_stage_measures_every_intervention_and_resumes(tmp_path, tiny_model_dir, monkeypatch,
+                                                                caplog) -> None:
     config = _study_with_directions(
         tmp_path, tiny_model_dir, 0.2,
         saes={"model": "base", "layer_offsets": [0], "expansion": 2, "k": 8, "steps": 40, "batch_size": 128,
               "attribution_prompts": 8},
         steering={"model": "base", "top_features": 2, "eval_max_new_tokens": 2})
-    reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
+    real_kl_divergence = steering_stage.kl_divergence
+    calls: list[int] = []
+
+    def crash_in_the_second_intervention(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return real_kl_divergence(*args)
+
+    monkeypatch.setattr(steering_stage, "kl_divergence", crash_in_the_second_intervention)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pipeline.run_pipeline(config, STAGES)
+    assert store.stage_hash(config.store, "steering") is None  # nothing half-written
+    monkeypatch.setattr(steering_stage, "kl_divergence", real_kl_divergence)
+    with caplog.at_level(logging.INFO, logger=steering_stage.logger.name):
+        reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports["steering"] == "ran"
     read = lambda name: store.read_table(config.store, name)
     effects = read("steering_effects")
@@ -323,6 +341,10 @@ def test_steering_stage_measures_every_intervention(tmp_path, tiny_model_dir) ->
     names = {"global", *read("prompts").query("kind == 'toxic'")["category"].unique(),
              *(f"feature {f}" for f in features)}
     assert set(effects["intervention"]) == names
+    # the re-run measured every intervention but the one finished before the crash (the global direction)
+    measured = [r.getMessage().removeprefix("Steering with ") for r in caplog.records
+                if r.getMessage().startswith("Steering with ")]
+    assert "global" not in measured and sorted(measured) == sorted(names - {"global"})
     prompts = read("prompts").query("split == 'test'")
     suppress = effects.query("intervention == 'global' and mode == 'suppress'")
     assert suppress["n"].sum() == len(prompts)  # every test prompt, once

@@ -13,6 +13,7 @@ on safe prompts and the cross-entropy of the model's own safe answers measure th
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import ClassVar
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from engine.chunked import cached_frames
 from engine.evaluation import judged_answers
 from engine.interventions import applied
 from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
@@ -95,12 +97,18 @@ class SteeringStage(ModelSectionStage):
         safe_answers = generations.loc[prompts.loc[safe, "id"], "response"].tolist()
         safe_ids, benign_ids = prompts.loc[safe, "id"].to_numpy(), prompts.loc[benign, "id"].to_numpy()
 
-        baseline = next_token_logprobs(model, texts, batch_size=batch_size)
-        baseline_scores = refusal_score(baseline[:, token_ids])
-        baseline_ce = completion_cross_entropy(model, safe_texts, safe_answers, batch_size=batch_size)
-        score_frames, safe_frames, answers = [], [], []
-        for order, (name, kind_of, suppress, force) in enumerate(self._interventions(context, model.device)):
+        @functools.cache
+        def baseline() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """Unsteered next-token log-probs, refusal scores and safe-answer cross-entropy (once, and only
+            when an intervention is still to be measured)."""
+            logprobs = next_token_logprobs(model, texts, batch_size=batch_size)
+            return (logprobs, refusal_score(logprobs[:, token_ids]),
+                    completion_cross_entropy(model, safe_texts, safe_answers, batch_size=batch_size))
+
+        def measure(order: int, name: str, kind_of: str, suppress: Steering,
+                    force: Steering) -> dict[str, pd.DataFrame]:
             logger.info("Steering with %s", name)
+            baseline_logprobs, baseline_scores, baseline_ce = baseline()
             # Completions and generated answers for the global direction and the features only
             # (the category directions are read by the refusal score alone, to keep the stage short).
             in_depth = name == "global" or kind_of == "feature"
@@ -112,24 +120,37 @@ class SteeringStage(ModelSectionStage):
                 forced = refusal_score(next_token_logprobs(
                     model, list(prompts.loc[benign, "text"]), batch_size=batch_size, token_ids=token_ids))
             which = {"order": order, "intervention": name, "type": kind_of}
-            score_frames += [
-                pd.DataFrame({**which, "mode": "suppress", "prompt_id": prompts["id"].to_numpy(),
-                              "score": refusal_score(suppressed[:, token_ids]), "baseline": baseline_scores}),
-                pd.DataFrame({**which, "mode": "force", "prompt_id": benign_ids, "score": forced,
-                              "baseline": baseline_scores[benign]}),
-            ]
-            safe_frames.append(pd.DataFrame({
-                **which, "prompt_id": safe_ids, "kl": kl_divergence(baseline[safe], suppressed[safe]),
-                "cross_entropy": ce, "in_depth": in_depth, "baseline_cross_entropy": baseline_ce}))
+            frames = {
+                "scores": pd.concat([
+                    pd.DataFrame({**which, "mode": "suppress", "prompt_id": prompts["id"].to_numpy(),
+                                  "score": refusal_score(suppressed[:, token_ids]), "baseline": baseline_scores}),
+                    pd.DataFrame({**which, "mode": "force", "prompt_id": benign_ids, "score": forced,
+                                  "baseline": baseline_scores[benign]}),
+                ], ignore_index=True),
+                "safe": pd.DataFrame({
+                    **which, "prompt_id": safe_ids, "kl": kl_divergence(baseline_logprobs[safe], suppressed[safe]),
+                    "cross_entropy": ce, "in_depth": in_depth, "baseline_cross_entropy": baseline_ce}),
+            }
             if in_depth:
                 # Generated answers: refusal as users see it (the RCM seed's force/suppress rates).
                 evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
-                answers += [
+                frames["answers"] = pd.concat([
                     judged_answers(model, prompts[kind == "toxic"], "suppress", suppress.hooks(model), token_ids,
-                                   **evaluate).assign(intervention=name),
-                    judged_answers(model, prompts[safe], "force", force.hooks(model), token_ids,
-                                   **evaluate).assign(intervention=name),
-                ]
+                                   **evaluate),
+                    judged_answers(model, prompts[safe], "force", force.hooks(model), token_ids, **evaluate),
+                ], ignore_index=True).assign(intervention=name)
+            return frames
+
+        # Each intervention's results are kept as they are measured: a re-run after a crash measures
+        # only the ones still missing.
+        measured = [
+            cached_frames(context.cache(self.name, {"inputs": context.hashes[self.name], "intervention": name,
+                                                    "prompts": list(prompts["id"])}),
+                          functools.partial(measure, order, name, kind_of, suppress, force))
+            for order, (name, kind_of, suppress, force) in enumerate(self._interventions(context, model.device))]
+        score_frames = [frames["scores"] for frames in measured]
+        safe_frames = [frames["safe"] for frames in measured]
+        answers = [frames["answers"] for frames in measured if "answers" in frames]
         return {"steering_scores": pd.concat(score_frames, ignore_index=True),
                 "steering_safe": pd.concat(safe_frames, ignore_index=True),
                 "steering_answers": pd.concat(answers, ignore_index=True).rename(columns={"condition": "mode"})}
