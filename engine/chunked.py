@@ -41,14 +41,13 @@ def map_in_chunks(
 
 
 def cached_frames(folder: Path, make: Callable[[], dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
-    """`make()`'s named frames, saved in `folder` (one parquet file each) once all are written; a later
-    call with the same folder reads them instead of calling `make` again."""
-    done = folder / "done"
+    """`make()`'s named frames, saved in `folder` (one parquet file each); a later call with the same
+    folder reads them instead of calling `make` again. Always read back from the files, so a fresh and
+    a resumed run return the same frames."""
+    done = folder / "done"  # written last: a crash while saving leaves the folder to be made again
     if not done.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         for name, frame in make().items():
-            partial = folder / f"{name}.partial"
-            frame.to_parquet(partial, index=False)
-            partial.replace(folder / f"{name}.parquet")
-        done.touch()  # last: a crash while saving leaves the folder to be made again
+            frame.to_parquet(folder / f"{name}.parquet", index=False)
+        done.touch()
     return {path.stem: pd.read_parquet(path) for path in sorted(folder.glob("*.parquet"))}
