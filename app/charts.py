@@ -8,8 +8,9 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-SIMILARITY_SCALES = {"cosine": alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
-                     "jaccard": alt.Scale(scheme="greens", domain=[0, 1])}
+# One scale for both similarity measures (Jaccard runs 0 to 1, cosine -1 to 1): a measure switch then
+# changes only the data, which the browser swaps into the drawn heatmaps instead of building them anew.
+SIMILARITY_SCALE = alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)
 CONDITION_COLORS = alt.Scale(domain=["baseline", "ablation", "addition"], range=["#9e9e9e", "#1f77b4", "#d62728"])
 PERCENT = alt.Axis(format="%")
 LABELLED_ROWS = 12  # heatmaps with more rows than this show their values on hover only
@@ -128,25 +129,25 @@ def direction_cosines(cosines: pd.DataFrame) -> alt.Chart:
 
 
 # --- Circuits -------------------------------------------------------------------------------------
-def similarity_heatmap(data: pd.DataFrame, measure: str, rows: str, columns: str, y_title: str,
+def similarity_heatmap(data: pd.DataFrame, rows: str, columns: str, y_title: str,
                        x_title: str) -> alt.Chart | alt.LayerChart:
-    """Pairwise circuit similarity, CIs and p-values on hover; values are written in the cells when
-    there are few enough rows to read them (a 30 x 30 matrix of numbers is noise, and doubles the
-    marks the browser draws)."""
+    """Pairwise circuit similarity (`value`, of the measure named in `measure`), CIs and p-values on
+    hover; values are written in the cells when there are few enough rows to read them (a 30 x 30
+    matrix of numbers is noise, and doubles the marks the browser draws)."""
     base = alt.Chart(data).encode(
         x=alt.X(f"{columns}:N", title=x_title, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
         y=alt.Y(f"{rows}:N", title=y_title, axis=alt.Axis(labelOverlap=False)))
     cells = base.mark_rect().encode(
-        color=alt.Color("value:Q", title=measure, scale=SIMILARITY_SCALES[measure]),
-        tooltip=[alt.Tooltip("row"), alt.Tooltip("column"), alt.Tooltip("value:Q", format=".3f", title=measure),
+        color=alt.Color("value:Q", title="similarity", scale=SIMILARITY_SCALE),
+        tooltip=[alt.Tooltip("row"), alt.Tooltip("column"), alt.Tooltip("measure:N"),
+                 alt.Tooltip("value:Q", format=".3f", title="similarity"),
                  alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
                  alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
     if data[rows].nunique() > LABELLED_ROWS:
         return cells
     text = base.mark_text(fontSize=9).encode(
         text=alt.Text("value:Q", format=".2f"),
-        color=alt.condition(f"abs(datum.value) > {0.6 if measure == 'cosine' else 2}", alt.value("white"),
-                            alt.value("black")))
+        color=alt.condition("abs(datum.value) > 0.6", alt.value("white"), alt.value("black")))
     return cells + text
 
 

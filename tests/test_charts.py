@@ -14,15 +14,24 @@ from app.export import chart_spec
 def _similarity(n: int) -> pd.DataFrame:
     names = [f"c{i}" for i in range(n)]
     pairs = pd.DataFrame(list(itertools.product(names, names)), columns=["row", "column"])
-    return pairs.assign(value=0.5, ci="0.4–0.6", p_value=0.01, n_a=10, n_b=10)
+    return pairs.assign(measure="cosine", value=0.5, ci="0.4–0.6", p_value=0.01, n_a=10, n_b=10)
 
 
 def test_similarity_heatmap_writes_values_only_where_they_can_be_read() -> None:
-    small = chart_spec(charts.similarity_heatmap(_similarity(10), "cosine", "row", "column", "a", "b"))
-    large = chart_spec(charts.similarity_heatmap(_similarity(30), "jaccard", "row", "column", "a", "b"))
+    small = chart_spec(charts.similarity_heatmap(_similarity(10), "row", "column", "a", "b"))
+    large = chart_spec(charts.similarity_heatmap(_similarity(30), "row", "column", "a", "b"))
     assert [layer["mark"]["type"] for layer in small["layer"]] == ["rect", "text"]
     assert "layer" not in large and large["mark"]["type"] == "rect"
-    assert large["encoding"]["color"]["scale"]["scheme"] == "greens"
+
+
+def test_similarity_heatmap_spec_is_the_same_for_both_measures() -> None:
+    """Switching the measure swaps the data only: the browser keeps the drawn chart."""
+    cosine = _similarity(10).assign(value=-0.4)
+    jaccard = _similarity(10).assign(measure="jaccard", value=0.7)
+    specs = [chart_spec(charts.similarity_heatmap(data, "row", "column", "a", "b")) for data in (cosine, jaccard)]
+    assert specs[0]["datasets"] != specs[1]["datasets"]
+    assert {**specs[0], "datasets": None} == {**specs[1], "datasets": None}
+    assert specs[0]["layer"][0]["encoding"]["color"]["scale"]["domain"] == [-1, 1]
 
 
 def test_histogram_bins_span_zero_to_the_maximum_activation() -> None:

@@ -76,7 +76,7 @@ def similarity_matrix(path: str, version: int, measure: str) -> pd.DataFrame:
         category_b=circuits["category"], cosine=circuits["split_half_cosine"], jaccard=circuits["split_half_jaccard"],
         n_a=circuits["n_prompts"], n_b=circuits["n_prompts"])
     full = pd.concat([similarity, mirrored, diagonal], ignore_index=True)
-    full["value"] = full[measure]
+    full["measure"], full["value"] = measure, full[measure]
     full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else "split-half (diagonal)"
                   for low, high in zip(full[f"{measure}_low"], full[f"{measure}_high"], strict=True)]
     full["row"] = full["kind_a"] + "/" + full["category_a"]
@@ -95,8 +95,10 @@ def similarity_heatmaps() -> None:
         if data.empty:
             return
         st.markdown(f"**{title}**")
-        show_chart(figure_spec(charts.similarity_heatmap, data, measure, rows, columns, y_title, x_title),
-                   f"{title}, {measure}", data=data, width="stretch", height=max(160, 26 * data[rows].nunique() + 70))
+        # Keyed by title alone: the chart stays the same element across measures and takes the new data.
+        show_chart(figure_spec(charts.similarity_heatmap, data, rows, columns, y_title, x_title),
+                   f"{title}, {measure}", data=data, key=f"similarity {title}", width="stretch",
+                   height=max(160, 26 * data[rows].nunique() + 70))
 
     def between(rows_kind: str, columns_kind: str) -> pd.DataFrame:
         return full[(full["kind_a"] == rows_kind) & (full["kind_b"] == columns_kind)]
