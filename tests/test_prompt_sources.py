@@ -21,6 +21,8 @@ from engine.prompt_sources import (
 from engine.prompts import CATEGORIES, PROMPT_COLUMNS, stable_split
 from tests.conftest import shared_dataset
 
+BALANCED = Path(__file__).resolve().parents[1] / "data" / "prompts" / "builtin_balanced.csv"
+
 
 def test_builtin_set_covers_every_category_and_kind() -> None:
     prompts = load_builtin()
@@ -32,6 +34,32 @@ def test_builtin_set_covers_every_category_and_kind() -> None:
     assert counts[("none", "safe")] >= 400
     test_share = (prompts["split"] == "test").mean()
     assert 0.25 < test_share < 0.35  # test_fraction 0.3
+
+
+def test_balanced_set_changes_only_the_safe_prompts_phrasing() -> None:
+    """`builtin_balanced.csv` is the built-in set with the safe prompts reworded so that no opener or
+    final full stop gives a prompt's kind away (in the built-in set "How can I ..." and "Help me ..."
+    are mostly toxic): a controlled variant, toxic prompts unchanged, hard ones without a final full stop."""
+    builtin = load_builtin()
+    balanced = load_table(BALANCED, ColumnMapping(category="category", kind="kind"), test_fraction=0.3)
+    assert len(balanced) == len(builtin) and balanced["text"].is_unique
+    for kind in ("toxic", "hard"):
+        assert balanced.loc[balanced["kind"] == kind, "text"].tolist() == \
+            builtin.loc[builtin["kind"] == kind, "text"].str.rstrip(".").tolist()
+    assert (balanced["text"] != builtin["text"]).sum() > 250
+
+    def uneven(prompts: pd.DataFrame) -> pd.DataFrame:
+        """Openers that 8+ toxic prompts use and safe prompts use at under 0.75x or over 1.25x that share."""
+        openers = prompts["text"].str.lower().str.split().str[:2].str.join(" ")
+        counts = pd.crosstab(openers, prompts["kind"])
+        expected = counts["toxic"] * (prompts["kind"] == "safe").sum() / (prompts["kind"] == "toxic").sum()
+        off = (counts["safe"] < 0.75 * expected) | (counts["safe"] > 1.25 * expected)
+        return counts[(counts["toxic"] >= 8) & off]
+
+    assert len(uneven(builtin)) >= 10  # the confound the variant removes
+    assert uneven(balanced).empty
+    full_stop = balanced["text"].str.endswith(".").groupby(balanced["kind"]).mean()
+    assert full_stop.max() - full_stop.min() < 0.05
 
 
 def test_split_is_stable_and_independent_of_order(tmp_path: Path) -> None:
