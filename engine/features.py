@@ -74,14 +74,16 @@ class TopExamples:
 
 
 def top_texts(codes: sparse.csc_array, text_index: np.ndarray, position: np.ndarray, k: int) -> TopExamples:
-    """Each feature's k texts with the highest peak activation (a text counted once)."""
+    """Each feature's k texts with the highest peak activation (a text counted once). Peaks equal to
+    5 decimals rank by text index: template tokens after the same prefix tie exactly, and which of them
+    float noise (another batch, another shard) puts first must not decide which texts are shown."""
     columns: list[tuple[int, int, int, int, float]] = []
     for feature in range(codes.shape[1]):
         rows = codes.indices[codes.indptr[feature]:codes.indptr[feature + 1]]
         if len(rows) == 0:
             continue
         values = codes.data[codes.indptr[feature]:codes.indptr[feature + 1]]
-        order = np.argsort(-values, kind="stable")
+        order = np.lexsort((text_index[rows], -np.round(values, 5)))
         _, first = np.unique(text_index[rows[order]], return_index=True)  # each text's peak
         best = order[np.sort(first)][:k]
         columns += [(feature, rank, int(text_index[rows[i]]), int(position[rows[i]]), float(values[i]))

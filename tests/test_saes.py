@@ -104,6 +104,13 @@ def test_feature_statistics_on_known_codes() -> None:
     assert top_texts(codes, text_index, position, k=1).activation.tolist() == [3.0, 4.0]  # the true maxima
 
 
+def test_top_texts_break_ties_by_text_not_by_row_order_or_float_noise() -> None:
+    # Feature 0 peaks at 0.5 (up to float noise) in texts 2, 0 and 1, stored in that row order.
+    codes = sparse.csc_array(np.array([[0.5 + 1e-9], [0.5], [0.5 - 1e-9], [0.25]]))
+    top = top_texts(codes, np.array([2, 0, 1, 3]), np.array([4, 4, 4, 1]), k=2)
+    assert top.text_index.tolist() == [0, 1]
+
+
 def test_feature_ids_out_of_range_are_clear_errors(trained, tiny_model) -> None:
     with pytest.raises(ExplorerError, match="Feature 64 does not exist: this SAE has 64 features"):
         check_feature(trained, 64)
