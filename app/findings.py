@@ -67,6 +67,9 @@ class DirectionFinding:
     safe_added: Rate
     kl: float  # mean next-token KL on safe prompts under ablation (test split)
     max_kl: float
+    kl_answered: float  # the same on the safe prompts the model does not lean to refuse (refusal score < 0)
+    n_answered: int
+    n_safe: int
     separation_sigma: float
     probe_accuracy: float
 
@@ -199,6 +202,8 @@ def _direction(store: Path, present: frozenset[str]) -> DirectionFinding | None:
         safe_baseline=Rate(int(effect["safe_refused_baseline"]), int(effect["safe_n"])),
         safe_added=Rate(int(effect["safe_refused_added"]), int(effect["safe_n"])),
         kl=float(effect["kl_ablated"]), max_kl=float(row["max_kl"]),
+        kl_answered=float(effect["kl_ablated_not_leaning"]), n_answered=int(effect["n_not_leaning"]),
+        n_safe=int(effect["n_kl"]),
         separation_sigma=float(at_layer["separation_sigma"].iloc[0]) if len(at_layer) else float("nan"),
         probe_accuracy=float(at_layer["probe_accuracy"].iloc[0]) if len(at_layer) else float("nan"),
     )
@@ -344,6 +349,7 @@ def comparison_table(studies: dict[str, Findings]) -> pd.DataFrame:
             put("toxic refused, direction ablated", name, d.toxic_ablated.text())
             put("safe refused, direction added", name, d.safe_added.text())
             put("KL on safe prompts under ablation", name, f"{d.kl:.3f}")
+            put("KL on safe prompts not leaning to refuse", name, f"{d.kl_answered:.3f} ({d.n_answered} of {d.n_safe})")
             put("separation at that layer", name, f"{d.separation_sigma:.1f} σ, probe {d.probe_accuracy:.0%}")
         for v in findings.verdicts:
             put(f"verdict ({v.kind})", name, f"{v.label} ({v.certainty})")

@@ -79,7 +79,9 @@ def _direction(findings: Findings) -> Section:
         f"- adding it at layer {d.layer}, safe prompts refused rise from {d.safe_baseline.text()} "
         f"to **{d.safe_added.text()}**;\n"
         f"- the price: ablation moves safe prompts' next-token distribution by a mean KL of **{d.kl:.2f}** "
-        f"(target ≤ {d.max_kl:g})."
+        f"over all {d.n_safe}, and **{d.kl_answered:.2f}** over the {d.n_answered} the model does not lean to "
+        f"refuse, the kind of prompt the direction was chosen on (target ≤ {d.max_kl:g}; on the others, "
+        "ablation also undoes an over-refusal)."
     )
     return Section("direction", "The refusal direction", body, "directions", chart=figures.direction_effect(d))
 

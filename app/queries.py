@@ -227,7 +227,8 @@ SELECT e.model,
        sum(e.n_refused) FILTER (WHERE e.condition = 'baseline' AND e.kind = 'safe') AS safe_refused_baseline,
        sum(e.n_refused) FILTER (WHERE e.condition = 'addition' AND e.kind = 'safe') AS safe_refused_added,
        sum(e.n) FILTER (WHERE e.condition = 'addition' AND e.kind = 'safe') AS safe_n,
-       any_value(h.mean_kl) AS kl_ablated
+       any_value(h.mean_kl) AS kl_ablated, any_value(h.mean_kl_not_leaning) AS kl_ablated_not_leaning,
+       any_value(h.n_not_leaning) AS n_not_leaning, any_value(h.n) AS n_kl
 FROM direction_effects e JOIN direction_harmlessness h ON h.model = e.model AND h.condition = 'ablation'
 GROUP BY e.model ORDER BY e.model
 """

@@ -36,23 +36,28 @@ class GroupSums:
     """Running sums of activations [n, ...] over named groups of rows (boolean masks over the n
     rows; groups may overlap), filled like an array (`sums[rows] = values`, e.g. as
     `capture(out=...)`) without keeping any row: differences of means in memory that does not
-    grow with the number of prompts."""
+    grow with the number of prompts. Counts are of the rows actually added, so shards' sums
+    (`partial_sums`) merge into the right means whatever each shard's masks were."""
 
     def __init__(self, groups: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> None:
         self.shape = shape
         self.masks = {name: np.asarray(mask, dtype=bool) for name, mask in groups.items()}
         self.totals = {name: np.zeros(shape[1:], dtype=np.float64) for name in groups}
+        self.counts = dict.fromkeys(groups, 0)
 
     def __setitem__(self, rows: list[int], values: np.ndarray) -> None:
         for name, mask in self.masks.items():
             picked = mask[rows]
             if picked.any():
                 self.totals[name] += values[picked].sum(axis=0, dtype=np.float64)
+                self.counts[name] += int(picked.sum())
 
     def partial_sums(self) -> pd.DataFrame:
-        """The totals as rows (group, cell, total), `cell` a flat index over the shape between the
-        rows and the last axis: one shard's part, added up by `add_partial_sums`."""
-        return pd.concat([pd.DataFrame({"group": name, "cell": np.arange(len(flat)), "total": list(flat)})
+        """The totals as rows (group, cell, total, n), `cell` a flat index over the shape between the
+        rows and the last axis, `n` the group's row count on its cell 0 (0 on the others, so any
+        shards' rows sum to the count): one shard's part, added up by `add_partial_sums`."""
+        return pd.concat([pd.DataFrame({"group": name, "cell": np.arange(len(flat)), "total": list(flat),
+                                        "n": np.eye(1, len(flat), dtype=np.int64)[0] * self.counts[name]})
                           for name, total in self.totals.items()
                           for flat in [total.reshape(-1, self.shape[-1])]], ignore_index=True)
 
@@ -61,13 +66,22 @@ class GroupSums:
         for name, group in rows.groupby("group"):
             flat = self.totals[name].reshape(-1, self.shape[-1])  # a view: added in place
             np.add.at(flat, group["cell"].to_numpy(), np.stack(group["total"].to_numpy()).astype(np.float64))
+            self.counts[name] += int(group["n"].sum())
 
     def mean_difference(self, harmful: str, harmless: str) -> np.ndarray:
         """Mean of group `harmful` minus mean of group `harmless`, as `mean_difference` gives it."""
-        counts = [int(self.masks[name].sum()) for name in (harmful, harmless)]
+        counts = [self.counts[name] for name in (harmful, harmless)]
         if not all(counts):
             raise ValueError("both prompt groups need at least one prompt")
         return (self.totals[harmful] / counts[0] - self.totals[harmless] / counts[1]).astype(np.float32)
+
+
+def refusal_filter(toxic: np.ndarray, safe: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Arditi et al. (2024)'s filter of the prompts that fit and choose a direction: the toxic ones
+    the model refuses (refusal score > 0) and the safe ones it does not (< 0). Unscored rows (NaN)
+    are dropped."""
+    with np.errstate(invalid="ignore"):
+        return (toxic & (scores > 0)) | (safe & (scores < 0))
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:

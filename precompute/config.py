@@ -102,6 +102,9 @@ class DirectionsConfig:
     max_kl: float = 0.1
     prune_last_fraction: float = 0.2
     addition_alpha: float | None = None  # times the unit direction; None: its own norm (Arditi)
+    # Fit and validate on the toxic prompts the model refuses and the safe ones it does not, by its
+    # refusal score (Arditi et al. 2024); false: every toxic and safe prompt.
+    filter_by_refusal: bool = True
     bootstrap: int = 200
     eval_max_new_tokens: int = 48
     seed: int = 0
@@ -119,6 +122,8 @@ class DirectionsConfig:
             raise _out_of_range("directions.prune_last_fraction", self.prune_last_fraction, "[0, 1)")
         if self.addition_alpha is not None and not 0 < self.addition_alpha <= 1000:
             raise _out_of_range("directions.addition_alpha", self.addition_alpha, "(0, 1000] or null")
+        if not isinstance(self.filter_by_refusal, bool):
+            raise _out_of_range("directions.filter_by_refusal", self.filter_by_refusal, "true or false")
         if not 10 <= self.bootstrap <= 100_000:
             raise _out_of_range("directions.bootstrap", self.bootstrap, "10-100000")
         if not 1 <= self.eval_max_new_tokens <= 2048:

@@ -74,8 +74,10 @@ def tiny_study_settings(store: Path, model_dir: Path) -> dict:
         "models": {"base": str(model_dir), "other": str(model_dir)},
         "prompts": {"test_fraction": 0.05},
         "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
+        # filter_by_refusal off: the random tiny model refuses no prompt, so the filter would keep no toxic one.
         "directions": {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
-                       "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3},
+                       "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3,
+                       "filter_by_refusal": False},
         "saes": {"model": "other", "hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"], "expansion": 2,
                  "k": 8, "steps": 40, "batch_size": 128, "lr": 3e-3, "attribution_prompts": 8, "top_examples": 3},
         "steering": {"model": "other", "top_features": 1, "eval_max_new_tokens": 2},

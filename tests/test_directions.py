@@ -8,6 +8,7 @@ import pytest
 
 from engine.directions import (
     GroupSums,
+    refusal_filter,
     SelectionRule,
     bootstrap_cosines,
     cosine_matrix,
@@ -64,10 +65,36 @@ def test_group_sums_of_shards_add_up_to_the_whole() -> None:
         shard = GroupSums({name: mask[mine] for name, mask in groups.items()}, (int(mine.sum()), 3, 2, 4))
         shard[list(range(int(mine.sum())))] = acts[mine]
         parts.append(shard.partial_sums())
-    assert len(parts[0]) == 2 * 3 * 2 and set(parts[0].columns) == {"group", "cell", "total"}
+    assert len(parts[0]) == 2 * 3 * 2 and set(parts[0].columns) == {"group", "cell", "total", "n"}
     merged = GroupSums(groups, acts.shape)
     merged.add_partial_sums(pd.concat(parts, ignore_index=True).sample(frac=1, random_state=0))  # any row order
     assert np.allclose(merged.mean_difference("toxic", "safe"), mean_difference(acts, toxic, ~toxic), atol=1e-6)
+
+
+def test_shards_filtering_their_own_prompts_merge_into_the_filtered_means() -> None:
+    # Each shard keeps only the prompts its model's refusal scores pass; the merge knows only the
+    # unfiltered groups, so the means must come from the counts the shards report.
+    rng = np.random.default_rng(6)
+    acts = rng.normal(size=(40, 2, 3)).astype(np.float32)
+    toxic = rng.random(40) < 0.5
+    kept = refusal_filter(toxic, ~toxic, rng.normal(size=40))
+    parts = []
+    for rows in np.array_split(np.arange(40), 2):
+        shard = GroupSums({"toxic": (toxic & kept)[rows], "safe": (~toxic & kept)[rows]}, (len(rows), 2, 3))
+        shard[list(range(len(rows)))] = acts[rows]
+        parts.append(shard.partial_sums())
+    merged = GroupSums({"toxic": toxic, "safe": ~toxic}, acts.shape)
+    merged.add_partial_sums(pd.concat(parts, ignore_index=True))
+    assert merged.counts == {"toxic": int((toxic & kept).sum()), "safe": int((~toxic & kept).sum())}
+    assert np.allclose(merged.mean_difference("toxic", "safe"),
+                       mean_difference(acts, toxic & kept, ~toxic & kept), atol=1e-6)
+
+
+def test_refusal_filter_keeps_refused_toxic_and_answered_safe_prompts() -> None:
+    toxic = np.array([True, True, False, False, False, True])
+    safe = np.array([False, False, True, True, False, False])
+    scores = np.array([2.0, -1.0, -3.0, 0.5, -1.0, np.nan])  # row 4 is hard (neither), row 5 unscored
+    assert refusal_filter(toxic, safe, scores).tolist() == [True, False, True, False, False, False]
 
 
 def test_capture_into_group_sums_matches_the_captured_array(tiny_model) -> None:

@@ -54,6 +54,16 @@ def test_findings_match_the_store(tiny_store: Path) -> None:
     assert other.smallest_group == rates[(rates["model"] == "other") & (rates["kind"] != "safe")]["n"].min()
     chosen = store.read_table(tiny_store, "refusal_directions").query("scope == 'global' and chosen")
     assert findings.direction.layer == int(chosen["layer"].iloc[0]) and findings.direction.model == "other"
+    harmlessness = store.read_table(tiny_store, "direction_harmlessness").query(
+        "model == 'other' and condition == 'ablation'").iloc[0]
+    assert (findings.direction.kl, findings.direction.kl_answered) == pytest.approx(
+        (harmlessness["mean_kl"], harmlessness["mean_kl_not_leaning"]))
+    assert (findings.direction.n_safe, findings.direction.n_answered) == (harmlessness["n"], harmlessness["n_not_leaning"])
+    from app.narrative import sections
+
+    direction = next(section for section in sections(findings) if section.key == "direction")
+    assert f"KL of **{harmlessness['mean_kl']:.2f}** over all {harmlessness['n']}" in direction.body
+    assert f"**{harmlessness['mean_kl_not_leaning']:.2f}** over the {harmlessness['n_not_leaning']}" in direction.body
     verdicts = store.read_table(tiny_store, "circuit_verdicts").set_index("kind")
     for verdict in findings.verdicts:
         assert verdict.label == verdicts.loc[verdict.kind, "label"]

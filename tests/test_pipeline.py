@@ -148,7 +148,7 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
         "models": {"base": str(tiny_model_dir), "tuned": str(tiny_model_dir)},
         "prompts": {"test_fraction": 0.3},
         "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 1024},
-        "directions": {"model": "tuned", "max_validation_prompts": 8, "bootstrap": 20,
+        "directions": {"model": "tuned", "max_validation_prompts": 8, "bootstrap": 20, "filter_by_refusal": False,
                        "eval_max_new_tokens": 2, "prune_last_fraction": 0.0, "max_kl": 10.0},
     })
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
@@ -190,6 +190,59 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     assert set(effects["model"]) == {"base", "tuned"}  # the other model is tested at the same site
 
 
+def test_directions_fit_and_validate_only_on_prompts_the_refusal_filter_keeps(tmp_path, tiny_model_dir,
+                                                                               monkeypatch) -> None:
+    """Arditi et al.'s filter: the chosen direction is the mean difference over the toxic fit prompts the
+    model refuses and the safe ones it does not, and validation samples only such prompts."""
+    from engine.activations import capture, prompt_end_positions
+    from engine.direction_scoring import refusal_scores_under_ablation
+    from engine.prompts import stable_split
+
+    # The random tiny model would refuse nothing. Counted as refusal tokens, its likeliest next tokens
+    # up to half the probability mass on average make its refusal scores straddle 0, so the filter
+    # keeps part of each kind.
+    from engine.models import load_model
+    from engine.scoring import next_token_logprobs
+
+    model = load_model(str(tiny_model_dir))
+    mean_probs = np.exp(next_token_logprobs(model, list(load_builtin()["text"]), batch_size=64)).mean(0)
+    order = np.argsort(-mean_probs)
+    refusal_ids = order[: int(np.searchsorted(np.cumsum(mean_probs[order]), 0.5)) + 1].tolist()
+    monkeypatch.setattr(directions_stage, "refusal_token_ids", lambda tokens, role: refusal_ids)
+    validated: list[str] = []
+    score_candidates = directions_stage.score_candidates
+    monkeypatch.setattr(directions_stage, "score_candidates", lambda model, candidates, layers, labels, ids, toxic,
+                        safe, **kwargs: (validated.extend([*toxic, *safe]),
+                                         score_candidates(model, candidates, layers, labels, ids, toxic, safe,
+                                                          **kwargs))[1])
+    config = _study_with_directions(tmp_path, tiny_model_dir, 0.3, directions={
+        "model": "base", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
+        "prune_last_fraction": 0.0, "max_kl": 10.0}, models={"base": str(tiny_model_dir), "other": str(tiny_model_dir)})
+    assert config.directions.filter_by_refusal  # the default
+    pipeline.run_pipeline(config, STAGES)
+    # The other model (the same weights) fits its direction on the same, the studied model's, prompts,
+    # so ablating it does exactly what ablating the studied model's does.
+    kl = store.read_table(config.store, "direction_harmlessness").set_index(["model", "condition"])["mean_kl"]
+    assert kl["other", "ablation"] == pytest.approx(kl["base", "ablation"], rel=1e-5) and kl["base", "ablation"] > 0
+    prompts = store.read_table(config.store, "prompts")
+    chosen = store.read_table(config.store, "refusal_directions").query("scope == 'global' and chosen").iloc[0]
+
+    scores = refusal_scores_under_ablation(model, None, list(prompts["text"]), refusal_ids, batch_size=64)
+    refused = pd.Series(scores > 0, index=prompts["text"].to_numpy())
+    kept_kind = prompts["kind"].map({"toxic": True, "safe": False}).to_numpy()
+    kept = prompts[(kept_kind == refused.to_numpy()) & prompts["kind"].isin(["toxic", "safe"]).to_numpy()]
+    assert set(validated) <= set(kept["text"]) and validated
+    validation = kept["text"].map(lambda t: stable_split("validation:" + t, config.directions.validation_fraction))
+    fit = kept[(kept["split"] == "train") & (validation == "train")]
+    assert 0 < (fit["kind"] == "toxic").sum() < (prompts.query("split == 'train'")["kind"] == "toxic").sum() - 5
+    offset = prompt_end_positions(model.tokenizer).offsets[int(chosen["position"])]
+    acts = capture(model, list(fit["text"]), [f"blocks.{int(chosen['layer'])}.hook_resid_pre"], [offset],
+                   batch_size=64)[:, 0, 0]
+    toxic = (fit["kind"] == "toxic").to_numpy()
+    expected = acts[toxic].mean(0) - acts[~toxic].mean(0)
+    assert np.allclose(np.asarray(chosen["vector"]), expected, atol=1e-4)
+
+
 def test_directions_stage_names_an_empty_category(tmp_path, tiny_model_dir, prompt_file) -> None:
     from engine.errors import ExplorerError
 
@@ -199,7 +252,7 @@ def test_directions_stage_names_an_empty_category(tmp_path, tiny_model_dir, prom
                                  "mapping": {"category": "category", "kind": "kind"}}],
                     "test_fraction": 0.5, "categories": ["hate", "violence"]},
         "generation": {"max_new_tokens": 2, "batch_size": 64},
-        "directions": {"model": "base", "bootstrap": 10, "eval_max_new_tokens": 2},
+        "directions": {"model": "base", "bootstrap": 10, "eval_max_new_tokens": 2, "filter_by_refusal": False},
     })
     prompts = pd.read_csv(prompt_file)
     prompts[~((prompts["category"] == "violence") & (prompts["kind"] == "toxic"))].to_csv(prompt_file, index=False)
@@ -214,6 +267,7 @@ def _study_with_directions(tmp_path: Path, model_dir: Path, test_fraction: float
         "prompts": {"test_fraction": test_fraction},
         "generation": {"max_new_tokens": 4, "batch_size": 64, "chunk_size": 1024},
         "directions": {"model": "base", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
+                       "filter_by_refusal": False,
                        "prune_last_fraction": 0.0, "max_kl": 10.0},
         **sections,
     })

@@ -47,15 +47,19 @@ ablated = harmlessness.loc["ablation"]
 cols[3].metric("KL on safe prompts, ablated", f"{ablated.mean_kl:.3f}",
                help=f"mean over {ablated.n} safe test prompts (median {ablated.median_kl:.3f}); "
                     f"{ablated.mean_kl_not_leaning:.3f} on the {ablated.n_not_leaning} the model does not lean to "
-                    "refuse (refusal tokens < 5%): ablation also removes the others' pull towards refusing. "
+                    "refuse (refusal score < 0, the prompts the direction was chosen on, as in Arditi et al.): on "
+                    "the others ablation also undoes the refusal. "
                     f"Cross-entropy of safe completions {harmlessness.loc['baseline', 'mean_cross_entropy']:.2f} -> "
                     f"{ablated.mean_cross_entropy:.2f} nats/token under ablation.")
 
 summary = queries.query(store, queries.EFFECT_SUMMARY_SQL)
-st.caption("Every model, with its own difference-of-means direction at the same layer and position "
-           "(only the studied model's was chosen by search):")
+st.caption("Every model, with its own difference-of-means direction at the same layer and position, over "
+           "the same prompts (only the studied model's was chosen by search):")
 show_table(summary, "Direction effects by model", hide_index=True, width="stretch", column_config={
-    "kl_ablated": st.column_config.NumberColumn("KL on safe, ablated", format="%.3f")})
+    "kl_ablated": st.column_config.NumberColumn("KL on safe, ablated", format="%.3f"),
+    "kl_ablated_not_leaning": st.column_config.NumberColumn("KL, safe not leaning to refuse", format="%.3f"),
+    "n_not_leaning": st.column_config.NumberColumn("safe not leaning to refuse"),
+    "n_kl": st.column_config.NumberColumn("safe prompts")})
 
 @st.fragment  # recolouring reruns only this chart
 def candidate_heatmap() -> None:

@@ -3,9 +3,12 @@
 1. Capture the residual stream (`blocks.{l}.hook_resid_pre`) at the prompt-end positions into
    running sums per prompt group, for every model: no prompt's activations are kept.
 2. Candidates: difference of means, toxic minus safe, on the train split minus a validation
-   part, for every (layer, position): one global set and one per category.
-3. Score candidates on the validation part and choose one (Arditi et al. 2024); the other models'
-   direction is their own difference of means at the chosen site (no search).
+   part, for every (layer, position): one global set and one per category. As in Arditi et al.
+   (2024), the means are over the toxic prompts the studied model refuses and the safe ones it
+   does not, by its refusal score (`filter_by_refusal`); every model's over the same prompts.
+3. Score candidates on the validation part (filtered the same way, by the studied model) and
+   choose one (Arditi et al. 2024); the other models' direction is their own difference of means
+   at the chosen site (no search).
 4. Test it on the test split, per prompt: generation with the direction ablated (toxic, hard) and
    added (safe, hard); KL and completion cross-entropy on safe prompts; the cross-ablation scores
    (ablate category k's direction, read category j's refusal score).
@@ -39,6 +42,7 @@ from engine.directions import (
     SelectionRule,
     bootstrap_cosines,
     layer_separation,
+    refusal_filter,
     select_candidate,
     unit,
 )
@@ -78,10 +82,10 @@ def direction_effects(model: LoadedModel, prompts: pd.DataFrame, direction: np.n
     with applied(model, ablation_hooks(model, tensor)):
         ablated = next_token_logprobs(model, texts, batch_size=batch_size)
         ce_ablated = completion_cross_entropy(model, texts, completions, batch_size=batch_size)
-    # Ablation also removes a safe prompt's own pull towards refusing, which counts as KL: the
-    # harmlessness table also reports the KL on the safe prompts that do not lean to refuse
-    # (refusal tokens < 5%).
-    leaning = refusal_score(plain[:, token_ids]) >= np.log(0.05 / 0.95) if len(safe) else np.zeros(0, bool)
+    # Ablation also undoes the refusals of the safe prompts the model refuses, which counts as KL:
+    # the harmlessness table also reports the KL on the others, the population the direction was
+    # chosen on (Arditi et al.'s filter: refusal score < 0).
+    leaning = refusal_score(plain[:, token_ids]) >= 0 if len(safe) else np.zeros(0, bool)
     safe_rows = pd.DataFrame({"prompt_id": safe["id"].to_numpy(), "kl": kl_divergence(plain, ablated),
                               "leaning": leaning, "ce_plain": ce_plain, "ce_ablated": ce_ablated})
     return judged, safe_rows
@@ -89,7 +93,8 @@ def direction_effects(model: LoadedModel, prompts: pd.DataFrame, direction: np.n
 
 def harmlessness_table(safe_rows: pd.DataFrame) -> pd.DataFrame:
     """Per condition (baseline, ablation): KL (mean, median, and on the safe prompts that do not
-    lean to refuse) and the mean completion cross-entropy, from `direction_effects`' safe rows."""
+    lean to refuse, refusal score < 0) and the mean completion cross-entropy, from
+    `direction_effects`' safe rows."""
     kl, settled = safe_rows["kl"].to_numpy(), ~safe_rows["leaning"].to_numpy(bool)
     return pd.DataFrame([
         {"condition": "baseline", "n": len(kl), "mean_kl": 0.0, "median_kl": 0.0, "n_not_leaning": int(settled.sum()),
@@ -133,12 +138,26 @@ class PromptSplit:
     test: np.ndarray
     categories: list[str]  # the studied categories with toxic fit prompts
 
-    def groups(self, *, by_category: bool) -> dict[str, np.ndarray]:
+    def groups(self, *, by_category: bool, kept: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The prompt groups whose activation sums make the candidate directions: toxic and safe fit
-        prompts, and with `by_category` each category's toxic ones (for the studied model)."""
+        prompts (those in `kept`, if given), and with `by_category` each category's toxic ones (for
+        the studied model)."""
         category = self.prompts["category"].to_numpy()
-        return {"toxic": self.toxic & self.fit, "safe": self.safe & self.fit} | {
-            f"toxic {c}": self.toxic & self.fit & (category == c) for c in (self.categories if by_category else ())}
+        fit = self.fit if kept is None else self.fit & kept
+        return {"toxic": self.toxic & fit, "safe": self.safe & fit} | {
+            f"toxic {c}": self.toxic & fit & (category == c) for c in (self.categories if by_category else ())}
+
+    def refusal_kept(self, model: LoadedModel, rows: np.ndarray, token_ids: list[int], *,
+                     batch_size: int) -> np.ndarray:
+        """Which of the toxic and safe prompts in `rows` pass `refusal_filter` for `model` (a mask
+        over all prompts; one forward pass over those rows)."""
+        rows = rows & (self.toxic | self.safe)
+        scores = np.full(len(self.prompts), np.nan)
+        if rows.any():
+            logprobs = next_token_logprobs(model, list(self.prompts["text"][rows]), batch_size=batch_size,
+                                           token_ids=token_ids)
+            scores[rows] = refusal_score(logprobs)
+        return refusal_filter(self.toxic, self.safe, scores)
 
 
 @dataclass(frozen=True)
@@ -171,7 +190,7 @@ class Selection:
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 6
+    version = 7
     upstream = ("prompts", "generate")
     shardable = True
     shard_rounds: ClassVar[tuple[str, ...]] = ("select", "evaluate")
@@ -246,11 +265,17 @@ class DirectionsStage(Stage):
         config = context.config
         role = config.directions.model
         frames = []
+        # The studied model's refusal filter picks the prompts for every model: the same prompts
+        # make each model's direction comparable (a base model may refuse none of them).
+        kept = None
+        if config.directions.filter_by_refusal:
+            token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
+            kept = split.refusal_kept(load(role), rows & split.fit, token_ids, batch_size=config.generation.batch_size)
         for other_role in config.models:
             model = load(other_role)
             positions = prompt_end_positions(model.tokenizer)
             # The studied model's sums make every candidate; the others' only the chosen site's direction.
-            groups = split.groups(by_category=other_role == role)
+            groups = split.groups(by_category=other_role == role, kept=kept)
             # Only the prompts some group sums (the fit split's toxic and safe ones, under half).
             summed = rows & np.logical_or.reduce(list(groups.values()))
             texts = list(split.prompts["text"][summed])
@@ -276,6 +301,10 @@ class DirectionsStage(Stage):
         def summed(model_role: str, groups: Mapping[str, np.ndarray]) -> GroupSums:
             sums = GroupSums(groups, shape)
             sums.add_partial_sums(partial_sums[partial_sums["model"] == model_role])
+            if empty := [name for name, count in sums.counts.items() if not count]:
+                raise ExplorerError(f"No prompts left in group(s) {empty} to fit the {model_role} model's directions"
+                                    f"{' after the refusal filter' if settings.filter_by_refusal else ''}.",
+                                    "add prompts, or set directions.filter_by_refusal: false.")
             return sums
 
         sums = summed(role, split.groups(by_category=True))
@@ -290,8 +319,19 @@ class DirectionsStage(Stage):
         cutoff = model.n_layers * (1 - settings.prune_last_fraction)
         layers = [layer for layer in range(0, model.n_layers, settings.layer_stride) if layer < cutoff]
         token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
+        validation = split.validation
+        if settings.filter_by_refusal:
+            validation = validation & split.refusal_kept(model, validation, token_ids, batch_size=batch_size)
+        for name in ("toxic", "safe"):
+            scored_on = int((validation & getattr(split, name)).sum())
+            logger.info("%s prompts of the %s model: %d fit the directions, %d validate them%s", name, role,
+                        sums.counts[name], scored_on, " (after the refusal filter)" if settings.filter_by_refusal else "")
+            if not scored_on:
+                raise ExplorerError(f"No {name} validation prompts left to choose the {role} model's direction"
+                                    f"{' after the refusal filter' if settings.filter_by_refusal else ''}.",
+                                    "add prompts, or set directions.filter_by_refusal: false.")
         scored = score_candidates(model, global_candidates, layers, positions.labels, token_ids,
-                                  sample(split.validation & split.toxic), sample(split.validation & split.safe),
+                                  sample(validation & split.toxic), sample(validation & split.safe),
                                   alpha=settings.addition_alpha, batch_size=batch_size)
         rule = SelectionRule(max_kl=settings.max_kl, prune_last_fraction=settings.prune_last_fraction)
         candidates = select_candidate(scored, model.n_layers, rule)

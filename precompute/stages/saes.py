@@ -111,7 +111,7 @@ def _layer(hook_name: str) -> int | None:
 
 class SaesStage(ModelSectionStage):
     name = "saes"
-    version = 1
+    version = 2
     upstream = ("prompts", "tune", "generate", "directions")
     runs_in_every_shard = False  # it saves trained SAEs beside the store (and trains for long)
     # Sharded, each shard captures its prompts' transcripts; the merge trains and measures the SAEs.
