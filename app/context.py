@@ -58,7 +58,7 @@ def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
     if not path.is_file():
         st.info(
             f"No study store at `{path}` yet. Build the embedded demo study (on a 2-core CPU: about "
-            f"50 minutes with bfloat16 support, well over an hour without; the README has the figures) "
+            f"45-50 minutes with bfloat16 support, well over an hour without; the README has the figures) "
             f"with:\n\n```\n{BUILD_COMMAND}\n```\n\nor run `make demo`."
         )
         st.stop()

@@ -92,7 +92,7 @@ models: {{base: {tiny_model_dir}}}
 prompts: {{test_fraction: 0.3}}
 generation: {{max_new_tokens: 2, batch_size: 64}}
 directions: {{model: base, max_validation_prompts: 4, bootstrap: 10, eval_max_new_tokens: 2,
-             prune_last_fraction: 0.0, max_kl: 10.0}}
+             prune_last_fraction: 0.0, max_kl: 10.0, filter_by_refusal: false}}  # the random model refuses nothing
 """)
     store_path = str(tmp_path / "s.duckdb")
     with caplog.at_level(logging.ERROR, logger="precompute"):
