@@ -8,12 +8,12 @@ import pytest
 
 from engine.directions import (
     GroupSums,
-    refusal_filter,
     SelectionRule,
     bootstrap_cosines,
     cosine_matrix,
     layer_separation,
     mean_difference,
+    refusal_filter,
     select_candidate,
     separation_sigma,
 )

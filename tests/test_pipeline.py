@@ -196,14 +196,13 @@ def test_directions_fit_and_validate_only_on_prompts_the_refusal_filter_keeps(tm
     model refuses and the safe ones it does not, and validation samples only such prompts."""
     from engine.activations import capture, prompt_end_positions
     from engine.direction_scoring import refusal_scores_under_ablation
+    from engine.models import load_model
     from engine.prompts import stable_split
+    from engine.scoring import next_token_logprobs
 
     # The random tiny model would refuse nothing. Counted as refusal tokens, its likeliest next tokens
     # up to half the probability mass on average make its refusal scores straddle 0, so the filter
     # keeps part of each kind.
-    from engine.models import load_model
-    from engine.scoring import next_token_logprobs
-
     model = load_model(str(tiny_model_dir))
     mean_probs = np.exp(next_token_logprobs(model, list(load_builtin()["text"]), batch_size=64)).mean(0)
     order = np.argsort(-mean_probs)
@@ -228,9 +227,8 @@ def test_directions_fit_and_validate_only_on_prompts_the_refusal_filter_keeps(tm
     chosen = store.read_table(config.store, "refusal_directions").query("scope == 'global' and chosen").iloc[0]
 
     scores = refusal_scores_under_ablation(model, None, list(prompts["text"]), refusal_ids, batch_size=64)
-    refused = pd.Series(scores > 0, index=prompts["text"].to_numpy())
-    kept_kind = prompts["kind"].map({"toxic": True, "safe": False}).to_numpy()
-    kept = prompts[(kept_kind == refused.to_numpy()) & prompts["kind"].isin(["toxic", "safe"]).to_numpy()]
+    refused_kind = prompts["kind"].map({"toxic": True, "safe": False}).to_numpy()  # hard: NaN, never equal
+    kept = prompts[refused_kind == (scores > 0)]
     assert set(validated) <= set(kept["text"]) and validated
     validation = kept["text"].map(lambda t: stable_split("validation:" + t, config.directions.validation_fraction))
     fit = kept[(kept["split"] == "train") & (validation == "train")]

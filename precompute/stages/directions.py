@@ -154,9 +154,8 @@ class PromptSplit:
         rows = rows & (self.toxic | self.safe)
         scores = np.full(len(self.prompts), np.nan)
         if rows.any():
-            logprobs = next_token_logprobs(model, list(self.prompts["text"][rows]), batch_size=batch_size,
-                                           token_ids=token_ids)
-            scores[rows] = refusal_score(logprobs)
+            scores[rows] = refusal_scores_under_ablation(model, None, list(self.prompts["text"][rows]), token_ids,
+                                                         batch_size=batch_size)
         return refusal_filter(self.toxic, self.safe, scores)
 
 
