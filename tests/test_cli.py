@@ -45,6 +45,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("study: x\nmodels: {base: m}\nsaes: {model: base, pretrained: [{release: r}]}\n", "names no SAE"),
     ("study: x\nmodels: {base: m}\ncircuits: {model: base}\n", "circuits need a `saes:` section"),
     ("study: x\nmodels: {base: m}\ncircuits: {metric: odds}\n", "circuits.metric = 'odds' is out of range"),
+    ("study: x\nmodels: {base: m}\ndirections: {filter_by_refusal: sometimes}\n",
+     "directions.filter_by_refusal = 'sometimes' is out of range.*true or false"),
     ("study: x\nmodels: {base: m}\ncircuits: {min_prompts: 2}\n", "circuits.min_prompts/max_prompts"),
     ("study: x\nmodels: {base: m}\ncircuits: {edge_threshold: -1}\n", "node_threshold/edge_threshold = \\(0.0, -1\\)"),
     ("study: x\nmodels: {base: m}\ncircuits: {kinds: [benign]}\n", "circuits.kinds"),

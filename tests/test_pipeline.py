@@ -241,6 +241,16 @@ def test_directions_fit_and_validate_only_on_prompts_the_refusal_filter_keeps(tm
     assert np.allclose(np.asarray(chosen["vector"]), expected, atol=1e-4)
 
 
+def test_directions_stage_names_a_group_the_refusal_filter_empties(tmp_path, tiny_model_dir) -> None:
+    from engine.errors import ExplorerError
+
+    # The random tiny model refuses no toxic prompt by its refusal score: the filter keeps none.
+    config = _study_with_directions(tmp_path, tiny_model_dir, 0.3, directions={"model": "base", "bootstrap": 10})
+    with pytest.raises(ExplorerError, match=r"No prompts left in group\(s\) \['toxic'.*after the refusal filter.*"
+                                            r"filter_by_refusal: false"):
+        pipeline.run_pipeline(config, STAGES)
+
+
 def test_directions_stage_names_an_empty_category(tmp_path, tiny_model_dir, prompt_file) -> None:
     from engine.errors import ExplorerError
 
