@@ -49,11 +49,13 @@ FIND_TIMEOUT_MS = 10_000
 
 @dataclass(frozen=True)
 class Interaction:
-    """One widget change on a page; `act` is called once per repeat with the repeat's number (to alternate)."""
+    """One widget change on a page (in its tab `tab`, if the page draws only the open tab); `act` is called
+    once per repeat with the repeat's number (to alternate)."""
 
     page: str
     name: str
     act: Callable[[AppTab, int], None]
+    tab: str | None = None
 
 
 def _pick_other(label: str) -> Callable[[AppTab, int], None]:
@@ -78,7 +80,7 @@ def _next_feature(tab: AppTab, i: int) -> None:
 INTERACTIONS = (
     Interaction("Directions", "colour by: radio", _radio("Colour by", "ablation_score", "kl")),
     Interaction("Directions", "projection category: selectbox", _pick_other("Category")),
-    Interaction("Features", "sort by: selectbox", _pick_other("Sort by")),
+    Interaction("Features", "sort by: selectbox", _pick_other("Sort by"), tab="All features"),
     Interaction("Features", "feature: number input", _next_feature),
     Interaction("Features", "SAE: selectbox", _pick_other("SAE")),
     Interaction("Circuits", "category: selectbox", _pick_other("Category")),
@@ -104,6 +106,8 @@ def time_pages(tab: AppTab, pages: list[NavPage], repeats: int) -> dict[str, lis
 def time_interaction(tab: AppTab, interaction: Interaction, path: str, repeats: int) -> list[RunTiming]:
     """`repeats` timings of the interaction on the page, after one warm-up."""
     tab.open(path)
+    if interaction.tab:
+        tab.open_tab(interaction.tab)
     timings = []
     for i in range(repeats + 1):
         timing = tab.act(lambda i=i: interaction.act(tab, i), interaction.name)

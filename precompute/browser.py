@@ -53,6 +53,7 @@ ERROR_BOXES = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 FINISHED_STATES = ("notRunning", "compilationError")
 VIEWPORT = {"width": 1400, "height": 1000}
 MAX_SCREENSHOT_HEIGHT = 16000
+TABLE_ROW_PX, TABLE_MARKER_X = 35, 12  # Streamlit data frame: row height and the row-marker column's middle
 
 PROBE_JS = """
 (() => {
@@ -452,6 +453,18 @@ class AppTab:
         thumb = self.widget("stSlider", label).first.get_by_role("slider").first
         thumb.focus()
         thumb.press(key)
+
+    def open_tab(self, label: str) -> None:
+        """Open the tab labelled `label` (a page's views are tabs drawn only when open) and wait for its rerun."""
+        self.act(lambda: self.page.get_by_role("tab", name=label, exact=True).click(), f"opening the {label} tab")
+
+    def select_table_row(self, index: int = 0, table: int = 0) -> None:
+        """Select row `index` of the `table`-th data frame on the page by its row marker (the grid is a canvas:
+        the marker column is at its left edge, the rows below the header, each `TABLE_ROW_PX` high)."""
+        grid = self.page.locator('[data-testid="stDataFrame"]').nth(table)
+        grid.scroll_into_view_if_needed()
+        grid.hover(position={"x": TABLE_MARKER_X, "y": TABLE_ROW_PX * (index + 1.5)})
+        grid.click(position={"x": TABLE_MARKER_X, "y": TABLE_ROW_PX * (index + 1.5)})
 
     def slider_value(self, label: str) -> str:
         return self.widget("stSlider", label).first.locator('[data-testid="stSliderThumbValue"]').first.inner_text()

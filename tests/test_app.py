@@ -87,24 +87,41 @@ def test_features_page_renders_a_feature_dashboard(tiny_store: Path) -> None:
     assert not app.exception and not app.error
     assert app.selectbox[0].value == "blocks.1.hook_resid_pre"
     assert app.header[0].value == "Feature 5"
-    saes = store.read_table(tiny_store, "saes").set_index("hook")
-    metrics = {m.label: m.value for m in app.metric}
-    assert metrics["L0"] == f"{saes.loc['blocks.1.hook_resid_pre', 'l0']:.1f}"
+    assert [tab.label for tab in app.tabs] == ["Feature dashboard", "All features",
+                                               "SAE quality and refusal-aligned features"]
+    assert not app.dataframe or len(app.dataframe[0].value) < 128  # only the open tab is drawn
     features = store.read_table(tiny_store, "features").query("hook == 'blocks.1.hook_resid_pre'")
-    assert app.dataframe[0].value.shape[0] == len(features) == 128
     feature = features.set_index("feature").loc[5]
+    metrics = {m.label: m.value for m in app.metric}
     assert metrics["Max activation"] == f"{feature['max_activation']:.2f}"
     examples = store.read_table(tiny_store, "feature_examples").query(
         "hook == 'blocks.1.hook_resid_pre' and feature == 5")
     shown = next(h.proto.body for h in app.get("html") if "<b>#1</b>" in h.proto.body)  # all examples, one element
     assert shown.count("</b> · peak ") == len(examples) and f"peak {examples['activation'].max():.2f}" in shown
 
-    # search filters the table; every change of the feature or the SAE sticks (the URL follows, not leads)
+    app.session_state["features_view"] = "SAE quality and refusal-aligned features"
+    app.run()
+    saes = store.read_table(tiny_store, "saes").set_index("hook")
+    assert {m.label: m.value for m in app.metric}["L0"] == f"{saes.loc['blocks.1.hook_resid_pre', 'l0']:.1f}"
+    assert not app.header  # no dashboard in this tab
+
+    # the table of all features; search filters it
+    app.session_state["features_view"] = "All features"
+    app.run()
+    assert not app.exception and app.dataframe[0].value.shape[0] == len(features) == 128
     app.text_input(key="feature_search").input("5").run()
     assert app.dataframe[0].value["feature"].tolist() == [5]
+
+    # every change of the feature or the SAE sticks (the URL follows, not leads), also across the tabs
+    app.session_state["features_view"] = "Feature dashboard"
+    app.run()
     for feature in (4, 5, 6, 7):
         app.number_input[0].set_value(feature).run()
         assert app.header[0].value == f"Feature {feature}" and app.query_params["feature"] == str(feature)
+    for view in ("All features", "Feature dashboard"):
+        app.session_state["features_view"] = view
+        app.run()
+    assert app.header[0].value == "Feature 7"  # kept while the dashboard was not drawn
     for hook in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"):
         app.selectbox[0].set_value(hook).run()
         assert app.selectbox[0].value == hook and app.query_params["hook"] == hook
@@ -182,6 +199,25 @@ def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) ->
     assert not app.exception and len(app.get("vega_lite_chart")) == charts + 1
     graph = next(c.proto.spec for c in app.get("vega_lite_chart") if '"href"' in c.proto.spec)  # the circuit graph
     assert '"href": {"field": "dashboard"' in graph  # a click opens a feature's dashboard (the table's links)
+
+
+def test_circuits_page_draws_only_the_open_view_of_a_category(tiny_store: Path) -> None:
+    app = _page("circuits", tiny_store)
+    views = ["Graph and nodes", "Faithfulness against size", "Shared core and tail", "Attention heads"]
+    assert [tab.label for tab in app.tabs] == views
+    drawn: dict[str, tuple[int, list[str]]] = {}
+    for view in views:
+        app.session_state["circuit_view"] = view
+        app.run()
+        assert not app.exception and not app.error
+        drawn[view] = (len(app.dataframe), [m.value for m in app.markdown])
+    graph_tables, _ = drawn["Graph and nodes"]
+    assert graph_tables == 1  # the node table
+    assert drawn["Shared core and tail"][0] == 2  # the core and the category's tail
+    assert drawn["Faithfulness against size"][0] == drawn["Attention heads"][0] == 0
+    assert any(text.startswith("Mean-ablating every node outside") for text in drawn["Faithfulness against size"][1])
+    assert not any(text.startswith("Mean-ablating") for view in views[2:] for text in drawn[view][1])
+    assert any(text.startswith("Attention heads by layer for") for text in drawn["Attention heads"][1])
 
 
 def test_circuits_page_says_which_categories_had_too_few_prompts(tiny_store: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from app.context import current_store, require_tables
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 TARGET_FAITHFULNESS = 0.6
 GRAPH_NODES = 30  # shown by default: a readable graph
+CATEGORY_VIEWS = ["Graph and nodes", "Faithfulness against size", "Shared core and tail", "Attention heads"]
 
 store = current_store()
 st.title("Refusal circuits")
@@ -200,10 +201,24 @@ def category_circuit() -> None:
     edges = queries.query(store, queries.CIRCUIT_EDGES_SQL, (kind, category))
     hooks = nodes.sort_values("layer")["hook"].unique().tolist()
 
-    circuit_graph(kind, category, row, nodes, edges, hooks)
+    # Only the open tab is drawn: a new category then redraws one view, not four (each element costs
+    # the browser a redraw; all four made a category switch take 0.4 s here).
+    graph_tab, faithfulness_tab, core_tab, heads_tab = st.tabs(CATEGORY_VIEWS, key="circuit_view", on_change="rerun")
+    if graph_tab.open:
+        with graph_tab:
+            circuit_graph(kind, category, row, nodes, edges, hooks)
+    if faithfulness_tab.open:
+        with faithfulness_tab:
+            faithfulness_view(kind, category, row, categories)
+    if core_tab.open:
+        with core_tab:
+            core_view(kind, category, categories)
+    if heads_tab.open:
+        with heads_tab:
+            heads_view(category)
 
-    # --- Faithfulness -------------------------------------------------------------------------------
-    st.subheader("Faithfulness against circuit size")
+
+def faithfulness_view(kind: str, category: str, row: pd.Series, categories: list[str]) -> None:
     faithfulness = queries.query(store, queries.CIRCUIT_FAITHFULNESS_SQL)
     curve = faithfulness[faithfulness["kind"] == kind]
     n_kept = int((ok.loc[ok["kind"] == kind, "faithfulness"] >= TARGET_FAITHFULNESS).sum())
@@ -212,34 +227,38 @@ def category_circuit() -> None:
     show_chart(figure_spec(charts.faithfulness_curves, curve, category, TARGET_FAITHFULNESS),
                f"Faithfulness against circuit size, {kind}", data=curve, width="stretch")
 
-    # --- Shared core and tails ----------------------------------------------------------------------
-    st.subheader("Shared core and category tails")
+
+def core_view(kind: str, category: str, categories: list[str]) -> None:
     core = queries.query(store, queries.CIRCUIT_CORE_SQL, (kind,))
     if core.empty:
         st.info(f"No {kind} verdict: a core needs two or more {kind} circuits.")
-    else:
-        in_core = core[core["in_core"]]
-        st.markdown(f"**{len(in_core)}** nodes are in at least 70% of the {len(categories)} {kind} circuits (the "
-                    f"shared core); the rest of each circuit is its tail.")
-        core_left, core_right = st.columns(2)
-        with core_left:
-            show_table(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], f"Shared core, {kind}",
-                       hide_index=True, width="stretch", column_config={
-                           "share": st.column_config.NumberColumn("share of circuits", format="percent"),
-                           "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
-        tail = core[~core["in_core"] & core["categories"].map(lambda cats: category in list(cats))]
-        with core_right:
-            st.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
-            show_table(tail[["hook", "feature", "n_circuits", "mean_effect"]], f"Tail of {kind} {category}",
-                       hide_index=True, width="stretch",
-                       column_config={"n_circuits": st.column_config.NumberColumn("in # circuits"),
-                                      "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+        return
+    in_core = core[core["in_core"]]
+    st.markdown(f"**{len(in_core)}** nodes are in at least 70% of the {len(categories)} {kind} circuits (the "
+                f"shared core); the rest of each circuit is its tail.")
+    core_left, core_right = st.columns(2)
+    with core_left:
+        show_table(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], f"Shared core, {kind}",
+                   hide_index=True, width="stretch", column_config={
+                       "share": st.column_config.NumberColumn("share of circuits", format="percent"),
+                       "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
+    tail = core[~core["in_core"] & core["categories"].map(lambda cats: category in list(cats))]
+    with core_right:
+        st.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
+        show_table(tail[["hook", "feature", "n_circuits", "mean_effect"]], f"Tail of {kind} {category}",
+                   hide_index=True, width="stretch",
+                   column_config={"n_circuits": st.column_config.NumberColumn("in # circuits"),
+                                  "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
 
+
+def heads_view(category: str) -> None:
     heads = patching[(patching["component"] == "head") & (patching["category"] == category)]
-    if not heads.empty:
-        st.markdown(f"Heads for **{category}**")
-        show_chart(figure_spec(charts.patching_map, heads, "head:O"), f"Head patching, {category}", data=heads,
-                   width="stretch", height=260)
-
+    if heads.empty:
+        st.info(f"No attention heads were patched for {category}.")
+        return
+    st.markdown(f"Attention heads by layer for **{category}**: the share of the toxic-safe gap each head's output "
+                "moves (attribution patching; outlined cells re-checked exactly).")
+    show_chart(figure_spec(charts.patching_map, heads, "head:O"), f"Head patching, {category}", data=heads,
+               width="stretch", height=260)
 
 category_circuit()

@@ -1,6 +1,7 @@
-"""Features: the SAEs' quality, a sortable feature table, and one feature's dashboard
-(histogram, top logits, top texts with token highlighting, activation by category x kind,
-and live encoding of the reader's own text)."""
+"""Features, in three tabs: one feature's dashboard (histogram, top logits, top texts with token
+highlighting, activation by category x kind, and live encoding of the reader's own text), a sortable
+table of all features (a selected row opens its dashboard), and the SAE's quality with its most
+refusal-aligned features."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from app.components import figure_spec, highlighted_tokens, show_chart, show_tab
 from app.context import current_store, require_tables, warm_model_stack
 from engine.errors import ExplorerError
 
-HOOK_KEY, FEATURE_KEY, SELECTED_KEY = "features_hook", "features_feature", "features_selected_row"
+HOOK_KEY, FEATURE_KEY = "features_hook", "features_feature"
+# The reader's feature, kept apart from the number input's own key: Streamlit drops a widget's state when a
+# run does not draw it, and the dashboard is not drawn while another tab is open.
+CHOSEN_KEY = "features_chosen"
 URL_WRITTEN = "features_url_written"  # the (hook, feature) this page last put in the URL
+VIEW_KEY, TABLE_KEY, SHOWN_KEY = "features_view", "feature_table", "features_shown"
+VIEWS = ["Feature dashboard", "All features", "SAE quality and refusal-aligned features"]
 RATIO = 3.0  # "fires on toxic prompts at >= 3x its rate on safe prompts"
 SORTS = {
     "refusal alignment (|cosine| with the refusal direction)": ("refusal_alignment", False),
@@ -39,8 +45,8 @@ hooks = saes["hook"].tolist()
 
 def followed_link() -> bool:
     """The URL's (hook, feature) differs from what this page last wrote there: a link was followed, so
-    the URL seeds the widgets; otherwise they keep the reader's own choices. Asked afresh in the feature
-    browser: that fragment reruns on its own, with newer parameters than the full run saw."""
+    the URL seeds the widgets; otherwise they keep the reader's own choices. Asked afresh in the
+    dashboard: that fragment reruns on its own, with newer parameters than the full run saw."""
     return st.session_state.get(URL_WRITTEN) != (params.get("hook"), params.get("feature"))
 
 
@@ -50,35 +56,59 @@ if (followed_link() and linked_hook in hooks) or st.session_state.get(HOOK_KEY) 
 hook = st.selectbox("SAE", hooks, key=HOOK_KEY,
                     help="One SAE per hook; the refusal direction's layer is the last one by default.")
 sae_row = saes[saes["hook"] == hook].iloc[0]
-cols = st.columns(5)
-cols[0].metric("L0", f"{sae_row.l0:.1f}", help="mean active features per token (held-out transcripts)")
-cols[1].metric("Variance unexplained", f"{sae_row.fraction_variance_unexplained:.3f}")
-cols[2].metric("Dead features", f"{sae_row.dead_fraction:.1%}", help="never fire on the held-out tokens")
-cols[3].metric("CE loss recovered", f"{sae_row.ce_loss_recovered:.3f}",
-               help=f"next-token CE {sae_row.ce_clean:.3f} clean, {sae_row.ce_spliced:.3f} with the SAE spliced in, "
-                    f"{sae_row.ce_zero_ablated:.3f} with the site zeroed")
-cols[4].metric("Training tokens", f"{sae_row.n_train_tokens:,}",
-               help=f"{sae_row.n_corpus_tokens:,} corpus tokens; {sae_row.n_held_out_tokens:,} held out; "
-                    "template and special tokens are not read")
-st.caption(f"{sae_row.architecture} SAE, {sae_row.d_sae:,} features on `{hook}` of model **{sae_row.model}** "
-           f"({sae_row.source}).")
-
+d_sae = int(sae_row.d_sae)
 features = queries.query(store, queries.FEATURES_SQL, (hook,))
 features["refusal_alignment"] = features["refusal_cosine"].abs()
 features["attribution_size"] = features["attribution"].abs()
-
-st.subheader("The most refusal-aligned features")
 aligned = features[features["density"] > 0].nlargest(20, "refusal_alignment")
-n_selective = int((aligned["toxic_safe_ratio"] >= RATIO).sum())
-st.markdown(
-    f"Of the 20 live features whose decoder direction is closest to the refusal direction, **{n_selective}** fire on "
-    f"toxic prompts at ≥ {RATIO:.0f}× their rate on safe prompts (at the refusal-decision token, all splits).")
-show_chart(figure_spec(charts.firing_rates, aligned), f"{hook} refusal-aligned features, toxic vs safe firing",
-           data=aligned, width="stretch")
 
-@st.fragment  # filtering, sorting or opening a feature reruns only the table and the dashboard
+linked_feature = params.get("feature")
+if followed_link() and linked_feature is not None:
+    if not linked_feature.isdigit() or not 0 <= int(linked_feature) < d_sae:
+        st.error(f"Feature {linked_feature!r} does not exist: this SAE has {d_sae:,} features. "
+                 f"Fix: pick 0–{d_sae - 1}.")
+        st.stop()
+    st.session_state[CHOSEN_KEY] = int(linked_feature)
+    st.session_state.pop(FEATURE_KEY, None)
+    st.session_state[VIEW_KEY] = VIEWS[0]
+elif not 0 <= st.session_state.get(CHOSEN_KEY, -1) < d_sae:  # first visit, or another SAE's width
+    st.session_state[CHOSEN_KEY] = int(aligned["feature"].iloc[0])
+    st.session_state.pop(FEATURE_KEY, None)
+
+
+def open_selected_feature() -> None:
+    """A row selected in the feature table opens that feature's dashboard."""
+    rows = st.session_state[TABLE_KEY].selection.rows
+    if rows:
+        st.session_state[CHOSEN_KEY] = st.session_state[SHOWN_KEY][rows[0]]
+        st.session_state.pop(FEATURE_KEY, None)
+        st.session_state[VIEW_KEY] = VIEWS[0]
+
+
+def sae_overview() -> None:
+    cols = st.columns(5)
+    cols[0].metric("L0", f"{sae_row.l0:.1f}", help="mean active features per token (held-out transcripts)")
+    cols[1].metric("Variance unexplained", f"{sae_row.fraction_variance_unexplained:.3f}")
+    cols[2].metric("Dead features", f"{sae_row.dead_fraction:.1%}", help="never fire on the held-out tokens")
+    cols[3].metric("CE loss recovered", f"{sae_row.ce_loss_recovered:.3f}",
+                   help=f"next-token CE {sae_row.ce_clean:.3f} clean, {sae_row.ce_spliced:.3f} with the SAE spliced "
+                        f"in, {sae_row.ce_zero_ablated:.3f} with the site zeroed")
+    cols[4].metric("Training tokens", f"{sae_row.n_train_tokens:,}",
+                   help=f"{sae_row.n_corpus_tokens:,} corpus tokens; {sae_row.n_held_out_tokens:,} held out; "
+                        "template and special tokens are not read")
+    st.caption(f"{sae_row.architecture} SAE, {d_sae:,} features on `{hook}` of model **{sae_row.model}** "
+               f"({sae_row.source}).")
+
+    st.subheader("The most refusal-aligned features")
+    n_selective = int((aligned["toxic_safe_ratio"] >= RATIO).sum())
+    st.markdown(
+        f"Of the 20 live features whose decoder direction is closest to the refusal direction, **{n_selective}** fire "
+        f"on toxic prompts at ≥ {RATIO:.0f}× their rate on safe prompts (at the refusal-decision token, all splits).")
+    show_chart(figure_spec(charts.firing_rates, aligned), f"{hook} refusal-aligned features, toxic vs safe firing",
+               data=aligned, width="stretch")
+
+
 def feature_browser() -> None:
-    st.subheader("All features")
     left, middle, right = st.columns([2, 2, 1])
     search = left.text_input("Search", placeholder="feature id or a top token", key="feature_search").strip()
     sort_label = middle.selectbox("Sort by", list(SORTS))
@@ -99,12 +129,13 @@ def feature_browser() -> None:
         shown = shown[shown["top_category"].isin(picked_categories)]
     column, ascending = SORTS[sort_label]
     shown = shown.sort_values(column, ascending=ascending)
+    st.session_state[SHOWN_KEY] = shown["feature"].astype(int).tolist()
     st.caption(f"{len(shown):,} of {len(features):,} features. Select a row to open its dashboard.")
-    table = show_table(
+    show_table(
         shown[["feature", "refusal_cosine", "attribution", "toxic_rate", "safe_rate", "toxic_safe_ratio", "density",
                "top_category", "top_category_share", "top_tokens"]], f"{hook} features",
-        hide_index=True, width="stretch", height=320, on_select="rerun", selection_mode="single-row",
-        key="feature_table",
+        hide_index=True, width="stretch", height=420, on_select=open_selected_feature, selection_mode="single-row",
+        key=TABLE_KEY,
         column_config={
             "refusal_cosine": st.column_config.NumberColumn("cos(refusal)", format="%+.3f"),
             "attribution": st.column_config.NumberColumn("attribution", format="%+.4f",
@@ -117,28 +148,14 @@ def feature_browser() -> None:
             "top_tokens": st.column_config.TextColumn("promotes"),
         })
 
-    selected_rows = table.selection.rows if table is not None else []
-    selected = int(shown["feature"].iloc[selected_rows[0]]) if selected_rows else None
-    d_sae = int(sae_row.d_sae)
-    linked_feature = params.get("feature")
-    if followed_link() and linked_feature is not None:
-        if not linked_feature.isdigit() or not 0 <= int(linked_feature) < d_sae:
-            st.error(f"Feature {linked_feature!r} does not exist: this SAE has {d_sae:,} features. "
-                     f"Fix: pick 0–{d_sae - 1}.")
-            st.stop()
-        st.session_state[FEATURE_KEY] = int(linked_feature)
-    elif selected is not None and selected != st.session_state.get(SELECTED_KEY):  # a row was just selected
-        st.session_state[FEATURE_KEY] = selected
-    elif not 0 <= st.session_state.get(FEATURE_KEY, -1) < d_sae:  # first visit, or another SAE's width
-        st.session_state[FEATURE_KEY] = int(aligned["feature"].iloc[0])
-    st.session_state[SELECTED_KEY] = selected
-    feature_dashboard(d_sae)
 
-
-@st.fragment  # another feature number reruns only the dashboard, not the feature table above it
-def feature_dashboard(d_sae: int) -> None:
+@st.fragment  # another feature number reruns only the dashboard
+def feature_dashboard() -> None:
+    if FEATURE_KEY not in st.session_state:
+        st.session_state[FEATURE_KEY] = st.session_state[CHOSEN_KEY]
     feature = st.number_input(f"Feature (0–{d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=FEATURE_KEY,
-                              help="or select a row in the table above")
+                              help="or select a row in the All features tab")
+    st.session_state[CHOSEN_KEY] = int(feature)
     params["hook"], params["feature"] = hook, str(feature)
     st.session_state[URL_WRITTEN] = (hook, str(feature))
 
@@ -214,4 +231,16 @@ def feature_dashboard(d_sae: int) -> None:
             st.html(highlighted_tokens(live.tokens, live.activations.tolist(), float(row.max_activation), peak=peak))
 
 
-feature_browser()
+
+# Only the open tab is drawn: another SAE or feature redraws one view, not the page (each element costs the
+# browser a redraw; the whole page made an SAE switch take 0.4 s here).
+dashboard_tab, browser_tab, overview_tab = st.tabs(VIEWS, key=VIEW_KEY, on_change="rerun")
+if dashboard_tab.open:
+    with dashboard_tab:
+        feature_dashboard()
+if browser_tab.open:
+    with browser_tab:
+        feature_browser()
+if overview_tab.open:
+    with overview_tab:
+        sae_overview()

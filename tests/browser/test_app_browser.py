@@ -187,3 +187,17 @@ def test_features_keep_every_change_of_the_feature(tab: driver.AppTab, nav_pages
     for feature in (1, 2):
         tab.act(lambda feature=feature: (field.fill(str(feature)), field.press("Enter")), f"choosing {feature}")
         assert tab.page.get_by_role("heading", name=f"Feature {feature}", exact=True).is_visible()
+
+
+def test_a_row_of_the_feature_table_opens_its_dashboard(tab: driver.AppTab, nav_pages) -> None:
+    tab.open(_page(nav_pages, "Features").path)
+    heading = tab.page.get_by_role("heading", name=re.compile(r"^Feature \d+$"))
+    shown = int(heading.inner_text().split()[-1])  # the most refusal-aligned feature, at first
+    tab.open_tab("All features")
+    tab.act(lambda: tab.pick("Sort by", "feature id"), "sorting by feature id")
+    row = 1 if shown == 0 else 0  # feature `row` is then the table's row `row`, and not the one shown before
+    tab.act(lambda: tab.select_table_row(row), f"selecting row {row}")
+    _no_errors(tab, "Features after selecting a row")
+    assert tab.page.get_by_role("tab", name="Feature dashboard", selected=True).is_visible()
+    assert heading.inner_text() == f"Feature {row}"
+    tab.screenshot(SCREENSHOTS / "interaction-features-table-row.png")
