@@ -180,6 +180,43 @@ def faithfulness_curves(curves: pd.DataFrame, highlighted: str, target: float) -
     return (lines + target_line).properties(height=280)
 
 
+# --- Steering -------------------------------------------------------------------------------------
+STEERING_MODES = alt.Scale(domain=["suppress", "force"], range=["#1f77b4", "#d62728"])
+
+
+def first_tokens(top: pd.DataFrame) -> alt.Chart:
+    """The likeliest first response tokens (`token` as repr, `probability`) of one live answer."""
+    return alt.Chart(top).mark_bar().encode(
+        x=alt.X("probability:Q", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("token:N", sort="-x", title=None),
+        tooltip=[alt.Tooltip("token"), alt.Tooltip("probability:Q", format=".1%")]).properties(height=180)
+
+
+def steering_rates(rates: pd.DataFrame) -> alt.LayerChart:
+    """Refusal rate under each intervention and mode with its Wilson interval (`label`: refused / prompts)."""
+    bars = alt.Chart(rates).encode(x=alt.X("intervention:N", title=None), xOffset=alt.XOffset("mode:N"),
+                                   color=alt.Color("mode:N", scale=STEERING_MODES))
+    return (bars.mark_bar().encode(
+        y=alt.Y("rate:Q", title="refusal rate", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
+        tooltip=[alt.Tooltip("intervention"), alt.Tooltip("mode"), alt.Tooltip("label:N", title="refused / prompts"),
+                 alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
+                 alt.Tooltip("ci_high:Q", format=".0%")])
+        + bars.mark_rule(color="black").encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q"))).properties(height=260)
+
+
+def collateral_matrix(cells: pd.DataFrame, order: list[str], target_kind: str) -> alt.Chart:
+    """Change in the refusal rate (`change`) of each category's `target_kind` prompts under each intervention."""
+    return alt.Chart(cells).mark_rect().encode(
+        x=alt.X("category:N", title=f"{target_kind} prompts of category"),
+        y=alt.Y("intervention:N", sort=order, title="steered with"),
+        color=alt.Color("change:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
+                        title="change in refusal rate"),
+        tooltip=[alt.Tooltip("intervention"), alt.Tooltip("category"), alt.Tooltip("n"),
+                 alt.Tooltip("n_refused_by_score"), alt.Tooltip("rate_by_score:Q", format=".0%"),
+                 alt.Tooltip("baseline_rate_by_score:Q", format=".0%"), alt.Tooltip("change:Q", format="+.0%")],
+    ).properties(height=24 * len(order))
+
+
 # --- Circuit graph --------------------------------------------------------------------------------
 SIGN_COLORS = alt.Scale(domain=["towards refusal", "away from refusal"], range=["#d62728", "#1f77b4"])
 GRAPH_ROW_PX, GRAPH_MIN_PX = 34, 260

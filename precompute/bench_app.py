@@ -83,8 +83,8 @@ INTERACTIONS = (
     Interaction("Features", "sort by: selectbox", _pick_other("Sort by"), tab="All features"),
     Interaction("Features", "feature: number input", _next_feature),
     Interaction("Features", "SAE: selectbox", _pick_other("SAE")),
-    Interaction("Circuits", "category: selectbox", _pick_other("Category")),
-    Interaction("Circuits", "nodes at most: slider", _slider("Nodes at most")),
+    Interaction("Circuits", "category: selectbox", _pick_other("Category"), tab="One category's circuit"),
+    Interaction("Circuits", "nodes at most: slider", _slider("Nodes at most"), tab="One category's circuit"),
     Interaction("Circuits", "similarity: radio", _radio("Similarity", "cosine of node effects", "Jaccard of node sets")),
 )
 

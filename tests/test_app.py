@@ -180,11 +180,16 @@ def test_steering_page_generates_baseline_and_steered(tiny_store: Path) -> None:
 def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) -> None:
     app = _page("circuits", tiny_store)
     assert not app.exception and not app.error
+    assert [tab.label for tab in app.tabs][:3] == ["Verdict and similarity", "One category's circuit", "Heads and MLPs"]
+    assert not app.dataframe and not app.slider  # the category's circuit is drawn only in its tab
     verdicts = store.read_table(tiny_store, "circuit_verdicts").set_index("kind")
     headings = [m.value for m in app.markdown if m.value.startswith("### ")]
     assert headings[0] == f"### Toxic prompts: **{verdicts.loc['toxic', 'label']}**"
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["Permutation p"] == f"{verdicts.loc['hard', 'p_value']:.3g}"  # the last verdict shown
+    app.session_state["circuits_section"] = "One category's circuit"
+    app.run()
+    metrics = {m.label: m.value for m in app.metric}
     summary = store.read_table(tiny_store, "circuits").query("kind == 'toxic'").sort_values("category").iloc[0]
     assert metrics["Faithfulness (6 nodes)"] == f"{summary['faithfulness']:.0%}"
     assert metrics["Nodes / edges shown"].startswith("6 / ")
@@ -192,24 +197,30 @@ def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) ->
     assert nodes["dashboard"].dropna().str.startswith("features?hook=blocks.").all()
     app.slider[0].set_value(2).run()  # nodes at most
     assert not app.exception and {m.label: m.value for m in app.metric}["Nodes / edges shown"].startswith("2 / ")
+    graph = next(c.proto.spec for c in app.get("vega_lite_chart") if '"href"' in c.proto.spec)  # the circuit graph
+    assert '"href": {"field": "dashboard"' in graph  # a click opens a feature's dashboard (the table's links)
+    app.session_state["circuits_section"] = "Verdict and similarity"
+    app.run()
     next(r for r in app.radio if r.label == "Similarity").set_value("jaccard").run()
     assert not app.exception and not app.error
     charts = len(app.get("vega_lite_chart"))
     app.toggle(key="similarity_all").set_value(True).run()  # the all-circuits matrix only on request
     assert not app.exception and len(app.get("vega_lite_chart")) == charts + 1
-    graph = next(c.proto.spec for c in app.get("vega_lite_chart") if '"href"' in c.proto.spec)  # the circuit graph
-    assert '"href": {"field": "dashboard"' in graph  # a click opens a feature's dashboard (the table's links)
+    app.session_state["circuits_section"] = "Heads and MLPs"
+    app.run()
+    assert not app.exception and [m.value for m in app.markdown if m.value.endswith("by layer")] == [
+        "**Attention output** by layer", "**MLP output** by layer"]
 
 
 def test_circuits_page_draws_only_the_open_view_of_a_category(tiny_store: Path) -> None:
     app = _page("circuits", tiny_store)
+    app.session_state["circuits_section"] = "One category's circuit"
     views = ["Graph and nodes", "Faithfulness against size", "Shared core and tail", "Attention heads"]
-    assert [tab.label for tab in app.tabs] == views
     drawn: dict[str, tuple[int, list[str]]] = {}
     for view in views:
         app.session_state["circuit_view"] = view
         app.run()
-        assert not app.exception and not app.error
+        assert not app.exception and not app.error and set(views) <= {tab.label for tab in app.tabs}
         drawn[view] = (len(app.dataframe), [m.value for m in app.markdown])
     graph_tables, _ = drawn["Graph and nodes"]
     assert graph_tables == 1  # the node table

@@ -179,6 +179,8 @@ def test_a_circuit_graph_file_has_the_height_drawn_on_the_page(tiny_store: Path,
     from app import charts
 
     app = _page("circuits", tiny_store)
+    app.session_state["circuits_section"] = "One category's circuit"
+    app.run()
     assert not app.exception and not app.error
     graph = next(call for call in downloads if call["file_name"].startswith("circuit-graph-")
                  and call["file_name"].endswith(".svg"))

@@ -13,7 +13,14 @@ from transformers import AutoTokenizer
 
 from engine import models
 from engine.errors import ExplorerError
-from engine.tuning import SftExample, TuneConfig, answer_targets, encode_example, fine_tune, weighted_answer_loss
+from engine.tuning import (
+    SftExample,
+    TuneConfig,
+    answer_targets,
+    encode_example,
+    fine_tune,
+    weighted_answer_loss,
+)
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.stages import STAGES

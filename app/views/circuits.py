@@ -1,6 +1,6 @@
-"""Circuits: is refusal one shared feature circuit or one per harm category? The verdict with its
-statistics, each category's circuit as a graph, the similarity heatmaps, the shared core and the
-tails, faithfulness, and head/MLP patching."""
+"""Circuits: is refusal one shared feature circuit or one per harm category? Three tabs: the verdict
+with its statistics and the similarity heatmaps; one category's circuit (its graph and nodes,
+faithfulness against size, the shared core and its tail, its attention heads); head/MLP patching."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from app.context import current_store, require_tables
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 TARGET_FAITHFULNESS = 0.6
 GRAPH_NODES = 30  # shown by default: a readable graph
+SECTIONS = ["Verdict and similarity", "One category's circuit", "Heads and MLPs"]
 CATEGORY_VIEWS = ["Graph and nodes", "Faithfulness against size", "Shared core and tail", "Attention heads"]
 
 store = current_store()
@@ -59,8 +60,6 @@ def show_verdict(kind: str) -> None:
                f"modular, < 0.5 modular) would say **{row['seeds_label']}** ({row['between']:.2f}).")
 
 
-for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
-    show_verdict(kind)
 
 # --- Similarity heatmaps (a fragment: switching the measure reruns only this part) -------------------
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -119,24 +118,25 @@ def similarity_heatmaps() -> None:
         heatmap(full, "All circuits", "row", "column", "circuit", "circuit")
 
 
-similarity_heatmaps()
-
 # --- Heads and MLPs -------------------------------------------------------------------------------
-st.subheader("Attention heads and MLP outputs: patching, toxic → safe")
 patching = queries.query(store, queries.CIRCUIT_COMPONENTS_SQL)
 estimated = patching[patching["method"] == "attribution"]
 exact = patching[patching["method"] == "exact"][["category", "component", "layer", "head", "effect"]].rename(
     columns={"effect": "exact"})
 patching = estimated.merge(exact, on=["category", "component", "layer", "head"], how="left")
-st.caption(f"Each site's output at the prompt-end positions of {int(patching['n_receivers'].iloc[0])} safe prompts "
-           "is set to its mean over a category's toxic prompts: the share of the toxic-safe gap in the "
-           f"{metric_name} that this moves, estimated by attribution patching for every site; outlined cells were "
-           "re-checked by exact patching (hover for both).")
-for component, title in (("attn", "Attention output"), ("mlp", "MLP output")):
-    st.markdown(f"**{title}** by layer")
-    sites = patching[patching["component"] == component]
-    show_chart(figure_spec(charts.patching_map, sites, "category:N"), f"{title} patching by layer", data=sites,
-               width="stretch", height=300)
+
+
+def patching_maps() -> None:
+    st.subheader("Attention heads and MLP outputs: patching, toxic → safe")
+    st.caption(f"Each site's output at the prompt-end positions of {int(patching['n_receivers'].iloc[0])} safe prompts "
+               "is set to its mean over a category's toxic prompts: the share of the toxic-safe gap in the "
+               f"{metric_name} that this moves, estimated by attribution patching for every site; outlined cells were "
+               "re-checked by exact patching (hover for both).")
+    for component, title in (("attn", "Attention output"), ("mlp", "MLP output")):
+        st.markdown(f"**{title}** by layer")
+        sites = patching[patching["component"] == component]
+        show_chart(figure_spec(charts.patching_map, sites, "category:N"), f"{title} patching by layer", data=sites,
+                   width="stretch", height=300)
 
 @st.fragment  # the thresholds redraw only the graph and its node table
 def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame, edges: pd.DataFrame,
@@ -261,4 +261,18 @@ def heads_view(category: str) -> None:
     show_chart(figure_spec(charts.patching_map, heads, "head:O"), f"Head patching, {category}", data=heads,
                width="stretch", height=260)
 
-category_circuit()
+
+# The page's three parts are tabs drawn only when open: a first visit builds the verdict's charts, not all
+# of the page's (the whole page took 2.6-2.9 s to first appear here).
+verdict_tab, category_tab, patching_tab = st.tabs(SECTIONS, key="circuits_section", on_change="rerun")
+if verdict_tab.open:
+    with verdict_tab:
+        for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
+            show_verdict(kind)
+        similarity_heatmaps()
+if category_tab.open:
+    with category_tab:
+        category_circuit()
+if patching_tab.open:
+    with patching_tab:
+        patching_maps()

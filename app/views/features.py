@@ -6,6 +6,7 @@ refusal-aligned features."""
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -50,30 +51,50 @@ def followed_link() -> bool:
     return st.session_state.get(URL_WRITTEN) != (params.get("hook"), params.get("feature"))
 
 
-linked_hook = params.get("hook")
-if (followed_link() and linked_hook in hooks) or st.session_state.get(HOOK_KEY) not in hooks:
-    st.session_state[HOOK_KEY] = linked_hook if linked_hook in hooks else hooks[-1]
-hook = st.selectbox("SAE", hooks, key=HOOK_KEY,
-                    help="One SAE per hook; the refusal direction's layer is the last one by default.")
-sae_row = saes[saes["hook"] == hook].iloc[0]
-d_sae = int(sae_row.d_sae)
-features = queries.query(store, queries.FEATURES_SQL, (hook,))
-features["refusal_alignment"] = features["refusal_cosine"].abs()
-features["attribution_size"] = features["attribution"].abs()
-aligned = features[features["density"] > 0].nlargest(20, "refusal_alignment")
+@dataclass(frozen=True)
+class ChosenSae:
+    """The SAE the reader picked: its `saes` row and its features (with the sort columns added)."""
 
-linked_feature = params.get("feature")
-if followed_link() and linked_feature is not None:
-    if not linked_feature.isdigit() or not 0 <= int(linked_feature) < d_sae:
-        st.error(f"Feature {linked_feature!r} does not exist: this SAE has {d_sae:,} features. "
-                 f"Fix: pick 0–{d_sae - 1}.")
-        st.stop()
-    st.session_state[CHOSEN_KEY] = int(linked_feature)
-    st.session_state.pop(FEATURE_KEY, None)
-    st.session_state[VIEW_KEY] = VIEWS[0]
-elif not 0 <= st.session_state.get(CHOSEN_KEY, -1) < d_sae:  # first visit, or another SAE's width
-    st.session_state[CHOSEN_KEY] = int(aligned["feature"].iloc[0])
-    st.session_state.pop(FEATURE_KEY, None)
+    hook: str
+    row: pd.Series
+    features: pd.DataFrame
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.row.d_sae)
+
+    @property
+    def aligned(self) -> pd.DataFrame:
+        """The 20 live features whose decoder direction is closest to the refusal direction."""
+        return self.features[self.features["density"] > 0].nlargest(20, "refusal_alignment")
+
+
+def choose_sae() -> ChosenSae:
+    """The SAE selectbox, seeded by a followed link's hook; a followed link's feature becomes the chosen one
+    (the page stops with an error when that SAE has no such feature)."""
+    linked_hook = params.get("hook")
+    if (followed_link() and linked_hook in hooks) or st.session_state.get(HOOK_KEY) not in hooks:
+        st.session_state[HOOK_KEY] = linked_hook if linked_hook in hooks else hooks[-1]
+    hook = st.selectbox("SAE", hooks, key=HOOK_KEY,
+                        help="One SAE per hook; the refusal direction's layer is the last one by default.")
+    features = queries.query(store, queries.FEATURES_SQL, (hook,))
+    features["refusal_alignment"] = features["refusal_cosine"].abs()
+    features["attribution_size"] = features["attribution"].abs()
+    sae = ChosenSae(hook, saes[saes["hook"] == hook].iloc[0], features)
+
+    linked_feature = params.get("feature")
+    if followed_link() and linked_feature is not None:
+        if not linked_feature.isdigit() or not 0 <= int(linked_feature) < sae.d_sae:
+            st.error(f"Feature {linked_feature!r} does not exist: this SAE has {sae.d_sae:,} features. "
+                     f"Fix: pick 0–{sae.d_sae - 1}.")
+            st.stop()
+        st.session_state[CHOSEN_KEY] = int(linked_feature)
+        st.session_state.pop(FEATURE_KEY, None)
+        st.session_state[VIEW_KEY] = VIEWS[0]
+    elif not 0 <= st.session_state.get(CHOSEN_KEY, -1) < sae.d_sae:  # first visit, or another SAE's width
+        st.session_state[CHOSEN_KEY] = int(sae.aligned["feature"].iloc[0])
+        st.session_state.pop(FEATURE_KEY, None)
+    return sae
 
 
 def open_selected_feature() -> None:
@@ -85,7 +106,8 @@ def open_selected_feature() -> None:
         st.session_state[VIEW_KEY] = VIEWS[0]
 
 
-def sae_overview() -> None:
+def sae_overview(sae: ChosenSae) -> None:
+    sae_row = sae.row
     cols = st.columns(5)
     cols[0].metric("L0", f"{sae_row.l0:.1f}", help="mean active features per token (held-out transcripts)")
     cols[1].metric("Variance unexplained", f"{sae_row.fraction_variance_unexplained:.3f}")
@@ -96,19 +118,21 @@ def sae_overview() -> None:
     cols[4].metric("Training tokens", f"{sae_row.n_train_tokens:,}",
                    help=f"{sae_row.n_corpus_tokens:,} corpus tokens; {sae_row.n_held_out_tokens:,} held out; "
                         "template and special tokens are not read")
-    st.caption(f"{sae_row.architecture} SAE, {d_sae:,} features on `{hook}` of model **{sae_row.model}** "
+    st.caption(f"{sae_row.architecture} SAE, {sae.d_sae:,} features on `{sae.hook}` of model **{sae_row.model}** "
                f"({sae_row.source}).")
 
     st.subheader("The most refusal-aligned features")
+    aligned = sae.aligned
     n_selective = int((aligned["toxic_safe_ratio"] >= RATIO).sum())
     st.markdown(
         f"Of the 20 live features whose decoder direction is closest to the refusal direction, **{n_selective}** fire "
         f"on toxic prompts at ≥ {RATIO:.0f}× their rate on safe prompts (at the refusal-decision token, all splits).")
-    show_chart(figure_spec(charts.firing_rates, aligned), f"{hook} refusal-aligned features, toxic vs safe firing",
+    show_chart(figure_spec(charts.firing_rates, aligned), f"{sae.hook} refusal-aligned features, toxic vs safe firing",
                data=aligned, width="stretch")
 
 
-def feature_browser() -> None:
+def feature_browser(sae: ChosenSae) -> None:
+    features = sae.features
     left, middle, right = st.columns([2, 2, 1])
     search = left.text_input("Search", placeholder="feature id or a top token", key="feature_search").strip()
     sort_label = middle.selectbox("Sort by", list(SORTS))
@@ -133,7 +157,7 @@ def feature_browser() -> None:
     st.caption(f"{len(shown):,} of {len(features):,} features. Select a row to open its dashboard.")
     show_table(
         shown[["feature", "refusal_cosine", "attribution", "toxic_rate", "safe_rate", "toxic_safe_ratio", "density",
-               "top_category", "top_category_share", "top_tokens"]], f"{hook} features",
+               "top_category", "top_category_share", "top_tokens"]], f"{sae.hook} features",
         hide_index=True, width="stretch", height=420, on_select=open_selected_feature, selection_mode="single-row",
         key=TABLE_KEY,
         column_config={
@@ -150,7 +174,8 @@ def feature_browser() -> None:
 
 
 @st.fragment  # another feature number reruns only the dashboard
-def feature_dashboard() -> None:
+def feature_dashboard(sae: ChosenSae) -> None:
+    hook, sae_row, d_sae = sae.hook, sae.row, sae.d_sae
     if FEATURE_KEY not in st.session_state:
         st.session_state[FEATURE_KEY] = st.session_state[CHOSEN_KEY]
     feature = st.number_input(f"Feature (0–{d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=FEATURE_KEY,
@@ -232,15 +257,21 @@ def feature_dashboard() -> None:
 
 
 
-# Only the open tab is drawn: another SAE or feature redraws one view, not the page (each element costs the
-# browser a redraw; the whole page made an SAE switch take 0.4 s here).
-dashboard_tab, browser_tab, overview_tab = st.tabs(VIEWS, key=VIEW_KEY, on_change="rerun")
-if dashboard_tab.open:
-    with dashboard_tab:
-        feature_dashboard()
-if browser_tab.open:
-    with browser_tab:
-        feature_browser()
-if overview_tab.open:
-    with overview_tab:
-        sae_overview()
+@st.fragment  # an SAE switch or another tab reruns this part only, not the sidebar and the navigation
+def sae_views() -> None:
+    sae = choose_sae()
+    # Only the open tab is drawn: another SAE or feature redraws one view, not the page (each element costs the
+    # browser a redraw; the whole page made an SAE switch take 0.4 s here).
+    dashboard_tab, browser_tab, overview_tab = st.tabs(VIEWS, key=VIEW_KEY, on_change="rerun")
+    if dashboard_tab.open:
+        with dashboard_tab:
+            feature_dashboard(sae)
+    if browser_tab.open:
+        with browser_tab:
+            feature_browser(sae)
+    if overview_tab.open:
+        with overview_tab:
+            sae_overview(sae)
+
+
+sae_views()

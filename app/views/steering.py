@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import queries
-from app.components import show_chart, show_table
+from app import charts, queries
+from app.components import figure_spec, show_chart, show_table
 from app.context import BUILD_COMMAND, current_store, require_tables, warm_model_stack
 from engine.errors import ExplorerError
 from engine.steering_limits import DEFAULT_LIMITS as LIMITS
@@ -121,10 +120,7 @@ def show(answer, title: str) -> None:
     st.markdown(f"**First token, {title}**")
     top = pd.DataFrame(answer.top_tokens, columns=["token", "probability"])
     top["token"] = top["token"].map(repr)
-    show_chart(alt.Chart(top).mark_bar().encode(
-        x=alt.X("probability:Q", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
-        y=alt.Y("token:N", sort="-x", title=None), tooltip=["token", alt.Tooltip("probability:Q", format=".1%")],
-    ).properties(height=180), f"First token, {title}", width="stretch")
+    show_chart(figure_spec(charts.first_tokens, top), f"First token, {title}", data=top, width="stretch")
 
 
 if st.button("Generate", type="primary"):
@@ -166,16 +162,7 @@ rates["label"] = rates["n_refused"].astype(str) + " / " + rates["n"].astype(str)
 st.caption("Answers generated under each intervention, judged by the substring judge: *suppress* (direction "
            "ablated / feature set to 0) on toxic prompts, *force* (direction added / feature set high) on safe "
            "prompts. Bars are Wilson 95% intervals.")
-bars = alt.Chart(rates).encode(x=alt.X("intervention:N", title=None), xOffset="mode:N",
-                               color=alt.Color("mode:N", scale=alt.Scale(domain=["suppress", "force"],
-                                                                         range=["#1f77b4", "#d62728"])))
-show_chart((bars.mark_bar().encode(
-    y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
-    tooltip=["intervention", "mode", alt.Tooltip("label:N", title="refused / prompts"),
-             alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
-             alt.Tooltip("ci_high:Q", format=".0%")])
-    + bars.mark_rule(color="black").encode(y="ci_low:Q", y2="ci_high:Q")).properties(height=260),
-    "Steering refusal rates", width="stretch")
+show_chart(figure_spec(charts.steering_rates, rates), "Steering refusal rates", data=rates, width="stretch")
 
 st.subheader("Collateral matrix")
 effects = queries.query(store, queries.STEERING_EFFECTS_SQL)
@@ -186,15 +173,8 @@ cells = effects[(effects["mode"] == mode) & (effects["kind"] == target_kind)].co
 cells["change"] = cells["rate_by_score"] - cells["baseline_rate_by_score"]
 category_rows = sorted(set(cells.loc[cells["type"] == "direction", "intervention"]) - {"global"})
 order = ["global", *category_rows, *sorted(set(cells.loc[cells["type"] == "feature", "intervention"]))]
-show_chart(alt.Chart(cells).mark_rect().encode(
-    x=alt.X("category:N", title=f"{target_kind} prompts of category"),
-    y=alt.Y("intervention:N", sort=order, title="steered with"),
-    color=alt.Color("change:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
-                    title="change in refusal rate"),
-    tooltip=["intervention", "category", "n", "n_refused_by_score", alt.Tooltip("rate_by_score:Q", format=".0%"),
-             alt.Tooltip("baseline_rate_by_score:Q", format=".0%"), alt.Tooltip("change:Q", format="+.0%")],
-).properties(height=24 * len(order)), f"Collateral matrix, {mode}", width="stretch",
-   height=24 * len(order) + 110)
+show_chart(figure_spec(charts.collateral_matrix, cells, order, target_kind), f"Collateral matrix, {mode}",
+           data=cells, width="stretch", height=24 * len(order) + 110)
 st.caption(f"Rows: the intervention ({mode}); columns: the category whose {target_kind} test prompts were "
            "measured; colour: change in the refusal rate by refusal score (> 0) against the unsteered model. A "
            "modular mechanism would show a strong diagonal; a shared one, full rows.")

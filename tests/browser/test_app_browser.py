@@ -134,9 +134,11 @@ def test_every_page_in_the_navigation_renders_without_errors(tab: driver.AppTab,
         f"- {title}: {errors[0][:600]}" for title, errors in failures.items())
 
 
-@pytest.mark.parametrize("title", ["Directions", "Circuits"])
-def test_picking_a_category(tab: driver.AppTab, nav_pages, title: str) -> None:
+@pytest.mark.parametrize(("title", "section"), [("Directions", None), ("Circuits", "One category's circuit")])
+def test_picking_a_category(tab: driver.AppTab, nav_pages, title: str, section: str | None) -> None:
     tab.open(_page(nav_pages, title).path)
+    if section:
+        tab.open_tab(section)
     before_value, before_text = tab.selectbox_value("Category"), tab.main_text()
     picked = []
     tab.act(lambda: picked.append(tab.pick("Category")), f"picking another category on {title}")
