@@ -36,17 +36,17 @@ def candidate_heatmap(candidates: pd.DataFrame, metric: str, position_order: lis
     return (heat + mark).properties(height=22 * len(position_order))
 
 
-def effect_bars(effects: pd.DataFrame) -> alt.LayerChart:
-    """Refusal rate by category under each condition, with Wilson intervals as whiskers."""
-    bars = alt.Chart(effects).encode(x=alt.X("category:N", title=None), xOffset=alt.XOffset("condition:N"),
-                                     color=alt.Color("condition:N", scale=CONDITION_COLORS))
+def rate_bars(rates: pd.DataFrame, x: str, group: str, colours: alt.Scale) -> alt.LayerChart:
+    """Refusal rate (`rate`, `label`: refused / prompts) by `x`, a bar per `group` beside each other, with its
+    Wilson interval (`ci_low`, `ci_high`) as a whisker."""
+    bars = alt.Chart(rates).encode(x=alt.X(f"{x}:N", title=None), xOffset=alt.XOffset(f"{group}:N"),
+                                   color=alt.Color(f"{group}:N", scale=colours))
     return (bars.mark_bar().encode(
         y=alt.Y("rate:Q", title="refusal rate", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
-        tooltip=[alt.Tooltip("condition"), alt.Tooltip("category"), alt.Tooltip("label:N", title="refused / prompts"),
+        tooltip=[alt.Tooltip(group), alt.Tooltip(x), alt.Tooltip("label:N", title="refused / prompts"),
                  alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
                  alt.Tooltip("ci_high:Q", format=".0%")])
-        + bars.mark_bar(size=2, opacity=0.7).encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q"), color=alt.ColorValue("black"))
-    ).properties(height=260)
+        + bars.mark_rule(color="black").encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q"))).properties(height=260)
 
 
 def by_layer(separation: pd.DataFrame, field: str, title: str) -> alt.Chart:
@@ -190,18 +190,6 @@ def first_tokens(top: pd.DataFrame) -> alt.Chart:
         x=alt.X("probability:Q", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("token:N", sort="-x", title=None),
         tooltip=[alt.Tooltip("token"), alt.Tooltip("probability:Q", format=".1%")]).properties(height=180)
-
-
-def steering_rates(rates: pd.DataFrame) -> alt.LayerChart:
-    """Refusal rate under each intervention and mode with its Wilson interval (`label`: refused / prompts)."""
-    bars = alt.Chart(rates).encode(x=alt.X("intervention:N", title=None), xOffset=alt.XOffset("mode:N"),
-                                   color=alt.Color("mode:N", scale=STEERING_MODES))
-    return (bars.mark_bar().encode(
-        y=alt.Y("rate:Q", title="refusal rate", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
-        tooltip=[alt.Tooltip("intervention"), alt.Tooltip("mode"), alt.Tooltip("label:N", title="refused / prompts"),
-                 alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
-                 alt.Tooltip("ci_high:Q", format=".0%")])
-        + bars.mark_rule(color="black").encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q"))).properties(height=260)
 
 
 def collateral_matrix(cells: pd.DataFrame, order: list[str], target_kind: str) -> alt.Chart:

@@ -83,8 +83,8 @@ def effects_by_category() -> None:
     st.subheader("Bypass and induced refusal, by category")
     kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxic", key="effects_kind") or "toxic"
     shown = effects[effects["kind"] == kinds]
-    show_chart(figure_spec(charts.effect_bars, shown), f"Refusal rate of {kinds} prompts by category and condition",
-               data=shown, width="stretch")
+    show_chart(figure_spec(charts.rate_bars, shown, "category", "condition", charts.CONDITION_COLORS),
+               f"Refusal rate of {kinds} prompts by category and condition", data=shown, width="stretch")
 
 
 effects_by_category()

@@ -162,7 +162,8 @@ rates["label"] = rates["n_refused"].astype(str) + " / " + rates["n"].astype(str)
 st.caption("Answers generated under each intervention, judged by the substring judge: *suppress* (direction "
            "ablated / feature set to 0) on toxic prompts, *force* (direction added / feature set high) on safe "
            "prompts. Bars are Wilson 95% intervals.")
-show_chart(figure_spec(charts.steering_rates, rates), "Steering refusal rates", data=rates, width="stretch")
+show_chart(figure_spec(charts.rate_bars, rates, "intervention", "mode", charts.STEERING_MODES), "Steering refusal rates",
+           data=rates, width="stretch")
 
 st.subheader("Collateral matrix")
 effects = queries.query(store, queries.STEERING_EFFECTS_SQL)
