@@ -28,11 +28,12 @@ PRESENTATION_CSS = """<style>
 BUILD_COMMAND = "python -m precompute run --config precompute/configs/demo.yaml"
 
 
-def store_from_argv() -> Path | None:
-    """`streamlit run app/main.py -- --store PATH` passes PATH here."""
+def store_from_argv(argv: list[str] | None = None) -> Path | None:
+    """`streamlit run app/main.py -- --store PATH` passes PATH here (the script's arguments, by default
+    its own `sys.argv`)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--store", type=Path)
-    known, _ = parser.parse_known_args(sys.argv[1:])
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     return known.store
 
 
@@ -40,13 +41,15 @@ def known_stores() -> list[Path]:
     return sorted(stores_dir().glob("*.duckdb"))
 
 
+def default_store(argv: list[str] | None = None) -> Path:
+    """--store, else $REFUSAL_EXPLORER_STORE, else the demo study."""
+    return Path(store_from_argv(argv) or os.environ.get(STORE_ENV) or stores_dir() / "demo.duckdb")
+
+
 def current_store() -> Path:
-    """The chosen store: sidebar choice, else --store, else $REFUSAL_EXPLORER_STORE, else demo."""
+    """The chosen store: the sidebar's choice, else the default."""
     chosen = st.session_state.get("store_path")
-    if chosen:
-        return Path(chosen)
-    default = store_from_argv() or os.environ.get(STORE_ENV) or stores_dir() / "demo.duckdb"
-    return Path(default)
+    return Path(chosen) if chosen else default_store()
 
 
 def presentation_mode() -> bool:

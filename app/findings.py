@@ -3,6 +3,7 @@ study comparison all render. Reads a store through `app.queries`; holds numbers,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -298,6 +299,18 @@ def study_findings(store: Path) -> Findings:
         verdicts=_verdicts(store, present), shared=_shared(store, present), coverage=_coverage(store, present),
     )
     return replace(findings, caveats=caveats(findings))
+
+
+@functools.lru_cache(maxsize=8)
+def _findings_of_version(path: str, version: int) -> Findings:
+    return study_findings(Path(path))
+
+
+def current_findings(store: Path) -> Findings:
+    """`study_findings` of the store file as it is now, computed once per file version in this process (a
+    plain memo, not Streamlit's cache: `python -m app` fills it before the server exists, so that the
+    landing page's first load does not compute it while the browser is still compiling the app)."""
+    return _findings_of_version(str(store), queries.store_version(store))
 
 
 def _spec_of(findings: Findings) -> str:

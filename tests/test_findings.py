@@ -175,3 +175,32 @@ def test_compare_page_with_two_stores(tiny_store: Path, isolated_data_dir: Path,
     shown = app.dataframe[0].value
     assert list(shown.columns) == ["measure", "first", "second"]
     assert len(app.get("vega_lite_chart")) == 2
+
+
+def test_findings_are_computed_once_per_store_version_and_before_the_server_starts(tiny_store: Path,
+                                                                                   tmp_path: Path) -> None:
+    import os
+
+    from app.__main__ import warm_landing_page
+    from app.findings import _findings_of_version, current_findings
+
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(tiny_store, copy)
+    _findings_of_version.cache_clear()
+    assert warm_landing_page(["--server.port", "8501", "--", "--store", str(copy)]) == copy
+    warmed = _findings_of_version.cache_info()
+    first = current_findings(copy)
+    assert _findings_of_version.cache_info().hits == warmed.hits + 1  # the page reads what `python -m app` made
+    assert current_findings(copy) is first
+
+    new_run = tmp_path / "new_run.duckdb"  # precompute swaps in a new run by rename: the next read sees it
+    shutil.copy(tiny_store, new_run)
+    with duckdb.connect(str(new_run)) as con:
+        con.execute("UPDATE circuit_verdicts SET label = 'modular' WHERE kind = 'toxic'")
+    os.utime(new_run, ns=(new_run.stat().st_atime_ns, copy.stat().st_mtime_ns + 1_000_000))
+    os.replace(new_run, copy)
+    assert current_findings(copy).verdict("toxic").label == "modular" != first.verdict("toxic").label
+
+    assert warm_landing_page(["--", "--store", str(tmp_path / "none.duckdb")]) is None
+    (tmp_path / "broken.duckdb").write_text("not a store")
+    assert warm_landing_page(["--", "--store", str(tmp_path / "broken.duckdb")]) is None  # the page says why

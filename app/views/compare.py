@@ -10,7 +10,7 @@ import streamlit as st
 from app import figures
 from app.components import show_chart, show_table
 from app.context import current_store, known_stores, require_tables
-from app.findings import comparison_table, study_findings
+from app.findings import comparison_table, current_findings
 
 st.title("Compare studies")
 store = current_store()
@@ -28,7 +28,7 @@ second = right.selectbox("Study B", [c for c in choices if c != first], index=0,
                          format_func=lambda path: Path(path).stem)
 for path in (first, second):
     require_tables(Path(path), ("prompts",))
-studies = {Path(first).stem: study_findings(Path(first)), Path(second).stem: study_findings(Path(second))}
+studies = {Path(first).stem: current_findings(Path(first)), Path(second).stem: current_findings(Path(second))}
 
 st.caption("Rates are on each study's own test split with Wilson 95% intervals; verdict ratios carry "
            "bootstrap 95% intervals. A dash: that study has not built the stage.")

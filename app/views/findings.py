@@ -7,7 +7,7 @@ import streamlit as st
 
 from app.components import show_chart, show_table
 from app.context import BUILD_COMMAND, current_store, presentation_mode, require_tables
-from app.findings import Findings, answer, study_findings
+from app.findings import Findings, answer, current_findings
 from app.narrative import Section, sections
 from app.report import report_html, report_markdown
 
@@ -81,7 +81,7 @@ def render_slides(all_sections: tuple[Section, ...]) -> None:
 
 store = current_store()
 require_tables(store, ("prompts",))
-findings = study_findings(store)
+findings = current_findings(store)
 all_sections = sections(findings)
 
 if presentation_mode():
