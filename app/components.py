@@ -87,6 +87,15 @@ def show_table(frame: pd.DataFrame, title: str, *, key: str | None = None,
     return shown
 
 
+def tab_views(labels: Sequence[str], key: str, views: Sequence[Callable[[], None]]) -> None:
+    """Tabs of which only the open one runs its view (Streamlit's stateful tabs: switching reruns). Each
+    element a rerun sends costs the browser a redraw, so a view not open is not sent at all."""
+    for tab, view in zip(st.tabs(list(labels), key=key, on_change="rerun"), views, strict=True):
+        if tab.open:
+            with tab:
+                view()
+
+
 def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float], scale: float,
                        peak: int | None = None) -> str:
     """Tokens shaded by activation / scale (orange), the peak token outlined; each shaded token's

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, queries
-from app.components import figure_spec, show_chart, show_table
+from app.components import figure_spec, show_chart, show_table, tab_views
 from app.context import current_store, require_tables
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
@@ -58,7 +58,6 @@ def show_verdict(kind: str) -> None:
                         f"shared core: {row['core_size']} nodes in ≥ 70% of circuits")
     st.caption(f"The seed notebooks' fixed thresholds on the raw mean similarity (> 0.8 monolithic, 0.5–0.8 partially "
                f"modular, < 0.5 modular) would say **{row['seeds_label']}** ({row['between']:.2f}).")
-
 
 
 # --- Similarity heatmaps (a fragment: switching the measure reruns only this part) -------------------
@@ -138,6 +137,7 @@ def patching_maps() -> None:
         show_chart(figure_spec(charts.patching_map, sites, "category:N"), f"{title} patching by layer", data=sites,
                    width="stretch", height=300)
 
+
 @st.fragment  # the thresholds redraw only the graph and its node table
 def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame, edges: pd.DataFrame,
                   hooks: list[str]) -> None:
@@ -201,21 +201,12 @@ def category_circuit() -> None:
     edges = queries.query(store, queries.CIRCUIT_EDGES_SQL, (kind, category))
     hooks = nodes.sort_values("layer")["hook"].unique().tolist()
 
-    # Only the open tab is drawn: a new category then redraws one view, not four (each element costs
-    # the browser a redraw; all four made a category switch take 0.4 s here).
-    graph_tab, faithfulness_tab, core_tab, heads_tab = st.tabs(CATEGORY_VIEWS, key="circuit_view", on_change="rerun")
-    if graph_tab.open:
-        with graph_tab:
-            circuit_graph(kind, category, row, nodes, edges, hooks)
-    if faithfulness_tab.open:
-        with faithfulness_tab:
-            faithfulness_view(kind, category, row, categories)
-    if core_tab.open:
-        with core_tab:
-            core_view(kind, category, categories)
-    if heads_tab.open:
-        with heads_tab:
-            heads_view(category)
+    # A new category redraws the open view only, not all four (all four made a category switch take 0.4 s).
+    tab_views(CATEGORY_VIEWS, "circuit_view", [
+        lambda: circuit_graph(kind, category, row, nodes, edges, hooks),
+        lambda: faithfulness_view(kind, category, row, categories),
+        lambda: core_view(kind, category, categories),
+        lambda: heads_view(category)])
 
 
 def faithfulness_view(kind: str, category: str, row: pd.Series, categories: list[str]) -> None:
@@ -262,17 +253,12 @@ def heads_view(category: str) -> None:
                width="stretch", height=260)
 
 
-# The page's three parts are tabs drawn only when open: a first visit builds the verdict's charts, not all
-# of the page's (the whole page took 2.6-2.9 s to first appear here).
-verdict_tab, category_tab, patching_tab = st.tabs(SECTIONS, key="circuits_section", on_change="rerun")
-if verdict_tab.open:
-    with verdict_tab:
-        for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
-            show_verdict(kind)
-        similarity_heatmaps()
-if category_tab.open:
-    with category_tab:
-        category_circuit()
-if patching_tab.open:
-    with patching_tab:
-        patching_maps()
+def verdicts_and_similarity() -> None:
+    for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
+        show_verdict(kind)
+    similarity_heatmaps()
+
+
+# A first visit builds the open part's charts only, not all of the page's (the whole page took 2.6-2.9 s to
+# first appear here).
+tab_views(SECTIONS, "circuits_section", [verdicts_and_similarity, category_circuit, patching_maps])

@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, queries
-from app.components import figure_spec, highlighted_tokens, show_chart, show_table
+from app.components import figure_spec, highlighted_tokens, show_chart, show_table, tab_views
 from app.context import current_store, require_tables, warm_model_stack
 from engine.errors import ExplorerError
 
@@ -46,8 +46,7 @@ hooks = saes["hook"].tolist()
 
 def followed_link() -> bool:
     """The URL's (hook, feature) differs from what this page last wrote there: a link was followed, so
-    the URL seeds the widgets; otherwise they keep the reader's own choices. Asked afresh in the
-    dashboard: that fragment reruns on its own, with newer parameters than the full run saw."""
+    the URL seeds the widgets; otherwise they keep the reader's own choices."""
     return st.session_state.get(URL_WRITTEN) != (params.get("hook"), params.get("feature"))
 
 
@@ -256,22 +255,12 @@ def feature_dashboard(sae: ChosenSae) -> None:
             st.html(highlighted_tokens(live.tokens, live.activations.tolist(), float(row.max_activation), peak=peak))
 
 
-
 @st.fragment  # an SAE switch or another tab reruns this part only, not the sidebar and the navigation
 def sae_views() -> None:
     sae = choose_sae()
-    # Only the open tab is drawn: another SAE or feature redraws one view, not the page (each element costs the
-    # browser a redraw; the whole page made an SAE switch take 0.4 s here).
-    dashboard_tab, browser_tab, overview_tab = st.tabs(VIEWS, key=VIEW_KEY, on_change="rerun")
-    if dashboard_tab.open:
-        with dashboard_tab:
-            feature_dashboard(sae)
-    if browser_tab.open:
-        with browser_tab:
-            feature_browser(sae)
-    if overview_tab.open:
-        with overview_tab:
-            sae_overview(sae)
+    # Another SAE or feature redraws the open view only (the whole page made an SAE switch take 0.4 s).
+    tab_views(VIEWS, VIEW_KEY, [lambda: feature_dashboard(sae), lambda: feature_browser(sae),
+                                lambda: sae_overview(sae)])
 
 
 sae_views()
