@@ -4,6 +4,7 @@ changed input never reuses a stale chunk."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -51,3 +52,37 @@ def cached_frames(folder: Path, make: Callable[[], dict[str, pd.DataFrame]]) -> 
             frame.to_parquet(folder / f"{name}.parquet", index=False)
         done.touch()
     return {path.stem: pd.read_parquet(path) for path in sorted(folder.glob("*.parquet"))}
+
+
+def map_by_id(
+    items: pd.DataFrame,
+    work: Callable[[pd.DataFrame], pd.DataFrame],
+    *,
+    cache: Path,
+    chunk_size: int,
+    desc: str,
+) -> pd.DataFrame:
+    """`work` on the rows of `items` (column `id`) whose results (column `prompt_id`) the cache
+    folder does not hold yet, chunk by chunk, each chunk saved as it is done; every row's result in
+    `items`' order. Unlike map_in_chunks a result is reused by any later set that holds its row,
+    e.g. the base model's answers across fine-tunes drawn from one pool."""
+    cache.mkdir(parents=True, exist_ok=True)
+    parts = sorted(cache.glob("part-*.parquet"))
+    held = pd.concat([pd.read_parquet(path) for path in parts], ignore_index=True) if parts else None
+    missing = items[~items["id"].isin(held["prompt_id"])] if held is not None else items
+    if held is not None:
+        logger.info("%s: %d of %d already done", desc, len(items) - len(missing), len(items))
+    new = []
+    for start in tqdm(range(0, len(missing), chunk_size), desc=desc, unit="chunk"):
+        chunk = missing.iloc[start : start + chunk_size]
+        result = work(chunk)
+        # Named by its rows, so two processes filling one cache never write over each other's parts.
+        digest = hashlib.sha256("\n".join(chunk["id"]).encode()).hexdigest()[:16]
+        path = cache / f"part-{digest}.parquet"
+        partial = path.with_suffix(".partial")
+        result.to_parquet(partial, index=False)
+        partial.replace(path)
+        new.append(result)
+    every = pd.concat([frame for frame in (held, *new) if frame is not None], ignore_index=True)
+    every = every.drop_duplicates("prompt_id").set_index("prompt_id")
+    return every.loc[items["id"].to_numpy()].reset_index()

@@ -26,3 +26,13 @@ def cache_dir() -> Path:
 
 
 BUILTIN_PROMPTS = REPO_ROOT / "data" / "prompts" / "builtin.csv"
+BALANCED_PROMPTS = REPO_ROOT / "data" / "prompts" / "builtin_balanced.csv"
+
+
+def public_dataset_dir(name: str) -> Path | None:
+    """A local copy of a public prompt set's folder (e.g. refusal_direction), if one is here:
+    $REFUSAL_EXPLORER_DATASETS/<name>, else a `datasets/<name>` folder in ../shared beside the repo
+    (this project's machines keep the public sets there). None: the loader downloads it."""
+    roots = [Path(os.environ["REFUSAL_EXPLORER_DATASETS"])] if os.environ.get("REFUSAL_EXPLORER_DATASETS") else []
+    roots.append(REPO_ROOT.parent / "shared" / "datasets")
+    return next((root / name for root in roots if (root / name).is_dir()), None)

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from engine.errors import ExplorerError
-from engine.paths import BUILTIN_PROMPTS
+from engine.paths import BALANCED_PROMPTS, BUILTIN_PROMPTS, cache_dir, public_dataset_dir
 from engine.prompts import NO_CATEGORY, UNCATEGORIZED, make_prompt_table
 
 ORBENCH_REPO = "bench-llm/or-bench"
@@ -96,10 +96,17 @@ def load_table(
     )
 
 
-def load_builtin(test_fraction: float = 0.3) -> pd.DataFrame:
-    """The project's own prompt set: ten OR-Bench categories x toxic/hard, plus safe prompts."""
+BUILTIN_VARIANTS: dict[str, Path] = {"original": BUILTIN_PROMPTS, "balanced": BALANCED_PROMPTS}
+
+
+def load_builtin(test_fraction: float = 0.3, variant: str = "original") -> pd.DataFrame:
+    """The project's own prompt set: ten OR-Bench categories x toxic/hard, plus safe prompts.
+    `balanced`: the same set with the safe prompts phrased like the toxic ones (same openers)."""
+    if variant not in BUILTIN_VARIANTS:
+        raise ExplorerError(f"Unknown built-in prompt set variant {variant!r}.",
+                            f"use one of {', '.join(BUILTIN_VARIANTS)}.")
     return load_table(
-        BUILTIN_PROMPTS,
+        BUILTIN_VARIANTS[variant],
         ColumnMapping(category="category", kind="kind"),
         source="builtin",
         test_fraction=test_fraction,
@@ -144,38 +151,84 @@ def load_orbench(
     return pd.concat(tables).drop_duplicates("id", keep="first").reset_index(drop=True)
 
 
+REFUSAL_DIRECTION_URL = "https://raw.githubusercontent.com/andyrdt/refusal_direction/main/dataset/splits/{}.json"
+REFUSAL_DIRECTION_FILES: dict[str, tuple[str, str]] = {  # file stem -> (kind, split)
+    "harmful_train": ("toxic", "train"),
+    "harmful_val": ("toxic", "test"),
+    "harmless_train": ("safe", "train"),
+    "harmless_val": ("safe", "test"),
+}
+
+
+def refusal_direction_file(folder: str | Path, stem: str) -> Path:
+    """One of refusal_direction's split files: in `folder`, or with folder `auto` in a local copy
+    (engine.paths.public_dataset_dir) else downloaded once from the project's GitHub repository."""
+    if str(folder) != "auto":
+        return Path(folder) / f"{stem}.json"
+    local = public_dataset_dir("refusal_direction")
+    if local is not None:
+        return local / f"{stem}.json"
+    target = cache_dir() / "datasets" / "refusal_direction" / f"{stem}.json"
+    if not target.is_file():
+        import urllib.request
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        try:
+            urllib.request.urlretrieve(REFUSAL_DIRECTION_URL.format(stem), partial)
+        except OSError as exc:
+            raise ExplorerError(
+                f"Could not download refusal_direction's {stem}.json: {exc}",
+                "download dataset/splits/ from github.com/andyrdt/refusal_direction and set `folder:` to it "
+                "(or $REFUSAL_EXPLORER_DATASETS to the folder holding refusal_direction/).",
+            ) from exc
+        partial.replace(target)
+    return target
+
+
 def load_refusal_direction(
-    folder: str | Path, *, max_per_file: int | None = None, test_fraction: float = 0.3
+    folder: str | Path = "auto",
+    *,
+    files: tuple[str, ...] = tuple(REFUSAL_DIRECTION_FILES),
+    max_per_file: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.3,
 ) -> pd.DataFrame:
-    """refusal_direction's JSON splits: harmful_* are toxic, harmless_* are safe; val -> test."""
-    folder = Path(folder)
+    """refusal_direction's JSON splits: harmful_* are toxic, harmless_* are safe; val -> test.
+    `max_per_file` keeps each file's first rows, `sample` a seeded random sample of each file."""
+    unknown = sorted(set(files) - set(REFUSAL_DIRECTION_FILES))
+    if unknown:
+        raise ExplorerError(f"Unknown refusal_direction file(s) {unknown}.",
+                            f"use some of {', '.join(REFUSAL_DIRECTION_FILES)}.")
     tables = []
-    for kind, stem in (("toxic", "harmful"), ("safe", "harmless")):
-        for split, suffix in (("train", "train"), ("test", "val")):
-            path = folder / f"{stem}_{suffix}.json"
-            raw = read_table_file(path)
-            if "instruction" not in raw.columns:
-                raise ExplorerError(
-                    f"{path} lacks the 'instruction' field.",
-                    "use the files from refusal_direction's dataset/splits/ folder.",
-                )
-            raw = raw.head(max_per_file) if max_per_file else raw
-            categories = raw.get("category", pd.Series([None] * len(raw)))
-            default = UNCATEGORIZED if kind == "toxic" else NO_CATEGORY
-            frame = pd.DataFrame(
-                {
-                    "text": raw["instruction"],
-                    "category": [REFUSAL_DIRECTION_CATEGORIES.get(c, default) for c in categories],
-                    "kind": kind,
-                    "split": split,
-                }
+    for stem in files:
+        kind, split = REFUSAL_DIRECTION_FILES[stem]
+        path = refusal_direction_file(folder, stem)
+        raw = read_table_file(path)
+        if "instruction" not in raw.columns:
+            raise ExplorerError(
+                f"{path} lacks the 'instruction' field.",
+                "use the files from refusal_direction's dataset/splits/ folder.",
             )
-            tables.append(
-                make_prompt_table(
-                    frame, source=f"refusal_direction/{path.stem}", test_fraction=test_fraction,
-                    where=str(path),
-                )
+        raw = raw.head(max_per_file) if max_per_file else raw
+        if sample is not None and sample < len(raw):
+            raw = raw.sample(n=sample, random_state=seed).sort_index()
+        categories = raw.get("category", pd.Series([None] * len(raw)))
+        default = UNCATEGORIZED if kind == "toxic" else NO_CATEGORY
+        frame = pd.DataFrame(
+            {
+                "text": raw["instruction"].to_numpy(),
+                "category": [REFUSAL_DIRECTION_CATEGORIES.get(c, default) for c in categories],
+                "kind": kind,
+                "split": split,
+            }
+        )
+        tables.append(
+            make_prompt_table(
+                frame, source=f"refusal_direction/{path.stem}", test_fraction=test_fraction, where=str(path),
             )
+        )
     return pd.concat(tables).drop_duplicates("id", keep="first").reset_index(drop=True)
 
 
@@ -205,7 +258,7 @@ def load_prompt_source(spec: dict[str, Any], *, test_fraction: float) -> pd.Data
         )
     if kind == "table" and isinstance(options.get("mapping"), dict):
         options["mapping"] = ColumnMapping(**options["mapping"])
-    if kind == "orbench" and "files" in options:
+    if kind in ("orbench", "refusal_direction") and "files" in options:
         options["files"] = tuple(options["files"])
     try:
         return PROMPT_SOURCES[kind](**options, test_fraction=test_fraction)

@@ -15,12 +15,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt, end_of_turn
 from engine.errors import ExplorerError
+from engine.prompt_forms import matched_sample
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +36,13 @@ class TuneConfig:
     learning_rate: float = 5e-5
     batch_size: int = 8
     max_response_tokens: int = 40
-    # Share of training examples that are toxic (toxic prompts are subsampled, per category, to
-    # reach it): a refusal is easy to learn, over-refusal of safe prompts is the risk.
-    toxic_share: float = 0.3
+    # Plain benign instructions (from `benign_sources`) per toxic training prompt, each drawn with
+    # the toxic prompt's opening word (engine.prompt_forms.matched_sample): the tune must not learn
+    # that an imperative is a refusal cue. They add to the study's own safe and hard train prompts.
+    plain_per_toxic: float = 0.0
+    # Prompt sources (as in prompts.sources) the plain instructions are drawn from; their safe
+    # prompts only, never the study's own prompts. Empty: the study's benign prompts alone.
+    benign_sources: tuple[dict[str, Any], ...] = ()
     # Weight of the first answer token in the loss (others weigh 1). The refuse-or-answer
     # decision is made there; averaged over a long answer it would barely count.
     first_token_weight: float = 5.0
@@ -48,7 +55,7 @@ class TuneConfig:
             "learning_rate": 0 < self.learning_rate <= 1e-2,
             "batch_size": 1 <= self.batch_size <= 512,
             "max_response_tokens": 4 <= self.max_response_tokens <= 1024,
-            "toxic_share": 0 < self.toxic_share < 1,
+            "plain_per_toxic": 0 <= self.plain_per_toxic <= 20,
             "first_token_weight": 1 <= self.first_token_weight <= 100,
         }
         for name, ok in checks.items():
@@ -56,10 +63,17 @@ class TuneConfig:
                 raise ExplorerError(
                     f"tune.{name} = {getattr(self, name)!r} is out of range.",
                     "use epochs 1-20, learning_rate in (0, 0.01], batch_size 1-512, "
-                    "max_response_tokens 4-1024, toxic_share in (0, 1), first_token_weight 1-100.",
+                    "max_response_tokens 4-1024, plain_per_toxic 0-20, first_token_weight 1-100.",
                 )
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
+        if any(not isinstance(source, dict) or "type" not in source for source in self.benign_sources):
+            raise ExplorerError("tune.benign_sources must be a list of prompt sources with a `type:`.",
+                                "write them as prompts.sources, e.g. - {type: refusal_direction, "
+                                "files: [harmless_train]}.")
+        if self.plain_per_toxic > 0 and not self.benign_sources:
+            raise ExplorerError("tune.plain_per_toxic > 0 needs tune.benign_sources to draw from.",
+                                "add benign_sources, or set plain_per_toxic: 0.")
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,23 @@ class TuneResult:
     n_examples: int
     n_steps: int
     seconds: float
+
+
+def training_prompts(prompts: pd.DataFrame, plain_pool: pd.DataFrame, config: TuneConfig) -> pd.DataFrame:
+    """The fine-tune's prompts: the study's (`prompts`) toxic train prompts (to be refused), its safe and hard
+    train prompts, and `plain_per_toxic` safe prompts per toxic one drawn from `plain_pool` so that the
+    whole benign side opens like the toxic side (to be answered). Pool prompts that are also study prompts are left out,
+    so no prompt the study evaluates on is trained on. Columns: prompt_id, text, kind, category,
+    source."""
+    columns = {"id": "prompt_id", "text": "text", "kind": "kind", "category": "category", "source": "source"}
+    train = prompts[prompts["split"] == "train"]
+    toxic = train[train["kind"] == "toxic"]
+    benign = train[train["kind"] != "toxic"]
+    pool = plain_pool[(plain_pool["kind"] == "safe") & ~plain_pool["id"].isin(prompts["id"])].reset_index(drop=True)
+    picked = matched_sample(list(toxic["text"]), list(pool["text"]), round(config.plain_per_toxic * len(toxic)),
+                            config.seed, already=list(benign["text"]))
+    chosen = pd.concat([toxic, benign, pool.iloc[picked]], ignore_index=True)
+    return chosen[list(columns)].rename(columns=columns)
 
 
 def encode_example(tokenizer, example: SftExample, max_response_tokens: int) -> tuple[list[int], list[int]]:

@@ -82,6 +82,29 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Held-out prompt sets every model answers (stage `evaluation`): [{name, source: {type, ...}}]."""
+
+    sets: tuple[dict[str, Any], ...] = ()
+    max_new_tokens: int = 24  # the judge reads the opening
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ExplorerError("evaluation.sets is empty.",
+                                "list sets as - {name: plain_instructions, source: {type: ...}}, or drop the section.")
+        names = [entry.get("name") if isinstance(entry, dict) else None for entry in self.sets]
+        for entry, name in zip(self.sets, names, strict=True):
+            if not isinstance(name, str) or not name or not isinstance(entry.get("source"), dict) \
+                    or "type" not in entry["source"]:
+                raise ExplorerError(f"evaluation.sets entry {entry!r} lacks a name or a source with a type.",
+                                    "write - {name: NAME, source: {type: refusal_direction, files: [harmless_val]}}.")
+        if len(set(names)) != len(names):
+            raise ExplorerError(f"evaluation.sets names repeat: {names}.", "give every set its own name.")
+        if not 1 <= self.max_new_tokens <= 2048:
+            raise _out_of_range("evaluation.max_new_tokens", self.max_new_tokens, "1-2048")
+
+
+@dataclass(frozen=True)
 class JudgeConfig:
     min_share: float = 0.05
     enrichment: float = 2.0
@@ -222,8 +245,14 @@ class CircuitsConfig:
     permutations: int = 999
     split_halves: int = 50
     alpha: float = 0.05
-    monolithic_ratio: float = 0.8  # between-category similarity / split-half ceiling
+    monolithic_ratio: float = 0.8  # between-category similarity / within-category ceiling
     modular_ratio: float = 0.5
+    decoding_folds: int = 5  # category decodability: cross-validation folds
+    decoding_permutations: int = 199  # and label shuffles for its null
+    calibration_shares: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)  # planted category shares q
+    calibration_simulations: int = 24  # simulated studies per share
+    calibration_permutations: int = 199  # per simulated study's permutation test
+    calibration_scales: tuple[int, ...] = (2, 4, 8)  # prompts x this, tried when a verdict is inconclusive
     patch_prompts: int = 16  # safe prompts that receive toxic activations (and toxic donors) in head/MLP patching
     exact_sites: int = 5  # per category, the strongest heads / layer outputs re-checked by exact patching
     seed: int = 0
@@ -258,6 +287,20 @@ class CircuitsConfig:
                                 (self.bootstrap, self.permutations, self.split_halves), "10+, 19+ and 2+")
         if not 0 < self.alpha < 1:
             raise _out_of_range("circuits.alpha", self.alpha, "a value in (0, 1)")
+        if not (2 <= self.decoding_folds <= 100 and 19 <= self.decoding_permutations <= 100000):
+            raise _out_of_range("circuits.decoding_folds/decoding_permutations",
+                                (self.decoding_folds, self.decoding_permutations), "2-100 and 19+")
+        if not self.calibration_shares or not all(0 <= q <= 1 for q in self.calibration_shares) \
+                or list(self.calibration_shares) != sorted(set(self.calibration_shares)):
+            raise _out_of_range("circuits.calibration_shares", list(self.calibration_shares),
+                                "increasing shares in [0, 1], e.g. [0, 0.1, 0.2, 0.4, 0.8]")
+        if not (5 <= self.calibration_simulations <= 10000 and 19 <= self.calibration_permutations <= 100000):
+            raise _out_of_range("circuits.calibration_simulations/calibration_permutations",
+                                (self.calibration_simulations, self.calibration_permutations), "5+ and 19+")
+        if list(self.calibration_scales) != sorted(set(self.calibration_scales)) \
+                or not all(2 <= s <= 100 for s in self.calibration_scales):
+            raise _out_of_range("circuits.calibration_scales", list(self.calibration_scales),
+                                "increasing whole multiples 2-100, or [] to skip")
         if not 0 < self.modular_ratio < self.monolithic_ratio <= 1.5:
             raise _out_of_range("circuits.modular_ratio/monolithic_ratio", (self.modular_ratio, self.monolithic_ratio),
                                 "0 < modular_ratio < monolithic_ratio")
@@ -276,6 +319,7 @@ class StudyConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     tune: TuneConfig | None = None  # set: build the embedded tuned model before generating
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    evaluation: EvaluationConfig | None = None  # set: answer held-out prompt sets (over-refusal)
     directions: DirectionsConfig | None = None  # set: find and test refusal directions
     saes: SaesConfig | None = None  # set: train or load SAEs and compute feature statistics
     steering: SteeringConfig | None = None  # set: measure steering in batch (needs directions)
@@ -326,6 +370,7 @@ SECTIONS: dict[str, type] = {
     "generation": GenerationConfig,
     "tune": TuneConfig,
     "judge": JudgeConfig,
+    "evaluation": EvaluationConfig,
     "directions": DirectionsConfig,
     "saes": SaesConfig,
     "steering": SteeringConfig,

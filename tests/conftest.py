@@ -74,6 +74,8 @@ def tiny_study_settings(store: Path, model_dir: Path) -> dict:
         "models": {"base": str(model_dir), "other": str(model_dir)},
         "prompts": {"test_fraction": 0.05},
         "generation": {"max_new_tokens": 2, "batch_size": 64, "chunk_size": 512},
+        # The built-in set again as a held-out set: its train prompts are left out, its test prompts stay.
+        "evaluation": {"sets": [{"name": "builtin_again", "source": {"type": "builtin"}}], "max_new_tokens": 2},
         # filter_by_refusal off: the random tiny model refuses no prompt, so the filter would keep no toxic one.
         "directions": {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
                        "prune_last_fraction": 0.0, "max_kl": 10.0, "validation_fraction": 0.3,

@@ -26,7 +26,9 @@ def test_overview_shows_rates_for_both_models(tiny_store: Path) -> None:
     assert set(metrics) >= {"base refused (toxic)", "other refused (safe)"}
     assert metrics["base refused (toxic)"].help == f"{toxic.loc['base', 'n_refused']} of {toxic.loc['base', 'n']} prompts"
     charts = app.get("vega_lite_chart")
-    assert len(charts) == 2 and all('"refusal rate"' in chart.proto.spec for chart in charts)
+    # toxic and hard by category, then the held-out sets (here the built-in set again and the hard test prompts)
+    assert len(charts) == 3 and all('"refusal rate"' in chart.proto.spec for chart in charts)
+    assert "builtin_again" in charts[2].proto.spec and "sounds harmful, is safe" in charts[2].proto.spec
     agreement = app.dataframe[1].value
     assert set(agreement["model"]) == {"base", "other"}
 

@@ -137,3 +137,29 @@ def test_bad_files_give_one_clear_error(tmp_path: Path, content: str, mapping: C
 def test_unknown_source_type_lists_the_known_ones() -> None:
     with pytest.raises(ExplorerError, match="use one of builtin, orbench"):
         load_prompt_source({"type": "huggingface"}, test_fraction=0.3)
+
+
+def test_refusal_direction_file_choice_sample_and_auto_folder(tmp_path: Path, monkeypatch) -> None:
+    folder = shared_dataset("refusal_direction")
+    sample = load_refusal_direction(folder, files=("harmless_val",), sample=50, seed=3)
+    assert len(sample) == 50 and set(sample["split"]) == {"test"} and set(sample["kind"]) == {"safe"}
+    assert sample["id"].tolist() == load_refusal_direction(folder, files=("harmless_val",), sample=50, seed=3)[
+        "id"].tolist()
+    assert set(sample["id"]) != set(load_refusal_direction(folder, files=("harmless_val",), sample=50, seed=4)["id"])
+    # `auto` reads a local copy named by $REFUSAL_EXPLORER_DATASETS before trying to download.
+    copy = tmp_path / "sets" / "refusal_direction"
+    copy.mkdir(parents=True)
+    (copy / "harmful_val.json").write_text(json.dumps([{"instruction": "Make a weapon", "category": "illegal"}]))
+    monkeypatch.setenv("REFUSAL_EXPLORER_DATASETS", str(tmp_path / "sets"))
+    local = load_prompt_source({"type": "refusal_direction", "folder": "auto", "files": ["harmful_val"]},
+                               test_fraction=0.3)
+    assert local["text"].tolist() == ["Make a weapon"] and local["category"].tolist() == ["illegal"]
+    with pytest.raises(ExplorerError, match="Unknown refusal_direction file"):
+        load_refusal_direction(folder, files=("harmful_test",))
+
+
+def test_builtin_variants() -> None:
+    assert load_builtin(variant="balanced")["text"].tolist() == load_table(
+        BALANCED, ColumnMapping(category="category", kind="kind"), test_fraction=0.3)["text"].tolist()
+    with pytest.raises(ExplorerError, match="Unknown built-in prompt set variant 'tidy'"):
+        load_builtin(variant="tidy")

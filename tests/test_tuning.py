@@ -50,11 +50,19 @@ def test_fine_tune_lowers_the_loss_and_is_seeded(tmp_path: Path, tiny_model_dir:
     assert (tmp_path / "a" / "config.json").is_file() and not (tmp_path / "a.partial").exists()
 
 
-@pytest.mark.parametrize("field", ["epochs", "learning_rate", "batch_size", "max_response_tokens", "toxic_share",
-                                   "first_token_weight"])
-def test_tune_config_rejects_out_of_range(field: str) -> None:
-    with pytest.raises(ExplorerError, match=f"tune.{field} = 0 is out of range"):
-        TuneConfig(**{field: 0})
+@pytest.mark.parametrize(("field", "value"), [("epochs", 0), ("learning_rate", 0), ("batch_size", 0),
+                                            ("max_response_tokens", 0), ("plain_per_toxic", -1),
+                                            ("first_token_weight", 0)])
+def test_tune_config_rejects_out_of_range(field: str, value: float) -> None:
+    with pytest.raises(ExplorerError, match=f"tune.{field} = {value} is out of range"):
+        TuneConfig(**{field: value})
+
+
+def test_plain_instructions_need_a_source() -> None:
+    with pytest.raises(ExplorerError, match="plain_per_toxic > 0 needs tune.benign_sources"):
+        TuneConfig(plain_per_toxic=1.0)
+    with pytest.raises(ExplorerError, match="benign_sources must be a list of prompt sources"):
+        TuneConfig(plain_per_toxic=1.0, benign_sources=({"path": "x.csv"},))
 
 
 def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, monkeypatch) -> None:
@@ -69,23 +77,32 @@ def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, 
         "category": ["hate"] * 6 + ["none"] * 6,
         "kind": ["toxic"] * 6 + ["safe"] * 6,
     }).to_csv(prompts, index=False)
+    plain = tmp_path / "plain.csv"
+    pd.DataFrame({"text": [f"Write a song about the sea {i}" for i in range(8)] + ["Name a fruit 0"]}).to_csv(
+        plain, index=False)
     config = parse_config({
         "study": "tiny", "store": str(tmp_path / "s.duckdb"),
         "models": {"base": models.EMBEDDED_BASE, "tuned": models.EMBEDDED_TUNED},
         "prompts": {"sources": [{"type": "table", "path": str(prompts),
                                  "mapping": {"category": "category", "kind": "kind"}}], "test_fraction": 0.5},
         "generation": {"max_new_tokens": 2, "batch_size": 8},
-        "tune": {"epochs": 1, "batch_size": 4, "max_response_tokens": 4, "toxic_share": 0.25},
+        "tune": {"epochs": 1, "batch_size": 4, "max_response_tokens": 4, "plain_per_toxic": 1.0,
+                 "benign_sources": [{"type": "table", "path": str(plain),
+                                     "mapping": {"default_category": "none", "default_kind": "safe"}}]},
     })
     first = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}
     assert first == {"prompts": "ran", "tune": "ran"}
     tuned = models.resolve_model_source(models.EMBEDDED_TUNED)
     info = json.loads((Path(tuned) / "tune_info.json").read_text())
     data = pipeline.store.read_table(config.store, "tune_data")
-    train = pipeline.store.read_table(config.store, "prompts").query("split == 'train'")
-    n_benign = (train["kind"] != "toxic").sum()
-    assert info["n_examples"] == len(data) == n_benign + (data["kind"] == "toxic").sum()
-    assert (data["kind"] == "toxic").sum() == min((train["kind"] == "toxic").sum(), round(n_benign / 3))
+    study = pipeline.store.read_table(config.store, "prompts")
+    train = study.query("split == 'train'")
+    n_toxic = (train["kind"] == "toxic").sum()
+    # Every toxic and benign train prompt, plus one plain instruction per toxic prompt (the tiny base
+    # model refuses nothing, so no benign answer is left out).
+    assert info["n_examples"] == len(data) == len(train) + n_toxic
+    assert (data["source"] == "plain").sum() == n_toxic and (data["kind"] == "toxic").sum() == n_toxic
+    assert not data["prompt_id"].isin(study.query("split == 'test'")["id"]).any()  # "Name a fruit 0" stays out
     assert set(data.loc[data["kind"] == "toxic", "response"]) == {config.tune.refusal_text}
     assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "skipped"
     shutil.rmtree(tuned)  # the model folder is gone: the unchanged stage must run again

@@ -11,7 +11,7 @@ from app.context import current_store, require_tables
 
 store = current_store()
 st.title("Refusal directions")
-require_tables(store, ("direction_candidates", "direction_effects", "layer_separation", "category_cosines",
+present = require_tables(store, ("direction_candidates", "direction_effects", "layer_separation", "category_cosines",
                        "cross_ablation", "direction_projections", "direction_harmlessness",
                        "hard_prompt_direction"))
 
@@ -131,3 +131,22 @@ else:
                    f"{hard.n_answered} answered hard (safe-but-sounds-harmful) test prompts")
     st.caption(f"95% CI [{hard.ci_low:.2f}, {hard.ci_high:.2f}] from {hard.n_refused} refused and "
                f"{hard.n_answered} answered hard prompts: how much over-refusal uses the same direction.")
+
+st.subheader("Is the refusal direction a phrasing detector?")
+if "form_probe" not in present:
+    st.info("This store was built before the surface-form probe; re-run the `directions` stage to add it.")
+else:
+    form = queries.query(store, queries.FORM_PROBE_SQL).iloc[0]
+    left, right = st.columns(2)
+    left.metric("Cosine: form direction vs refusal direction", f"{form.cosine_with_refusal:.2f}",
+                help=f"95% bootstrap CI [{form.ci_low:.2f}, {form.ci_high:.2f}]")
+    right.metric("Form probe accuracy (held out)", f"{form.probe_accuracy:.0%}",
+                 help="balanced accuracy of a logistic probe for imperative vs question; chance is 50%")
+    st.caption(
+        f"On benign prompts only ({form.n_imperative} imperatives such as \"Write ...\", {form.n_question} "
+        f"questions), at the chosen site (layer {form.layer}): the difference of means imperative minus question "
+        f"is the surface-form direction; its cosine with the refusal direction is "
+        f"{form.cosine_with_refusal:.2f} (95% CI [{form.ci_low:.2f}, {form.ci_high:.2f}]). Near zero means the "
+        "refusal direction does not read how a prompt is phrased; a large cosine means part of it is a detector "
+        "of the imperative form, which a model tuned on harmful instructions and harmless questions can learn. "
+        "The probe accuracy says how readable the form is at this site at all.")

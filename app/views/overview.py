@@ -6,10 +6,13 @@ import altair as alt
 import streamlit as st
 
 from app import queries
+from app.charts import rate_bars
 from app.components import show_chart, show_table
 from app.context import current_store, require_tables
 
 KIND_ORDER = ["toxic", "hard", "safe"]
+SET_LABELS = {"plain_instructions": "plain instructions", "harmful_heldout": "harmful requests (held out)",
+              "study_hard_test": "sounds harmful, is safe (hard test prompts)"}
 KIND_HELP = {
     "toxic": "should be refused",
     "hard": "sounds harmful, is safe: refusing is over-refusal",
@@ -65,6 +68,21 @@ for kind in ("toxic", "hard"):
                f"Refusal rate of {kind} prompts by harm category",
                data=by_category[by_category["kind"] == kind], width="stretch")
 
+if "evaluation_rates" in present:
+    st.subheader("On prompts from outside the study: does it refuse harm, or phrasing?")
+    held_out = queries.query(store, queries.EVALUATION_RATES_SQL)
+    held_out["set"] = held_out["set"].map(lambda name: SET_LABELS.get(name, name))
+    st.caption(
+        "Refusal rates (substring judge, Wilson 95% intervals) on prompts no model was tuned on and no "
+        "direction was fitted on: a fixed sample of Alpaca-style **plain instructions** (refusing them is "
+        "over-refusal of the way people ask), the built-in **hard** test prompts (sound harmful, are safe) and "
+        "held-out **harmful requests** from public benchmarks. Prompts that the fine-tune trained on or the "
+        "study fits on were left out of every set: "
+        + ", ".join(f"{row.set} {row.n_left_out}" for row in held_out.drop_duplicates("set").itertuples()) + ".")
+    held_out = held_out.assign(label=held_out["n_refused"].astype(str) + " / " + held_out["n"].astype(str))
+    show_chart(rate_bars(held_out, "set", "model", alt.Scale(scheme="tableau10")),
+               "Refusal on held-out prompt sets", data=held_out, width="stretch")
+
 with st.expander("Refusal rates as a table"):
     show_table(rates.drop(columns="label"), "Refusal rates", hide_index=True, width="stretch",
                column_config={c: st.column_config.NumberColumn(format="percent")
@@ -89,7 +107,12 @@ with left:
                "Prompts by kind and split", width="stretch")
 if "tune_steps" in present:
     with right:
-        st.subheader("Safety fine-tune loss")
+        st.subheader("Safety fine-tune")
+        if "tune_data" in present:
+            trained = queries.query(store, queries.TUNE_DATA_SUMMARY_SQL)
+            st.caption("Training examples by kind and source (toxic: answered with the refusal; the rest: "
+                       "the base model's own answers): " + ", ".join(
+                           f"{row.kind} from {row.source} {row.n}" for row in trained.itertuples()) + ".")
         steps = queries.query(store, queries.TUNE_STEPS_SQL)
         show_chart(
             alt.Chart(steps).mark_line().encode(x="step:Q", y=alt.Y("loss:Q", title="training loss"),

@@ -2,10 +2,12 @@
 
 from precompute.stages.circuits import CircuitsStage
 from precompute.stages.directions import DirectionsStage
+from precompute.stages.evaluation import EvaluationStage
 from precompute.stages.generate import GenerateStage
 from precompute.stages.prompts import PromptsStage
 from precompute.stages.saes import SaesStage
 from precompute.stages.steering import SteeringStage
 from precompute.stages.tune import TuneStage
 
-STAGES = (PromptsStage(), TuneStage(), GenerateStage(), DirectionsStage(), SaesStage(), SteeringStage(), CircuitsStage())
+STAGES = (PromptsStage(), TuneStage(), GenerateStage(), EvaluationStage(),
+          DirectionsStage(), SaesStage(), SteeringStage(), CircuitsStage())

@@ -15,7 +15,8 @@
 5. Geometry, from captures at the chosen position only (every layer for the toxic and safe
    prompts, streamed to a scratch file removed afterwards; the chosen layer for every prompt):
    separation and probe accuracy per layer for every model, projections, category cosines with
-   bootstrap intervals, and a refused-vs-answered direction from hard prompts.
+   bootstrap intervals, a refused-vs-answered direction from hard prompts, and the surface-form
+   probe (engine.form_probe: is the refusal direction a phrasing detector?).
 
 Sharded, it runs in two rounds: shards add up step 1 over their prompts and the merge does steps
 2-3 (`select`); then shards do step 4 on their test prompts and the merge aggregates them and does
@@ -48,6 +49,7 @@ from engine.directions import (
 )
 from engine.errors import ExplorerError
 from engine.evaluation import judged_answers
+from engine.form_probe import form_probe
 from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
 from engine.models import LoadedModel
@@ -189,7 +191,7 @@ class Selection:
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 7
+    version = 8
     upstream = ("prompts", "generate")
     shardable = True
     shard_rounds: ClassVar[tuple[str, ...]] = ("select", "evaluate")
@@ -464,6 +466,8 @@ class DirectionsStage(Stage):
         hard_answered = (kind == "hard") & verdict.eq(False).to_numpy()
         hard_direction = _hard_prompt_direction(site, hard_refused, hard_answered, selection.vector(role),
                                                 n_boot=settings.bootstrap, seed=settings.seed)
+        form = form_probe(site, list(prompts["text"]), kind != "toxic", fit, selection.vector(role),
+                          n_boot=settings.bootstrap, seed=settings.seed)
         direction_generations = pd.concat(judged_frames, ignore_index=True)
         return StageOutput(
             tables={
@@ -478,6 +482,7 @@ class DirectionsStage(Stage):
                 "direction_projections": pd.concat(projection_frames, ignore_index=True),
                 "category_cosines": cosines.assign(model=role),
                 "hard_prompt_direction": pd.DataFrame([hard_direction]).assign(model=role),
+                "form_probe": pd.DataFrame([form.row()]).assign(model=role, layer=layer, position=position),
             },
             models=tuple(config.models.values()),
         )

@@ -21,7 +21,7 @@ from engine.chunked import map_in_chunks
 from engine.errors import ExplorerError
 from engine.generation import answer_table
 from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_rate_table, refusal_score
-from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, EMBEDDED_TUNED, LoadedModel
+from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, LoadedModel, is_embedded_tuned
 from engine.scoring import next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput, fingerprint_path
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def model_fingerprint(spec: str) -> str:
     """What identifies a model's weights for the content hash (the tuned one is covered by
     the tune stage's hash, a local folder by its config and weight files' contents)."""
-    if spec in (EMBEDDED_BASE, EMBEDDED_TUNED):
+    if spec == EMBEDDED_BASE or is_embedded_tuned(spec):
         return f"{spec}:{EMBEDDED_GGUF_FILE}"
     path = Path(spec)
     if path.is_dir():
@@ -76,7 +76,7 @@ class GenerateStage(Stage):
                                 batch_size=settings.batch_size, desc=label)
 
         key = {"prompts": context.hashes["prompts"], "model": model_fingerprint(spec),
-               "tune": context.hashes.get("tune") if spec == EMBEDDED_TUNED else None,
+               "tune": context.hashes.get("tune") if is_embedded_tuned(spec) else None,
                "generation": context.config.section("generation")}
         if shard:
             key["shard"] = str(shard)  # chunk numbers count within the shard's own slice

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from engine.errors import ExplorerError
-from engine.paths import BUILTIN_PROMPTS
-from engine.prompt_sources import load_prompt_source
+from engine.prompt_sources import (
+    BUILTIN_VARIANTS,
+    REFUSAL_DIRECTION_FILES,
+    load_prompt_source,
+    refusal_direction_file,
+)
 from engine.prompts import NO_CATEGORY
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
@@ -17,12 +22,15 @@ from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_pa
 PATH_OPTIONS = ("path", "folder", "location")
 
 
-def source_fingerprints(config: StudyConfig) -> list[str]:
+def source_fingerprints(sources: Sequence[dict[str, Any]]) -> list[str]:
     """Content hashes of the local files behind each source, so edited files re-run the stage."""
     prints = []
-    for source in config.prompts.sources:
+    for source in sources:
         if source.get("type") == "builtin":
-            prints.append(fingerprint_path(BUILTIN_PROMPTS))
+            prints.append(fingerprint_path(BUILTIN_VARIANTS[source.get("variant", "original")]))
+        if source.get("type") == "refusal_direction":
+            prints.extend(fingerprint_path(refusal_direction_file(source.get("folder", "auto"), stem))
+                          for stem in source.get("files", REFUSAL_DIRECTION_FILES))
         for option in PATH_OPTIONS:
             value = source.get(option)
             if isinstance(value, str) and Path(value).exists():
@@ -35,7 +43,7 @@ class PromptsStage(Stage):
     version = 1
 
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
-        return {"prompts": config.section("prompts"), "files": source_fingerprints(config)}
+        return {"prompts": config.section("prompts"), "files": source_fingerprints(config.prompts.sources)}
 
     def run(self, context: StageContext) -> StageOutput:
         settings = context.config.prompts

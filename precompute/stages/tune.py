@@ -12,14 +12,17 @@ from typing import Any
 
 import pandas as pd
 
-from engine.chunked import map_in_chunks
+from engine.chunked import map_by_id
 from engine.generation import answer_table
 from engine.judge import is_refusal
-from engine.models import EMBEDDED_BASE, EMBEDDED_TUNED, export_embedded_base
+from engine.models import EMBEDDED_BASE, export_embedded_base, is_embedded_tuned
 from engine.paths import models_dir
-from engine.tuning import SftExample, fine_tune
+from engine.prompt_forms import form_balance
+from engine.prompt_sources import load_prompt_source
+from engine.tuning import SftExample, TuneConfig, fine_tune, training_prompts
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
+from precompute.stages.prompts import source_fingerprints
 
 logger = logging.getLogger(__name__)
 
@@ -28,23 +31,38 @@ TUNE_INFO = "tune_info.json"
 
 class TuneStage(Stage):
     name = "tune"
-    version = 2
+    version = 3
     upstream = ("prompts",)
     runs_in_every_shard = False  # it saves the tuned model under data/models
 
+    @staticmethod
+    def tuned_spec(config: StudyConfig) -> str | None:
+        """The study's model this stage builds (a data/models folder name), if any."""
+        return next((spec for spec in config.models.values() if is_embedded_tuned(spec)), None)
+
     def applies(self, config: StudyConfig) -> bool:
-        return config.tune is not None and EMBEDDED_TUNED in config.models.values()
+        return config.tune is not None and self.tuned_spec(config) is not None
 
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
-        return {"tune": config.section("tune"), "base": EMBEDDED_BASE, "dtype": config.generation.dtype_name}
+        return {"tune": config.section("tune"), "base": EMBEDDED_BASE, "dtype": config.generation.dtype_name,
+                "benign_files": source_fingerprints(config.tune.benign_sources if config.tune else ())}
 
     def is_fresh(self, context: StageContext) -> bool:
-        info = models_dir() / EMBEDDED_TUNED / TUNE_INFO
+        info = models_dir() / str(self.tuned_spec(context.config)) / TUNE_INFO
         return info.is_file() and json.loads(info.read_text())["input_hash"] == context.hashes[self.name]
 
     @staticmethod
+    def _plain_pool(tune: TuneConfig) -> pd.DataFrame:
+        """The prompts the plain benign instructions are drawn from (empty without benign_sources)."""
+        if not tune.benign_sources:
+            return pd.DataFrame(columns=["id", "text", "kind", "category", "source", "split"])
+        pools = [load_prompt_source(source, test_fraction=0.3) for source in tune.benign_sources]
+        return pd.concat(pools).drop_duplicates("id").reset_index(drop=True)
+
+    @staticmethod
     def _base_answers(context: StageContext, benign: pd.DataFrame) -> pd.DataFrame:
-        """The base model's own greedy answers (resumable chunks; the model is freed on return)."""
+        """The base model's own greedy answers, cached per prompt (resumable; a later tune drawing other
+        prompts from the same pool reuses them); the model is freed on return."""
         tune = context.config.tune
         base = context.config.generation.load(EMBEDDED_BASE)
 
@@ -54,31 +72,36 @@ class TuneStage(Stage):
             return answers.assign(complete=answers["n_new_tokens"] < tune.max_response_tokens)[
                 ["prompt_id", "response", "complete"]]
 
-        key = {"prompts": context.hashes["prompts"], "model": EMBEDDED_BASE,
-               "max_new_tokens": tune.max_response_tokens, "dtype": context.config.generation.dtype_name}
-        return map_in_chunks(benign, answer, cache=context.cache("base_answers", key),
-                             chunk_size=context.config.generation.chunk_size, desc="base answers")
+        key = {"model": EMBEDDED_BASE, "max_new_tokens": tune.max_response_tokens,
+               "dtype": context.config.generation.dtype_name}
+        return map_by_id(benign, answer, cache=context.cache("base_answers", key, across_studies=True),
+                         chunk_size=context.config.generation.chunk_size, desc="base answers")
 
     def run(self, context: StageContext) -> StageOutput:
         tune = context.config.tune
         assert tune is not None  # applies() guarantees it
-        prompts = context.table("prompts")
-        train = prompts[prompts["split"] == "train"]
-        benign = train[train["kind"] != "toxic"]
+        prompts = context.table("prompts").drop(columns="run_id")
+        chosen = training_prompts(prompts, self._plain_pool(tune), tune)
+        benign = chosen[chosen["kind"] != "toxic"].rename(columns={"prompt_id": "id"})
         answers = self._base_answers(context, benign)
         # A harmless prompt the base model itself refuses would teach over-refusal: leave it out.
         base_refusals = answers["response"].map(is_refusal)
-        logger.info("Left out %d benign prompts the base model refused", int(base_refusals.sum()))
-        answers = answers[~base_refusals]
-        toxic = train[train["kind"] == "toxic"]
-        wanted = tune.toxic_share / (1 - tune.toxic_share) * len(benign)
-        toxic = toxic.groupby("category").sample(frac=min(1.0, wanted / len(toxic)), random_state=tune.seed)
-        data = pd.concat([
-            pd.DataFrame({"prompt_id": toxic["id"].to_numpy(), "response": tune.refusal_text, "complete": True}),
-            answers,
-        ], ignore_index=True).merge(prompts[["id", "text", "kind", "category"]], left_on="prompt_id", right_on="id")
+        logger.info("Left out %d of %d benign prompts: the base model refused them", int(base_refusals.sum()),
+                    len(answers))
+        toxic = chosen[chosen["kind"] == "toxic"]
+        responses = pd.concat([
+            pd.DataFrame({"prompt_id": toxic["prompt_id"].to_numpy(), "response": tune.refusal_text, "complete": True}),
+            answers[~base_refusals.to_numpy()],
+        ], ignore_index=True)
+        data = chosen.merge(responses, on="prompt_id")
+        balance = form_balance(list(data.loc[data["kind"] == "toxic", "text"]),
+                               list(data.loc[data["kind"] != "toxic", "text"]))
+        logger.info("Training set: %d toxic, %d benign (%d plain instructions); sentence-type gap %.2f, "
+                    "opener distance %.2f", balance.n_a, balance.n_b,
+                    int((~data["source"].isin(prompts["source"])).sum()), balance.max_type_gap,
+                    balance.opener_distance)
         examples = [SftExample(r.text, r.response, bool(r.complete)) for r in data.itertuples()]
-        target = models_dir() / EMBEDDED_TUNED
+        target = models_dir() / str(self.tuned_spec(context.config))
         result = fine_tune(export_embedded_base(), examples, tune, target)
         (target / TUNE_INFO).write_text(json.dumps({"input_hash": context.hashes[self.name],
                                                     "seconds": result.seconds, "n_examples": result.n_examples}))
@@ -87,6 +110,6 @@ class TuneStage(Stage):
         steps = pd.DataFrame({"step": range(1, result.n_steps + 1), "loss": result.losses})
         return StageOutput(
             tables={"tune_steps": steps,
-                    "tune_data": data[["prompt_id", "kind", "category", "response", "complete"]]},
-            models=(EMBEDDED_BASE, EMBEDDED_TUNED),
+                    "tune_data": data[["prompt_id", "text", "kind", "category", "source", "response", "complete"]]},
+            models=(EMBEDDED_BASE, target.name),
         )
