@@ -51,3 +51,11 @@ def test_evaluation_tables_hold_only_held_out_prompts_and_count_them(tiny_store:
 def test_evaluation_config_errors(settings: dict, message: str) -> None:
     with pytest.raises(ExplorerError, match=message):
         EvaluationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
+
+def test_judge_agreement_is_measured_on_answers_the_refusal_tokens_were_not_read_off(tiny_store: Path) -> None:
+    generations = store.read_table(tiny_store, "generations")
+    agreement = store.read_table(tiny_store, "judge_agreement").query("kind == 'all'").set_index("model")
+    for model, group in generations.groupby("model"):
+        assert 0.3 < group["token_fit"].mean() < 0.7
+        assert agreement.loc[model, "n"] == (~group["token_fit"]).sum()

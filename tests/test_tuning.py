@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -105,8 +106,19 @@ def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, 
     assert not data["prompt_id"].isin(study.query("split == 'test'")["id"]).any()  # "Name a fruit 0" stays out
     assert set(data.loc[data["kind"] == "toxic", "response"]) == {config.tune.refusal_text}
     assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "skipped"
+    # Another study with the same tune inputs but its own model folder (a sweep point adopted as the
+    # study's setting) copies the built model instead of training again.
+    adopted = dataclasses.replace(config, store=tmp_path / "adopted.duckdb",
+                                  models={**config.models, "tuned": models.EMBEDDED_TUNED + "-adopted"})
+    real_fine_tune = tune_stage.fine_tune
+    monkeypatch.setattr(tune_stage, "fine_tune", lambda *args: pytest.fail("trained again"))
+    assert {r.stage: r.status for r in pipeline.run_pipeline(adopted, STAGES, until="tune")}["tune"] == "ran"
+    copy = Path(models.resolve_model_source(models.EMBEDDED_TUNED + "-adopted"))
+    assert (copy / "model.safetensors").read_bytes() == (Path(tuned) / "model.safetensors").read_bytes()
+    assert pipeline.store.read_table(adopted.store, "tune_steps")["loss"].tolist() == info["losses"]
+    monkeypatch.setattr(tune_stage, "fine_tune", real_fine_tune)
+    shutil.rmtree(copy)
     shutil.rmtree(tuned)  # the model folder is gone: the unchanged stage must run again
-    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}["tune"] == "ran"
 
 
 def test_weighted_loss_matches_plain_loss_and_weights_the_first_answer_token() -> None:

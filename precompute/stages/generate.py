@@ -1,7 +1,8 @@
 """Stage `generate`: every model answers the chosen splits; both judges score the answers.
 
 Writes `generations` (one row per prompt x model: response, substring-judge label, refusal
-score), `refusal_tokens` (what the score reads, per model), `judge_agreement` and
+score, `token_fit`: whether its answer was one the refusal tokens were read off), `refusal_tokens`
+(what the score reads, per model), `judge_agreement` (on the other half of the answers only) and
 `refusal_rates` (per model x category x kind, with Wilson 95% intervals).
 
 Shardable: `run --shard K/N` answers one slice of the prompts; `merge` judges all of them.
@@ -22,12 +23,18 @@ from engine.errors import ExplorerError
 from engine.generation import answer_table
 from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_rate_table, refusal_score
 from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, LoadedModel, is_embedded_tuned
+from engine.prompts import stable_split
 from engine.scoring import next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput, fingerprint_path
 from precompute.shards import ShardSpec, in_shard
 
 logger = logging.getLogger(__name__)
+
+
+def token_fit_half(texts: pd.Series) -> np.ndarray:
+    """A fixed half of the prompts (by a stable hash of the text): their answers choose the refusal tokens."""
+    return np.array([stable_split("refusal tokens:" + text, 0.5) == "test" for text in texts], dtype=bool)
 
 
 def model_fingerprint(spec: str) -> str:
@@ -43,7 +50,7 @@ def model_fingerprint(spec: str) -> str:
 
 class GenerateStage(Stage):
     name = "generate"
-    version = 1
+    version = 2
     upstream = ("prompts", "tune")
     # Sharded, each shard writes its raw answers; the merge finds the refusal tokens over all of them
     # and scores every prompt (one forward pass each, no generation) before the aggregates.
@@ -90,7 +97,11 @@ class GenerateStage(Stage):
         and judge agreement."""
         config = context.config
         answers = answers.assign(refused=[is_refusal(text) for text in answers["response"]])
-        found = find_refusal_tokens(model.tokenizer, answers["first_token_id"].tolist(), answers["refused"].tolist(),
+        # The refusal tokens are read off one half of the answers and the judges' agreement is measured on
+        # the other, so the score is never checked on the answers it was fitted to.
+        answers["token_fit"] = token_fit_half(selected["text"])
+        fit = answers[answers["token_fit"]]
+        found = find_refusal_tokens(model.tokenizer, fit["first_token_id"].tolist(), fit["refused"].tolist(),
                                     min_share=config.judge.min_share, enrichment=config.judge.enrichment)
         logger.info("%s refusal tokens (%s): %s", role, found.source, list(found.tokens))
         logprobs = next_token_logprobs(model, list(selected["text"]), token_ids=found.token_ids,
@@ -101,10 +112,11 @@ class GenerateStage(Stage):
             selected[["id", "category", "kind", "split"]], left_on="prompt_id", right_on="id").drop(columns="id")
         tokens = pd.DataFrame({"model": role, "token_id": found.token_ids, "token": found.tokens,
                                "share_of_refusals": found.share_of_refusals, "source": found.source})
+        held = frame[~frame["token_fit"]]
         agreements = [
-            {"model": role, "kind": kind, **judge_agreement(group["refused"].tolist(),
-                                                            group["refusal_score"].tolist()).__dict__}
-            for kind, group in [("all", frame), *frame.groupby("kind")]
+            {"model": role, "kind": kind, "prompts": "held out from the token search",
+             **judge_agreement(group["refused"].tolist(), group["refusal_score"].tolist()).__dict__}
+            for kind, group in [("all", held), *held.groupby("kind")]
         ]
         return frame, tokens, agreements
 

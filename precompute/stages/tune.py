@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -27,6 +29,15 @@ from precompute.stages.prompts import source_fingerprints
 logger = logging.getLogger(__name__)
 
 TUNE_INFO = "tune_info.json"
+
+
+def built_with(input_hash: str) -> Path | None:
+    """A tuned model folder under data/models whose tune had exactly these inputs, if one is there."""
+    for info in sorted(models_dir().glob(f"*/{TUNE_INFO}")):
+        recorded = json.loads(info.read_text())
+        if recorded.get("input_hash") == input_hash and "losses" in recorded:
+            return info.parent
+    return None
 
 
 class TuneStage(Stage):
@@ -102,12 +113,25 @@ class TuneStage(Stage):
                     balance.opener_distance)
         examples = [SftExample(r.text, r.response, bool(r.complete)) for r in data.itertuples()]
         target = models_dir() / str(self.tuned_spec(context.config))
-        result = fine_tune(export_embedded_base(), examples, tune, target)
-        (target / TUNE_INFO).write_text(json.dumps({"input_hash": context.hashes[self.name],
-                                                    "seconds": result.seconds, "n_examples": result.n_examples}))
-        logger.info("Fine-tuned on %d examples in %.0f s (final loss %.3f)",
-                    result.n_examples, result.seconds, result.losses[-1])
-        steps = pd.DataFrame({"step": range(1, result.n_steps + 1), "loss": result.losses})
+        built = built_with(context.hashes[self.name])
+        if built is not None and built != target:
+            # Same inputs, same seeded weights: e.g. a tune-sweep point adopted as the study's setting.
+            logger.info("Reusing %s: a tune with these exact inputs (hash %s)", built, context.hashes[self.name])
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(built, partial)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.replace(target)
+            losses = json.loads((target / TUNE_INFO).read_text())["losses"]
+        else:
+            result = fine_tune(export_embedded_base(), examples, tune, target)
+            losses = list(result.losses)
+            (target / TUNE_INFO).write_text(json.dumps({
+                "input_hash": context.hashes[self.name], "seconds": result.seconds, "n_examples": result.n_examples,
+                "losses": losses}))
+            logger.info("Fine-tuned on %d examples in %.0f s (final loss %.3f)",
+                        result.n_examples, result.seconds, losses[-1])
+        steps = pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses})
         return StageOutput(
             tables={"tune_steps": steps,
                     "tune_data": data[["prompt_id", "text", "kind", "category", "source", "response", "complete"]]},
