@@ -106,14 +106,15 @@ def form_scores(study: StudyConfig, layer_share: float) -> dict[str, Any]:
 
 
 def point_scores(study: StudyConfig) -> dict[str, Any]:
-    """Refusal rates (Wilson 95% intervals) of a measured point: test prompts by kind, evaluation sets."""
+    """The tuned model's refusal rates (Wilson 95% intervals) at a measured point: test prompts by kind and
+    evaluation sets (the point that is the study itself also holds its base model's answers)."""
     row: dict[str, Any] = {}
-    generations = store.read_table(study.store, "generations")
+    generations = store.read_table(study.store, "generations").query("model == 'tuned'")
     test = generations[generations["split"] == "test"]
     for kind, group in test.groupby("kind"):
         row[f"{kind}_test"] = _rate(group["refused"])
     if study.evaluation is not None:
-        evaluated = store.read_table(study.store, "evaluation_generations")
+        evaluated = store.read_table(study.store, "evaluation_generations").query("model == 'tuned'")
         for name, group in evaluated.groupby("set"):
             row[name] = _rate(group["refused"])
     data = store.read_table(study.store, "tune_data")

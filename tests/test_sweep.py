@@ -32,5 +32,5 @@ def test_each_point_has_its_own_model_folder_and_store() -> None:
 
 def test_the_point_with_the_configs_own_settings_is_the_study_itself() -> None:
     config = load_config("precompute/configs/demo.yaml")
-    own = {"learning_rate": config.tune.learning_rate, "builtin": config.prompts.sources[0]["variant"]}
+    own = {"plain_per_toxic": config.tune.plain_per_toxic, "builtin": config.prompts.sources[0]["variant"]}
     assert point_config(config, own) is config
