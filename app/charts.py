@@ -141,7 +141,9 @@ def similarity_heatmap(data: pd.DataFrame, rows: str, columns: str, y_title: str
         color=alt.Color("value:Q", title="similarity", scale=SIMILARITY_SCALE),
         tooltip=[alt.Tooltip("row"), alt.Tooltip("column"), alt.Tooltip("measure:N"),
                  alt.Tooltip("value:Q", format=".3f", title="similarity"),
-                 alt.Tooltip("ci:N", title="95% CI"), alt.Tooltip("p_value:Q", format=".3g", title="permutation p"),
+                 alt.Tooltip("ci:N", title="95% bootstrap range"),
+                 alt.Tooltip("p_value:Q", format=".3g", title="permutation p (this pair alone)"),
+                 alt.Tooltip("p_holm:Q", format=".3g", title="p, Holm-corrected for all pairs"),
                  alt.Tooltip("n_a:Q", title="prompts (row)"), alt.Tooltip("n_b:Q", title="prompts (column)")])
     if data[rows].nunique() > LABELLED_ROWS:
         return cells
@@ -149,6 +151,33 @@ def similarity_heatmap(data: pd.DataFrame, rows: str, columns: str, y_title: str
         text=alt.Text("value:Q", format=".2f"),
         color=alt.condition("abs(datum.value) > 0.6", alt.value("white"), alt.value("black")))
     return cells + text
+
+
+VERDICT_COLORS = alt.Scale(domain=["monolithic", "partially modular", "modular", "inconclusive"],
+                           range=["#d62728", "#9467bd", "#1f77b4", "#bdbdbd"])
+
+
+def calibration_curve(calibration: pd.DataFrame, detectable: float) -> alt.LayerChart:
+    """The rule's verdicts on simulated studies with a planted category share q (the study's sizes
+    and noise): a stacked bar of verdict shares per q, the smallest detectable q marked."""
+    labels = {"monolithic": "monolithic", "partially_modular": "partially modular", "modular": "modular",
+              "inconclusive": "inconclusive"}
+    long = calibration.melt(id_vars=["share", "true_ratio", "truth", "n_simulations", "detected"],
+                            value_vars=list(labels), var_name="verdict", value_name="fraction")
+    long["verdict"] = long["verdict"].map(labels)
+    long["order"] = long["verdict"].map({label: i for i, label in enumerate(labels.values())})
+    bars = alt.Chart(long).mark_bar().encode(
+        x=alt.X("share:O", title="planted category-specific share q"),
+        y=alt.Y("fraction:Q", title="share of simulated studies", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("verdict:N", scale=VERDICT_COLORS, title="verdict"), order=alt.Order("order:Q"),
+        tooltip=[alt.Tooltip("share:Q", title="q"), alt.Tooltip("verdict:N"),
+                 alt.Tooltip("fraction:Q", format=".0%", title="of simulations"),
+                 alt.Tooltip("true_ratio:Q", format=".2f", title="true ratio"),
+                 alt.Tooltip("truth:N", title="deserved verdict"), alt.Tooltip("n_simulations:Q", title="simulations")])
+    marks = pd.DataFrame({"share": [detectable] if np.isfinite(detectable) else []})
+    rule = alt.Chart(marks).mark_rule(strokeDash=[4, 3], color="black", strokeWidth=2).encode(
+        x=alt.X("share:O", bandPosition=0.5))
+    return alt.layer(bars, rule).properties(height=260)
 
 
 def patching_map(patching: pd.DataFrame, rows: str) -> alt.Chart:

@@ -62,7 +62,7 @@ def verdict_evidence(verdicts: tuple[VerdictFinding, ...], names: tuple[str, ...
     against the verdict bands; `names` label the rows when verdicts come from several studies."""
     frame = pd.DataFrame([{
         "kind": f"{name}: {v.kind}" if name else v.kind, "ratio": v.ratio, "low": v.ratio_low, "high": v.ratio_high, "label": v.label,
-        "between": v.between, "ceiling": v.ceiling, "p": v.p_value, "certainty": v.certainty,
+        "between": v.between, "ceiling": v.ceiling, "p": v.p_value, "share": v.category_share,
     } for v, name in zip(verdicts, names or ("",) * len(verdicts), strict=True)])
     first = verdicts[0]
     bands = pd.DataFrame([
@@ -78,11 +78,12 @@ def verdict_evidence(verdicts: tuple[VerdictFinding, ...], names: tuple[str, ...
                                     scale=alt.Scale(domain=["modular", "partially modular", "monolithic"],
                                                     range=["#1f77b4", "#9467bd", "#d62728"])))
     base = alt.Chart(frame).encode(y=alt.Y("kind:N", title=None, sort=list(frame["kind"])))
-    tooltip = [alt.Tooltip("kind:N"), alt.Tooltip("label:N", title="verdict"), alt.Tooltip("certainty:N"),
+    tooltip = [alt.Tooltip("kind:N"), alt.Tooltip("label:N", title="verdict"),
+               alt.Tooltip("share:Q", format=".2f", title="category-specific share q"),
                alt.Tooltip("ratio:Q", format=".2f"), alt.Tooltip("low:Q", format=".2f", title="95% CI low"),
                alt.Tooltip("high:Q", format=".2f", title="95% CI high"),
                alt.Tooltip("between:Q", format=".2f", title="mean cosine between categories"),
-               alt.Tooltip("ceiling:Q", format=".2f", title="split-half ceiling"),
+               alt.Tooltip("ceiling:Q", format=".2f", title="within-category ceiling"),
                alt.Tooltip("p:Q", format=".3f", title="permutation p")]
     interval = base.mark_rule(strokeWidth=3).encode(x=alt.X("low:Q", scale=scale), x2="high:Q", tooltip=tooltip)
     point = base.mark_point(filled=True, size=140, color="black").encode(x=alt.X("ratio:Q", scale=scale),

@@ -78,36 +78,60 @@ class DirectionFinding:
 @dataclass(frozen=True)
 class VerdictFinding:
     kind: str
-    label: str
+    label: str  # monolithic / partially modular / modular / inconclusive
     reason: str
-    between: float
-    between_low: float
-    between_high: float
-    ceiling: float
+    between: float  # mean cosine between categories' circuits (shrunk by noise)
+    ceiling: float  # mean within-category reliability: what `between` reaches if categories are alike
     ratio: float
-    ratio_low: float
+    ratio_low: float  # the joint bootstrap's 95% interval
     ratio_high: float
-    p_value: float
+    category_share: float  # estimated category-specific share q of the mean effect
+    share_low: float
+    share_high: float
+    p_value: float  # permutation test of any category structure
     permutations: int
+    alpha: float
     seeds_label: str
     n_categories: int
+    prompts_per_category: int
     jaccard: float
+    jaccard_split_half: float
+    centred_within: float  # how reproducible the category tails are (0: no tails)
+    error_share: float  # SAE error nodes' share of the circuits' |effect|, left out of the comparison
+    decoding_accuracy: float
+    decoding_chance: float
+    decoding_p: float
+    detectable_share: float  # smallest planted q detected in >= 80% of simulations (NaN: none on the grid)
+    largest_share: float  # the calibration grid's largest q
+    false_modular: float  # share of "modular" verdicts on simulated studies with q = 0
+    decisive_prompts: float  # prompts per category that would decide an inconclusive verdict (NaN: none tried)
     core_size: int
     circuit_size: int
     monolithic_ratio: float
     modular_ratio: float
 
     @property
-    def certainty(self) -> str:
-        """How sure: does the ratio's whole 95% interval sit in the verdict's band?"""
-        if self.label == "monolithic" and self.ratio_low >= self.monolithic_ratio:
-            return "firm"
-        if self.label == "modular" and self.ratio_high < self.modular_ratio:
-            return "firm"
-        if self.label == "partially modular" and self.modular_ratio <= self.ratio_low \
-                and self.ratio_high < self.monolithic_ratio:
-            return "firm"
-        return "tentative"
+    def structure_detected(self) -> bool:
+        """Do categories differ detectably, by the permutation test or by decoding?"""
+        return self.p_value < self.alpha or self.decoding_p < self.alpha
+
+    def structure_text(self) -> str:
+        """What the study can say about category structure at all, in words that match its power."""
+        decoding = (f"a prompt's category is read off its node effects {self.decoding_accuracy:.0%} of the time "
+                    f"against {self.decoding_chance:.0%} chance (p = {self.decoding_p:.3g})")
+        if self.structure_detected:
+            return f"categories do differ detectably (permutation p = {self.p_value:.3g}; {decoding})"
+        return (f"no category structure is detectable with {self.prompts_per_category} prompts per category "
+                f"(permutation p = {self.p_value:.3g}; {decoding}), which is not evidence that there is none")
+
+    def calibration_text(self) -> str:
+        """What the rule can detect at this study's size, from its planted-effect calibration."""
+        size = f"at this study's size ({self.prompts_per_category} prompts per category, its own noise)"
+        detected = (f"the rule detects a category-specific share of q = {self.detectable_share:.2f} or more in at "
+                    "least 80% of simulations" if math.isfinite(self.detectable_share) else
+                    f"the rule does not reliably detect category structure even at q = {self.largest_share:.2f}")
+        return (f"calibrated on planted effects {size}, {detected}, and says \"modular\" in "
+                f"{self.false_modular:.0%} of simulations without any category structure")
 
 
 @dataclass(frozen=True)
@@ -215,12 +239,16 @@ def _verdicts(store: Path, present: frozenset[str]) -> tuple[VerdictFinding, ...
         return ()
     frame = queries.query(store, queries.CIRCUIT_VERDICTS_SQL)
     return tuple(VerdictFinding(
-        kind=row.kind, label=row.label, reason=row.reason, between=row.between, between_low=row.between_low,
-        between_high=row.between_high, ceiling=row.ceiling, ratio=row.ratio, ratio_low=row.ratio_low,
-        ratio_high=row.ratio_high, p_value=row.p_value, permutations=int(row.permutations),
-        seeds_label=row.seeds_label, n_categories=int(row.n_categories), jaccard=row.mean_jaccard,
-        core_size=int(row.core_size), circuit_size=int(row.circuit_size),
-        monolithic_ratio=row.monolithic_ratio, modular_ratio=row.modular_ratio,
+        kind=row.kind, label=row.label, reason=row.reason, between=row.between, ceiling=row.ceiling,
+        ratio=row.ratio, ratio_low=row.ratio_low, ratio_high=row.ratio_high, category_share=row.category_share,
+        share_low=row.category_share_low, share_high=row.category_share_high, p_value=row.p_value,
+        permutations=int(row.permutations), alpha=row.alpha, seeds_label=row.seeds_label,
+        n_categories=int(row.n_categories), prompts_per_category=int(row.prompts_per_category),
+        jaccard=row.mean_jaccard, jaccard_split_half=row.jaccard_split_half, centred_within=row.centred_within,
+        error_share=row.error_share, decoding_accuracy=row.decoding_accuracy, decoding_chance=row.decoding_chance,
+        decoding_p=row.decoding_p, detectable_share=row.detectable_share, largest_share=row.largest_share,
+        false_modular=row.false_modular, decisive_prompts=row.decisive_prompts, core_size=int(row.core_size),
+        circuit_size=int(row.circuit_size), monolithic_ratio=row.monolithic_ratio, modular_ratio=row.modular_ratio,
     ) for row in frame.itertuples())
 
 
@@ -263,10 +291,19 @@ def caveats(findings: Findings) -> tuple[str, ...]:
                      f"KL of {direction.kl:.2f}, above the {direction.max_kl:g} target: the direction carries "
                      "some non-refusal information too.")
     for verdict in findings.verdicts:
-        if verdict.certainty == "tentative":
-            notes.append(f"The {verdict.kind} verdict is tentative: the ratio's 95% interval "
-                         f"({verdict.ratio_low:.2f}–{verdict.ratio_high:.2f}) crosses a threshold "
-                         f"({verdict.modular_ratio:g} / {verdict.monolithic_ratio:g}).")
+        if verdict.label == "inconclusive":
+            notes.append(f"The {verdict.kind} verdict is inconclusive: {verdict.reason}.")
+        if not math.isfinite(verdict.detectable_share):
+            notes.append(f"With {verdict.prompts_per_category} prompts per category the {verdict.kind} rule does not "
+                         f"reliably detect even a category share of q = {verdict.largest_share:g} in simulations: "
+                         "finding no category structure here says little.")
+        if verdict.false_modular > 0.05:
+            notes.append(f"On simulated {verdict.kind} studies without category structure the rule said "
+                         f"\"modular\" {verdict.false_modular:.0%} of the time (more than 5%): read a modular "
+                         "verdict with care.")
+        if verdict.error_share >= 0.25:
+            notes.append(f"SAE error terms carry {verdict.error_share:.0%} of the {verdict.kind} circuits' summed "
+                         "|effect|; the comparison leaves them out, so that part of the mechanism is not compared.")
         if verdict.seeds_label != verdict.label:
             notes.append(f"For {verdict.kind} prompts the seed notebooks' fixed thresholds would say "
                          f"'{verdict.seeds_label}', not '{verdict.label}' (they ignore the noise ceiling).")
@@ -319,25 +356,31 @@ def _spec_of(findings: Findings) -> str:
 
 
 def answer(findings: Findings) -> str:
-    """The study's answer to "one shared refusal mechanism or one per category?", in plain words."""
+    """The study's answer to "one shared refusal mechanism or one per category?", in words that say
+    only what the numbers support."""
     toxic = findings.verdict("toxic")
     if toxic is None:
         return ("No verdict yet: the circuits stage has not run on this store. "
                 "The rates and the direction below are what exists so far.")
-    sure = {"firm": "fairly sure", "tentative": "not sure"}[toxic.certainty]
-    shape = {
-        "monolithic": "through **one shared mechanism**",
-        "modular": "through **a separate mechanism per harm category**",
-        "partially modular": "through **a shared core plus category-specific parts**",
-    }.get(toxic.label, f"in a way judged **{toxic.label}**")
+    interval = f"95% CI {toxic.ratio_low:.0%}–{toxic.ratio_high:.0%}"
+    alike = (f"across the {toxic.n_categories} harm categories its refusal circuits are {toxic.ratio:.0%} as "
+             "alike as two halves of one category")
+    model = f"The {findings.studied_model} model{_spec_of(findings)}"
+    opening = {
+        "monolithic": f"{model} refuses harmful requests through **largely shared circuits**: {alike} ({interval}, "
+                      f"wholly at or above the {toxic.monolithic_ratio:.0%} band).",
+        "partially modular": f"{model} refuses harmful requests through **a shared part plus category-specific "
+                             f"parts**: {alike} ({interval}, wholly between {toxic.modular_ratio:.0%} and "
+                             f"{toxic.monolithic_ratio:.0%}).",
+        "modular": f"{model} refuses harmful requests through **category-specific circuits**: {alike} ({interval}, "
+                   f"wholly below {toxic.modular_ratio:.0%}), and category labels matter.",
+    }.get(toxic.label, f"This study **cannot yet say** whether {findings.studied_model} refuses through one shared "
+                       f"mechanism or one per harm category: {alike}, but {toxic.reason}.")
     return (
-        f"The {findings.studied_model} model{_spec_of(findings)} refuses harmful requests {shape}. Across the "
-        f"{toxic.n_categories} harm categories its refusal circuits are {toxic.ratio:.0%} as alike as two "
-        f"halves of one category (95% CI {toxic.ratio_low:.0%}–{toxic.ratio_high:.0%}); "
-        f"we are {sure} ({toxic.certainty}: the interval "
-        f"{'lies entirely' if toxic.certainty == 'firm' else 'does not lie entirely'} on one side of the "
-        f"thresholds). A shared core of {toxic.core_size} nodes recurs in most categories' "
-        f"top-{toxic.circuit_size} circuits."
+        f"{opening} The category-specific share of the circuits' effect is estimated at "
+        f"q = {toxic.category_share:.2f} (95% CI {toxic.share_low:.2f}–{toxic.share_high:.2f}); "
+        f"{toxic.structure_text()}. Calibration: {toxic.calibration_text()}. A shared core of {toxic.core_size} "
+        f"nodes recurs in most categories' top-{toxic.circuit_size} circuits."
     )
 
 
@@ -365,8 +408,13 @@ def comparison_table(studies: dict[str, Findings]) -> pd.DataFrame:
             put("KL on safe prompts not leaning to refuse", name, f"{d.kl_answered:.3f} ({d.n_answered} of {d.n_safe})")
             put("separation at that layer", name, f"{d.separation_sigma:.1f} σ, probe {d.probe_accuracy:.0%}")
         for v in findings.verdicts:
-            put(f"verdict ({v.kind})", name, f"{v.label} ({v.certainty})")
+            put(f"verdict ({v.kind})", name, v.label)
             put(f"similarity / ceiling ({v.kind})", name,
                 f"{v.ratio:.2f} [{v.ratio_low:.2f}, {v.ratio_high:.2f}], p = {v.p_value:.3g}")
+            put(f"category share q ({v.kind})", name, f"{v.category_share:.2f} [{v.share_low:.2f}, {v.share_high:.2f}]")
+            put(f"category decoding ({v.kind})", name,
+                f"{v.decoding_accuracy:.0%} vs {v.decoding_chance:.0%} chance, p = {v.decoding_p:.3g}")
+            put(f"smallest detectable q ({v.kind})", name,
+                f"{v.detectable_share:.2f}" if math.isfinite(v.detectable_share) else f"> {v.largest_share:g}")
     frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=list(studies)).fillna("—")
     return frame.rename_axis("measure").reset_index()

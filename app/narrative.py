@@ -45,12 +45,16 @@ def _answer(findings: Findings) -> Section:
     lines = [answer(findings), ""]
     for verdict in findings.verdicts:
         lines.append(
-            f"- **{verdict.kind} prompts: {verdict.label}** ({verdict.certainty}). Mean cosine between "
-            f"categories' circuits {verdict.between:.2f} (95% CI {verdict.between_low:.2f}–{verdict.between_high:.2f}) "
-            f"against {verdict.ceiling:.2f} between two halves of one category; ratio {verdict.ratio:.2f} "
-            f"({verdict.ratio_low:.2f}–{verdict.ratio_high:.2f}); permutation p = {verdict.p_value:.3g} "
-            f"({verdict.permutations} shuffles) for any category structure at all; Jaccard of node sets "
-            f"{verdict.jaccard:.2f}.")
+            f"- **{verdict.kind} prompts: {verdict.label}.** Circuits compared on their SAE features (error terms, "
+            f"{verdict.error_share:.0%} of the summed |effect|, apart): mean cosine between categories "
+            f"{verdict.between:.2f} against a within-category ceiling of {verdict.ceiling:.2f}; ratio "
+            f"{verdict.ratio:.2f} (95% CI {verdict.ratio_low:.2f}–{verdict.ratio_high:.2f}, joint bootstrap over "
+            f"prompts); category-specific share q = {verdict.category_share:.2f} "
+            f"({verdict.share_low:.2f}–{verdict.share_high:.2f}); permutation p = {verdict.p_value:.3g} "
+            f"({verdict.permutations} shuffles); category decoding {verdict.decoding_accuracy:.0%} against "
+            f"{verdict.decoding_chance:.0%} chance (p = {verdict.decoding_p:.3g}); Jaccard of top-"
+            f"{verdict.circuit_size} node sets {verdict.jaccard:.2f} (two halves of one category: "
+            f"{verdict.jaccard_split_half:.2f}). Calibration: {verdict.calibration_text()}.")
     return Section("answer", "One shared mechanism, or one per category?", "\n".join(lines), "circuits",
                    chart=figures.verdict_evidence(findings.verdicts) if findings.verdicts else None)
 

@@ -106,7 +106,7 @@ ORDER BY type, intervention
 
 CIRCUITS_SQL = """
 SELECT kind, category, n_prompts, status, message, n_nodes, faithfulness, metric_full, metric_empty,
-       split_half_cosine, split_half_jaccard, ceiling, metric_name, method
+       split_half_cosine, split_half_jaccard, split_half_centred, ceiling, error_share, metric_name, method
 FROM circuits ORDER BY kind DESC, category
 """
 CIRCUIT_VERDICTS_SQL = "SELECT * EXCLUDE (run_id) FROM circuit_verdicts ORDER BY kind DESC"
@@ -124,12 +124,20 @@ FROM circuit_faithfulness ORDER BY kind, category, n_nodes
 """
 CIRCUIT_SIMILARITY_SQL = """
 SELECT kind_a, category_a, kind_b, category_b, cosine, cosine_low, cosine_high, jaccard, jaccard_low, jaccard_high,
-       p_value, n_a, n_b
+       centred_cosine, p_value, p_holm, n_a, n_b
 FROM circuit_similarity
 """
 CIRCUIT_CORE_SQL = """
 SELECT kind, hook, feature, n_circuits, share, in_core, mean_effect, categories FROM circuit_core
 WHERE kind = ? ORDER BY n_circuits DESC, abs(mean_effect) DESC
+"""
+# The verdict rule on planted effects at the study's sizes (`grid`) and, for an inconclusive verdict,
+# at more prompts (`sample size`).
+CIRCUIT_CALIBRATION_SQL = """
+SELECT kind, purpose, share, scale, prompts_per_category, n_simulations, true_ratio, truth, ratio_median,
+       ratio_low_median, ratio_high_median, share_estimate_median, monolithic, partially_modular, modular,
+       inconclusive, rejected, detected, correct
+FROM circuit_calibration ORDER BY kind DESC, purpose, scale, share
 """
 CIRCUIT_COMPONENTS_SQL = """
 SELECT category, component, layer, head, method, effect, n_prompts, n_receivers, metric_safe, metric_toxic
@@ -158,7 +166,7 @@ TABLE_STAGE = {
         "steering_effects", "steering_harmlessness", "steering_generations", "steering_rates")},
     **{name: "circuits" for name in (
         "circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
-        "circuit_verdicts", "circuit_core", "circuit_components")},
+        "circuit_verdicts", "circuit_core", "circuit_components", "circuit_calibration")},
 }
 
 

@@ -1,22 +1,22 @@
-"""Comparing circuits: is refusal one shared circuit, or one per harm category?
+"""Comparing circuits: descriptive similarity between harm categories' circuits.
 
 A circuit here is its per-prompt node effects, [n_prompts, n_nodes]; its node set is its top `size`
 nodes by |mean effect|. Two circuits are compared by the Jaccard overlap of their node sets and
-the cosine of their mean effect vectors, with percentile bootstrap CIs over prompts. The null
-hypothesis "category labels do not matter" is tested by permuting the labels of the pooled prompts
-(scipy.stats.permutation_test). Split-half similarity within one category is the ceiling a
-between-category similarity can reach with this many prompts.
+the cosine of their mean effect vectors, with percentile bootstrap CIs over prompts. A circuit's
+reliability (the ceiling a between-category similarity can reach with this many prompts) is what
+its split-half cosine, Spearman-Brown corrected, estimates. SAE error nodes are left out of the
+compared vectors by the caller; `error_share` reports how much of a circuit they carry. The decision
+rule built on these is `engine.verdict`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import combinations, pairwise
+from itertools import combinations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from engine.errors import ExplorerError
 
@@ -90,38 +90,10 @@ def pairwise_similarity(circuits: Mapping[Hashable, np.ndarray], size: int, *, n
     return pd.DataFrame(rows)
 
 
-def _mean_pairwise_cosine(pooled: np.ndarray, groups: Sequence[np.ndarray]) -> float:
-    means = np.stack([pooled[g].mean(0) for g in groups])
-    unit = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-30)
-    similarity = unit @ unit.T
-    return float(similarity[np.triu_indices(len(groups), 1)].mean())
-
-
-def permutation_p(circuits: Sequence[np.ndarray], *, n_permutations: int, seed: int) -> float:
-    """p-value of "the circuits are less alike than random relabellings of their prompts would
-    be": the statistic is the mean pairwise cosine of the group means, and prompts are shuffled
-    between groups keeping group sizes."""
-    if len(circuits) < 2:
-        raise ExplorerError("A permutation test needs at least two circuits.", "compare two or more categories.")
-    pooled = np.concatenate(circuits)
-    bounds = np.cumsum([0, *map(len, circuits)])
-    samples = [np.arange(start, end) for start, end in pairwise(bounds)]
-    result = stats.permutation_test(
-        samples, lambda *groups: _mean_pairwise_cosine(pooled, groups), permutation_type="independent",
-        vectorized=False, n_resamples=n_permutations, alternative="less", rng=np.random.default_rng(seed))
-    return float(result.pvalue)
-
-
-def spearman_brown(r: float | np.ndarray) -> float | np.ndarray:
-    """Reliability of the full sample from that of a half: 2r / (1 + r)."""
-    return 2 * r / (1 + r)
-
-
 @dataclass(frozen=True)
 class SplitHalf:
     cosine: float  # mean cosine between the two halves' mean effects
     jaccard: float  # mean Jaccard of the two halves' top node sets
-    cosine_full: float  # cosine corrected to the full sample (Spearman-Brown): the ceiling
 
 
 def split_half(effects: np.ndarray, size: int, *, n_splits: int, seed: int) -> SplitHalf:
@@ -134,8 +106,24 @@ def split_half(effects: np.ndarray, size: int, *, n_splits: int, seed: int) -> S
         first, second = effects[order[: len(order) // 2]].mean(0), effects[order[len(order) // 2 :]].mean(0)
         cosines.append(cosine(first, second))
         jaccards.append(jaccard(ranked_nodes(first, max_nodes=size), ranked_nodes(second, max_nodes=size)))
-    mean_cosine = float(np.mean(cosines))
-    return SplitHalf(mean_cosine, float(np.mean(jaccards)), float(spearman_brown(mean_cosine)))
+    return SplitHalf(float(np.mean(cosines)), float(np.mean(jaccards)))
+
+
+def reliability(effects: np.ndarray) -> float:
+    """How reproducible a circuit's mean effect is over its prompts: the mean product of two
+    different prompts' effects (an unbiased ||true mean||^2) over ||sample mean||^2. The split-half
+    cosine, Spearman-Brown corrected, estimates the same, here without the randomness of one split."""
+    check_sample_size("A reliability estimate", len(effects), 2)
+    effects = effects.astype(np.float64)
+    n, total = len(effects), effects.sum(0)
+    distinct = (total @ total - (effects**2).sum()) / (n * (n - 1))
+    return float(distinct / ((total @ total) / n**2))
+
+
+def error_share(mean_effects: np.ndarray, is_error: np.ndarray) -> float:
+    """The SAE error nodes' share of a circuit's summed |mean effect|."""
+    total = np.abs(mean_effects).sum()
+    return float(np.abs(mean_effects[is_error]).sum() / total) if total > 0 else float("nan")
 
 
 def shared_core(node_sets: Mapping[Hashable, Sequence[int]], min_share: float) -> pd.DataFrame:
@@ -154,47 +142,3 @@ SEED_BANDS = ((0.8, "monolithic"), (0.5, "partially modular"), (-np.inf, "modula
 def seeds_label(mean_similarity: float) -> str:
     """The fixed thresholds of the project's seed notebooks: > 0.8, 0.5-0.8, < 0.5."""
     return next(label for bound, label in SEED_BANDS if mean_similarity > bound or bound == -np.inf)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    label: str  # monolithic / partially modular / modular
-    reason: str
-    between: float  # mean between-category cosine
-    between_low: float
-    between_high: float
-    ceiling: float  # mean split-half cosine, corrected to full samples
-    ratio: float  # between / ceiling
-    ratio_low: float
-    ratio_high: float
-    p_value: float
-    seeds_label: str  # the fixed-threshold label on the raw mean similarity, for comparison
-
-
-def verdict(similarity: pd.DataFrame, ceiling: float, p_value: float, *, alpha: float, monolithic_ratio: float,
-            modular_ratio: float) -> Verdict:
-    """The verdict from the statistics: with no significant category structure (p >= alpha) or a
-    between-category similarity within `monolithic_ratio` of the split-half ceiling, monolithic;
-    below `modular_ratio` of it, modular; in between, partially modular. The CI of the mean cosine
-    is the mean of the pairs' bootstrap bounds (conservative: pairs are not independent)."""
-    between = float(similarity["cosine"].mean())
-    low, high = float(similarity["cosine_low"].mean()), float(similarity["cosine_high"].mean())
-    ratio = between / ceiling
-    if p_value >= alpha:
-        label = "monolithic"
-        reason = (f"category labels change the circuit no more than random relabelling does "
-                  f"(permutation p = {p_value:.3g} >= {alpha})")
-    elif ratio >= monolithic_ratio:
-        label = "monolithic"
-        reason = (f"categories differ detectably (p = {p_value:.3g}) but their circuits are {ratio:.0%} as alike "
-                  f"as two halves of one category (>= {monolithic_ratio:.0%})")
-    elif ratio >= modular_ratio:
-        label = "partially modular"
-        reason = (f"categories differ (p = {p_value:.3g}) and their circuits are {ratio:.0%} as alike as two "
-                  f"halves of one category ({modular_ratio:.0%}-{monolithic_ratio:.0%})")
-    else:
-        label = "modular"
-        reason = (f"categories differ (p = {p_value:.3g}) and their circuits are only {ratio:.0%} as alike as two "
-                  f"halves of one category (< {modular_ratio:.0%})")
-    return Verdict(label, reason, between, low, high, ceiling, ratio, low / ceiling, high / ceiling, p_value,
-                   seeds_label(between))

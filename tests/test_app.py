@@ -189,6 +189,9 @@ def test_circuits_page_shows_the_verdict_graph_and_heatmaps(tiny_store: Path) ->
     assert headings[0] == f"### Toxic prompts: **{verdicts.loc['toxic', 'label']}**"
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["Permutation p"] == f"{verdicts.loc['hard', 'p_value']:.3g}"  # the last verdict shown
+    assert metrics["Category share q"] == f"{verdicts.loc['hard', 'category_share']:.2f}"
+    calibration = next(m.value for m in app.markdown if m.value.startswith("**Calibration (toxic)**"))
+    assert f"says \"modular\" in {verdicts.loc['toxic', 'false_modular']:.0%} of studies" in calibration
     app.session_state["circuits_section"] = "One category's circuit"
     app.run()
     metrics = {m.label: m.value for m in app.metric}

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
-from scipy import stats
 
 from engine.circuit_stats import (
     check_sample_size,
     cosine,
+    error_share,
     jaccard,
     pairwise_similarity,
-    permutation_p,
     ranked_nodes,
+    reliability,
     seeds_label,
     shared_core,
-    spearman_brown,
     split_half,
-    verdict,
 )
 from engine.errors import ExplorerError
 
@@ -54,40 +51,38 @@ def test_pairwise_similarity_on_hand_made_circuits() -> None:
     assert len(table) == 3
 
 
-def _groups(rng: np.random.Generator, planted: float, n_groups: int = 4, n: int = 12, nodes: int = 30):
-    """Prompts share a common effect on nodes 0-4; group g adds `planted` on its own node 10+g."""
-    groups = []
-    for g in range(n_groups):
-        effects = rng.normal(0, 1, (n, nodes))
-        effects[:, :5] += 2.0
-        effects[:, 10 + g] += planted
-        groups.append(effects)
-    return groups
-
-
-def test_permutation_p_is_uniform_without_structure_and_small_with_it() -> None:
-    rng = np.random.default_rng(0)
-    null_p = [permutation_p(_groups(rng, 0.0), n_permutations=199, seed=i) for i in range(60)]
-    assert stats.kstest(null_p, "uniform").pvalue > 0.01
-    assert 0.0 <= np.mean(np.array(null_p) < 0.05) <= 0.15
-    planted = permutation_p(_groups(rng, 4.0), n_permutations=199, seed=0)
-    assert planted <= 0.01
-    with pytest.raises(ExplorerError, match="at least two circuits"):
-        permutation_p(_groups(rng, 0.0)[:1], n_permutations=9, seed=0)
-
-
-def test_split_half_ceiling_and_small_samples() -> None:
+def test_split_half_reliability_and_small_samples() -> None:
     rng = np.random.default_rng(1)
     steady = np.tile(np.arange(10.0), (20, 1)) + rng.normal(0, 1e-3, (20, 10))
     half = split_half(steady, size=3, n_splits=20, seed=0)
     assert half.cosine == pytest.approx(1.0, abs=1e-4) and half.jaccard == 1.0
-    assert spearman_brown(0.5) == pytest.approx(2 / 3)
-    noisy = split_half(rng.normal(0, 1, (20, 10)), size=3, n_splits=20, seed=0)
-    assert noisy.cosine < 0.6 and noisy.cosine_full == pytest.approx(spearman_brown(noisy.cosine))
+    assert reliability(steady) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ExplorerError, match="has 3 prompt"):
         split_half(steady[:3], size=3, n_splits=2, seed=0)
     with pytest.raises(ExplorerError, match=r"toxic/self-harm has 2 prompt\(s\); its statistics need at least 8"):
         check_sample_size("toxic/self-harm", 2, 8)
+
+
+def test_reliability_is_what_a_corrected_split_half_estimates() -> None:
+    """Mean of 24 prompts = signal (||.||^2 = 50) + noise (||.||^2 per prompt 200, so 200/24 in the
+    mean): the true reliability is 50 / (50 + 200/24) = 0.857. The estimate, the Spearman-Brown
+    corrected split-half cosine and the truth agree on average over studies."""
+    rng = np.random.default_rng(2)
+    signal = rng.normal(size=200)
+    signal *= np.sqrt(50 / (signal @ signal))
+    studies = [signal + rng.normal(size=(24, 200)) for _ in range(200)]
+    estimates = [reliability(study) for study in studies]
+    halves = [split_half(study, size=5, n_splits=20, seed=i).cosine for i, study in enumerate(studies)]
+    assert np.mean(estimates) == pytest.approx(50 / (50 + 200 / 24), abs=0.01)
+    assert np.mean(estimates) == pytest.approx(np.mean([2 * c / (1 + c) for c in halves]), abs=0.01)
+    by_hand = np.array([[1.0, 2.0], [3.0, 0.0], [2.0, 1.0]])  # distinct products 3, 4, 6; mean (2, 1)
+    assert reliability(by_hand) == pytest.approx((13 / 3) / 5)
+
+
+def test_error_share_by_hand() -> None:
+    means = np.array([0.5, -1.0, 2.0, -0.5])
+    assert error_share(means, np.array([False, True, False, True])) == pytest.approx(1.5 / 4)
+    assert np.isnan(error_share(np.zeros(3), np.array([True, False, False])))
 
 
 def test_shared_core_counts() -> None:
@@ -97,16 +92,6 @@ def test_shared_core_counts() -> None:
     assert core.set_index("node").loc[2, "share"] == pytest.approx(2 / 3)
 
 
-def test_verdict_follows_the_statistics_and_shows_the_seeds_label() -> None:
-    table = pd.DataFrame({"cosine": [0.6, 0.7], "cosine_low": [0.5, 0.6], "cosine_high": [0.7, 0.8]})
-    bands = {"alpha": 0.05, "monolithic_ratio": 0.8, "modular_ratio": 0.5}
-    assert verdict(table, ceiling=0.7, p_value=0.2, **bands).label == "monolithic"  # no structure
-    close = verdict(table, ceiling=0.75, p_value=0.001, **bands)
-    assert close.label == "monolithic" and close.ratio == pytest.approx(0.65 / 0.75)
-    assert verdict(table, ceiling=1.0, p_value=0.001, **bands).label == "partially modular"
-    apart = verdict(table, ceiling=1.5, p_value=0.001, **bands)
-    assert apart.label == "modular" and "only 43%" in apart.reason
-    assert close.seeds_label == "partially modular"  # 0.65 falls in the seeds' 0.5-0.8 band
-    assert close.between_low == pytest.approx(0.55) and close.ratio_high == pytest.approx(0.75 / 0.75)
+def test_seeds_label_is_the_fixed_thresholds() -> None:
     assert [seeds_label(x) for x in (0.9, 0.8, 0.5, 0.2)] == ["monolithic", "partially modular", "modular",
                                                                "modular"]

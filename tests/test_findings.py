@@ -20,10 +20,14 @@ MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
 
 
 def _verdict(**changes) -> VerdictFinding:
-    base = VerdictFinding(kind="toxic", label="monolithic", reason="r", between=0.9, between_low=0.85,
-                          between_high=0.95, ceiling=0.95, ratio=0.95, ratio_low=0.85, ratio_high=1.0, p_value=0.3,
-                          permutations=999, seeds_label="monolithic", n_categories=10, jaccard=0.6, core_size=40,
-                          circuit_size=100, monolithic_ratio=0.8, modular_ratio=0.5)
+    base = VerdictFinding(kind="toxic", label="monolithic", reason="r", between=0.6, ceiling=0.63, ratio=0.95,
+                          ratio_low=0.85, ratio_high=1.05, category_share=0.02, share_low=-0.01, share_high=0.05,
+                          p_value=0.3, permutations=999, alpha=0.05, seeds_label="partially modular",
+                          n_categories=10, prompts_per_category=24, jaccard=0.4, jaccard_split_half=0.3,
+                          centred_within=0.05, error_share=0.1, decoding_accuracy=0.1, decoding_chance=0.1,
+                          decoding_p=0.5, detectable_share=0.3, largest_share=0.8, false_modular=0.0,
+                          decisive_prompts=float("nan"), core_size=40, circuit_size=100, monolithic_ratio=0.8,
+                          modular_ratio=0.5)
     return replace(base, **changes)
 
 
@@ -37,12 +41,30 @@ def test_rate_interval_is_statsmodels_wilson(refused: int, n: int) -> None:
     assert Rate(140, 145).text() == "97% (140/145; 95% CI 92%–99%)"
 
 
-def test_certainty_asks_whether_the_whole_interval_is_in_the_band() -> None:
-    assert _verdict().certainty == "firm"
-    assert _verdict(ratio_low=0.6).certainty == "tentative"
-    assert _verdict(label="modular", ratio=0.3, ratio_low=0.2, ratio_high=0.45).certainty == "firm"
-    assert _verdict(label="modular", ratio=0.4, ratio_low=0.2, ratio_high=0.55).certainty == "tentative"
-    assert _verdict(label="partially modular", ratio=0.65, ratio_low=0.55, ratio_high=0.75).certainty == "firm"
+def _findings_with(tiny_store: Path, verdict: VerdictFinding):
+    return replace(study_findings(tiny_store), verdicts=(verdict,))
+
+
+def test_the_answer_says_only_what_the_numbers_support(tiny_store: Path) -> None:
+    quiet = answer(_findings_with(tiny_store, _verdict()))
+    assert "**largely shared circuits**" in quiet and "95% CI 85%–105%, wholly at or above the 80% band" in quiet
+    assert "no category structure is detectable with 24 prompts per category" in quiet
+    assert "not evidence that there is none" in quiet
+    assert "detects a category-specific share of q = 0.30 or more in at least 80% of simulations" in quiet
+    assert 'says "modular" in 0% of simulations without any category structure' in quiet
+    tails = answer(_findings_with(tiny_store, _verdict(p_value=0.001, decoding_accuracy=0.4, decoding_p=0.005)))
+    assert "categories do differ detectably (permutation p = 0.001; a prompt's category is read off its node " \
+           "effects 40% of the time against 10% chance (p = 0.005))" in tails
+    unsure = answer(_findings_with(tiny_store, _verdict(
+        label="inconclusive", ratio_low=0.6, reason="the ratio's 95% interval (0.60–1.05) is too wide",
+        detectable_share=float("nan"))))
+    assert "**cannot yet say**" in unsure and "but the ratio's 95% interval (0.60–1.05) is too wide" in unsure
+    assert "does not reliably detect category structure even at q = 0.80" in unsure
+    split = answer(_findings_with(tiny_store, _verdict(label="modular", ratio=0.3, ratio_low=0.2, ratio_high=0.45,
+                                                       p_value=0.001)))
+    assert "**category-specific circuits**" in split and "wholly below 50%" in split
+    for text in (quiet, tails, unsure, split):
+        assert "one shared mechanism**" not in text and "firm" not in text
 
 
 def test_findings_match_the_store(tiny_store: Path) -> None:
@@ -79,13 +101,19 @@ def test_answer_and_caveats_follow_the_numbers(tiny_store: Path) -> None:
     toxic = findings.verdict("toxic")
     text = answer(findings)
     assert f"{toxic.ratio:.0%} as alike" in text and f"{toxic.n_categories} harm categories" in text
-    over_kl = replace(findings, direction=replace(findings.direction, kl=0.5, max_kl=0.1),
-                      verdicts=(_verdict(ratio_low=0.6, seeds_label="partially modular"),))
+    over_kl = replace(findings, direction=replace(findings.direction, kl=0.5, max_kl=0.1), verdicts=(_verdict(
+        label="inconclusive", reason="the ratio's 95% interval (0.60–1.05) is too wide", detectable_share=float("nan"),
+        false_modular=0.1, error_share=0.4),))
     notes = " ".join(caveats(over_kl))
     assert "mean KL of 0.50, above the 0.1 target" in notes
-    assert "toxic verdict is tentative" in notes and "would say 'partially modular'" in notes
+    assert "The toxic verdict is inconclusive: the ratio's 95% interval (0.60–1.05) is too wide." in notes
+    assert "would say 'partially modular', not 'inconclusive'" in notes
+    assert "does not reliably detect even a category share of q = 0.8" in notes and "says little" in notes
+    assert 'said "modular" 10% of the time (more than 5%)' in notes
+    assert "SAE error terms carry 40% of the toxic circuits' summed |effect|" in notes
     assert "as few as" in notes  # the tiny study's categories have a handful of test prompts each
-    assert "tentative" not in " ".join(caveats(replace(findings, verdicts=(_verdict(),))))
+    calm = " ".join(caveats(replace(findings, verdicts=(_verdict(seeds_label="monolithic"),))))
+    assert "verdict" not in calm and "SAE error" not in calm and "says little" not in calm
 
 
 def test_html_report_is_self_contained_and_carries_the_numbers(tiny_store: Path) -> None:

@@ -480,8 +480,13 @@ def test_circuits_stage_builds_compares_and_names_a_small_category(tmp_path, tin
     verdicts = read("circuit_verdicts").set_index("kind")
     assert verdicts.loc["toxic", "n_categories"] == 9 and verdicts.loc["hard", "n_categories"] == 10
     assert "safe" not in verdicts.index  # one safe circuit: nothing to compare
-    assert set(verdicts["label"]) <= {"monolithic", "partially modular", "modular"}
-    assert verdicts["p_value"].between(0, 1).all()
+    assert set(verdicts["label"]) <= {"monolithic", "partially modular", "modular", "inconclusive"}
+    assert verdicts["p_value"].between(0, 1).all() and (verdicts["ratio_low"] <= verdicts["ratio_high"]).all()
+    assert (similarity.loc[same, "p_holm"] >= similarity.loc[same, "p_value"]).all()
+    calibration = read("circuit_calibration").query("purpose == 'grid'")
+    assert calibration.groupby("kind")["share"].apply(list).to_dict() == {
+        kind: [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8] for kind in ("toxic", "hard")}
+    assert (calibration.query("share == 0")["truth"] == "monolithic").all()
     core = read("circuit_core").query("kind == 'toxic'")
     assert (core["share"] == core["n_circuits"] / 9).all()
     assert (core["categories"].map(len) == core["n_circuits"]).all()

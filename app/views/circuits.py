@@ -1,9 +1,10 @@
 """Circuits: is refusal one shared feature circuit or one per harm category? Three tabs: the verdict
-with its statistics and the similarity heatmaps; one category's circuit (its graph and nodes,
+with its statistics, its calibration on planted effects and the similarity heatmaps; one category's circuit (its graph and nodes,
 faithfulness against size, the shared core and its tail, its attention heads); head/MLP patching."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -15,15 +16,18 @@ KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "
 TARGET_FAITHFULNESS = 0.6
 GRAPH_NODES = 30  # shown by default: a readable graph
 SECTIONS = ["Verdict and similarity", "One category's circuit", "Heads and MLPs"]
+MEASURES = {"cosine": "cosine of node effects", "centred_cosine": "centred cosine (shared part removed)",
+            "jaccard": "Jaccard of node sets"}
 CATEGORY_VIEWS = ["Graph and nodes", "Faithfulness against size", "Shared core and tail", "Attention heads"]
 
 store = current_store()
 st.title("Refusal circuits")
 require_tables(store, ("circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
-                       "circuit_verdicts", "circuit_core", "circuit_components"))
+                       "circuit_verdicts", "circuit_core", "circuit_components", "circuit_calibration"))
 
 summary = queries.query(store, queries.CIRCUITS_SQL)
 verdicts = queries.query(store, queries.CIRCUIT_VERDICTS_SQL).set_index("kind")
+calibration = queries.query(store, queries.CIRCUIT_CALIBRATION_SQL)
 ok = summary[summary["status"] == "ok"]
 metric_name, method = summary["metric_name"].iloc[0], summary["method"].iloc[0]
 st.caption(f"Nodes are SAE features and SAE error terms at the prompt-end positions; effects on the **{metric_name}** "
@@ -41,23 +45,52 @@ def show_verdict(kind: str) -> None:
     st.markdown(f"### {KIND_LABELS[kind].capitalize()} prompts: **{row['label']}**")
     st.markdown(f"Because {row['reason']}.")
     cols = st.columns(5)
-    cols[0].metric("Between-category cosine", f"{row['between']:.2f}",
-                   help=f"mean over {row['n_categories']} categories' pairs of the cosine of their node-effect "
-                        f"vectors; 95% CI {row['between_low']:.2f}–{row['between_high']:.2f} (bootstrap over prompts)")
-    cols[1].metric("Split-half ceiling", f"{row['ceiling']:.2f}",
-                   help="cosine between two random halves of one category's prompts, corrected to full size "
-                        "(Spearman-Brown), averaged over categories: what identical mechanisms would score")
-    cols[2].metric("Ratio to ceiling", f"{row['ratio']:.0%}",
-                   help=f"95% CI {row['ratio_low']:.0%}–{row['ratio_high']:.0%}; monolithic ≥ "
-                        f"{row['monolithic_ratio']:.0%}, modular < {row['modular_ratio']:.0%}")
-    cols[3].metric("Permutation p", f"{row['p_value']:.3g}",
-                   help=f"{row['permutations']} shuffles of the category labels: how often random categories are "
-                        "as different as the real ones")
+    cols[0].metric("Ratio to ceiling", f"{row['ratio']:.0%}",
+                   help=f"95% CI {row['ratio_low']:.0%}–{row['ratio_high']:.0%} (joint bootstrap over prompts: each "
+                        f"draw recomputes both parts). Between-category cosine {row['between']:.2f} (mean over "
+                        f"{row['n_categories']} categories' pairs, SAE features only) over the within-category "
+                        f"ceiling {row['ceiling']:.2f} (how alike two samples of one category's prompts are). "
+                        f"Monolithic when the whole interval is ≥ {row['monolithic_ratio']:.0%}; modular when it is "
+                        f"< {row['modular_ratio']:.0%} and the permutation test rejects; partially modular in "
+                        "between; otherwise inconclusive")
+    cols[1].metric("Category share q", f"{row['category_share']:.2f}",
+                   help=f"95% CI {row['category_share_low']:.2f}–{row['category_share_high']:.2f}: the share of the "
+                        "mean effect's energy that is category-specific (centred category means, noise removed); "
+                        f"the category tails are {row['centred_within']:.0%} reproducible over prompts")
+    cols[2].metric("Permutation p", f"{row['p_value']:.3g}",
+                   help=f"{row['permutations']} shuffles of the category labels, statistic the between-category sum "
+                        "of squares: how often random categories differ as much as the real ones")
+    cols[3].metric("Category decoding", f"{row['decoding_accuracy']:.0%}",
+                   help=f"nearest-category-mean classifier, {int(row['decoding_folds'])}-fold cross-validated, on "
+                        f"per-prompt node effects; chance {row['decoding_chance']:.0%}, 95% of label shuffles reach "
+                        f"{row['decoding_null_high']:.0%}, p = {row['decoding_p']:.3g}")
     cols[4].metric(f"Jaccard (top {row['circuit_size']})", f"{row['mean_jaccard']:.2f}",
-                   help=f"mean node-set overlap; 95% CI {row['jaccard_low']:.2f}–{row['jaccard_high']:.2f}; "
-                        f"shared core: {row['core_size']} nodes in ≥ 70% of circuits")
-    st.caption(f"The seed notebooks' fixed thresholds on the raw mean similarity (> 0.8 monolithic, 0.5–0.8 partially "
-               f"modular, < 0.5 modular) would say **{row['seeds_label']}** ({row['between']:.2f}).")
+                   help=f"mean node-set overlap between categories (SAE features); two halves of one category: "
+                        f"{row['jaccard_split_half']:.2f}; shared core: {row['core_size']} nodes in ≥ 70% of circuits")
+    st.caption(f"SAE error terms carry {row['error_share']:.0%} of the circuits' summed |effect| and are left out of "
+               f"these comparisons. The seed notebooks' fixed thresholds on the raw mean cosine (> 0.8 monolithic, "
+               f"0.5–0.8 partially modular, < 0.5 modular) would say **{row['seeds_label']}** ({row['between']:.2f}): "
+               "they ignore noise.")
+
+
+def show_calibration(kind: str) -> None:
+    """The rule on simulated studies at this study's sizes and noise, with a planted category share."""
+    row = verdicts.loc[kind]
+    table = calibration[(calibration["kind"] == kind) & (calibration["purpose"] == "grid")]
+    detectable = row["detectable_share"]
+    said = (f"detects a category-specific share of **q = {detectable:.2f}** or more in at least 80% of them"
+            if pd.notna(detectable) else f"does not reliably detect even **q = {row['largest_share']:g}**")
+    st.markdown(f"**Calibration ({kind})**: {int(row['calibration_simulations'])} simulated studies per planted share "
+                f"q, each with {int(row['prompts_per_category'])} prompts per category and noise resampled from this "
+                f"study's own residuals. The rule {said}, and says \"modular\" in {row['false_modular']:.0%} of "
+                "studies without category structure (q = 0).")
+    show_chart(figure_spec(charts.calibration_curve, table, float(detectable)),
+               f"Verdict against planted share, {kind}", data=table, width="stretch")
+    more = calibration[(calibration["kind"] == kind) & (calibration["purpose"] == "sample size")]
+    if len(more):
+        st.caption("More prompts, at the study's estimated share: " + "; ".join(
+            f"{int(r.prompts_per_category)} per category decide it in {1 - r.inconclusive:.0%} of simulations"
+            for r in more.itertuples()) + ".")
 
 
 # --- Similarity heatmaps (a fragment: switching the measure reruns only this part) -------------------
@@ -73,11 +106,16 @@ def similarity_matrix(path: str, version: int, measure: str) -> pd.DataFrame:
     diagonal = circuits.assign(
         kind_a=circuits["kind"], category_a=circuits["category"], kind_b=circuits["kind"],
         category_b=circuits["category"], cosine=circuits["split_half_cosine"], jaccard=circuits["split_half_jaccard"],
-        n_a=circuits["n_prompts"], n_b=circuits["n_prompts"])
+        centred_cosine=circuits["split_half_centred"], n_a=circuits["n_prompts"], n_b=circuits["n_prompts"])
     full = pd.concat([similarity, mirrored, diagonal], ignore_index=True)
+    full = full[full[measure].notna()] if measure == "centred_cosine" else full  # centred: within a kind only
     full["measure"], full["value"] = measure, full[measure]
-    full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else "split-half (diagonal)"
-                  for low, high in zip(full[f"{measure}_low"], full[f"{measure}_high"], strict=True)]
+    missing = pd.Series(np.nan, index=full.index)  # the centred cosine has no range
+    on_diagonal = (full["kind_a"] == full["kind_b"]) & (full["category_a"] == full["category_b"])
+    note = "reliability of the category's tail (diagonal)" if measure == "centred_cosine" else "split-half (diagonal)"
+    full["ci"] = [f"{low:.2f}–{high:.2f}" if pd.notna(low) else (note if diagonal else "—")
+                  for low, high, diagonal in zip(full.get(f"{measure}_low", missing), full.get(f"{measure}_high", missing),
+                                                 on_diagonal, strict=True)]
     full["row"] = full["kind_a"] + "/" + full["category_a"]
     full["column"] = full["kind_b"] + "/" + full["category_b"]
     return full
@@ -86,8 +124,7 @@ def similarity_matrix(path: str, version: int, measure: str) -> pd.DataFrame:
 @st.fragment
 def similarity_heatmaps() -> None:
     st.subheader("How alike the circuits are")
-    measure = st.radio("Similarity", ["cosine", "jaccard"], horizontal=True,
-                       format_func={"cosine": "cosine of node effects", "jaccard": "Jaccard of node sets"}.get)
+    measure = st.radio("Similarity", list(MEASURES), horizontal=True, format_func=MEASURES.get)
     full = similarity_matrix(str(store), queries.store_version(store), measure)
 
     def heatmap(data: pd.DataFrame, title: str, rows: str, columns: str, y_title: str, x_title: str) -> None:
@@ -102,8 +139,12 @@ def similarity_heatmaps() -> None:
     def between(rows_kind: str, columns_kind: str) -> pd.DataFrame:
         return full[(full["kind_a"] == rows_kind) & (full["kind_b"] == columns_kind)]
 
-    st.caption("Diagonal: split-half similarity (one category, two halves of its prompts). Hover a cell for its CI "
-               "and, within one kind, the permutation p-value of the two categories differing.")
+    st.caption("SAE features only. Diagonal: split-half similarity (one category, two halves of its prompts); for the "
+               "centred cosine, how reproducible the category's own deviation from the kind's mean is. The centred "
+               "cosine compares what is left after removing the categories' shared mean: without category tails "
+               "every off-diagonal cell is near -1/(K-1). Hover a cell for its bootstrap range (noise shrinks a "
+               "resampled similarity, so this is a range, not an interval for the value) and, within one kind, the "
+               "permutation p-value of the two categories differing, alone and Holm-corrected over all pairs.")
     side_a, side_b = st.columns(2)
     with side_a:
         heatmap(between("toxic", "toxic"), "Toxic circuits", "category_a", "category_b", "toxic", "toxic")
@@ -256,6 +297,7 @@ def heads_view(category: str) -> None:
 def verdicts_and_similarity() -> None:
     for kind in [k for k in ("toxic", "hard") if k in verdicts.index]:
         show_verdict(kind)
+        show_calibration(kind)
     similarity_heatmaps()
 
 

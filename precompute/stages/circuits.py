@@ -7,33 +7,41 @@
 2. The circuit: the top nodes by |mean effect|; its faithfulness under mean ablation of everything
    else, as a curve over sizes; edges between its nodes at consecutive SAE'd hooks.
 3. Head and MLP patching, toxic -> safe, per category.
-4. Comparison: cosine and Jaccard for every pair of circuits with bootstrap CIs, permutation
-   p-values, split-half ceilings, the shared core, and a verdict per kind.
+4. Comparison, on SAE feature nodes (error nodes' share reported apart): cosine, centred cosine and
+   Jaccard for every pair of circuits with bootstrap CIs and Holm-corrected permutation p-values;
+   per kind the verdict (engine.verdict: joint bootstrap of the ratio to the within-category
+   ceiling, permutation test, equivalence bands), category decodability, the rule's calibration on
+   planted effects at the study's own sizes and noise (engine.calibration), and the shared core.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 from tqdm.auto import tqdm
 
 from engine.activations import capture, prompt_end_positions
 from engine.attribution import integrated_gradients, metric_gradients
+from engine.calibration import POWER, calibrate, decisive_scale, planted_study, smallest_detectable_share
 from engine.circuit_stats import (
     check_sample_size,
+    error_share,
     pairwise_similarity,
-    permutation_p,
     ranked_nodes,
+    reliability,
+    seeds_label,
     shared_core,
     split_half,
-    verdict,
 )
 from engine.circuits import (
+    ERROR,
     NodeEffects,
     SaeSite,
     edge_effects,
@@ -43,11 +51,13 @@ from engine.circuits import (
     sae_site,
 )
 from engine.components import gap_share, head_sites, layer_sites, patched_metric, patching_attribution
+from engine.decodability import category_decodability
 from engine.errors import ExplorerError
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel
 from engine.refusal_metric import RefusalMetric, compliance_token_ids
 from engine.saes import load_sae, stored_sae_source
+from engine.verdict import Estimate, Rule, assess, grouped, pairwise_p
 from precompute.config import CircuitsConfig
 from precompute.pipeline import ShardContext, ShardRound, StageContext, StageOutput
 from precompute.shards import ShardSpec, in_shard
@@ -61,6 +71,11 @@ BASELINE_KIND = {"toxic": "safe", "hard": "safe", "safe": "toxic"}  # what each 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The frames as one (none: an empty table, e.g. a shard without circuits)."""
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _estimate(name: str, estimate: Estimate) -> dict[str, float]:
+    """A verdict table's columns for one estimate: the value and its interval."""
+    return {name: estimate.value, f"{name}_low": estimate.low, f"{name}_high": estimate.high}
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,7 @@ class CircuitSetup:
 
 class CircuitsStage(ModelSectionStage):
     name = "circuits"
-    version = 1
+    version = 2
     upstream = ("prompts", "generate", "saes")
     # Sharded by (kind, category) group: each shard finds its groups' circuits and keeps their
     # per-prompt node effects; the merge compares every pair.
@@ -195,8 +210,8 @@ class CircuitsStage(ModelSectionStage):
         settings: CircuitsConfig = context.config.circuits
         effects = {key: effects[key] for key in setup.groups}  # one order, however the groups were computed
         faithfulness = tables["circuit_faithfulness"]
-        similarity, reliability, verdicts, core = self._compare(effects, settings)
-        summary = pd.DataFrame(setup.status).merge(reliability, on=["kind", "category"], how="left").merge(
+        similarity, per_circuit, verdicts, core, calibration = self._compare(effects, settings)
+        summary = pd.DataFrame(setup.status).merge(per_circuit, on=["kind", "category"], how="left").merge(
             faithfulness.query("is_circuit")[["kind", "category", "n_nodes", "faithfulness", "metric_full",
                                               "metric_empty"]], on=["kind", "category"], how="left")
         for row in summary.query("status == 'ok' and kind == 'toxic'").itertuples():
@@ -211,6 +226,7 @@ class CircuitsStage(ModelSectionStage):
                 "circuit_similarity": similarity,
                 "circuit_verdicts": verdicts,
                 "circuit_core": core,
+                "circuit_calibration": calibration,
             },
             models=(context.config.models[settings.model],),
         )
@@ -295,53 +311,130 @@ class CircuitsStage(ModelSectionStage):
 
     @staticmethod
     def _compare(effects: dict[tuple[str, str], NodeEffects], settings: CircuitsConfig):
-        """Similarity of every pair of circuits, split-half reliability, and a verdict and shared
-        core per kind."""
+        """Similarity of every pair of circuits, each circuit's reliability and error share, and per
+        kind the verdict, its calibration and the shared core. Circuits are compared on their SAE
+        feature nodes; error nodes (x - x_hat, one per SAE, often the largest entries) stay in the
+        circuits and the core but out of the compared vectors."""
+        nodes = next(iter(effects.values())).nodes
+        is_error = (nodes["feature"] == ERROR).to_numpy()
         circuits = {key: value.effects for key, value in effects.items()}
+        features = {key: values[:, ~is_error] for key, values in circuits.items()}
         size = settings.max_nodes
-        similarity = pairwise_similarity(circuits, size, n_boot=settings.bootstrap, seed=settings.seed)
+        similarity = pairwise_similarity(features, size, n_boot=settings.bootstrap, seed=settings.seed)
         similarity[["kind_a", "category_a"]] = pd.DataFrame(similarity["a"].tolist(), index=similarity.index)
         similarity[["kind_b", "category_b"]] = pd.DataFrame(similarity["b"].tolist(), index=similarity.index)
         similarity = similarity.drop(columns=["a", "b"])
-        same_kind = similarity["kind_a"] == similarity["kind_b"]
-        similarity["p_value"] = [
-            permutation_p([circuits[(row.kind_a, row.category_a)], circuits[(row.kind_b, row.category_b)]],
-                          n_permutations=settings.permutations, seed=settings.seed) if same else np.nan
-            for row, same in zip(similarity.itertuples(), same_kind, strict=True)]
         halves = {key: split_half(values, size, n_splits=settings.split_halves, seed=settings.seed)
-                  for key, values in circuits.items()}
-        reliability = pd.DataFrame([{"kind": kind, "category": category, "split_half_cosine": half.cosine,
-                                     "split_half_jaccard": half.jaccard, "ceiling": half.cosine_full}
-                                    for (kind, category), half in halves.items()])
-        verdict_rows, core_frames = [], []
-        nodes = next(iter(effects.values())).nodes
+                  for key, values in features.items()}
+        per_circuit = pd.DataFrame([{
+            "kind": kind, "category": category, "split_half_cosine": halves[(kind, category)].cosine,
+            "split_half_jaccard": halves[(kind, category)].jaccard,
+            "ceiling": reliability(features[(kind, category)]),
+            "error_share": error_share(circuits[(kind, category)].mean(0), is_error),
+        } for kind, category in circuits])
+        rule = Rule(alpha=settings.alpha, monolithic_ratio=settings.monolithic_ratio,
+                    modular_ratio=settings.modular_ratio, n_boot=settings.bootstrap,
+                    n_permutations=settings.permutations)
+        verdict_rows, core_frames, pair_frames, centred_frames, calibration_frames = [], [], [], [], []
         for kind in settings.kinds:
             keys = [key for key in circuits if key[0] == kind]
             if len(keys) < 2:
                 logger.warning("Fewer than two %s circuits: no %s verdict.", kind, kind)
                 continue
-            pairs = similarity[same_kind & (similarity["kind_a"] == kind)]
-            p_value = permutation_p([circuits[key] for key in keys], n_permutations=settings.permutations,
-                                    seed=settings.seed)
-            ceiling = float(np.mean([halves[key].cosine_full for key in keys]))
-            result = verdict(pairs, ceiling, p_value, alpha=settings.alpha,
-                             monolithic_ratio=settings.monolithic_ratio, modular_ratio=settings.modular_ratio)
-            sets = {key[1]: ranked_nodes(circuits[key].mean(0), threshold=settings.node_threshold,
-                                         max_nodes=size) for key in keys}
-            core = shared_core(sets, settings.core_share)
-            mean_effects = np.stack([circuits[key].mean(0) for key in keys])
-            core = core.assign(kind=kind, hook=nodes["hook"].to_numpy()[core["node"]],
-                               feature=nodes["feature"].to_numpy()[core["node"]],
-                               mean_effect=mean_effects[:, core["node"]].mean(0),
-                               categories=[[c for c, s in sets.items() if node in s] for node in core["node"]])
+            categories = [category for _, category in keys]
+            with threadpool_limits(limits=1, user_api="blas"):  # small matrices: extra BLAS threads only spin
+                row, pairs, centred, calibration = CircuitsStage._kind_verdict([features[key] for key in keys], rule,
+                                                                              settings)
+            pairs[["category_a", "category_b"]] = np.asarray(categories)[pairs[["a", "b"]].to_numpy()]
+            pair_frames.append(pairs.drop(columns=["a", "b"]).assign(kind_a=kind, kind_b=kind))
+            centred_frames.append(pd.DataFrame({"kind": kind, "category": categories,
+                                                "split_half_centred": centred}))
+            calibration_frames.append(calibration.assign(kind=kind))
+            same = (similarity["kind_a"] == kind) & (similarity["kind_b"] == kind)
+            core = CircuitsStage._core(kind, {key[1]: circuits[key] for key in keys}, nodes, settings)
             core_frames.append(core)
             verdict_rows.append({
-                "kind": kind, **result.__dict__, "n_categories": len(keys),
-                "mean_jaccard": float(pairs["jaccard"].mean()), "jaccard_low": float(pairs["jaccard_low"].mean()),
-                "jaccard_high": float(pairs["jaccard_high"].mean()), "core_size": int(core["in_core"].sum()),
-                "circuit_size": size, "alpha": settings.alpha, "monolithic_ratio": settings.monolithic_ratio,
-                "modular_ratio": settings.modular_ratio, "permutations": settings.permutations})
-        return similarity, reliability, pd.DataFrame(verdict_rows), pd.concat(core_frames, ignore_index=True)
+                "kind": kind, **row, "n_categories": len(keys),
+                "prompts_per_category": min(len(features[key]) for key in keys),
+                "mean_jaccard": float(similarity.loc[same, "jaccard"].mean()),
+                "jaccard_split_half": float(np.mean([halves[key].jaccard for key in keys])),
+                "error_share": float(per_circuit.loc[per_circuit["kind"] == kind, "error_share"].mean()),
+                "core_size": int(core["in_core"].sum()), "circuit_size": size, "alpha": settings.alpha,
+                "monolithic_ratio": settings.monolithic_ratio, "modular_ratio": settings.modular_ratio,
+                "permutations": settings.permutations, "bootstrap": settings.bootstrap})
+        similarity = similarity.merge(pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame(
+            columns=["kind_a", "category_a", "kind_b", "category_b"]), how="left",
+            on=["kind_a", "category_a", "kind_b", "category_b"])
+        per_circuit = per_circuit.merge(_concat(centred_frames) if centred_frames else pd.DataFrame(
+            columns=["kind", "category", "split_half_centred"]), on=["kind", "category"], how="left")
+        return (similarity, per_circuit, pd.DataFrame(verdict_rows), _concat(core_frames),
+                _concat(calibration_frames))
+
+    @staticmethod
+    def _kind_verdict(groups: list[np.ndarray], rule: Rule, settings: CircuitsConfig) -> tuple[
+            dict[str, Any], pd.DataFrame, np.ndarray, pd.DataFrame]:
+        """One kind's verdict row, its pairs' centred cosines and corrected p-values, its categories'
+        centred reliability, and its calibration table."""
+        data = grouped(groups)
+        decision = assess(data, rule, seed=settings.seed)
+        pairs = decision.interval.pairs.drop(columns="cosine").merge(
+            pairwise_p(data, n_permutations=settings.permutations, seed=settings.seed).rename(
+                columns={"p_corrected": "p_holm"}), on=["a", "b"])
+        decoding = category_decodability(data, folds=settings.decoding_folds,
+                                         n_permutations=settings.decoding_permutations, seed=settings.seed)
+        started = time.perf_counter()
+        study = planted_study(groups, seed=settings.seed)
+        simulated = replace(rule, n_permutations=settings.calibration_permutations)
+        calibration = calibrate(study, simulated, shares=settings.calibration_shares,
+                                n_simulations=settings.calibration_simulations, seed=settings.seed).assign(purpose="grid")
+        reason, decisive = decision.reason, float("nan")
+        if decision.label == "inconclusive" and settings.calibration_scales:
+            share = float(np.clip(decision.interval.category_share.value, 0, 1))
+            rows, scale = decisive_scale(study, simulated, share=share, scales=settings.calibration_scales,
+                                         n_simulations=settings.calibration_simulations, seed=settings.seed)
+            calibration = pd.concat([calibration, rows.assign(purpose="sample size")], ignore_index=True)
+            reason += CircuitsStage._sample_size_note(share, min(data.sizes), scale, settings)
+            decisive = float(min(data.sizes) * scale) if scale else float("nan")
+        logger.info("calibration: %d simulated studies in %.1f s", len(calibration) * settings.calibration_simulations,
+                    time.perf_counter() - started)
+        at_zero = calibration[(calibration["purpose"] == "grid") & (calibration["share"] == 0)]
+        interval = decision.interval
+        row = {
+            "label": decision.label, "reason": reason, "p_value": decision.p_value,
+            "between": interval.between, "ceiling": interval.ceiling, **_estimate("ratio", interval.ratio),
+            **_estimate("category_share", interval.category_share), "centred_between": interval.centred_between,
+            "centred_within": interval.centred_within, "seeds_label": seeds_label(interval.between),
+            "decoding_accuracy": decoding.accuracy, "decoding_chance": decoding.chance,
+            "decoding_null": decoding.null_mean, "decoding_null_high": decoding.null_high,
+            "decoding_p": decoding.p_value, "decoding_folds": decoding.folds,
+            "detectable_share": smallest_detectable_share(calibration[calibration["purpose"] == "grid"]),
+            "false_modular": float(at_zero["modular"].iloc[0]) if len(at_zero) else float("nan"),
+            "decisive_prompts": decisive, "largest_share": max(settings.calibration_shares),
+            "calibration_simulations": settings.calibration_simulations,
+        }
+        return row, pairs, interval.centred_reliability, calibration
+
+    @staticmethod
+    def _sample_size_note(share: float, prompts: int, scale: int | None, settings: CircuitsConfig) -> str:
+        """Why more prompts would (or would not) settle an inconclusive verdict, from the calibration."""
+        simulated = f"; in simulations at this study's noise and its estimated category share (q = {share:.2f}), "
+        if scale is None:
+            return (f"{simulated}even {prompts * max(settings.calibration_scales)} prompts per category do not "
+                    f"decide it in {POWER:.0%} of them")
+        return f"{simulated}{prompts * scale} prompts per category would decide it in {POWER:.0%} of them"
+
+    @staticmethod
+    def _core(kind: str, circuits: Mapping[str, np.ndarray], nodes: pd.DataFrame,
+              settings: CircuitsConfig) -> pd.DataFrame:
+        """A kind's shared core over its categories' circuits (every node, error nodes included)."""
+        sets = {category: ranked_nodes(values.mean(0), threshold=settings.node_threshold, max_nodes=settings.max_nodes)
+                for category, values in circuits.items()}
+        core = shared_core(sets, settings.core_share)
+        mean_effects = np.stack([values.mean(0) for values in circuits.values()])
+        return core.assign(kind=kind, hook=nodes["hook"].to_numpy()[core["node"]],
+                           feature=nodes["feature"].to_numpy()[core["node"]],
+                           mean_effect=mean_effects[:, core["node"]].mean(0),
+                           categories=[[c for c, s in sets.items() if node in s] for node in core["node"]])
 
     @staticmethod
     def _components(model: LoadedModel, prompts: pd.DataFrame, groups, effects, offsets,
