@@ -28,7 +28,7 @@ def test_overview_shows_rates_for_both_models(tiny_store: Path) -> None:
     charts = app.get("vega_lite_chart")
     # toxic and hard by category, then the held-out sets (here the built-in set again and the hard test prompts)
     assert len(charts) == 3 and all('"refusal rate"' in chart.proto.spec for chart in charts)
-    assert "builtin_again" in charts[2].proto.spec and "sounds harmful, is safe" in charts[2].proto.spec
+    assert '"field": "set"' in charts[2].proto.spec  # the held-out sets side by side
     agreement = app.dataframe[1].value
     assert set(agreement["model"]) == {"base", "other"}
 
