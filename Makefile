@@ -1,4 +1,4 @@
-# Refusal Circuit Explorer: `make demo` builds the embedded study if needed and starts the app;
+# Refusal Circuit Explorer: `make demo` starts the app at once and builds the embedded study beside it;
 # `make test` runs the default test suite. Both create/refresh .venv first.
 # `make test-browser` drives the app in the system's headless Chromium (apt-get install chromium).
 PYTHON ?= python3.11
@@ -10,6 +10,8 @@ CONFIG ?= precompute/configs/demo.yaml
 STORE ?= data/stores/demo.duckdb
 PORT ?= 8501
 ADDRESS ?= localhost
+STREAMLIT_ARGS = --server.address $(ADDRESS) --server.port $(PORT) --server.headless true \
+	--browser.gatherUsageStats false
 
 .PHONY: venv study demo app test test-slow test-browser bench bench-app
 
@@ -27,10 +29,12 @@ study: $(STAMP)
 	$(PY) -m precompute run --config $(CONFIG) --store $(STORE)
 
 app: $(STAMP)
-	$(PY) -m app --server.address $(ADDRESS) --server.port $(PORT) \
-		--server.headless true --browser.gatherUsageStats false -- --store $(STORE)
+	$(PY) -m app $(STREAMLIT_ARGS) -- --store $(STORE)
 
-demo: study app
+# The app at once, the study building in the background beside it at low priority (precompute/demo.py);
+# pages fill in as stages land. Ctrl-C stops both; a second `make demo` resumes the build.
+demo: $(STAMP)
+	$(PY) -m precompute.demo --config $(CONFIG) --store $(STORE) -- $(STREAMLIT_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

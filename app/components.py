@@ -17,6 +17,7 @@ from streamlit.delta_generator import DeltaGenerator
 from streamlit.elements.arrow import DataframeState
 
 from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
+from precompute.progress import FAILED, FINISHED, BuildProgress
 
 # (label, extension, MIME type, what makes the file's contents)
 Download = tuple[str, str, str, Callable[[], bytes | str]]
@@ -113,3 +114,32 @@ def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float], scal
                      f'{outline}border-radius:3px;padding:0 1px">{text}</span>')
     return ('<div style="font-family:monospace;font-size:0.9em;line-height:1.9;white-space:pre-wrap">'
             + "".join(parts) + "</div>")
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return "under a minute" if minutes < 1 else f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def build_panel(progress: BuildProgress) -> None:
+    """The study's background build: the stage running, its progress and the time left; or the error it
+    stopped with and the command that resumes it. Nothing once a build has finished."""
+    index, count = progress.position
+    if progress.running:
+        st.markdown(f"**Building the study**: stage {index} of {count}, `{progress.current}`" if progress.current
+                    else "**Building the study**")
+        step = progress.step
+        if step is not None:
+            st.progress(step.fraction, text=f"{step.desc or 'progress'}: {step.n:g} of {step.total:g} {step.unit}")
+        left = [f"Running for {duration(progress.stage_elapsed)}"]
+        if step is not None and step.remaining is not None:
+            left.append(f"about {duration(step.remaining)} left in this step")
+        if progress.last_seconds is not None:
+            left.append(f"the whole stage took {duration(progress.last_seconds)} last time")
+        st.caption("; ".join(left) + ". Pages fill in as their stages land.")
+    elif progress.state != FINISHED:
+        where = f" in stage `{progress.current}`" if progress.current else ""
+        show = st.error if progress.state == FAILED else st.warning
+        resume = (f"with:\n\n```\n{progress.command}\n```" if progress.command
+                  else "by running the build's command again.")
+        show(f"The build {progress.state}{where}: {progress.error}\n\nResume it (finished stages are kept) {resume}")

@@ -14,6 +14,7 @@ import streamlit as st
 from app import queries
 from engine.errors import ExplorerError
 from engine.paths import stores_dir
+from precompute.progress import read_progress
 
 STORE_ENV = "REFUSAL_EXPLORER_STORE"
 PRESENTATION_KEY = "presentation"
@@ -26,6 +27,8 @@ PRESENTATION_CSS = """<style>
 [data-testid="stMetricLabel"] p { font-size: 1.3rem !important; }
 </style>"""
 BUILD_COMMAND = "python -m precompute run --config precompute/configs/demo.yaml"
+# Set by a page drawn while the build has not made its tables yet: the sidebar reruns it when a stage lands.
+FOLLOW_BUILD_KEY = "follow_build"
 
 
 def store_from_argv(argv: list[str] | None = None) -> Path | None:
@@ -56,9 +59,26 @@ def presentation_mode() -> bool:
     return bool(st.session_state.get(PRESENTATION_KEY, False))
 
 
+def awaiting_build(path: Path, stages: list[str]) -> bool:
+    """If a build of the store is running and will make `stages`: say so, follow the build (the page reruns
+    when a stage lands) and return True."""
+    build = read_progress(path)
+    if build is None or not build.running or not set(stages) <= set(build.pending()):
+        return False
+    st.session_state[FOLLOW_BUILD_KEY] = True
+    when = "is running now" if build.current in stages else f"runs after `{build.current}`" if build.current else "runs"
+    st.info(f"This page needs stage {', '.join(f'`{stage}`' for stage in stages)}, which the build running in the "
+            f"background {when}: the page fills in when it lands (progress in the sidebar).",
+            icon=":material/hourglass_top:")
+    return True
+
+
 def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
-    """Stop the page with a clear message when the store or some of its tables are missing."""
+    """Stop the page with a clear message when the store or some of its tables are missing: which stage
+    makes them and, if a build is running, that the page fills in when it lands."""
     if not path.is_file():
+        if awaiting_build(path, ["prompts"]):
+            st.stop()
         st.info(
             f"No study store at `{path}` yet. Build the embedded demo study (on a 2-core CPU: about "
             f"45-50 minutes with bfloat16 support, well over an hour without; the README has the figures) "
@@ -73,6 +93,8 @@ def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
     missing = [name for name in needed if name not in present]
     if missing:
         stages = sorted({queries.TABLE_STAGE.get(name, "?") for name in missing})
+        if awaiting_build(path, stages):
+            st.stop()
         st.warning(
             f"This store lacks {', '.join(missing)} (stage {', '.join(stages)} has not run). "
             f"Build the rest with:\n\n```\n{BUILD_COMMAND}\n```"

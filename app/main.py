@@ -7,7 +7,36 @@ from pathlib import Path
 import altair as alt
 import streamlit as st
 
-from app.context import PRESENTATION_CSS, PRESENTATION_KEY, current_store, known_stores, presentation_mode
+from app.components import build_panel
+from app.context import (
+    FOLLOW_BUILD_KEY,
+    PRESENTATION_CSS,
+    PRESENTATION_KEY,
+    current_store,
+    known_stores,
+    presentation_mode,
+)
+from precompute.progress import read_progress
+
+BUILD_REFRESH_SECONDS = 2.0
+
+
+def file_version(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def build_status(path: Path, drawn_version: int | None) -> None:
+    """The build panel, redrawn every few seconds while a build runs (a fragment). When a stage lands, a
+    page that waits for the build reruns; any other offers a refresh (a rerun would drop, e.g., a live
+    answer on Steering)."""
+    progress = read_progress(path)
+    if progress is None:
+        return
+    if file_version(path) != drawn_version and (st.session_state.get(FOLLOW_BUILD_KEY)
+                                                or st.button("New results: refresh the page", icon=":material/refresh:")):
+        st.rerun()
+    build_panel(progress)
+
 
 st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
 # Altair's debug mode validates every channel and chart against the Vega-Lite JSON schema as it is
@@ -27,6 +56,11 @@ with st.sidebar:
     st.caption(f"`{picked}`")
     st.toggle("Presentation mode", key=PRESENTATION_KEY,
               help="Larger type for a projector; the Findings page shows one section per screen.")
+    building = read_progress(Path(picked))
+    if building is not None:
+        st.fragment(build_status, run_every=BUILD_REFRESH_SECONDS if building.running else None)(
+            Path(picked), file_version(Path(picked)))
+st.session_state[FOLLOW_BUILD_KEY] = False  # the page sets it again if it waits for the build
 if presentation_mode():
     st.html(PRESENTATION_CSS)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import platform
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +59,75 @@ class LoadedModel:
         return int(self.bridge.cfg.d_model)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def auto_device() -> torch.device:
+    """The fastest device here: a CUDA GPU, else Apple's MPS (Apple silicon), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """A device by name; "auto" is `auto_device()`, logged with why it was chosen."""
+    if str(name) != "auto":
+        try:
+            return torch.device(name)
+        except RuntimeError as exc:
+            raise ExplorerError(f"Unknown device {str(name)!r}.", "use auto, cpu, cuda, cuda:N or mps.") from exc
+    device = auto_device()
+    if device.type == "cuda":
+        logger.info("Device auto: cuda (%s; %d GPU(s) visible, the model goes to the current one)",
+                    torch.cuda.get_device_name(), torch.cuda.device_count())
+    elif device.type == "mps":
+        logger.info("Device auto: mps (Apple silicon GPU; no CUDA GPU found)")
+    else:
+        logger.info("Device auto: cpu (%d threads; no CUDA GPU and no Apple MPS found)", torch.get_num_threads())
+    return device
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What decides this machine's speed: its CPU's vector and matrix instructions, its cores, the device."""
+
+    cpu: str
+    cores: int
+    avx2: bool
+    avx512_bf16: bool
+    amx: bool
+    device: str  # what "auto" picks
+
+    @property
+    def kind(self) -> str:
+        """The machine kind performance figures are grouped by (docs/performance.md)."""
+        if self.device != "cpu":
+            return {"cuda": "CUDA GPU", "mps": "Apple silicon (MPS)"}.get(self.device, self.device)
+        return "AMX CPU" if self.amx else "AVX512-BF16 CPU" if self.avx512_bf16 else "AVX2 CPU" if self.avx2 else "CPU"
+
+    @property
+    def processor(self) -> str:
+        return f"{self.cpu}, {self.cores} cores"
+
+    @property
+    def features(self) -> str:
+        return ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in
+                         (("AVX2", self.avx2), ("AVX512-BF16", self.avx512_bf16), ("AMX", self.amx)))
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> Machine:
+    """This machine's CPU features as PyTorch detects them (the ones `resolve_dtype` decides by)."""
+    return Machine(cpu=_cpu_name(), cores=os.cpu_count() or 1, avx2=torch.cpu._is_avx2_supported(),
+                   avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx=torch.cpu._is_amx_tile_supported(),
+                   device=auto_device().type)
 
 
 def embedded_gguf_path() -> Path:
@@ -179,14 +248,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device_map: DeviceMap | None = None,
 ) -> LoadedModel:
-    """Load a chat model by spec through TransformerBridge; CUDA when present, CPU otherwise.
+    """Load a chat model by spec through TransformerBridge on `device` (by default "auto": CUDA, else
+    Apple's MPS, else the CPU; see `resolve_device`).
 
     `device_map` (instead of `device`) spreads a model too large for one GPU over several, via
     Hugging Face `from_pretrained(device_map=...)` (needs `accelerate`); inputs then go to the
     embedding's device."""
     source = resolve_model_source(spec)
     if device_map is None:
-        placement = {"device": torch.device(device) if device is not None else default_device()}
+        placement = {"device": resolve_device("auto" if device is None else device)}
     else:
         if device is not None:
             raise ExplorerError("Both device and device_map are set.", "pass one: device_map places every module.")

@@ -6,7 +6,8 @@ Commands:
   status  show each stage's state in the store
   merge   merge the parquet partitions of `run --shard K/N` jobs into the store
   bench   figures on a built study (live steering latency, capture throughput, store size per
-          1,000 prompts; `--only app`: page and interaction speed of the app in headless Chromium)
+          1,000 prompts, each stage's time on this machine; `--only steering-during-build`: live
+          steering beside a build; `--only app`: page and interaction speed in headless Chromium)
 """
 
 from __future__ import annotations
@@ -54,9 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help="store file to write (default: the config's `store`, else "
                                   "data/stores/<study>.duckdb)")
         if name == "bench":
-            command.add_argument("--only", choices=["all", "steering", "capture", "store", "app"], default="all",
-                                 help="all = steering, capture and store size; app = the app's page and interaction speed "
-                                      "in headless Chromium (needs requirements-browser.txt)")
+            command.add_argument("--only", default="all",
+                                 choices=["all", "steering", "capture", "store", "stages", "steering-during-build", "app"],
+                                 help="all = steering, capture and store size; stages = each stage's last time on "
+                                      "this machine (from the build's progress record) with the CPU's features and the "
+                                      "dtype; steering-during-build = live steering idle and with a build-like load "
+                                      "beside it at the priority and threads `make demo` gives its build; app = the "
+                                      "app's page and interaction speed in headless Chromium (needs "
+                                      "requirements-browser.txt)")
             command.add_argument("--new-tokens", type=int, default=48, help="per live answer (default 48)")
             command.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")
             command.add_argument("--prompts", type=int, default=256, help="prompts for the capture figure")
@@ -122,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "add --shard K/N, or drop --stage (use --until to stop after a stage).")
         else:
             until = "tune" if args.command == "tune" else getattr(args, "until", None)
-            reports = run_pipeline(config, STAGES, force=frozenset(args.force), until=until)
+            resume = " ".join(["python -m precompute", args.command, "--config", str(args.config),
+                               *(["--store", str(args.store)] if args.store else []),
+                               *(["--until", until] if args.command == "run" and until else [])])
+            reports = run_pipeline(config, STAGES, force=frozenset(args.force), until=until, command=resume)
         for report in reports:
             logger.info("%-10s %-15s %6.1f s", report.stage, report.status, report.seconds)
         logger.info("Store: %s", config.store)

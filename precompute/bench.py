@@ -6,6 +6,12 @@
   plain Hugging Face forward pass over the same prompts and batches; the ratio is the figure.
 - store: the study store's size on disk per 1,000 prompts: the DuckDB file, the shard partitions
   (parquet, `<store>.shards/`) and the trained SAEs (`<store>.saes/`, every run's), each apart.
+- stages: each stage's time in its last full run on this machine (from the build's progress record,
+  precompute.progress) next to the CPU's features (AVX2, AVX512-BF16, AMX), the dtype, the threads and
+  the priority it ran with.
+- steering during a build (only with `--only steering-during-build`): the steering figure idle, then
+  with a build-like load beside it (batched forward passes of the study model in another process, at
+  the priority and thread count `make demo` gives its build, precompute.demo); the ratio (target <= 3).
 - app (only with `--only app`): every page's render time and a few interactions in headless
   Chromium, see precompute/bench_app.py.
 """
@@ -13,10 +19,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -26,9 +38,11 @@ from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
 from engine.generation import map_encoded
 from engine.judge import refusal_token_ids
-from engine.models import LoadedModel
+from engine.models import LoadedModel, describe_machine, load_model, resolve_dtype
 from engine.steering import Steering, compare_answers
+from precompute import demo
 from precompute.config import StudyConfig
+from precompute.progress import read_progress, record_path
 
 logger = logging.getLogger("precompute.bench")
 
@@ -89,8 +103,9 @@ def _studied_model(config: StudyConfig) -> tuple[str, LoadedModel]:
     return role, config.generation.load(config.models[role])
 
 
-def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_tokens: int, repeats: int
-                   ) -> list[BenchResult]:
+def steering_seconds(config: StudyConfig, model: LoadedModel, role: str, *, new_tokens: int, repeats: int
+                     ) -> float:
+    """Median seconds of one live answer pair (baseline + global direction ablated), as Steering runs it."""
     directions = store.read_table(config.store, "refusal_directions").query("scope == 'global' and chosen")
     tokens = refusal_token_ids(store.read_table(config.store, "refusal_tokens"), role)
     prompt = store.read_table(config.store, "prompts").query("split == 'test' and kind == 'toxic'")["text"].iloc[0]
@@ -102,8 +117,101 @@ def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_to
         # the full length, even after a short refusal
         compare_answers(model, prompt, steering, tokens, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         seconds.append(time.perf_counter() - started)
-    return [BenchResult("steering: baseline + steered answer", float(np.median(seconds)), "s",
+    return float(np.median(seconds))
+
+
+def bench_steering(config: StudyConfig, model: LoadedModel, role: str, *, new_tokens: int, repeats: int
+                   ) -> list[BenchResult]:
+    return [BenchResult("steering: baseline + steered answer",
+                        steering_seconds(config, model, role, new_tokens=new_tokens, repeats=repeats), "s",
                         f"exactly {new_tokens} new tokens each, median of {repeats}, {config.generation.dtype_name}")]
+
+
+READY = "ready"
+# The build-like load's process: `forward_load(store, spec, dtype, batch size)`.
+LOAD_CODE = "import sys; from precompute.bench import forward_load; forward_load(*sys.argv[1:])"
+
+
+def forward_load(store_path: str, spec: str, dtype: str, batch_size: str) -> None:
+    """What a build spends most of its time on: batched forward passes of the study model over the
+    study's prompts, round after round until stopped or the bench that started it is gone. Says READY on
+    stdout once the first batch is done."""
+    bench = os.getppid()
+    model = load_model(spec, dtype=resolve_dtype(dtype))
+    prompts = store.read_table(store_path, "prompts")["text"].tolist()
+
+    def forward(_: list[int], encoded: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            model.hf_model(**encoded)
+
+    ready = False
+    while True:
+        for _ in map_encoded(model, prompts, int(batch_size), forward, desc="build-like load"):
+            if os.getppid() != bench:
+                return
+            if not ready:
+                sys.stdout.write(f"{READY}\n")
+                sys.stdout.flush()
+                ready = True
+
+
+def _contents(file: IO[str]) -> str:
+    file.seek(0)
+    return file.read()
+
+
+@contextmanager
+def build_like_load(config: StudyConfig, role: str, threads: int) -> Iterator[None]:
+    """`forward_load` running in the background as `make demo` runs its build (demo.start_background),
+    from its first batch on."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as output:
+        process = demo.start_background(
+            [sys.executable, "-c", LOAD_CODE, str(config.store), config.models[role], config.generation.dtype,
+             str(config.generation.batch_size)], threads=threads, stdout=output)
+        try:
+            while process.poll() is None and f"{READY}\n" not in _contents(output):
+                time.sleep(0.5)
+            if process.returncode is not None:
+                raise ExplorerError(f"The build-like load stopped before its first batch: {_contents(output)[-2000:]}",
+                                    "fix what the message says (the model loads as the study's stages load it).")
+            yield
+        finally:
+            demo.stop(process)
+
+
+def bench_steering_during_build(config: StudyConfig, model: LoadedModel, role: str, *, new_tokens: int,
+                                repeats: int) -> list[BenchResult]:
+    threads = demo.build_threads()
+    idle = steering_seconds(config, model, role, new_tokens=new_tokens, repeats=repeats)
+    with build_like_load(config, role, threads):
+        busy = steering_seconds(config, model, role, new_tokens=new_tokens, repeats=repeats)
+    detail = (f"{new_tokens} new tokens, median of {repeats}; load: {threads} thread(s) at nice "
+              f"{demo.BUILD_NICENESS}, batch {config.generation.batch_size}")
+    return [BenchResult("steering, no build beside it", idle, "s", detail),
+            BenchResult("steering, build running beside it", busy, "s", detail),
+            BenchResult("steering during build / idle", busy / idle, "x", "target <= 3")]
+
+
+def bench_stages(config: StudyConfig) -> list[BenchResult]:
+    """Each stage's last full run here, from the build's progress record, next to what decided its speed."""
+    machine = describe_machine()
+    results = [BenchResult(f"machine: {machine.kind}", machine.cores, "cores",
+                           f"{machine.cpu}; {machine.features}; device {machine.device}")]
+    progress = read_progress(config.store)
+    if progress is None or not progress.timings:
+        raise ExplorerError(f"No stage times for {config.store}: {record_path(config.store)} is missing or empty.",
+                            "build the study (make demo, or python -m precompute run): each stage that runs "
+                            "records its time there.")
+    order = [stage.name for stage in progress.stages]
+    for name in sorted(progress.timings, key=lambda n: order.index(n) if n in order else len(order)):
+        timing = progress.timings[name]
+        elsewhere = "" if timing["cpu"] == machine.processor else f", on {timing['cpu']}"
+        results.append(BenchResult(f"stage: {name}", timing["seconds"] / 60, "min",
+                                   f"{timing['dtype']} on {timing['device']}, {timing['threads']} threads, "
+                                   f"nice {timing['niceness']}{elsewhere}"))
+    total = sum(progress.timings[name]["seconds"] for name in progress.timings)
+    results.append(BenchResult("stages: total", total / 60, "min", "the sum of the times above"))
+    return results
 
 
 def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) -> list[BenchResult]:
@@ -148,12 +256,16 @@ def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int,
         return [BenchResult(f"app: {t.name}", t.median, "s", f"target {t.target:g} s, {'PASS' if t.passed else 'FAIL'}")
                 for t in [*pages, *interactions]]
     results = bench_store(config) if which in ("all", "store") else []
-    if which in ("all", "steering", "capture"):
+    if which == "stages":
+        results += bench_stages(config)
+    if which in ("all", "steering", "capture", "steering-during-build"):
         role, model = _studied_model(config)
         if which in ("all", "steering"):
             results += bench_steering(config, model, role, new_tokens=new_tokens, repeats=repeats)
         if which in ("all", "capture"):
             results += bench_capture(config, model, n_prompts=n_prompts)
+        if which == "steering-during-build":
+            results += bench_steering_during_build(config, model, role, new_tokens=new_tokens, repeats=repeats)
     for result in results:
         logger.info("%-38s %10.3f %-9s %s", result.name, result.value, result.unit, result.detail)
     return results

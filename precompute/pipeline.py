@@ -26,7 +26,7 @@ import pandas as pd
 from engine import store
 from engine.errors import ExplorerError
 from engine.paths import cache_dir
-from precompute import shards
+from precompute import progress, shards
 from precompute.config import SECTIONS, StudyConfig
 from precompute.shards import ShardSpec
 
@@ -219,17 +219,23 @@ def run_pipeline(
     *,
     force: frozenset[str] = frozenset(),
     until: str | None = None,
+    command: str = "",
 ) -> list[StageReport]:
-    """Run stages in order (up to and including `until`), re-running those in `force`."""
+    """Run stages in order (up to and including `until`), re-running those in `force`, and keep the
+    store's progress record (precompute.progress) up to date; `command` is the one that resumes this build."""
     stages = list(stages)
     _check_stage_names(stages, [*force, *([until] if until else [])])
     context = StageContext(config=config)
     planned = _planned(stages, config)
     reports: list[StageReport] = []
-    for stage in stages:
-        reports.append(_run_stage(stage, context, force=force, planned=planned))
-        if stage.name == until:
-            break
+    with progress.recording(config.store, planned, command=command,
+                            conditions=progress.build_conditions(config.generation.dtype_name)) as record:
+        for stage in stages:
+            record.start(stage.name)
+            reports.append(_run_stage(stage, context, force=force, planned=planned))
+            record.finish(stage.name, reports[-1].status, reports[-1].seconds)
+            if stage.name == until:
+                break
     return reports
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import show_chart, show_table
-from app.context import BUILD_COMMAND, current_store, presentation_mode, require_tables
+from app.components import build_panel, show_chart, show_table
+from app.context import BUILD_COMMAND, FOLLOW_BUILD_KEY, current_store, presentation_mode, require_tables
 from app.findings import Findings, answer, current_findings
 from app.narrative import Section, sections
 from app.report import report_html, report_markdown
+from precompute.progress import FINISHED, BuildProgress, read_progress
 
 SLIDE_KEY = "findings_slide"
 
@@ -59,11 +60,13 @@ def render_report_buttons(findings: Findings) -> None:
                           help="The same report as Markdown, figures embedded as PNG.")
 
 
-def render_stages(findings: Findings) -> None:
+def render_stages(findings: Findings, build: BuildProgress | None) -> None:
+    running = build.current if build is not None and build.running else None
     with st.expander("What this store holds", expanded=bool(findings.missing_stages)):
-        st.markdown("\n".join(f"- {'✅' if stage in findings.stages_done else '⬜'} `{stage}`"
+        st.markdown("\n".join(f"- {'⏳' if stage == running else '✅' if stage in findings.stages_done else '⬜'} "
+                              f"`{stage}`{' (building now)' if stage == running else ''}"
                               for stage in findings.stages_planned))
-        if findings.missing_stages:
+        if findings.missing_stages and running is None:
             st.markdown(f"Build the rest (stages already built are skipped):\n\n```\n{BUILD_COMMAND}\n```")
 
 
@@ -83,14 +86,20 @@ store = current_store()
 require_tables(store, ("prompts",))
 findings = current_findings(store)
 all_sections = sections(findings)
+build = read_progress(store)
+if findings.missing_stages and build is not None and build.running:
+    st.session_state[FOLLOW_BUILD_KEY] = True  # each stage that lands adds to the findings
 
 if presentation_mode():
     render_slides(all_sections)
 else:
     st.title(f"Findings: study {findings.study}")
     st.info(answer(findings), icon=":material/lightbulb:")
+    if build is not None and build.state != FINISHED:
+        with st.container(border=True):
+            build_panel(build)
     render_headline(findings)
     render_report_buttons(findings)
-    render_stages(findings)
+    render_stages(findings, build)
     for section in all_sections:
         render_section(section)
