@@ -16,7 +16,7 @@ from app import queries
 
 KINDS = ("toxic", "hard", "safe")
 Z_95 = NormalDist().inv_cdf(0.975)
-STAGE_ORDER = ("prompts", "tune", "generate", "directions", "saes", "steering", "circuits")
+STAGE_ORDER = ("prompts", "tune", "generate", "evaluation", "directions", "saes", "steering", "circuits")
 MIN_GROUP = 20  # below this many prompts a per-category rate's 95% interval is wider than +-20 points
 SHARED_SHOWN = 5
 

@@ -29,6 +29,10 @@ FROM judge_agreement ORDER BY model, kind
 REFUSAL_TOKENS_SQL = "SELECT model, token, token_id, share_of_refusals, source FROM refusal_tokens"
 MODELS_SQL = "SELECT DISTINCT model, model_spec FROM generations ORDER BY model"
 TUNE_STEPS_SQL = "SELECT step, loss FROM tune_steps ORDER BY step"
+EVALUATION_RATES_SQL = """
+SELECT "set", model, kind, n, n_refused, rate, ci_low, ci_high, n_left_out FROM evaluation_rates ORDER BY "set", model
+"""
+TUNE_DATA_SUMMARY_SQL = "SELECT kind, source, count(*) AS n FROM tune_data GROUP BY kind, source ORDER BY kind, source"
 CATEGORIES_SQL = "SELECT DISTINCT category FROM prompts ORDER BY category"
 # Prompt browser: one row per prompt with each model's verdict; filters are parameters.
 BROWSE_SQL = """
@@ -156,10 +160,12 @@ TABLE_STAGE = {
     "refusal_rates": "generate",
     "judge_agreement": "generate",
     "refusal_tokens": "generate",
+    "evaluation_generations": "evaluation",
+    "evaluation_rates": "evaluation",
     **{name: "directions" for name in (
         "direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
         "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
-        "category_cosines", "hard_prompt_direction")},
+        "category_cosines", "hard_prompt_direction", "form_probe")},
     **{name: "saes" for name in (
         "saes", "sae_corpus", "features", "feature_examples", "feature_groups", "feature_direction_cosines")},
     **{name: "steering" for name in (
@@ -239,6 +245,9 @@ SELECT e.model,
        any_value(h.n_not_leaning) AS n_not_leaning, any_value(h.n) AS n_kl
 FROM direction_effects e JOIN direction_harmlessness h ON h.model = e.model AND h.condition = 'ablation'
 GROUP BY e.model ORDER BY e.model
+"""
+FORM_PROBE_SQL = """
+SELECT n_imperative, n_question, probe_accuracy, cosine_with_refusal, ci_low, ci_high, layer FROM form_probe
 """
 HARD_DIRECTION_SQL = """
 SELECT n_refused, n_answered, cosine_with_global, ci_low, ci_high, note FROM hard_prompt_direction

