@@ -15,6 +15,13 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 
+def save_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` atomically: a crash mid-write leaves no half-written file under that name."""
+    partial = path.with_suffix(".partial")
+    frame.to_parquet(partial, index=False)
+    partial.replace(path)
+
+
 def map_in_chunks(
     items: pd.DataFrame,
     work: Callable[[pd.DataFrame], pd.DataFrame],
@@ -33,10 +40,7 @@ def map_in_chunks(
     for start in tqdm(starts, desc=desc, unit="chunk"):
         path = cache / f"chunk-{start // chunk_size:05d}.parquet"
         if not path.is_file():
-            result = work(items.iloc[start : start + chunk_size])
-            partial = path.with_suffix(".partial")
-            result.to_parquet(partial, index=False)
-            partial.replace(path)
+            save_parquet(work(items.iloc[start : start + chunk_size]), path)
         results.append(pd.read_parquet(path))
     return pd.concat(results, ignore_index=True) if results else pd.DataFrame()
 
@@ -67,22 +71,18 @@ def map_by_id(
     `items`' order. Unlike map_in_chunks a result is reused by any later set that holds its row,
     e.g. the base model's answers across fine-tunes drawn from one pool."""
     cache.mkdir(parents=True, exist_ok=True)
-    parts = sorted(cache.glob("part-*.parquet"))
-    held = pd.concat([pd.read_parquet(path) for path in parts], ignore_index=True) if parts else None
-    missing = items[~items["id"].isin(held["prompt_id"])] if held is not None else items
-    if held is not None:
+    held = [pd.read_parquet(path) for path in sorted(cache.glob("part-*.parquet"))]
+    done = set().union(*(frame["prompt_id"] for frame in held))
+    missing = items[~items["id"].isin(done)]
+    if held:
         logger.info("%s: %d of %d already done", desc, len(items) - len(missing), len(items))
-    new = []
     for start in tqdm(range(0, len(missing), chunk_size), desc=desc, unit="chunk"):
         chunk = missing.iloc[start : start + chunk_size]
         result = work(chunk)
         # Named by its rows, so two processes filling one cache never write over each other's parts.
         digest = hashlib.sha256("\n".join(chunk["id"]).encode()).hexdigest()[:16]
-        path = cache / f"part-{digest}.parquet"
-        partial = path.with_suffix(".partial")
-        result.to_parquet(partial, index=False)
-        partial.replace(path)
-        new.append(result)
-    every = pd.concat([frame for frame in (held, *new) if frame is not None], ignore_index=True)
+        save_parquet(result, cache / f"part-{digest}.parquet")
+        held.append(result)
+    every = pd.concat(held, ignore_index=True)
     every = every.drop_duplicates("prompt_id").set_index("prompt_id")
     return every.loc[items["id"].to_numpy()].reset_index()

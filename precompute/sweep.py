@@ -21,6 +21,7 @@ import yaml
 
 from engine import store
 from engine.errors import ExplorerError
+from engine.judge import refusal_rate_table
 from engine.models import EMBEDDED_TUNED
 from engine.paths import stores_dir
 from engine.tuning import TuneConfig
@@ -87,7 +88,6 @@ def form_scores(study: StudyConfig, layer_share: float) -> dict[str, Any]:
     """The surface-form probe (engine.form_probe) at one fixed site for every point alike: the residual
     stream before layer round(layer_share x n_layers) at the last prompt token, against the difference of
     means toxic minus safe over the train prompts."""
-    import numpy as np
 
     from engine.activations import capture
     from engine.directions import mean_difference
@@ -112,21 +112,20 @@ def point_scores(study: StudyConfig) -> dict[str, Any]:
     generations = store.read_table(study.store, "generations").query("model == 'tuned'")
     test = generations[generations["split"] == "test"]
     for kind, group in test.groupby("kind"):
-        row[f"{kind}_test"] = _rate(group["refused"])
+        row[f"{kind}_test"] = _rate(group)
     if study.evaluation is not None:
         evaluated = store.read_table(study.store, "evaluation_generations").query("model == 'tuned'")
         for name, group in evaluated.groupby("set"):
-            row[name] = _rate(group["refused"])
+            row[name] = _rate(group)
     data = store.read_table(study.store, "tune_data")
     row["n_train"] = len(data)
     return row
 
 
-def _rate(refused: pd.Series) -> str:
-    from statsmodels.stats.proportion import proportion_confint
-
-    low, high = proportion_confint(int(refused.sum()), len(refused), method="wilson")
-    return f"{refused.mean():.1%} [{low:.1%}, {high:.1%}] n={len(refused)}"
+def _rate(judged: pd.DataFrame) -> str:
+    """The refusal rate of judged answers with its Wilson 95% interval (engine.judge.refusal_rate_table)."""
+    rate = refusal_rate_table(judged.assign(everything=True), ["everything"]).iloc[0]
+    return f"{rate['rate']:.1%} [{rate['ci_low']:.1%}, {rate['ci_high']:.1%}] n={rate['n']}"
 
 
 def run_sweep(config: StudyConfig, grid: Mapping[str, Sequence[Any]], *, form_layer_share: float = 0.7
