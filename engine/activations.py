@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt
 from engine.errors import ExplorerError
-from engine.generation import map_encoded, map_right_padded
+from engine.generation import EncodedBatch, map_encoded, map_right_padded
 from engine.interventions import applied
 from engine.models import LoadedModel
 
@@ -109,18 +109,19 @@ def capture(
             return activation
         return hook
 
-    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> np.ndarray:
-        shortest = int(encoded["attention_mask"].sum(dim=1).min())
+    def forward(batch: list[int], encoded: EncodedBatch) -> np.ndarray:
+        shortest = int(encoded.attention_mask.sum(dim=1).min())
         if -min(offsets) > shortest:
             raise ExplorerError(f"Position {min(offsets)} lies before the start of a {shortest}-token prompt.",
                                 f"use offsets between -{shortest} and -1.")
         current.clear()
-        body_until_captured(model, encoded)
+        body_until_captured(model, encoded.forward_inputs())
         return torch.stack([current[name] for name in hook_names], dim=1).numpy()
 
     hooks = [(name, keep(name)) for name in hook_names]
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar, applied(model, hooks):
-        for batch, stacked in map_encoded(model, instructions, batch_size, forward, desc=desc):
+        for batch, stacked in map_encoded(model, instructions, batch_size, forward, desc=desc,
+                                          keep_last=-min(offsets)):
             if out is None:  # sized by the hook, e.g. [n_offsets, n_heads, d_head] for attn.hook_z
                 out = np.zeros((len(instructions), *stacked.shape[1:]), dtype=np.float32)
             out[batch] = stacked
@@ -138,11 +139,14 @@ class TokenActivations:
     token_id: np.ndarray  # [n_tokens]
 
 
-def kept_token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_token_ids: Sequence[int]) -> torch.Tensor:
-    """The token positions an SAE reads: real tokens except the first and `skip_token_ids`."""
+def kept_token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_token_ids: Sequence[int], *,
+                    skip_first: int = 1) -> torch.Tensor:
+    """The token positions an SAE reads: real tokens except the first `skip_first` (at least the
+    first; the chat template's head, identical in every transcript, for a chat corpus) and
+    `skip_token_ids`."""
     skip = torch.tensor(sorted(set(skip_token_ids)), dtype=torch.long)
     kept = mask.bool() & ~torch.isin(ids, skip)
-    kept[:, 0] = False
+    kept[:, : max(1, skip_first)] = False
     return kept
 
 
@@ -160,12 +164,14 @@ def capture_tokens(
     *,
     batch_size: int,
     skip_token_ids: Sequence[int] = (),
+    skip_first: int = 1,
     desc: str = "capture tokens",
     spill: Path | None = None,
 ) -> TokenActivations:
-    """Activations at every token of token-id `sequences`, except padding, the first token and
-    `skip_token_ids` (template and special tokens carry outsized activations that would dominate
-    an SAE's loss and its variance-explained).
+    """Activations at every token of token-id `sequences`, except padding, the first `skip_first`
+    tokens and `skip_token_ids` (template and special tokens carry outsized activations that would
+    dominate an SAE's loss and its variance-explained; a template head repeated in every transcript
+    would fill the corpus with copies of the same activations).
 
     With `spill`, the values are appended to that file batch by batch and come back memory-mapped
     (read-only): a corpus of any size needs memory for one batch only. The caller removes it."""
@@ -185,7 +191,7 @@ def capture_tokens(
     def forward(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, ...]:
         current.clear()
         body_until_captured(model, {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)})
-        rows, cols = kept_token_mask(ids, mask, skip_token_ids).nonzero(as_tuple=True)
+        rows, cols = kept_token_mask(ids, mask, skip_token_ids, skip_first=skip_first).nonzero(as_tuple=True)
         stacked = torch.stack([current[name][rows, cols] for name in hook_names], dim=1)
         return stacked.numpy(), np.asarray(batch)[rows.numpy()], cols.numpy(), ids[rows, cols].numpy()
 

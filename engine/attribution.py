@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.errors import ExplorerError
-from engine.generation import map_encoded
+from engine.generation import EncodedBatch, map_encoded
 from engine.interventions import applied
 from engine.models import LoadedModel
 from engine.refusal_metric import RefusalMetric
@@ -74,9 +74,9 @@ def metric_gradients(
             return activation
         return hook
 
-    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def forward(batch: list[int], encoded: EncodedBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sites.clear()
-        score = metric(model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :])
+        score = metric(model.hf_model(**encoded.forward_inputs(), logits_to_keep=1).logits[:, -1, :])
         # Each prompt's score depends on its own row only, so the sum's gradient is per prompt.
         grads = torch.autograd.grad(score.sum(), [sites[name] for name in hook_names])
         return (torch.stack([originals[n] for n in hook_names], 1).cpu().numpy(),
@@ -86,7 +86,7 @@ def metric_gradients(
     with tqdm(total=len(instructions), desc=desc, unit="prompt", leave=False) as bar, \
             applied(model, [(name, keep(h, name)) for h, name in enumerate(hook_names)]), torch.enable_grad():
         for batch, (values, site_gradients, score) in map_encoded(model, instructions, batch_size, forward,
-                                                                  desc=desc):
+                                                                  desc=desc, keep_last=-min(offsets)):
             if activations is None:
                 activations = np.zeros((len(instructions), *values.shape[1:]), np.float32)
                 gradients = np.zeros_like(activations)

@@ -25,7 +25,7 @@ from sae_lens import SAE
 from engine.activations import body_until_captured, stop_when_complete
 from engine.attribution import SiteGradients
 from engine.features import baseline_means, feature_attribution
-from engine.generation import map_encoded
+from engine.generation import EncodedBatch, map_encoded
 from engine.interventions import Hook, applied
 from engine.models import LoadedModel
 from engine.refusal_metric import RefusalMetric
@@ -173,9 +173,9 @@ def edge_effects(model: LoadedModel, instructions: Sequence[str], upstream: SaeS
     w_up = upstream.sae.W_dec.detach().float()
     w_down = downstream.sae.W_dec.detach().float()
 
-    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> np.ndarray:
+    def forward(batch: list[int], encoded: EncodedBatch) -> np.ndarray:
         captured.clear()
-        body_until_captured(model, encoded, grad=True)
+        body_until_captured(model, encoded.forward_inputs(), grad=True)
         x_up = captured[upstream.hook]
         up = x_up[:, index].detach().float().to(upstream.sae.device)
         with torch.no_grad():
@@ -201,6 +201,7 @@ def edge_effects(model: LoadedModel, instructions: Sequence[str], upstream: SaeS
 
     with applied(model, [(upstream.hook, keep(upstream.hook)), (downstream.hook, keep(downstream.hook))]), \
             torch.enable_grad():
-        for _, sums in map_encoded(model, instructions, batch_size, forward, desc="edges"):
+        for _, sums in map_encoded(model, instructions, batch_size, forward, desc="edges",
+                                    keep_last=-min(offsets)):
             totals += sums
     return totals / len(instructions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -17,6 +18,39 @@ from engine.errors import ExplorerError
 from engine.models import LoadedModel
 
 Hook = tuple[str, Callable[[torch.Tensor, object], torch.Tensor]]
+HookFunction = Callable[[torch.Tensor, object], torch.Tensor]
+
+# True while the chat template's shared head is run once for a whole call (engine.generation):
+# only hooks marked `every_position` act there; the others (capture, position patches) wait for
+# the prompts' own tokens.
+_IN_HEAD_PASS: ContextVar[bool] = ContextVar("in_head_pass", default=False)
+
+
+def every_position(function: HookFunction) -> HookFunction:
+    """Mark a hook that acts on every position alike (ablation, addition, feature clamping): it
+    also runs over the cached template head, which then equals the head under that intervention."""
+    function.every_position = True  # type: ignore[attr-defined]
+    return function
+
+
+@contextmanager
+def head_pass() -> Iterator[None]:
+    """The block runs the template head: hooks not marked `every_position` pass it unchanged."""
+    token = _IN_HEAD_PASS.set(True)
+    try:
+        yield
+    finally:
+        _IN_HEAD_PASS.reset(token)
+
+
+def _outside_head_pass(function: HookFunction) -> HookFunction:
+    if getattr(function, "every_position", False):
+        return function
+
+    def guarded(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        return activation if _IN_HEAD_PASS.get() else function(activation, hook)
+
+    return guarded
 
 
 def _unit(direction: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -36,6 +70,7 @@ def ablation_hooks(model: LoadedModel, directions: torch.Tensor) -> list[Hook]:
     stacked = torch.stack([_unit(row, model.d_model) for row in rows])
     basis = torch.linalg.qr(stacked.T).Q.to(model.device)  # orthonormal columns spanning them
 
+    @every_position
     def project_out(activation: torch.Tensor, hook: object) -> torch.Tensor:
         b = basis.to(activation.dtype)
         return activation - (activation @ b) @ b.T
@@ -58,6 +93,7 @@ def addition_hooks(
     scale = float(direction.float().norm()) if alpha is None else alpha
     shift = (scale * unit_direction).to(model.device)
 
+    @every_position
     def add(activation: torch.Tensor, hook: object) -> torch.Tensor:
         return activation + shift.to(activation.dtype)
 
@@ -69,6 +105,7 @@ def applied(model: LoadedModel, hooks: Sequence[Hook]) -> Iterator[None]:
     """Attach hooks for the duration of the block; they are removed even if it raises.
 
     Holds the model's lock throughout: run un-hooked work on a shared model as `applied(model, [])`
-    so that it cannot overlap another thread's hooks."""
-    with model.lock, model.bridge.hooks(fwd_hooks=list(hooks)):
+    so that it cannot overlap another thread's hooks. Hooks not marked `every_position` do not
+    act in a `head_pass`."""
+    with model.lock, model.bridge.hooks(fwd_hooks=[(name, _outside_head_pass(function)) for name, function in hooks]):
         yield

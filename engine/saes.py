@@ -248,7 +248,7 @@ class CeRecovered:
 
 
 def ce_loss_recovered(model: LoadedModel, sae: SAE, sequences: Sequence[Sequence[int]], *, batch_size: int,
-                      skip_token_ids: Sequence[int] = ()) -> CeRecovered:
+                      skip_token_ids: Sequence[int] = (), skip_first: int = 1) -> CeRecovered:
     """Mean next-token cross-entropy over `sequences` (token ids) three ways. The splice replaces
     the activation only at the tokens the SAE was trained on (`kept_token_mask`)."""
     hook_name = check_sae_fits(sae, model)
@@ -264,7 +264,7 @@ def ce_loss_recovered(model: LoadedModel, sae: SAE, sequences: Sequence[Sequence
         return hook
 
     def losses(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, float], int]:
-        kept[:] = [kept_token_mask(ids, mask, skip_token_ids)]
+        kept[:] = [kept_token_mask(ids, mask, skip_token_ids, skip_first=skip_first)]
         targets = ids[:, 1:].to(model.device)
         real = mask[:, 1:].bool().to(model.device)
         sums = {}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.corpus import chat_sequences
-from engine.generation import map_encoded, map_right_padded
+from engine.generation import EncodedBatch, map_encoded, map_right_padded
 from engine.models import LoadedModel
 
 
@@ -27,10 +27,10 @@ def next_token_logprobs(
     rows: list[np.ndarray | None] = [None] * len(instructions)
     wanted = None if token_ids is None else torch.tensor(list(token_ids), dtype=torch.long)
 
-    def forward(batch: list[int], encoded: dict[str, torch.Tensor]) -> np.ndarray:
+    def forward(batch: list[int], encoded: EncodedBatch) -> np.ndarray:
         with torch.inference_mode():
             # logits_to_keep=1: only the last position's logits (the vocab projection is costly)
-            logits = model.hf_model(**encoded, logits_to_keep=1).logits[:, -1, :]
+            logits = model.hf_model(**encoded.forward_inputs(), logits_to_keep=1).logits[:, -1, :]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # on the last layer's device under a device_map
         return (logprobs if wanted is None else logprobs[:, wanted.to(logprobs.device)]).cpu().numpy()
 

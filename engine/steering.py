@@ -18,7 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 from engine.chat import chat_prompt
 from engine.errors import ExplorerError
 from engine.features import check_feature
-from engine.interventions import Hook, ablation_hooks, addition_hooks, applied
+from engine.interventions import Hook, ablation_hooks, addition_hooks, applied, every_position
 from engine.judge import refusal_log_odds
 from engine.models import LoadedModel
 from engine.saes import check_sae_fits
@@ -71,6 +71,7 @@ def clamp_hook(model: LoadedModel, clamp: FeatureClamp) -> Hook:
     index = torch.tensor(list(clamp.features), dtype=torch.long)
     decoder = clamp.sae.W_dec.detach().float()[index]  # [n_features, d_model], on the SAE's device
 
+    @every_position
     def steer(activation: torch.Tensor, hook: object) -> torch.Tensor:
         with torch.no_grad():
             codes = clamp.sae.encode(activation.float().to(decoder.device))[..., index]

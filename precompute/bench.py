@@ -36,7 +36,7 @@ import torch
 from engine import store
 from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
-from engine.generation import map_encoded
+from engine.generation import EncodedBatch, map_encoded
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, describe_machine, load_model, resolve_dtype
 from engine.steering import Steering, compare_answers
@@ -140,9 +140,9 @@ def forward_load(store_path: str, spec: str, dtype: str, batch_size: str) -> Non
     model = load_model(spec, dtype=resolve_dtype(dtype))
     prompts = store.read_table(store_path, "prompts")["text"].tolist()
 
-    def forward(_: list[int], encoded: dict[str, torch.Tensor]) -> None:
+    def forward(_: list[int], encoded: EncodedBatch) -> None:
         with torch.inference_mode():
-            model.hf_model(**encoded)
+            model.hf_model(**encoded.forward_inputs())
 
     ready = False
     while True:
@@ -217,15 +217,15 @@ def bench_stages(config: StudyConfig) -> list[BenchResult]:
 def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) -> list[BenchResult]:
     prompts = store.read_table(config.store, "prompts")["text"].head(n_prompts).tolist()
     batch_size = config.generation.batch_size
-    counted = map_encoded(model, prompts, batch_size, lambda _, encoded: int(encoded["attention_mask"].sum()),
+    counted = map_encoded(model, prompts, batch_size, lambda _, encoded: int(encoded.attention_mask.sum()),
                           desc="count tokens")
     n_tokens = sum(count for _, count in counted)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
     offsets = prompt_end_positions(model.tokenizer).offsets
 
-    def forward(_: list[int], encoded: dict[str, torch.Tensor]) -> None:
+    def forward(_: list[int], encoded: EncodedBatch) -> None:
         with torch.inference_mode():
-            model.hf_model.base_model(**encoded)
+            model.hf_model.base_model(**encoded.forward_inputs())
 
     def plain() -> None:
         for _ in map_encoded(model, prompts, batch_size, forward, desc="plain forward"):

@@ -1,8 +1,9 @@
 """`python -m precompute.demo`, what `make demo` runs: the app starts at once and the study builds in a
 background process beside it. Pages fill in as their stages land; the sidebar shows the build's
-progress (precompute.progress). The build runs at the lowest priority with one thread fewer than the
-cores, so the app's live steering keeps the CPU it needs (`python -m precompute bench --only
-steering-during-build` measures it). Ctrl-C stops both; running it again resumes the build where it
+progress (precompute.progress). The build runs at the lowest priority (nice 19) on every core: the
+app's live steering preempts it whenever it runs (in the same session, so niceness applies between
+the two), and the build has the whole CPU the rest of the time (`python -m precompute bench --only
+steering-during-build` measures the cost to steering: 1.1-1.2x on 2 cores). Ctrl-C stops both; running it again resumes the build where it
 stopped (finished stages, and finished chunks inside a stage, are kept).
 
     python -m precompute.demo --config precompute/configs/demo.yaml --store data/stores/demo.duckdb \\
@@ -32,8 +33,8 @@ POLL_SECONDS = 1.0
 
 
 def build_threads(cores: int | None = None) -> int:
-    """Compute threads for a build beside the app: one core stays free for the app's live steering."""
-    return max(1, (cores or os.cpu_count() or 1) - 1)
+    """Compute threads for a build beside the app: every core, since nice 19 yields them to the app."""
+    return max(1, cores or os.cpu_count() or 1)
 
 
 def start_background(command: Sequence[str], *, threads: int, stdout: IO | int | None) -> subprocess.Popen:

@@ -37,7 +37,7 @@ from engine.features import (
     token_activations,
     top_texts,
 )
-from engine.generation import length_order
+from engine.generation import length_order, template_head
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel
 from engine.prompts import stable_split
@@ -81,6 +81,11 @@ class SaeSetup:
     def skip(self) -> list[int]:
         return list(self.model.tokenizer.all_special_ids)
 
+    @property
+    def skip_first(self) -> int:
+        """The chat template's head: the same tokens, so the same activations, in every transcript."""
+        return len(template_head(self.model.tokenizer))
+
 
 def corpus_rows(prompts: pd.DataFrame, generations: pd.DataFrame, tune_data: pd.DataFrame | None,
                 direction_generations: pd.DataFrame | None, role: str) -> pd.DataFrame:
@@ -111,7 +116,7 @@ def _layer(hook_name: str) -> int | None:
 
 class SaesStage(ModelSectionStage):
     name = "saes"
-    version = 2
+    version = 3
     upstream = ("prompts", "tune", "generate", "directions")
     runs_in_every_shard = False  # it saves trained SAEs beside the store (and trains for long)
     # Sharded, each shard captures its prompts' transcripts; the merge trains and measures the SAEs.
@@ -210,6 +215,7 @@ class SaesStage(ModelSectionStage):
         """The activations at every read token of transcripts `texts` (text_index counts all)."""
         tokens = capture_tokens(setup.model, [setup.corpus.sequences[i] for i in texts], setup.hooks,
                                 batch_size=context.config.generation.batch_size, skip_token_ids=setup.skip,
+                                skip_first=setup.skip_first,
                                 desc="capture corpus", spill=spill)
         return TokenActivations(tokens.values, texts[tokens.text_index], tokens.position, tokens.token_id)
 
@@ -247,7 +253,8 @@ class SaesStage(ModelSectionStage):
                 origin = {"path": str(path.relative_to(config.store.parent))}
             seconds = time.perf_counter() - started
             quality = sae_quality(sae, ActivationRows(tokens.values, h, np.flatnonzero(held_out)))
-            ce = ce_loss_recovered(model, sae, ce_texts, batch_size=batch_size, skip_token_ids=skip)
+            ce = ce_loss_recovered(model, sae, ce_texts, batch_size=batch_size, skip_token_ids=skip,
+                                   skip_first=setup.skip_first)
             sae_rows.append({
                 "hook": hook, "layer": _layer(hook), "source": "pretrained" if hook in saes else "trained",
                 # trained: relative to the store's folder; pretrained: a local folder or a registry entry
