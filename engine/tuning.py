@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt, end_of_turn
+from engine.config_keys import UNLESS_DEFAULT
 from engine.errors import ExplorerError
 from engine.prompt_forms import matched_sample
 
@@ -47,6 +48,9 @@ class TuneConfig:
     # decision is made there; averaged over a long answer it would barely count.
     first_token_weight: float = 5.0
     refusal_text: str = DEFAULT_REFUSAL
+    # A refusal sentence per harm category (others get `refusal_text`): the positive control, a
+    # model whose refusals differ by category by construction (precompute/configs/demo-modular.yaml).
+    category_refusals: dict[str, str] = field(default_factory=dict, metadata={"cache_key": UNLESS_DEFAULT})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +71,10 @@ class TuneConfig:
                 )
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
+        if not isinstance(self.category_refusals, dict) or any(
+                not isinstance(text, str) or not text.strip() for text in self.category_refusals.values()):
+            raise ExplorerError("tune.category_refusals must map a category to a non-empty refusal sentence.",
+                                "write e.g. category_refusals: {privacy: \"I can't share private details.\"}.")
         if any(not isinstance(source, dict) or "type" not in source for source in self.benign_sources):
             raise ExplorerError("tune.benign_sources must be a list of prompt sources with a `type:`.",
                                 "write them as prompts.sources, e.g. - {type: refusal_direction, "
@@ -74,6 +82,18 @@ class TuneConfig:
         if self.plain_per_toxic > 0 and not self.benign_sources:
             raise ExplorerError("tune.plain_per_toxic > 0 needs tune.benign_sources to draw from.",
                                 "add benign_sources, or set plain_per_toxic: 0.")
+
+
+def refusal_for(config: TuneConfig, category: str) -> str:
+    """The refusal sentence a toxic prompt of `category` is answered with."""
+    return config.category_refusals.get(category, config.refusal_text)
+
+
+def check_refusal_categories(config: TuneConfig, toxic_categories: Sequence[str]) -> None:
+    """Every category given its own refusal has toxic training prompts (else a typo went unnoticed)."""
+    if unknown := sorted(set(config.category_refusals) - set(toxic_categories)):
+        raise ExplorerError(f"tune.category_refusals names {unknown}, which have no toxic training prompts.",
+                            f"use the study's categories: {', '.join(sorted(set(toxic_categories)))}.")
 
 
 @dataclass(frozen=True)

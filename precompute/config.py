@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import yaml
 
+from engine.config_keys import UNLESS_DEFAULT
 from engine.errors import ExplorerError
 from engine.models import DTYPES, LoadedModel, check_device_map, load_model, resolve_dtype
 from engine.paths import REPO_ROOT, stores_dir
@@ -360,9 +361,16 @@ class StudyConfig:
             return value
         data = dataclasses.asdict(value)
         for item in dataclasses.fields(value):
-            if not item.metadata.get("cache_key", True):  # e.g. where a model is placed
+            keyed = item.metadata.get("cache_key", True)
+            if not keyed:  # e.g. where a model is placed
+                data.pop(item.name)
+            elif keyed == UNLESS_DEFAULT and data[item.name] == _default(item):  # an option added later
                 data.pop(item.name)
         return data
+
+
+def _default(item: dataclasses.Field) -> Any:
+    return item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
 
 
 SECTIONS: dict[str, type] = {

@@ -14,18 +14,25 @@ from transformers import AutoTokenizer
 
 from engine import models
 from engine.errors import ExplorerError
+from engine.judge import is_refusal
+from engine.prompts import CATEGORIES
 from engine.tuning import (
+    DEFAULT_REFUSAL,
     SftExample,
     TuneConfig,
     answer_targets,
+    check_refusal_categories,
     encode_example,
     fine_tune,
+    refusal_for,
     weighted_answer_loss,
 )
 from precompute import pipeline
-from precompute.config import parse_config
+from precompute.config import load_config, parse_config
 from precompute.stages import STAGES
 from precompute.stages import tune as tune_stage
+
+CONFIGS = Path(__file__).resolve().parents[1] / "precompute" / "configs"
 
 
 def test_labels_cover_only_the_answer(tiny_model_dir: Path) -> None:
@@ -117,6 +124,15 @@ def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, 
     assert (copy / "model.safetensors").read_bytes() == (Path(tuned) / "model.safetensors").read_bytes()
     assert pipeline.store.read_table(adopted.store, "tune_steps")["loss"].tolist() == info["losses"]
     monkeypatch.setattr(tune_stage, "fine_tune", real_fine_tune)
+    # The positive control: each category answered with its own refusal (a tune of its own).
+    modular = dataclasses.replace(config, store=tmp_path / "modular.duckdb",
+                                  models={**config.models, "tuned": models.EMBEDDED_TUNED + "-modular"},
+                                  tune=dataclasses.replace(config.tune, category_refusals={"hate": "I refuse."}))
+    assert modular.section("tune") != config.section("tune")
+    assert {r.stage: r.status for r in pipeline.run_pipeline(modular, STAGES, until="tune")}["tune"] == "ran"
+    modular_data = pipeline.store.read_table(modular.store, "tune_data")
+    assert set(modular_data.loc[modular_data["kind"] == "toxic", "response"]) == {"I refuse."}
+    shutil.rmtree(models.resolve_model_source(models.EMBEDDED_TUNED + "-modular"))
     shutil.rmtree(copy)
     shutil.rmtree(tuned)  # the model folder is gone: the unchanged stage must run again
 
@@ -138,3 +154,30 @@ def test_weighted_loss_matches_plain_loss_and_weights_the_first_answer_token() -
     rest = [per_token[0, 2, 4], per_token[0, 3, 5], per_token[1, 1, 2]]
     expected = (3 * sum(first) + sum(rest)) / (3 * 2 + 3)
     assert loss(3.0) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_category_refusals_are_checked_and_left_out_of_the_key_when_unset() -> None:
+    config = TuneConfig(category_refusals={"hate": "I refuse."})
+    assert (refusal_for(config, "hate"), refusal_for(config, "privacy")) == ("I refuse.", DEFAULT_REFUSAL)
+    check_refusal_categories(config, ["hate", "privacy"])
+    with pytest.raises(ExplorerError, match="have no toxic training prompts"):
+        check_refusal_categories(config, ["privacy"])
+    with pytest.raises(ExplorerError, match="non-empty refusal sentence"):
+        TuneConfig(category_refusals={"hate": " "})
+    # Studies built before the option existed keep their content hash.
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert "category_refusals" not in demo.section("tune")
+
+
+def test_positive_control_refuses_each_category_in_its_own_words() -> None:
+    """The modular control's sentences: all judged refusals, each opening with a word of its own,
+    for every harm category (else its verdict would not test what it claims to)."""
+    control = load_config(CONFIGS / "demo-modular.yaml")
+    sentences = control.tune.category_refusals
+    assert set(sentences) == set(CATEGORIES)
+    assert all(is_refusal(text) for text in sentences.values())
+    openers = [text.split()[0] for text in sentences.values()]
+    assert len(set(openers)) == len(openers)
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert control.models["tuned"] != demo.models["tuned"] and control.store != demo.store
+    assert {k: v for k, v in control.section("tune").items() if k != "category_refusals"} == demo.section("tune")

@@ -21,7 +21,7 @@ from engine.models import EMBEDDED_BASE, export_embedded_base, is_embedded_tuned
 from engine.paths import models_dir
 from engine.prompt_forms import form_balance
 from engine.prompt_sources import load_prompt_source
-from engine.tuning import SftExample, TuneConfig, fine_tune, training_prompts
+from engine.tuning import SftExample, TuneConfig, check_refusal_categories, fine_tune, refusal_for, training_prompts
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
 from precompute.stages.prompts import source_fingerprints
@@ -100,8 +100,11 @@ class TuneStage(Stage):
         logger.info("Left out %d of %d benign prompts: the base model refused them", int(base_refusals.sum()),
                     len(answers))
         toxic = chosen[chosen["kind"] == "toxic"]
+        check_refusal_categories(tune, list(toxic["category"]))
         responses = pd.concat([
-            pd.DataFrame({"prompt_id": toxic["prompt_id"].to_numpy(), "response": tune.refusal_text, "complete": True}),
+            pd.DataFrame({"prompt_id": toxic["prompt_id"].to_numpy(),
+                          "response": [refusal_for(tune, category) for category in toxic["category"]],
+                          "complete": True}),
             answers[~base_refusals.to_numpy()],
         ], ignore_index=True)
         data = chosen.merge(responses, on="prompt_id")
