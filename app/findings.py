@@ -109,6 +109,20 @@ class VerdictFinding:
     circuit_size: int
     monolithic_ratio: float
     modular_ratio: float
+    labels_by_seed: tuple[str, ...] = ()  # the verdict under each seed (`precompute replicate`), the study's own first
+
+    @property
+    def replicated(self) -> bool | None:
+        """The same verdict under every seed; None when no other seed was run."""
+        return None if len(self.labels_by_seed) < 2 else len(set(self.labels_by_seed)) == 1
+
+    def replication_text(self) -> str:
+        if self.replicated is None:
+            return "one seed only: `python -m precompute replicate --seeds 3` checks it under others"
+        verdicts = ", ".join(self.labels_by_seed)
+        if self.replicated:
+            return f"the same under {len(self.labels_by_seed)} seeds ({verdicts})"
+        return f"not replicated over {len(self.labels_by_seed)} seeds ({verdicts})"
 
     @property
     def structure_detected(self) -> bool:
@@ -238,6 +252,8 @@ def _verdicts(store: Path, present: frozenset[str]) -> tuple[VerdictFinding, ...
     if "circuit_verdicts" not in present:
         return ()
     frame = queries.query(store, queries.CIRCUIT_VERDICTS_SQL)
+    seeds = (queries.query(store, queries.REPLICATION_SQL).groupby("kind")["label"].agg(tuple).to_dict()
+             if "verdict_replication" in present else {})
     return tuple(VerdictFinding(
         kind=row.kind, label=row.label, reason=row.reason, between=row.between, ceiling=row.ceiling,
         ratio=row.ratio, ratio_low=row.ratio_low, ratio_high=row.ratio_high, category_share=row.category_share,
@@ -249,6 +265,7 @@ def _verdicts(store: Path, present: frozenset[str]) -> tuple[VerdictFinding, ...
         decoding_p=row.decoding_p, detectable_share=row.detectable_share, largest_share=row.largest_share,
         false_modular=row.false_modular, decisive_prompts=row.decisive_prompts, core_size=int(row.core_size),
         circuit_size=int(row.circuit_size), monolithic_ratio=row.monolithic_ratio, modular_ratio=row.modular_ratio,
+        labels_by_seed=seeds.get(row.kind, ()),
     ) for row in frame.itertuples())
 
 
@@ -304,6 +321,8 @@ def caveats(findings: Findings) -> tuple[str, ...]:
         if verdict.error_share >= 0.25:
             notes.append(f"SAE error terms carry {verdict.error_share:.0%} of the {verdict.kind} circuits' summed "
                          "|effect|; the comparison leaves them out, so that part of the mechanism is not compared.")
+        if verdict.replicated is not True:
+            notes.append(f"The {verdict.kind} verdict: {verdict.replication_text()}.")
         if verdict.seeds_label != verdict.label:
             notes.append(f"For {verdict.kind} prompts the seed notebooks' fixed thresholds would say "
                          f"'{verdict.seeds_label}', not '{verdict.label}' (they ignore the noise ceiling).")

@@ -114,8 +114,10 @@ SELECT kind, category, n_prompts, status, message, n_nodes, faithfulness, metric
 FROM circuits ORDER BY kind DESC, category
 """
 CIRCUIT_VERDICTS_SQL = "SELECT * EXCLUDE (run_id) FROM circuit_verdicts ORDER BY kind DESC"
+REPLICATION_SQL = "SELECT kind, seed, label FROM verdict_replication ORDER BY kind, seed"
 CIRCUIT_NODES_SQL = """
-SELECT hook, layer, feature, node, rank, effect, effect_se, share_positive, in_circuit, n_prompts
+SELECT hook, layer, feature, node, rank, effect, effect_se, share_positive, in_circuit, n_prompts,
+       effect_held_out, n_held_out
 FROM circuit_nodes WHERE kind = ? AND category = ? ORDER BY rank
 """
 CIRCUIT_EDGES_SQL = """
@@ -165,14 +167,14 @@ TABLE_STAGE = {
     **{name: "directions" for name in (
         "direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
         "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
-        "category_cosines", "hard_prompt_direction", "form_probe")},
+        "category_cosines", "hard_prompt_direction", "form_probe", "cross_ablation_specificity")},
     **{name: "saes" for name in (
         "saes", "sae_corpus", "features", "feature_examples", "feature_groups", "feature_direction_cosines")},
     **{name: "steering" for name in (
         "steering_effects", "steering_harmlessness", "steering_generations", "steering_rates")},
     **{name: "circuits" for name in (
         "circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
-        "circuit_verdicts", "circuit_core", "circuit_components", "circuit_calibration")},
+        "circuit_verdicts", "circuit_core", "circuit_components", "circuit_calibration", "circuit_prompts")},
 }
 
 
@@ -220,7 +222,10 @@ PROJECTIONS_SQL = """
 SELECT model, category, kind, projection FROM direction_projections
 WHERE split = 'test' AND (? = 'all' OR category = ? OR kind = 'safe')
 """
-COSINES_SQL = "SELECT category_a, category_b, cosine, ci_low, ci_high FROM category_cosines"
+COSINES_SQL = """
+SELECT variant, category_a, category_b, cosine, ci_low, ci_high FROM category_cosines ORDER BY "order"
+"""
+SPECIFICITY_SQL = "SELECT * EXCLUDE (run_id) FROM cross_ablation_specificity"
 CROSS_ABLATION_SQL = """
 SELECT ablated, category, n, mean_refusal_score, refusal_rate_by_score FROM cross_ablation
 """

@@ -172,20 +172,25 @@ def bootstrap_cosines(
     *,
     n_boot: int,
     seed: int,
+    remove: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Cosine between every two groups' directions (group mean minus baseline mean), with a
     percentile 95% bootstrap interval from resampling prompts within each group and baseline.
 
     `activations` [n, d]; `groups` [n] holds a name from `names` or anything else; `baseline` is
-    a row mask (the safe prompts).
+    a row mask (the safe prompts). `remove` [d]: a direction (e.g. the global refusal direction,
+    held fixed) projected out of every group direction first, so the cosines show what the
+    categories share beyond it.
     """
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(groups == name) for name in names]
     base_rows = np.flatnonzero(baseline)
+    removed = None if remove is None else unit(np.asarray(remove, dtype=np.float64))
 
     def directions(pick) -> np.ndarray:
         base_mean = activations[pick(base_rows)].mean(axis=0)
-        return np.stack([activations[pick(rows)].mean(axis=0) - base_mean for rows in members])
+        stacked = np.stack([activations[pick(rows)].mean(axis=0) - base_mean for rows in members])
+        return stacked if removed is None else stacked - np.outer(stacked @ removed, removed)
 
     point = cosine_matrix(directions(lambda rows: rows))
     draws = np.stack([
@@ -198,3 +203,37 @@ def bootstrap_cosines(
          "ci_low": float(low[i, j]), "ci_high": float(high[i, j])}
         for i, a in enumerate(names) for j, b in enumerate(names)
     ])
+
+
+@dataclass(frozen=True)
+class Specificity:
+    """Does ablating a category's own direction cut its refusal more than other categories' do?"""
+
+    own_drop: float  # mean drop in refusal score with the prompt's own category direction ablated
+    other_drop: float  # mean drop with another category's direction ablated (averaged over them)
+    difference: float  # own - other, per prompt then averaged: 0 = interchangeable directions
+    ci_low: float
+    ci_high: float
+    n_prompts: int
+
+
+def cross_ablation_specificity(scores: pd.DataFrame, categories: list[str], *, n_boot: int,
+                               seed: int) -> Specificity:
+    """From per-prompt refusal scores under each ablation (`scores`: prompt_id, category, ablated,
+    score; `ablated` "none" for the unablated score and a category name for its direction), the
+    diagonal-minus-off-diagonal effect of cross-ablation, paired per prompt, with a percentile 95%
+    bootstrap interval over prompts (NaN with fewer than two categories)."""
+    if len(categories) < 2:
+        return Specificity(np.nan, np.nan, np.nan, np.nan, np.nan, 0)
+    wide = scores.pivot_table(index=["prompt_id", "category"], columns="ablated", values="score").reset_index()
+    wide = wide[wide["category"].isin(categories)]
+    drops = wide["none"].to_numpy()[:, None] - wide[categories].to_numpy()  # [n_prompts, n_categories]
+    own_column = wide["category"].map({c: i for i, c in enumerate(categories)}).to_numpy()
+    own = drops[np.arange(len(drops)), own_column]
+    other = (drops.sum(1) - own) / (len(categories) - 1)
+    difference = own - other
+    rng = np.random.default_rng(seed)
+    draws = [difference[rng.integers(0, len(difference), len(difference))].mean() for _ in range(n_boot)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return Specificity(float(own.mean()), float(other.mean()), float(difference.mean()), float(low), float(high),
+                       len(difference))

@@ -6,6 +6,7 @@ Commands:
   status  show each stage's state in the store
   merge   merge the parquet partitions of `run --shard K/N` jobs into the store
   tune-sweep  the demo fine-tune over a grid of settings: refusal on held-out harmful, hard, safe, plain prompts
+  replicate   the circuits verdict under other seeds (fine-tune, prompt samples, SAEs), one sibling store per seed
   bench   figures on a built study (live steering latency, capture throughput, store size per
           1,000 prompts, each stage's time on this machine; `--only steering-during-build`: live
           steering beside a build; `--only app`: page and interaction speed in headless Chromium)
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("merge", "merge the partitions written by `run --shard K/N` jobs into the store"),
         ("tune-sweep", ("fine-tune the demo model at every point of a settings grid and print each one's "
                         "refusal rates on held-out harmful, hard, safe and plain prompts")),
+        ("replicate", ("re-run the stages the circuits verdict depends on under other seeds (fine-tune, prompt "
+                       "samples, SAEs) into sibling stores and tabulate each seed's verdict")),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text,
                                       epilog=SHARDING_HELP if name in ("run", "merge") else None)
@@ -74,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="a tune setting and its values (repeatable; the grid is every combination), "
                                       "e.g. --set learning_rate=1e-4,3e-4; builtin=original,balanced picks the "
                                       "built-in prompt set's variant")
+        elif name == "replicate":
+            command.add_argument("--seeds", type=int, default=3, help="seeds, the study's own (0) included (default 3)")
         elif name == "merge":
             command.add_argument("--shards", type=int, required=True, metavar="N",
                                  help="how many shards the `run --shard K/N` jobs used")
-        elif name not in ("status", "tune-sweep"):
+        elif name not in ("status", "tune-sweep", "replicate"):
             command.add_argument("--force", action="append", default=[], metavar="STAGE",
                                  help="re-run STAGE even if unchanged (repeatable)")
         if name in ("run", "merge"):
@@ -133,6 +138,20 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("Tune sweep (refusal rate, Wilson 95%% interval, n prompts):\n%s",
                         tabulate(table, headers="keys", tablefmt="github", showindex=False))
             out = config.store.parent / "sweep" / f"{config.study}-tune-sweep.csv"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(out, index=False)
+            logger.info("Saved %s", out)
+            return 0
+        if args.command == "replicate":
+            from tabulate import tabulate
+
+            from precompute.replicate import replicated, run_replicate
+
+            table = run_replicate(config, args.seeds)
+            logger.info("Circuits verdict per seed:\n%s\n%s", tabulate(table, headers="keys", tablefmt="github",
+                                                                       showindex=False),
+                        tabulate(replicated(table), headers="keys", tablefmt="github", showindex=False))
+            out = config.store.parent / "replicate" / f"{config.study}-replication.csv"
             out.parent.mkdir(parents=True, exist_ok=True)
             table.to_csv(out, index=False)
             logger.info("Saved %s", out)

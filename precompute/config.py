@@ -232,7 +232,7 @@ class CircuitsConfig:
     method: str = "attribution"  # or integrated_gradients
     ig_steps: int = 8
     kinds: tuple[str, ...] = ("toxic", "hard", "safe")
-    max_prompts: int = 48  # per category and kind, sampled from both splits
+    max_prompts: int = 48  # per category and kind, from the prompts the fine-tune did not train on
     min_prompts: int = 8  # fewer and the category's statistics are not computed
     node_threshold: float = 0.0  # |mean effect| (metric units) a circuit node needs
     max_nodes: int = 30  # the circuit: at most this many top nodes
@@ -362,9 +362,7 @@ class StudyConfig:
         data = dataclasses.asdict(value)
         for item in dataclasses.fields(value):
             keyed = item.metadata.get("cache_key", True)
-            if not keyed:  # e.g. where a model is placed
-                data.pop(item.name)
-            elif keyed == UNLESS_DEFAULT and data[item.name] == _default(item):  # an option added later
+            if not keyed or keyed == UNLESS_DEFAULT and data[item.name] == _default(item):  # e.g. where a model is placed
                 data.pop(item.name)
         return data
 

@@ -11,6 +11,7 @@ from engine.directions import (
     SelectionRule,
     bootstrap_cosines,
     cosine_matrix,
+    cross_ablation_specificity,
     layer_separation,
     mean_difference,
     refusal_filter,
@@ -172,3 +173,43 @@ def test_bootstrap_interval_covers_a_known_cosine() -> None:
     result = bootstrap_cosines(acts, groups, ["a", "b"], groups == "", n_boot=300, seed=0)
     row = result.set_index(["category_a", "category_b"]).loc[("a", "b")]
     assert row["ci_low"] < 0.6 < row["ci_high"] and row["ci_high"] - row["ci_low"] < 0.1
+
+
+def test_removing_the_shared_direction_reveals_category_tails() -> None:
+    """Two categories = a large shared direction plus small orthogonal tails of their own: the raw
+    cosine is near 1, after projecting the shared direction out near 0."""
+    rng = np.random.default_rng(0)
+    d, n = 32, 200
+    shared, tail_a, tail_b = np.eye(d)[0] * 10, np.eye(d)[1], np.eye(d)[2]
+    acts = np.concatenate([shared + tail_a + rng.normal(0, 0.1, (n, d)), shared + tail_b + rng.normal(0, 0.1, (n, d)),
+                           rng.normal(0, 0.1, (n, d))])
+    groups = np.array(["a"] * n + ["b"] * n + [""] * n)
+    raw = bootstrap_cosines(acts, groups, ["a", "b"], groups == "", n_boot=50, seed=0)
+    removed = bootstrap_cosines(acts, groups, ["a", "b"], groups == "", n_boot=50, seed=0, remove=shared)
+    pair = "category_a == 'a' and category_b == 'b'"
+    assert raw.query(pair)["cosine"].item() > 0.95
+    assert abs(removed.query(pair)["cosine"].item()) < 0.1
+
+
+def _cross_scores(own_extra: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Per prompt: score 2 unablated; ablating any category's direction drops it by 1, its own
+    category's by 1 + own_extra; noise 0.3."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        category = ["hate", "privacy", "violence"][i % 3]
+        rows.append({"prompt_id": f"p{i}", "category": category, "ablated": "none", "score": 2.0})
+        for ablated in ("hate", "privacy", "violence"):
+            drop = 1 + (own_extra if ablated == category else 0) + rng.normal(0, 0.3)
+            rows.append({"prompt_id": f"p{i}", "category": category, "ablated": ablated, "score": 2 - drop})
+    return pd.DataFrame(rows)
+
+
+def test_cross_ablation_specificity_tells_own_category_function_from_interchangeable() -> None:
+    categories = ["hate", "privacy", "violence"]
+    specific = cross_ablation_specificity(_cross_scores(1.0), categories, n_boot=500, seed=0)
+    assert specific.ci_low > 0.5 and abs(specific.difference - 1.0) < 0.2 and specific.n_prompts == 40
+    interchangeable = cross_ablation_specificity(_cross_scores(0.0), categories, n_boot=500, seed=0)
+    assert interchangeable.ci_low < 0 < interchangeable.ci_high
+    assert abs(interchangeable.own_drop - 1) < 0.2 and abs(interchangeable.other_drop - 1) < 0.2
+    assert np.isnan(cross_ablation_specificity(_cross_scores(1.0), ["hate"], n_boot=10, seed=0).difference)

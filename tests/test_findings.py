@@ -112,8 +112,12 @@ def test_answer_and_caveats_follow_the_numbers(tiny_store: Path) -> None:
     assert 'said "modular" 10% of the time (more than 5%)' in notes
     assert "SAE error terms carry 40% of the toxic circuits' summed |effect|" in notes
     assert "as few as" in notes  # the tiny study's categories have a handful of test prompts each
-    calm = " ".join(caveats(replace(findings, verdicts=(_verdict(seeds_label="monolithic"),))))
+    assert "The toxic verdict: one seed only" in notes  # `precompute replicate` not run
+    calm = " ".join(caveats(replace(findings, verdicts=(_verdict(seeds_label="monolithic",
+                                                                 labels_by_seed=("monolithic",) * 3),))))
     assert "verdict" not in calm and "SAE error" not in calm and "says little" not in calm
+    split = " ".join(caveats(replace(findings, verdicts=(_verdict(labels_by_seed=("monolithic", "inconclusive")),))))
+    assert "not replicated over 2 seeds (monolithic, inconclusive)" in split
 
 
 def test_html_report_is_self_contained_and_carries_the_numbers(tiny_store: Path) -> None:

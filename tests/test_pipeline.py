@@ -154,10 +154,13 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     })
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
     assert reports["directions"] == "ran"
-    # Candidates come from running sums; only the chosen position goes to disk (one array per
-    # model, and not for long): every prompt for the studied model, the toxic and safe ones else.
+    # Candidates come from running sums; only the chosen position and the instruction's last token
+    # go to disk (one array per model, and not for long): every prompt for the studied model, the
+    # toxic and safe ones else.
     kinds = store.read_table(config.store, "prompts")["kind"]
-    assert sorted(on_disk) == [(int(kinds.isin(["toxic", "safe"]).sum()), 2, 1, 64), (len(kinds), 2, 1, 64)]
+    chosen = store.read_table(config.store, "direction_candidates").query("chosen")["position"].item()
+    slots = 1 if chosen == 0 else 2
+    assert sorted(on_disk) == [(int(kinds.isin(["toxic", "safe"]).sum()), 2, slots, 64), (len(kinds), 2, slots, 64)]
     # The candidates' sums read only the train split's toxic and safe prompts: only those are captured.
     prompts = store.read_table(config.store, "prompts").set_index("text")
     for role in ("base", "tuned"):
@@ -179,7 +182,12 @@ def test_directions_stage_chooses_and_tests_a_direction(tmp_path, tiny_model_dir
     cross = read("cross_ablation")
     assert {"none", "global", "hate"} <= set(cross["ablated"]) and set(cross["category"]) >= {"hate", "violence"}
     cosines = read("category_cosines")
-    assert len(cosines) == 100 and np.allclose(cosines.query("category_a == category_b")["cosine"], 1, atol=1e-5)
+    assert cosines.groupby("variant").size().tolist() == [100] * 4
+    assert np.allclose(cosines.query("category_a == category_b")["cosine"], 1, atol=1e-5)
+    assert any("removed" in v for v in cosines["variant"]) and any("instruction" in v for v in cosines["variant"])
+    specificity = read("cross_ablation_specificity").iloc[0]
+    assert specificity["ci_low"] <= specificity["difference"] <= specificity["ci_high"]
+    assert specificity["n_prompts"] == cross.query("ablated == 'none'")["n"].sum()  # every toxic test prompt
     separation = read("layer_separation")
     assert set(separation["model"]) == {"base", "tuned"} and len(separation) == 4
     assert set(read("direction_projections")["model"]) == {"base", "tuned"}

@@ -215,10 +215,11 @@ def test_every_sharded_stage_merges_into_the_unsharded_study(tmp_path, tiny_mode
                  "circuit_faithfulness", "circuit_similarity", "circuit_verdicts", "circuit_core",
                  "circuit_components"):
         # Shards add activations up in another order and batch prompts otherwise: equal up to float
-        # rounding, which faithfulness (a ratio of two differences of metrics) magnifies ~10x.
-        rtol = 1e-3 if name in FAITHFULNESS_TABLES else 1e-4
+        # rounding, which faithfulness (a ratio of two differences of metrics, over the 4 prompts a tiny
+        # circuit is measured on, with the random model's differences near 0) magnifies ~100x.
+        rtol, atol = (1e-3, 1e-3) if name in FAITHFULNESS_TABLES else (1e-4, 1e-5)
         pd.testing.assert_frame_equal(_sorted(config.store, name), _sorted(tiny_store, name), check_dtype=False,
-                                      rtol=rtol, atol=1e-5, obj=name)
+                                      rtol=rtol, atol=atol, obj=name)
 
 
 def test_a_stage_that_cannot_be_sharded_is_named(tmp_path, tiny_model_dir, prompt_file) -> None:

@@ -218,11 +218,18 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
 
     table = shown_nodes.assign(dashboard=[
         f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
-    show_table(table[["rank", "hook", "feature", "effect", "effect_se", "share_positive", "label", "dashboard"]],
+    ranked_on, held_out = int(nodes["n_prompts"].max()), int(nodes["n_held_out"].max())
+    show_table(table[["rank", "hook", "feature", "effect", "effect_se", "effect_held_out", "share_positive", "label",
+                      "dashboard"]],
                f"Circuit nodes, {kind} {category}", hide_index=True, width="stretch", height=260, column_config={
                    "feature": st.column_config.NumberColumn("feature", help="-1: the SAE's error term"),
-                   "effect": st.column_config.NumberColumn("effect", format="%+.4f"),
+                   "effect": st.column_config.NumberColumn(
+                       "effect", format="%+.4f", help=f"mean over the {ranked_on} prompts the nodes were ranked on"),
                    "effect_se": st.column_config.NumberColumn("± s.e.", format="%.4f"),
+                   "effect_held_out": st.column_config.NumberColumn(
+                       "held-out effect", format="%+.4f",
+                       help=f"mean over the group's other {held_out} prompts, which the faithfulness is measured on: "
+                            "a node whose effect does not hold there was ranked on noise"),
                    "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
                    "label": st.column_config.TextColumn("promotes"),
                    "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})

@@ -13,7 +13,7 @@ store = current_store()
 st.title("Refusal directions")
 present = require_tables(store, ("direction_candidates", "direction_effects", "layer_separation", "category_cosines",
                        "cross_ablation", "direction_projections", "direction_harmlessness",
-                       "hard_prompt_direction"))
+                       "hard_prompt_direction", "cross_ablation_specificity"))
 
 candidates = queries.query(store, queries.CANDIDATES_SQL)
 # Template tokens repeat (two "\n" tokens), so a position is named by its index and its token.
@@ -110,16 +110,40 @@ def projection_histograms() -> None:
 projection_histograms()
 
 st.subheader("How do the categories' directions relate?")
-cosines = queries.query(store, queries.COSINES_SQL)
+st.caption("Geometry (left) and function (right) can disagree: category directions may point apart yet each "
+           "remove every category's refusal when ablated (Joad et al. 2026). Harm recognition at the instruction's "
+           "last token can differ by category while the refusal after it does not (Zhao et al. 2025).")
+
+
+@st.fragment  # picking a variant reruns only this chart
+def category_geometry() -> None:
+    cosines = queries.query(store, queries.COSINES_SQL)
+    variant = st.radio("Category directions", list(dict.fromkeys(cosines["variant"])), horizontal=True,
+                       key="cosine_variant",
+                       help="each category's fit-split toxic prompts minus a baseline, at the chosen layer; "
+                            "'global direction removed' projects the study's refusal direction out first")
+    shown = cosines[cosines["variant"] == variant]
+    show_chart(figure_spec(charts.category_cosines, shown), f"Cosine of category directions, {variant}", data=shown,
+               width="stretch")
+
+
 cross = queries.query(store, queries.CROSS_ABLATION_SQL)
 left, right = st.columns(2)
 with left:
-    show_chart(figure_spec(charts.category_cosines, cosines), "Cosine of category directions", data=cosines,
-               width="stretch")
+    category_geometry()
 order = ["none", "global", *sorted(c for c in cross["ablated"].unique() if c not in ("none", "global"))]
 with right:
     show_chart(figure_spec(charts.cross_ablation, cross, order), "Cross-ablation of category directions", data=cross,
                width="stretch")
+    specificity = queries.query(store, queries.SPECIFICITY_SQL).iloc[0]
+    st.metric("Own-category specificity", f"{specificity.difference:+.2f}",
+              help="mean drop in a toxic test prompt's refusal score when its own category's direction is ablated, "
+                   "minus the mean drop when another category's is; 0 means the directions are interchangeable")
+    st.caption(f"Own direction ablated: refusal score drops {specificity.own_drop:.2f}; another category's: "
+               f"{specificity.other_drop:.2f}. Difference {specificity.difference:+.2f}, 95% bootstrap CI "
+               f"[{specificity.ci_low:+.2f}, {specificity.ci_high:+.2f}] over {int(specificity.n_prompts)} toxic test "
+               "prompts. An interval that excludes 0 means category-specific function; one that includes 0 does not "
+               "show the directions are the same, only that this test cannot tell them apart.")
 
 hard = queries.query(store, queries.HARD_DIRECTION_SQL).iloc[0]
 st.subheader("Refused vs answered hard prompts")

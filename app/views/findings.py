@@ -36,7 +36,8 @@ def render_headline(findings: Findings) -> None:
     studied = findings.studied
     columns = st.columns(4)
     if toxic:
-        columns[0].metric("Verdict (toxic prompts)", toxic.label, help=toxic.reason)
+        columns[0].metric("Verdict (toxic prompts)", toxic.label, help=f"{toxic.reason} Over seeds: "
+                                                                       f"{toxic.replication_text()}.")
         columns[1].metric("Between-category / ceiling", f"{toxic.ratio:.2f}",
                           help=f"95% CI {toxic.ratio_low:.2f}–{toxic.ratio_high:.2f}; monolithic at >= "
                                f"{toxic.monolithic_ratio:g}, modular below {toxic.modular_ratio:g}")

@@ -68,6 +68,13 @@ logger = logging.getLogger(__name__)
 BASELINE_KIND = {"toxic": "safe", "hard": "safe", "safe": "toxic"}  # what each kind is patched towards
 
 
+def ranking_rows(n_prompts: int) -> tuple[np.ndarray, np.ndarray]:
+    """A group's prompts split in two alternating halves (the group is already a seeded sample):
+    the first ranks the nodes, the second measures the circuit they make."""
+    rows = np.arange(n_prompts)
+    return rows[0::2], rows[1::2]
+
+
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The frames as one (none: an empty table, e.g. a shard without circuits)."""
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -95,14 +102,15 @@ class CircuitSetup:
 
 class CircuitsStage(ModelSectionStage):
     name = "circuits"
-    version = 2
+    version = 3
     upstream = ("prompts", "generate", "saes")
     # Sharded by (kind, category) group: each shard finds its groups' circuits and keeps their
     # per-prompt node effects; the merge compares every pair.
     shardable = True
     shard_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "node_effects": ("kind", "category", "prompt"), "circuit_nodes": ("kind", "category", "node"),
-        "circuit_faithfulness": ("kind", "category", "n_nodes")}
+        "circuit_faithfulness": ("kind", "category", "n_nodes"),
+        "circuit_prompts": ("kind", "category", "prompt_id")}
 
 
     @staticmethod
@@ -113,27 +121,29 @@ class CircuitsStage(ModelSectionStage):
         return RefusalMetric(settings.metric, refusal, compliance if settings.metric == "logit_diff" else ())
 
     @staticmethod
-    def _groups(prompts: pd.DataFrame, settings: CircuitsConfig) -> tuple[dict[tuple[str, str], pd.DataFrame],
-                                                                           list[dict[str, Any]]]:
-        """Each (kind, category)'s prompts (a seeded sample of at most max_prompts), and a status
-        row per group saying whether it has enough prompts for the statistics."""
+    def _groups(prompts: pd.DataFrame, settings: CircuitsConfig, trained_on: set[str]) -> tuple[
+            dict[tuple[str, str], pd.DataFrame], list[dict[str, Any]]]:
+        """Each (kind, category)'s prompts (a seeded sample of at most max_prompts, none the fine-tune
+        trained on: a model's answer to its own training prompt measures memory, not mechanism), and a
+        status row per group saying whether it has enough prompts for the statistics."""
         rng = np.random.default_rng(settings.seed)
         groups, status = {}, []
         for (kind, category), group in prompts.groupby(["kind", "category"], sort=True):
             if kind not in settings.kinds:
                 continue
+            trained = group["id"].isin(trained_on).to_numpy()
+            group = group[~trained]
             if len(group) > settings.max_prompts:
                 group = group.iloc[np.sort(rng.choice(len(group), settings.max_prompts, replace=False))]
+            row = {"kind": kind, "category": category, "n_prompts": len(group), "n_trained_on": int(trained.sum())}
             try:
                 check_sample_size(f"{kind}/{category}", len(group), settings.min_prompts)
             except ExplorerError as error:
                 logger.warning("%s", error)
-                status.append({"kind": kind, "category": category, "n_prompts": len(group), "status": "skipped",
-                               "message": str(error)})
+                status.append(row | {"status": "skipped", "message": str(error)})
                 continue
             groups[(kind, category)] = group
-            status.append({"kind": kind, "category": category, "n_prompts": len(group), "status": "ok",
-                           "message": ""})
+            status.append(row | {"status": "ok", "message": ""})
         return groups, status
 
     def _setup(self, context: StageContext) -> CircuitSetup:
@@ -146,7 +156,8 @@ class CircuitsStage(ModelSectionStage):
         hooks = [row["hook"] for row in sae_rows]
         saes = [load_sae(*stored_sae_source(config.store, row), device=model.device) for row in sae_rows]
         offsets = prompt_end_positions(model.tokenizer).offsets
-        groups, status = self._groups(prompts, settings)
+        trained_on = set(context.table("tune_data")["prompt_id"]) if "tune_data" in context.available else set()
+        groups, status = self._groups(prompts, settings, trained_on)
         if not groups:
             raise ExplorerError(f"No category has {settings.min_prompts}+ prompts of kinds {list(settings.kinds)}.",
                                 "add prompts, or lower circuits.min_prompts.")
@@ -172,26 +183,33 @@ class CircuitsStage(ModelSectionStage):
         batch_size = context.config.generation.batch_size
         model, hooks, offsets, metric = setup.model, setup.hooks, setup.offsets, setup.metric
         effects: dict[tuple[str, str], NodeEffects] = {}
-        node_frames, faith_frames, edge_frames = [], [], []
+        node_frames, faith_frames, edge_frames, prompt_frames = [], [], [], []
         for key, group in tqdm(groups.items(), desc="circuits", unit="circuit"):
             kind, category = key
             texts = list(group["text"])
             kind_sites = setup.sites[BASELINE_KIND[kind]]
             gradients = self._gradients(model, texts, hooks, offsets, metric, kind_sites, settings, batch_size)
             effects[key] = node_effects(kind_sites, gradients)
-            mean = effects[key].effects.mean(0)
+            # Nodes are ranked on half the prompts and measured (faithfulness, edges) on the others.
+            ranking, measured = ranking_rows(len(texts))
+            mean = effects[key].effects[ranking].mean(0)
             circuit = ranked_nodes(mean, threshold=settings.node_threshold, max_nodes=settings.max_nodes)
-            node_frames.append(self._node_rows(effects[key], circuit, settings, setup.sae_rows).assign(
+            node_frames.append(self._node_rows(effects[key], ranking, circuit, settings, setup.sae_rows).assign(
                 kind=kind, category=category))
             sizes = sorted({*settings.faithfulness_sizes, len(circuit)})
-            subset = texts[: settings.subset_prompts]  # the costly measurements: a pass per size or node
+            part = np.full(len(texts), "held_out", dtype=object)
+            measured = measured[: settings.subset_prompts]  # the costly measurements: a pass per size or node
+            part[ranking], part[measured] = "ranking", "measured"
+            prompt_frames.append(pd.DataFrame({"kind": kind, "category": category,
+                                               "prompt_id": group["id"].to_numpy(), "part": part}))
+            subset = [texts[i] for i in measured]
             curve = faithfulness_curve(model, subset, kind_sites, offsets,
                                        ranked_nodes(mean), sizes, metric, batch_size=batch_size)
             faith_frames.append(pd.DataFrame({
                 "kind": kind, "category": category, "n_nodes": curve.n_nodes, "metric": curve.metric,
                 "faithfulness": curve.faithfulness, "metric_full": curve.full, "metric_empty": curve.empty,
-                "is_circuit": curve.n_nodes == len(circuit)}))
-            edges = self._edges(model, subset, kind_sites, offsets, gradients.gradients[: len(subset)],
+                "is_circuit": curve.n_nodes == len(circuit), "n_prompts": len(subset)}))
+            edges = self._edges(model, subset, kind_sites, offsets, gradients.gradients[measured],
                                 effects[key], circuit[: settings.edge_nodes], batch_size)
             edge_frames.append(edges[edges["effect"].abs() >= settings.edge_threshold].assign(kind=kind,
                                                                                                category=category))
@@ -199,6 +217,7 @@ class CircuitsStage(ModelSectionStage):
             "circuit_nodes": _concat(node_frames),
             "circuit_faithfulness": _concat(faith_frames),
             "circuit_edges": _concat(edge_frames),
+            "circuit_prompts": _concat(prompt_frames),  # which prompts ranked the nodes, which measured them
             "circuit_components": self._components(model, setup.prompts, groups, effects, offsets, metric, settings,
                                                    batch_size),
         }
@@ -273,10 +292,12 @@ class CircuitsStage(ModelSectionStage):
                                     batch_size=gradient_batch)
 
     @staticmethod
-    def _node_rows(effects: NodeEffects, circuit: np.ndarray, settings: CircuitsConfig,
+    def _node_rows(effects: NodeEffects, ranking: np.ndarray, circuit: np.ndarray, settings: CircuitsConfig,
                    sae_rows: list[dict[str, Any]]) -> pd.DataFrame:
-        """The top `stored_nodes` nodes with mean effect, standard error and whether in the circuit."""
-        values = effects.effects
+        """The top `stored_nodes` nodes by mean effect on the `ranking` prompts, with its standard
+        error, whether in the circuit, and the mean effect on the other prompts (does the rank hold?)."""
+        values = effects.effects[ranking]
+        held_out = np.delete(effects.effects, ranking, axis=0)
         mean = values.mean(0)
         top = ranked_nodes(mean, max_nodes=settings.stored_nodes)
         layers = {row["hook"]: row["layer"] for row in sae_rows}
@@ -285,7 +306,7 @@ class CircuitsStage(ModelSectionStage):
             layer=table["hook"].map(layers), node=top, rank=np.arange(len(top)), effect=mean[top],
             effect_se=values[:, top].std(0, ddof=1) / np.sqrt(len(values)),
             share_positive=(values[:, top] > 0).mean(0), in_circuit=np.isin(top, circuit),
-            n_prompts=len(values))
+            n_prompts=len(values), effect_held_out=held_out[:, top].mean(0), n_held_out=len(held_out))
 
     @staticmethod
     def _edges(model: LoadedModel, texts: list[str], sites: list[SaeSite], offsets, gradients: np.ndarray,

@@ -42,6 +42,7 @@ from engine.directions import (
     GroupSums,
     SelectionRule,
     bootstrap_cosines,
+    cross_ablation_specificity,
     layer_separation,
     refusal_filter,
     select_candidate,
@@ -105,6 +106,31 @@ def harmlessness_table(safe_rows: pd.DataFrame) -> pd.DataFrame:
          "n_not_leaning": int(settled.sum()), "mean_kl_not_leaning": float(kl[settled].mean()),
          "mean_cross_entropy": float(np.nanmean(safe_rows["ce_ablated"]))},
     ])
+
+
+def category_cosine_variants(site: np.ndarray, instruction_end: np.ndarray, split: PromptSplit,
+                             global_direction: np.ndarray, position_label: str, *, n_boot: int,
+                             seed: int) -> pd.DataFrame:
+    """The category directions' cosines (fit split, bootstrap intervals) four ways, one `variant`
+    each: toxic minus safe at the chosen position (refusal), the same with the global refusal
+    direction projected out (what categories share beyond it), toxic minus hard (harm, not
+    phrasing that sounds harmful) and toxic minus safe at the last instruction token (harm
+    recognition, Zhao et al. 2025). `site` and `instruction_end` [n_prompts, d] at the chosen layer."""
+    category = split.prompts["category"].to_numpy()
+    kind = split.prompts["kind"].to_numpy()
+    fit = split.fit
+    groups = np.where(split.toxic & fit, category, "")
+    variants = [
+        (f"toxic - safe at {position_label}", site, split.safe & fit, None),
+        (f"toxic - safe at {position_label}, global direction removed", site, split.safe & fit, global_direction),
+        (f"toxic - hard at {position_label}", site, (kind == "hard") & fit, None),
+        ("toxic - safe at the instruction's last token", instruction_end, split.safe & fit, None),
+    ]
+    frames = [bootstrap_cosines(acts, groups, split.categories, baseline, n_boot=n_boot, seed=seed, remove=remove)
+              .assign(variant=name, order=order)
+              for order, (name, acts, baseline, remove) in enumerate(variants) if baseline.any()]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["order", "variant", *(c for c in table.columns if c not in ("order", "variant"))]]
 
 
 def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answered: np.ndarray,
@@ -191,7 +217,7 @@ class Selection:
 
 class DirectionsStage(Stage):
     name = "directions"
-    version = 8
+    version = 9
     upstream = ("prompts", "generate")
     shardable = True
     shard_rounds: ClassVar[tuple[str, ...]] = ("select", "evaluate")
@@ -407,7 +433,7 @@ class DirectionsStage(Stage):
         settings = config.directions
         role, batch_size = settings.model, config.generation.batch_size
         prompts, toxic, safe, fit, test = split.prompts, split.toxic, split.safe, split.fit, split.test
-        kind, category = prompts["kind"].to_numpy(), prompts["category"].to_numpy()
+        kind = prompts["kind"].to_numpy()
         generations = context.table("generations").drop(columns="run_id")
         test_prompts = prompts[test]
         groups = test_prompts[["id", "category", "kind"]]
@@ -434,33 +460,40 @@ class DirectionsStage(Stage):
             n="size", mean_refusal_score="mean", refusal_rate_by_score=lambda v: float((v > 0).mean()))
         cross_ablation = cross_ablation.reset_index().drop(columns="order").assign(model=role)
 
+        specificity = cross_ablation_specificity(cross[["prompt_id", "category", "ablated", "score"]],
+                                                 split.categories, n_boot=settings.bootstrap, seed=settings.seed)
+
         # Geometry at the chosen position, for every model of the study, at every layer ([n, layers,
         # d_model], on disk): the toxic and safe prompts (separation compares them), and for the
-        # studied model every prompt (its chosen site: projections, cosines and hard prompts).
+        # studied model every prompt (its chosen site: projections, cosines and hard prompts), also
+        # at the last instruction token (harm recognition, Zhao et al. 2025), from the same pass.
         layer, position = selection.layer, selection.position
+        slots = sorted({0, position})  # positions captured: the instruction's end and the chosen one
         separation_rows, projection_frames = [], []
         both = toxic | safe
-        site = None
+        site = instruction_end = None
         for model_role in config.models:
             model = load(model_role)
             hooks = [f"blocks.{lay}.hook_resid_pre" for lay in range(model.n_layers)]
-            offset = [prompt_end_positions(model.tokenizer).offsets[position]]
+            offsets = [prompt_end_positions(model.tokenizer).offsets[slot] for slot in slots]
             captured = np.ones(len(prompts), dtype=bool) if model_role == role else both
             on_disk = np.lib.format.open_memmap(scratch / f"{model_role}.npy", mode="w+", dtype=np.float32,
-                                                shape=(int(captured.sum()), model.n_layers, 1, model.d_model))
-            acts = capture(model, list(prompts["text"][captured]), hooks, offset, batch_size=batch_size,
-                           desc=f"capture {model_role} at the chosen position", out=on_disk)[:, :, 0, :]
+                                                shape=(int(captured.sum()), model.n_layers, len(slots), model.d_model))
+            every = capture(model, list(prompts["text"][captured]), hooks, offsets, batch_size=batch_size,
+                            desc=f"capture {model_role} at the chosen position", out=on_disk)
+            acts = every[:, :, slots.index(position), :]
             chosen_layer = np.asarray(acts[:, layer])
             if model_role == role:
-                site = chosen_layer
+                site, instruction_end = chosen_layer, np.asarray(every[:, layer, 0, :])
             # Rows in neither mask (hard prompts) are ignored: no copy of the activations.
             separation = layer_separation(acts, toxic[captured], (fit & both)[captured], (test & both)[captured])
             separation_rows.append(separation.assign(model=model_role))
             projection_frames.append(
                 prompts.loc[captured, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
                 .assign(model=model_role, projection=chosen_layer @ unit(selection.vector(model_role))))
-        cosines = bootstrap_cosines(site[fit], np.where(toxic[fit], category[fit], ""),
-                                    split.categories, safe[fit], n_boot=settings.bootstrap, seed=settings.seed)
+        cosines = category_cosine_variants(site, instruction_end, split, selection.vector(role),
+                                           selection.chosen["position_label"], n_boot=settings.bootstrap,
+                                           seed=settings.seed)
         verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])
         hard_refused = (kind == "hard") & verdict.eq(True).to_numpy()
         hard_answered = (kind == "hard") & verdict.eq(False).to_numpy()
@@ -481,6 +514,7 @@ class DirectionsStage(Stage):
                 "layer_separation": pd.concat(separation_rows, ignore_index=True),
                 "direction_projections": pd.concat(projection_frames, ignore_index=True),
                 "category_cosines": cosines.assign(model=role),
+                "cross_ablation_specificity": pd.DataFrame([specificity.__dict__]).assign(model=role, layer=layer),
                 "hard_prompt_direction": pd.DataFrame([hard_direction]).assign(model=role),
                 "form_probe": pd.DataFrame([form.row()]).assign(model=role, layer=layer, position=position),
             },

@@ -309,12 +309,14 @@ class SaesStage(ModelSectionStage):
     def _attribution_inputs(context: StageContext, model: LoadedModel, prompts: pd.DataFrame, hooks: list[str],
                             offsets: tuple[int, ...], refusal_tokens: pd.DataFrame, batch_size: int):
         """Refusal-score gradients on a sample of toxic prompts and safe-prompt baseline activations,
-        at every hook and prompt-end position: ([n, hooks, offsets, d] x2, [m, hooks, offsets, d])."""
+        at every hook and prompt-end position: ([n, hooks, offsets, d] x2, [m, hooks, offsets, d]).
+        Train split only: the steering stage picks its features by this attribution and tests them
+        on the test split."""
         settings = context.config.saes
         rng = np.random.default_rng(settings.seed)
 
         def sample(kind: str) -> list[str]:
-            texts = prompts.loc[prompts["kind"] == kind, "text"].to_numpy()
+            texts = prompts.loc[(prompts["kind"] == kind) & (prompts["split"] == "train"), "text"].to_numpy()
             return list(texts[np.sort(rng.choice(len(texts), min(len(texts), settings.attribution_prompts),
                                                   replace=False))])
 

@@ -21,7 +21,14 @@ from engine.models import EMBEDDED_BASE, export_embedded_base, is_embedded_tuned
 from engine.paths import models_dir
 from engine.prompt_forms import form_balance
 from engine.prompt_sources import load_prompt_source
-from engine.tuning import SftExample, TuneConfig, check_refusal_categories, fine_tune, refusal_for, training_prompts
+from engine.tuning import (
+    SftExample,
+    TuneConfig,
+    check_refusal_categories,
+    fine_tune,
+    refusal_for,
+    training_prompts,
+)
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
 from precompute.stages.prompts import source_fingerprints
