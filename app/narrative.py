@@ -70,14 +70,24 @@ def _refusal(findings: Findings) -> Section:
                    chart=figures.refusal_by_kind({findings.study: findings}) if findings.refusal else None)
 
 
+ABLATED_TARGET = 0.10  # toxic prompts still refused with the direction ablated, at most
+
+
 def _direction(findings: Findings) -> Section:
     d = findings.direction
     if d is None:
         return Section("direction", "The refusal direction", "The directions stage has not run yet.", "directions")
+    # Arditi et al. find one direction carries refusal (ablated, chat models refuse almost nothing);
+    # say "causal" only as far as this model's numbers go.
+    carries = d.toxic_ablated.rate <= ABLATED_TARGET
+    lead = ("It is causal:" if carries else
+            f"Its effect is partial: with it ablated, {d.toxic_ablated.rate:.0%} of toxic prompts are still refused "
+            f"(a direction that carries refusal leaves at most {ABLATED_TARGET:.0%}), so one direction does not "
+            "hold this model's refusal; several directions together (a refusal cone) may:")
     body = (
         f"The difference of mean activations between toxic and safe prompts at layer **{d.layer}**, token "
         f"`{d.position_label!r}` of the {d.model} model separates them by **{d.separation_sigma:.1f} σ** "
-        f"(held-out linear probe accuracy **{d.probe_accuracy:.0%}**). It is causal:\n\n"
+        f"(held-out linear probe accuracy **{d.probe_accuracy:.0%}**). {lead}\n\n"
         f"- ablating it from every layer, toxic prompts refused fall from {d.toxic_baseline.text()} "
         f"to **{d.toxic_ablated.text()}**;\n"
         f"- adding it at layer {d.layer}, safe prompts refused rise from {d.safe_baseline.text()} "

@@ -236,3 +236,17 @@ def test_findings_are_computed_once_per_store_version_and_before_the_server_star
     assert warm_landing_page(["--", "--store", str(tmp_path / "none.duckdb")]) is None
     (tmp_path / "broken.duckdb").write_text("not a store")
     assert warm_landing_page(["--", "--store", str(tmp_path / "broken.duckdb")]) is None  # the page says why
+
+
+def test_direction_section_calls_the_direction_causal_only_when_ablation_removes_refusal(tiny_store: Path) -> None:
+    from app.narrative import sections
+
+    findings = study_findings(tiny_store)
+
+    def direction_text(refused: int) -> str:
+        changed = replace(findings, direction=replace(findings.direction, toxic_ablated=Rate(refused, 145)))
+        return next(s.body for s in sections(changed) if s.key == "direction")
+
+    assert "It is causal:" in direction_text(5)
+    partial = direction_text(116)
+    assert "It is causal" not in partial and "80% of toxic prompts are still refused" in partial
