@@ -17,8 +17,8 @@ import torch
 from engine.errors import ExplorerError
 from engine.models import LoadedModel
 
-Hook = tuple[str, Callable[[torch.Tensor, object], torch.Tensor]]
 HookFunction = Callable[[torch.Tensor, object], torch.Tensor]
+Hook = tuple[str, HookFunction]
 
 # True while the chat template's shared head is run once for a whole call (engine.generation):
 # only hooks marked `every_position` act there; the others (capture, position patches) wait for

@@ -18,9 +18,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine import store
 from engine.errors import ExplorerError
+
+if TYPE_CHECKING:  # pandas loads with the heavy imports, after argument parsing
+    import pandas as pd
 
 logger = logging.getLogger("precompute")
 
@@ -97,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_and_save(title: str, tables: list[pd.DataFrame], out: Path) -> None:
+    """Log `tables` as Markdown under `title` and save the first as a CSV at `out`."""
+    from tabulate import tabulate
+
+    logger.info("%s:\n%s", title, "\n".join(tabulate(t, headers="keys", tablefmt="github", showindex=False)
+                                             for t in tables))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tables[0].to_csv(out, index=False)
+    logger.info("Saved %s", out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -130,31 +145,18 @@ def main(argv: list[str] | None = None) -> int:
                       n_prompts=args.prompts)
             return 0
         if args.command == "tune-sweep":
-            from tabulate import tabulate
-
             from precompute.sweep import parse_grid, run_sweep
 
             table = run_sweep(config, parse_grid(args.grid))
-            logger.info("Tune sweep (refusal rate, Wilson 95%% interval, n prompts):\n%s",
-                        tabulate(table, headers="keys", tablefmt="github", showindex=False))
-            out = config.store.parent / "sweep" / f"{config.study}-tune-sweep.csv"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(out, index=False)
-            logger.info("Saved %s", out)
+            _log_and_save("Tune sweep (refusal rate, Wilson 95% interval, n prompts)", [table],
+                          config.store.parent / "sweep" / f"{config.study}-tune-sweep.csv")
             return 0
         if args.command == "replicate":
-            from tabulate import tabulate
-
             from precompute.replicate import replicated, run_replicate
 
             table = run_replicate(config, args.seeds)
-            logger.info("Circuits verdict per seed:\n%s\n%s", tabulate(table, headers="keys", tablefmt="github",
-                                                                       showindex=False),
-                        tabulate(replicated(table), headers="keys", tablefmt="github", showindex=False))
-            out = config.store.parent / "replicate" / f"{config.study}-replication.csv"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(out, index=False)
-            logger.info("Saved %s", out)
+            _log_and_save("Circuits verdict per seed", [table, replicated(table)],
+                          config.store.parent / "replicate" / f"{config.study}-replication.csv")
             return 0
         if args.command == "merge":
             store_option = f" --store {args.store}" if args.store else ""
