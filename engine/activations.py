@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt
 from engine.errors import ExplorerError
-from engine.generation import EncodedBatch, map_encoded, map_right_padded
+from engine.generation import EncodedBatch, map_encoded, map_right_padded, template_head
 from engine.interventions import applied
 from engine.models import LoadedModel
 
@@ -137,6 +137,20 @@ class TokenActivations:
     text_index: np.ndarray  # [n_tokens] which text the token belongs to
     position: np.ndarray  # [n_tokens] its position in that text's token sequence
     token_id: np.ndarray  # [n_tokens]
+
+
+@dataclass(frozen=True)
+class SaeTokens:
+    """Which tokens of a text an SAE reads, in training, statistics and live encoding alike."""
+
+    skip_token_ids: tuple[int, ...]
+    skip_first: int
+
+
+def sae_tokens(tokenizer: object, *, chat: bool = True) -> SaeTokens:
+    """Not the special tokens; for chat text not the template's head (the same tokens, so the same
+    activations, in every transcript), else not the first token."""
+    return SaeTokens(tuple(tokenizer.all_special_ids), len(template_head(tokenizer)) if chat else 1)  # type: ignore[attr-defined]
 
 
 def kept_token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_token_ids: Sequence[int], *,

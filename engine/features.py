@@ -13,10 +13,9 @@ import torch
 from sae_lens import SAE
 from scipy import sparse
 
-from engine.activations import capture_tokens
+from engine.activations import capture_tokens, sae_tokens
 from engine.chat import chat_prompt
 from engine.errors import ExplorerError
-from engine.generation import template_head
 from engine.models import LoadedModel
 from engine.saes import check_sae_fits
 
@@ -176,10 +175,9 @@ def feature_on_text(model: LoadedModel, sae: SAE, feature: int, text: str, *, as
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ExplorerError("The text is empty.", "type some text to encode.")
-    # The tokens the SAEs were trained on: not the chat template's head (precompute's saes stage).
-    head = len(template_head(tokenizer)) if as_chat_prompt else 1
-    captured = capture_tokens(model, [ids], [hook], batch_size=1, skip_token_ids=tokenizer.all_special_ids,
-                              skip_first=head, desc="encode text")
+    read = sae_tokens(tokenizer, chat=as_chat_prompt)  # the tokens the SAEs were trained on
+    captured = capture_tokens(model, [ids], [hook], batch_size=1, skip_token_ids=read.skip_token_ids,
+                              skip_first=read.skip_first, desc="encode text")
     activations = np.zeros(len(ids), dtype=np.float32)
     with torch.inference_mode():
         codes = sae.encode(torch.from_numpy(captured.values[:, 0]).to(sae.device))

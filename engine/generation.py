@@ -2,7 +2,8 @@
 
 Prompts are sorted by length before batching (less padding) and left-padded, so the last
 position of every row is the first response position. Generation runs Hugging Face `generate`
-on the bridge's wrapped model: bridge hooks fire inside it, so interventions apply here too.
+on the bridge's wrapped model when hooks are attached (they fire inside it), else on its hook-free twin
+(engine.models.plain_twin: the same weights, ~1.4x faster decoding on a CPU).
 
 The chat template's head (system prompt and user-turn opener: 24 of a demo prompt's 43 tokens)
 is the same in every prompt. It runs once per call, under the call's every-position hooks
@@ -171,7 +172,7 @@ def generate(
     def complete(batch: list[int], encoded: EncodedBatch) -> list[Generation]:
         inputs = encoded.generate_inputs()
         with torch.inference_mode():
-            output = model.hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            output = model.generator().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                              pad_token_id=tokenizer.pad_token_id)
         generations = []
         for ids in output[:, inputs["input_ids"].shape[1] :].tolist():

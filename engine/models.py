@@ -10,6 +10,7 @@ A model spec is one of:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from engine.errors import ExplorerError
@@ -50,6 +52,27 @@ class LoadedModel:
         """The wrapped Hugging Face model; bridge hooks fire inside its forward and generate."""
         return self.bridge.original_model
 
+    @functools.cached_property
+    def plain_model(self) -> torch.nn.Module:
+        """The same model without the bridge's hook points, sharing its weights: generation with no
+        hook attached runs ~1.4x faster on a CPU without them (one Python call per hook point and token).
+        The bridged model itself under a device map (its placement hooks live on the bridged modules)."""
+        if getattr(self.hf_model, "hf_device_map", None):
+            return self.hf_model
+        return plain_twin(self.hf_model)
+
+    def hooks_attached(self) -> bool:
+        """Whether any hook is attached to the bridge now (engine.interventions.applied)."""
+        return any(point._forward_hooks or point._forward_pre_hooks for point in self._hook_points)
+
+    @functools.cached_property
+    def _hook_points(self) -> tuple[HookPoint, ...]:
+        return tuple(module for module in self.hf_model.modules() if isinstance(module, HookPoint))
+
+    def generator(self) -> torch.nn.Module:
+        """The model to generate with: the plain twin when no hook is attached, else the bridged one."""
+        return self.hf_model if self.hooks_attached() else self.plain_model
+
     @property
     def n_layers(self) -> int:
         return int(self.bridge.cfg.n_layers)
@@ -57,6 +80,21 @@ class LoadedModel:
     @property
     def d_model(self) -> int:
         return int(self.bridge.cfg.d_model)
+
+
+def plain_twin(bridged: torch.nn.Module) -> torch.nn.Module:
+    """A model of `bridged`'s class built around its very parameter and buffer tensors (no copy), with
+    none of the bridge's wrappers: each bridged module keeps the original as `_original_component`."""
+    with torch.device("meta"):
+        twin = type(bridged)(bridged.config)
+    shared = {name.replace("._original_component", ""): tensor for name, tensor in
+              [*bridged.named_parameters(remove_duplicate=False), *bridged.named_buffers(remove_duplicate=False)]}
+    twin.load_state_dict({name: shared[name] for name in twin.state_dict()}, assign=True, strict=True)
+    for name, _ in list(twin.named_buffers()):  # non-persistent buffers (rotary frequencies) are not in a state dict
+        owner, _, attribute = name.rpartition(".")
+        setattr(twin.get_submodule(owner), attribute, shared[name])
+    twin.generation_config = bridged.generation_config
+    return twin.eval()
 
 
 def auto_device() -> torch.device:

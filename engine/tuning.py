@@ -51,6 +51,10 @@ class TuneConfig:
     # A refusal sentence per harm category (others get `refusal_text`): the positive control, a
     # model whose refusals differ by category by construction (precompute/configs/demo-modular.yaml).
     category_refusals: dict[str, str] = field(default_factory=dict, metadata={"cache_key": UNLESS_DEFAULT})
+    # Train only the first this many transformer blocks (None: all). The frozen upper blocks are the
+    # base model's own, so the tune must steer them through the residual stream at the boundary:
+    # refusal then reads out of the base model's circuitry instead of being rewritten in every layer.
+    trained_layers: int | None = field(default=None, metadata={"cache_key": UNLESS_DEFAULT})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,13 +65,15 @@ class TuneConfig:
             "max_response_tokens": 4 <= self.max_response_tokens <= 1024,
             "plain_per_toxic": 0 <= self.plain_per_toxic <= 20,
             "first_token_weight": 1 <= self.first_token_weight <= 100,
+            "trained_layers": self.trained_layers is None or 1 <= self.trained_layers <= 1000,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ExplorerError(
                     f"tune.{name} = {getattr(self, name)!r} is out of range.",
                     "use epochs 1-20, learning_rate in (0, 0.01], batch_size 1-512, "
-                    "max_response_tokens 4-1024, plain_per_toxic 0-20, first_token_weight 1-100.",
+                    "max_response_tokens 4-1024, plain_per_toxic 0-20, first_token_weight 1-100, "
+                    "trained_layers 1-1000 or null.",
                 )
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
@@ -179,6 +185,18 @@ def _collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+def trained_blocks_frozen(model: torch.nn.Module, trained_layers: int | None) -> list[torch.nn.Module]:
+    """The modules a tune training only the first `trained_layers` blocks leaves as they are: the later
+    blocks and the final norm (none when `trained_layers` is None)."""
+    blocks = model.base_model.layers
+    if trained_layers is None:
+        return []
+    if trained_layers > len(blocks):
+        raise ExplorerError(f"tune.trained_layers = {trained_layers}, but the model has {len(blocks)} blocks.",
+                            f"use at most {len(blocks)}, or null to train every block.")
+    return [*blocks[trained_layers:], model.base_model.norm]
+
+
 def fine_tune(
     base_dir: Path, examples: Sequence[SftExample], config: TuneConfig, out_dir: Path
 ) -> TuneResult:
@@ -194,6 +212,8 @@ def fine_tune(
     # The embeddings are tied to the unembedding: freezing them keeps the tokens' meaning
     # fixed and skips the costliest gradient (vocab x d_model) on a CPU.
     model.get_input_embeddings().weight.requires_grad_(False)
+    for frozen in trained_blocks_frozen(model, config.trained_layers):
+        frozen.requires_grad_(False)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_example(tokenizer, ex, config.max_response_tokens) for ex in examples]

@@ -212,7 +212,7 @@ class SteeringConfig:
     model: str = "tuned"
     top_features: int = 3  # features with the largest attribution at the refusal layer's SAE
     feature_force_multiple: float = 2.0  # force refusal: set a feature to this x its corpus maximum
-    eval_max_new_tokens: int = 32  # answers generated for the global direction and the features
+    eval_max_new_tokens: int = 32  # answers generated for the features (the global direction's come from directions)
 
     def __post_init__(self) -> None:
         if not 0 <= self.top_features <= 100:

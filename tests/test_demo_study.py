@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from engine import store
 from engine.models import EMBEDDED_BASE, load_model
 from engine.paths import REPO_ROOT
-from precompute.config import load_config
+from precompute.config import load_config, parse_config
 from precompute.pipeline import run_pipeline
 from precompute.stages import STAGES
 
@@ -84,3 +85,22 @@ def test_chosen_direction_is_causal_on_the_test_split(demo_store) -> None:
     # the tuned model's few over-refusals, about 0.13 (see the README).
     assert direction.kl_answered <= 0.1 and direction.n_answered >= 0.9 * direction.n_safe
     assert direction.kl <= 0.15
+
+
+def test_reduced_positive_control_is_not_called_monolithic(tmp_path, monkeypatch) -> None:
+    """Issue 22's positive control, reduced: demo-modular.yaml's tune (each category refused in its own
+    words) on fewer plain instructions, shorter SAE training and no feature steering or held-out sets.
+    Refusal differs by category by construction, so the verdict must not say "one shared mechanism"."""
+    monkeypatch.delenv("REFUSAL_EXPLORER_DATA", raising=False)
+    raw = yaml.safe_load((REPO_ROOT / "precompute" / "configs" / "demo-modular.yaml").read_text(encoding="utf-8"))
+    raw.pop("evaluation")
+    raw["store"] = str(tmp_path / "control.duckdb")
+    raw["models"]["tuned"] = "smollm2-135m-refusal-modular-reduced"  # not the full control's folder
+    raw["tune"]["plain_per_toxic"] = 1.0
+    raw["saes"]["steps"] = 500
+    raw["steering"]["top_features"] = 0
+    config = parse_config(raw)
+    run_pipeline(config, STAGES)
+    verdicts = store.read_table(config.store, "circuit_verdicts").set_index("kind")
+    assert verdicts.loc["toxic", "label"] != "monolithic", verdicts.loc["toxic", "reason"]
+    assert verdicts.loc["toxic", "decoding_p"] <= 0.05  # categories told apart by their node effects

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformer_lens.hook_points import HookPoint
 
 from engine import models
 from engine.chat import chat_prompt, end_of_turn
 from engine.errors import ExplorerError
 from engine.generation import generate, length_order
+from engine.interventions import applied
 from engine.models import load_model
 from engine.scoring import next_token_logprobs
 
@@ -144,3 +146,20 @@ def test_study_models_load_with_the_configured_dtype_and_device_map(monkeypatch)
     monkeypatch.setattr(study_config, "load_model", lambda spec, **options: calls.append((spec, options)))
     study_config.GenerationConfig(dtype="bfloat16", device_map="balanced").load("org/model")
     assert calls == [("org/model", {"dtype": torch.bfloat16, "device_map": "balanced"})]
+
+
+def test_plain_twin_shares_the_weights_and_generates_what_the_bridge_does(tiny_model) -> None:
+    twin = tiny_model.plain_model
+    assert twin is not tiny_model.hf_model and twin is tiny_model.plain_model  # built once
+    assert twin.model.embed_tokens.weight.data_ptr() == tiny_model.bridge.original_model.model.embed_tokens \
+        ._original_component.weight.data_ptr()
+    assert not any(isinstance(module, HookPoint) for module in twin.modules())
+    assert twin.model.rotary_emb.inv_freq.device.type == "cpu"  # non-persistent buffers filled, not meta
+    prompts = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
+    with applied(tiny_model, [("blocks.1.hook_resid_pre", lambda activation, hook: activation)]):
+        assert tiny_model.generator() is tiny_model.hf_model
+        bridged = generate(tiny_model, prompts, max_new_tokens=6, batch_size=3)
+    assert tiny_model.generator() is twin
+    plain = generate(tiny_model, prompts, max_new_tokens=6, batch_size=3)
+    assert [g.text for g in plain] == [g.text for g in bridged]
+    assert [g.first_token_id for g in plain] == [g.first_token_id for g in bridged]

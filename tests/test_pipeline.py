@@ -399,8 +399,13 @@ def test_steering_stage_measures_every_intervention_and_resumes(tmp_path, tiny_m
         return real_kl_divergence(*args)
 
     monkeypatch.setattr(steering_stage, "kl_divergence", crash_in_the_second_intervention)
+    generated: list[str] = []
+    real_judged_answers = steering_stage.judged_answers
+    monkeypatch.setattr(steering_stage, "judged_answers",
+                        lambda *args, **kwargs: generated.append(args[2]) or real_judged_answers(*args, **kwargs))
     with pytest.raises(RuntimeError, match="power cut"):
         pipeline.run_pipeline(config, STAGES)
+    assert generated == []  # the global direction (measured before the crash) generated nothing itself
     assert store.stage_hash(config.store, "steering") is None  # nothing half-written
     monkeypatch.setattr(steering_stage, "kl_divergence", real_kl_divergence)
     with caplog.at_level(logging.INFO, logger=steering_stage.logger.name):
@@ -430,6 +435,13 @@ def test_steering_stage_measures_every_intervention_and_resumes(tmp_path, tiny_m
     assert set(rates["intervention"]) == {"global", *(f"feature {f}" for f in features)}
     toxic = (prompts["kind"] == "toxic").sum()
     assert rates.query("intervention == 'global' and mode == 'suppress'")["n"].item() == toxic
+    # the global direction's answers are the directions stage's, not generated a second time
+    steered = read("steering_generations").query("intervention == 'global'")
+    directed = read("direction_generations").query("model == 'base' and condition in ('ablation', 'addition')")
+    directed = directed[((directed["condition"] == "ablation") & (directed["kind"] == "toxic"))
+                        | ((directed["condition"] == "addition") & (directed["kind"] == "safe"))]
+    assert sorted(zip(steered["prompt_id"], steered["response"], strict=True)) == sorted(
+        zip(directed["prompt_id"], directed["response"], strict=True))
 
 
 def test_circuits_stage_builds_compares_and_names_a_small_category(tmp_path, tiny_model_dir) -> None:

@@ -110,3 +110,25 @@ def test_sae_corpus_leaves_out_the_template_head(model):
     assert kept.position.min() == len(head)
     assert (everything.position < len(head)).sum() == len(PROMPTS) * (len(head) - 1)
     assert len(everything.position) - len(kept.position) == len(PROMPTS) * (len(head) - 1)
+
+
+def test_sae_token_rule_is_one_for_training_and_live_encoding(model, monkeypatch):
+    """The saes stage and the Features page's live encoding read the same tokens of a chat prompt."""
+    from engine import features
+    from engine.activations import sae_tokens
+
+    read = sae_tokens(model.tokenizer)
+    assert read.skip_first == len(template_head(model.tokenizer)) and sae_tokens(model.tokenizer, chat=False).skip_first == 1
+    assert set(read.skip_token_ids) == set(model.tokenizer.all_special_ids)
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("seen")
+
+    monkeypatch.setattr(features, "capture_tokens", spy)
+    monkeypatch.setattr(features, "check_sae_fits", lambda sae, model: "blocks.1.hook_resid_pre")
+    monkeypatch.setattr(features, "check_feature", lambda sae, feature: None)
+    with pytest.raises(RuntimeError, match="seen"):
+        features.feature_on_text(model, None, 0, PROMPTS[0], as_chat_prompt=True)
+    assert (tuple(seen["skip_token_ids"]), seen["skip_first"]) == (read.skip_token_ids, read.skip_first)

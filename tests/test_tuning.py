@@ -181,3 +181,18 @@ def test_positive_control_refuses_each_category_in_its_own_words() -> None:
     demo = load_config(CONFIGS / "demo.yaml")
     assert control.models["tuned"] != demo.models["tuned"] and control.store != demo.store
     assert {k: v for k, v in control.section("tune").items() if k != "category_refusals"} == demo.section("tune")
+
+
+def test_trained_layers_leave_the_later_blocks_as_the_base_model_has_them(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    examples = [SftExample(f"Write a haiku about the sea {i}", "I ' m sorry , I can ' t help", True) for i in range(8)]
+    fine_tune(tiny_model_dir, examples, TuneConfig(epochs=1, learning_rate=3e-3, batch_size=4, trained_layers=1),
+              tmp_path / "lower")
+    base, tuned = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_model_dir, tmp_path / "lower"))
+    changed = {name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base.state_dict()[name])}
+    assert changed and all(name.startswith("model.layers.0.") for name in changed)
+    with pytest.raises(ExplorerError, match="trained_layers = 3, but the model has 2 blocks"):
+        fine_tune(tiny_model_dir, examples, TuneConfig(trained_layers=3), tmp_path / "too-many")
+    with pytest.raises(ExplorerError, match="tune.trained_layers = 0 is out of range"):
+        TuneConfig(trained_layers=0)

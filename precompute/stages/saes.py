@@ -23,7 +23,15 @@ import numpy as np
 import pandas as pd
 from sae_lens import SAE
 
-from engine.activations import TokenActivations, capture, capture_tokens, prompt_end_positions, spilled_rows
+from engine.activations import (
+    SaeTokens,
+    TokenActivations,
+    capture,
+    capture_tokens,
+    prompt_end_positions,
+    sae_tokens,
+    spilled_rows,
+)
 from engine.attribution import metric_gradients
 from engine.corpus import ChatCorpus, chat_corpus
 from engine.errors import ExplorerError
@@ -37,7 +45,7 @@ from engine.features import (
     token_activations,
     top_texts,
 )
-from engine.generation import length_order, template_head
+from engine.generation import length_order
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel
 from engine.prompts import stable_split
@@ -78,13 +86,8 @@ class SaeSetup:
     corpus: ChatCorpus
 
     @property
-    def skip(self) -> list[int]:
-        return list(self.model.tokenizer.all_special_ids)
-
-    @property
-    def skip_first(self) -> int:
-        """The chat template's head: the same tokens, so the same activations, in every transcript."""
-        return len(template_head(self.model.tokenizer))
+    def read(self) -> SaeTokens:
+        return sae_tokens(self.model.tokenizer)
 
 
 def corpus_rows(prompts: pd.DataFrame, generations: pd.DataFrame, tune_data: pd.DataFrame | None,
@@ -214,8 +217,8 @@ class SaesStage(ModelSectionStage):
     def _capture(context: StageContext, setup: SaeSetup, texts: np.ndarray, spill: Path) -> TokenActivations:
         """The activations at every read token of transcripts `texts` (text_index counts all)."""
         tokens = capture_tokens(setup.model, [setup.corpus.sequences[i] for i in texts], setup.hooks,
-                                batch_size=context.config.generation.batch_size, skip_token_ids=setup.skip,
-                                skip_first=setup.skip_first,
+                                batch_size=context.config.generation.batch_size, skip_token_ids=setup.read.skip_token_ids,
+                                skip_first=setup.read.skip_first,
                                 desc="capture corpus", spill=spill)
         return TokenActivations(tokens.values, texts[tokens.text_index], tokens.position, tokens.token_id)
 
@@ -228,7 +231,7 @@ class SaesStage(ModelSectionStage):
         model, prompts, tables, saes, directions, hooks, rows, corpus = (
             setup.model, setup.prompts, setup.tables, setup.pretrained, setup.directions, setup.hooks, setup.rows,
             setup.corpus)
-        skip = setup.skip
+        read = setup.read
         held_out_text = np.array([stable_split(f"sae:{t}", settings.held_out_fraction) == "test"
                                   for t in rows["prompt_id"] + "|" + rows["response"]])
         held_out = held_out_text[tokens.text_index]
@@ -253,8 +256,8 @@ class SaesStage(ModelSectionStage):
                 origin = {"path": str(path.relative_to(config.store.parent))}
             seconds = time.perf_counter() - started
             quality = sae_quality(sae, ActivationRows(tokens.values, h, np.flatnonzero(held_out)))
-            ce = ce_loss_recovered(model, sae, ce_texts, batch_size=batch_size, skip_token_ids=skip,
-                                   skip_first=setup.skip_first)
+            ce = ce_loss_recovered(model, sae, ce_texts, batch_size=batch_size, skip_token_ids=read.skip_token_ids,
+                                   skip_first=read.skip_first)
             sae_rows.append({
                 "hook": hook, "layer": _layer(hook), "source": "pretrained" if hook in saes else "trained",
                 # trained: relative to the store's folder; pretrained: a local folder or a registry entry

@@ -7,8 +7,10 @@ layer's SAE. Each is applied two ways:
 - force refusal: add the direction at its layer / set the feature to a multiple of its corpus
   maximum, on hard and safe prompts.
 Refusal is read by the refusal score (> 0) for every intervention and by the substring judge on
-generated answers for the global direction and the features. Under suppression, the KL divergence
-on safe prompts and the cross-entropy of the model's own safe answers measure the side effects.
+generated answers for the global direction and the features. The global direction's answers are the
+directions stage's (the same ablation and addition on the same test prompts, generated once, at
+`directions.eval_max_new_tokens`). Under suppression, the KL divergence on safe prompts and the
+cross-entropy of the model's own safe answers measure the side effects.
 """
 
 from __future__ import annotations
@@ -36,9 +38,20 @@ from precompute.stages.section import ModelSectionStage
 logger = logging.getLogger(__name__)
 
 
+def direction_answers(direction_generations: pd.DataFrame, prompts: pd.DataFrame, role: str) -> pd.DataFrame:
+    """The global direction's judged answers to `prompts` as the directions stage generated them with
+    `role`'s model: ablated on toxic prompts (suppress), added on safe ones (force)."""
+    mine = direction_generations[(direction_generations["model"] == role)
+                                 & direction_generations["prompt_id"].isin(prompts["id"])]
+    suppress = mine[(mine["condition"] == "ablation") & (mine["kind"] == "toxic")].assign(condition="suppress")
+    force = mine[(mine["condition"] == "addition") & (mine["kind"] == "safe")].assign(condition="force")
+    columns = ["prompt_id", "response", "first_token_id", "n_new_tokens", "refused", "refusal_score", "condition"]
+    return pd.concat([suppress, force], ignore_index=True)[columns].assign(intervention="global")
+
+
 class SteeringStage(ModelSectionStage):
     name = "steering"
-    version = 1
+    version = 2
     upstream = ("prompts", "generate", "directions", "saes")
     # Sharded, each shard measures its test prompts under every intervention; the merge aggregates.
     shardable = True
@@ -56,8 +69,8 @@ class SteeringStage(ModelSectionStage):
         interventions = []
         for row in chosen.itertuples():
             vector = np.asarray(row.vector, dtype=np.float32)
-            interventions.append((row.scope, "direction", Steering(ablate=(vector,)),
-                                  Steering(add=(Addition(vector, int(row.layer)),))))
+            interventions.append((row.scope, "direction", Steering(ablate=(vector,)), Steering(
+                add=(Addition(vector, int(row.layer), context.config.directions.addition_alpha),))))
         if settings.top_features and "features" in context.available:
             saes = context.table("saes")
             refusal_layer = int(chosen["layer"].iloc[0])
@@ -131,7 +144,9 @@ class SteeringStage(ModelSectionStage):
                     **which, "prompt_id": safe_ids, "kl": kl_divergence(baseline_logprobs[safe], suppressed[safe]),
                     "cross_entropy": ce, "in_depth": in_depth, "baseline_cross_entropy": baseline_ce}),
             }
-            if in_depth:
+            if name == "global":
+                frames["answers"] = direction_answers(context.table("direction_generations"), prompts, role)
+            elif in_depth:
                 # Generated answers: refusal as users see it (the RCM seed's force/suppress rates).
                 evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
                 frames["answers"] = pd.concat([
