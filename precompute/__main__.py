@@ -7,6 +7,8 @@ Commands:
   merge   merge the parquet partitions of `run --shard K/N` jobs into the store
   tune-sweep  the demo fine-tune over a grid of settings: refusal on held-out harmful, hard, safe, plain prompts
   replicate   the circuits verdict under other seeds (fine-tune, prompt samples, SAEs), one sibling store per seed
+  report  a built store's headline numbers as Markdown (refusal rates, held-out rates, direction, SAE quality,
+          circuits verdicts, replication)
   bench   figures on a built study (live steering latency, capture throughput, store size per
           1,000 prompts, each stage's time on this machine; `--only steering-during-build`: live
           steering beside a build; `--only app`: page and interaction speed in headless Chromium)
@@ -98,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "its parquet partition beside the store; see below")
             command.add_argument("--until", default=None, metavar="STAGE",
                                  help="stop after STAGE (e.g. saes, before sharding steering)")
+    # report reads a built store only: no config, so it gets its own options rather than the loop's.
+    report_help = ("print a built store's headline numbers as Markdown: refusal rates, held-out rates, the refusal "
+                   "direction, SAE quality, circuits verdicts and their replication")
+    report = commands.add_parser("report", help=report_help, description=report_help)
+    report.add_argument("--store", type=Path, required=True, help="a built study store, e.g. data/stores/demo.duckdb")
+    report.add_argument("--format", choices=["md"], default="md", help="md: Markdown (the only format so far)")
     return parser
 
 
@@ -112,11 +120,26 @@ def _log_and_save(title: str, tables: list[pd.DataFrame], out: Path) -> None:
     logger.info("Saved %s", out)
 
 
+def _print_report(path: Path) -> int:
+    """Write the store's report to stdout: the command's output itself, so not a log line."""
+    import streamlit  # noqa: F401 - creates the query cache's logger, quieted below
+
+    # The app's query cache runs here without a Streamlit server and warns that it falls back to memory:
+    # nothing a reader of the report can act on.
+    logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.ERROR)
+    from precompute.report import headline_markdown
+
+    sys.stdout.write(headline_markdown(path))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.command == "report":  # reads a store only: neither a config nor the model stack
+            return _print_report(args.store)
         # Heavy imports (torch, transformers) only after argument parsing keeps --help instant.
         from precompute.config import load_config
         from precompute.pipeline import input_hash, merge_shards, run_pipeline, run_shard, shard_progress

@@ -1,0 +1,127 @@
+"""`python -m precompute report`: a built study's headline numbers as Markdown.
+
+The refusal rates, the refusal direction and the circuits verdicts come from `app.findings.study_findings`,
+the object the Findings and Compare pages render, so the report and the app cannot disagree. What those
+pages do not summarise (the held-out evaluation sets, each SAE's quality, the replication table) is read
+here with the app's SQL or this module's."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from app import queries
+from app.findings import Findings, Rate, answer, comparison_table, study_findings
+from engine import store
+
+REPLICATION_SQL = """
+SELECT seed, kind, label, ratio, ratio_low, ratio_high, decoding_accuracy, decoding_chance, decoding_p,
+       detectable_share
+FROM verdict_replication ORDER BY kind DESC, seed
+"""
+NUMBERS_NOTE = ("Refusal rates are over the prompts each model answered (`generation.splits`) with Wilson 95% "
+                "intervals; ratios and shares carry their bootstrap 95% intervals in brackets.")
+# The code versions that built the store, oldest first: a resumed build can span commits.
+CODE_VERSIONS_SQL = "SELECT code_version FROM runs GROUP BY code_version ORDER BY min(created_at)"
+REPLICATE_COMMAND = "python -m precompute replicate --config CONFIG --seeds 3"
+
+
+def _table(frame: pd.DataFrame) -> str:
+    # Cells are formatted here; tabulate would otherwise re-read "0.970" as a number and print 0.97.
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+def _not_built(table: str) -> str:
+    return f"Not in this store: the `{queries.TABLE_STAGE[table]}` stage has not run."
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _detectable(share: float) -> str:
+    """NaN: no planted share on the calibration grid was detected in 80% of simulations."""
+    return f"{share:.2f}" if math.isfinite(share) else "none on the grid"
+
+
+def title_section(path: Path, findings: Findings) -> str:
+    """Which study, which store and code built it, and the command that prints this report again."""
+    versions = ", ".join(queries.query(path, CODE_VERSIONS_SQL)["code_version"])
+    missing = f" Not built yet: {', '.join(findings.missing_stages)}." if findings.missing_stages else ""
+    return (f"# Study `{findings.study}`: headline numbers\n\n"
+            f"Made by `python -m precompute report --store {path} --format md`, which prints it again from a "
+            f"rebuilt store. Latest run {findings.built_at} UTC, code version(s) {versions}; stages stored: "
+            f"{', '.join(findings.stages_done)}.{missing}")
+
+
+def headline_section(findings: Findings) -> str:
+    """The study's answer in the app's words, then its numbers as the Compare studies page lists them."""
+    numbers = comparison_table({"value": findings}).rename(columns={"measure": "measure (Compare studies page)"})
+    return "\n\n".join(["## Headline numbers", answer(findings), NUMBERS_NOTE, _table(numbers)])
+
+
+def caveats_section(findings: Findings) -> str:
+    """What limits the conclusions, as the Findings page words it (computed from the numbers)."""
+    if not findings.caveats:
+        return ""
+    return "## Caveats\n\n" + "\n".join(f"- {note}" for note in findings.caveats)
+
+
+def evaluation_section(path: Path, present: frozenset[str]) -> str:
+    """Refusal on the held-out sets (`evaluation` stage): prompts no stage trained or fitted on."""
+    if "evaluation_rates" not in present:
+        return "## Held-out evaluation\n\n" + _not_built("evaluation_rates")
+    rates = queries.query(path, queries.EVALUATION_RATES_SQL)
+    shown = pd.DataFrame({
+        "set": rates["set"], "model": rates["model"], "kind": rates["kind"],
+        "refused (95% CI)": [Rate(int(row.n_refused), int(row.n)).text() for row in rates.itertuples()],
+        "left out (trained or fitted on)": rates["n_left_out"],
+    })
+    return "## Held-out evaluation\n\n" + _table(shown)
+
+
+def sae_section(path: Path, present: frozenset[str]) -> str:
+    """Each SAE's quality on the held-out tenth of the corpus (`saes` stage)."""
+    if "saes" not in present:
+        return "## SAE quality\n\n" + _not_built("saes")
+    saes = queries.query(path, queries.SAES_SQL)
+    shown = pd.DataFrame({
+        "hook": saes["hook"],
+        "source": [row.source if pd.isna(row.release) else f"{row.release} / {row.sae_id}"
+                   for row in saes.itertuples()],
+        "architecture": saes["architecture"], "latents": saes["d_sae"],
+        "L0": saes["l0"].map("{:.1f}".format),
+        "FVU": saes["fraction_variance_unexplained"].map("{:.3f}".format),
+        "dead": saes["dead_fraction"].map("{:.1%}".format),
+        "CE loss recovered": saes["ce_loss_recovered"].map("{:.3f}".format),
+        "held-out tokens": saes["n_held_out_tokens"],
+    })
+    return "## SAE quality\n\n" + _table(shown)
+
+
+def replication_section(path: Path, present: frozenset[str], findings: Findings) -> str:
+    """Each seed's verdict (`precompute replicate`); empty when it has not run, which the caveats say."""
+    if "verdict_replication" not in present:
+        return ""
+    summary = "\n".join(f"- {verdict.kind}: {verdict.replication_text()}" for verdict in findings.verdicts)
+    seeds = queries.query(path, REPLICATION_SQL)
+    shown = pd.DataFrame({
+        "kind": seeds["kind"], "seed": seeds["seed"], "verdict": seeds["label"],
+        "ratio [95% CI]": [_interval(row.ratio, row.ratio_low, row.ratio_high) for row in seeds.itertuples()],
+        "category decoding": [f"{row.decoding_accuracy:.0%} vs {row.decoding_chance:.0%} chance, "
+                              f"p = {row.decoding_p:.3g}" for row in seeds.itertuples()],
+        "smallest detectable q": seeds["detectable_share"].map(_detectable),
+    })
+    return f"## Replication\n\n{summary}\n\nSeed 0 is the study itself (`{REPLICATE_COMMAND}`).\n\n{_table(shown)}"
+
+
+def headline_markdown(path: Path) -> str:
+    """The report of the store at `path`; ExplorerError if it is missing or not a study store."""
+    store.connect_readonly(path).close()  # the one clear error for a missing or foreign file, before any query
+    findings = study_findings(path)
+    present = queries.tables(path)
+    sections = [title_section(path, findings), headline_section(findings), caveats_section(findings), evaluation_section(path, present),
+                sae_section(path, present), replication_section(path, present, findings)]
+    return "\n\n".join(section for section in sections if section) + "\n"
