@@ -10,7 +10,8 @@ Commands:
   report  a built store's headline numbers as Markdown (refusal rates, held-out rates, direction, SAE quality,
           circuits verdicts, replication)
   bench   figures on a built study (live steering latency, capture throughput, store size per
-          1,000 prompts, each stage's time on this machine; `--only steering-during-build`: live
+          1,000 prompts, batched generation on the hook-free twin against the bridged model, each
+          stage's time on this machine; `--only steering-during-build`: live
           steering beside a build; `--only app`: page and interaction speed in headless Chromium)
 """
 
@@ -68,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "data/stores/<study>.duckdb)")
         if name == "bench":
             command.add_argument("--only", default="all",
-                                 choices=["all", "steering", "capture", "store", "stages", "steering-during-build", "app"],
-                                 help="all = steering, capture and store size; stages = each stage's last time on "
+                                 choices=["all", "steering", "capture", "generation", "store", "stages", "steering-during-build",
+                                          "app"],
+                                 help="all = steering, capture, generation and store size; generation = batched "
+                                      "answers on the hook-free twin against the bridged model; stages = each stage's last time on "
                                       "this machine (from the build's progress record) with the CPU's features and the "
                                       "dtype; steering-during-build = live steering idle and with a build-like load "
                                       "beside it at the priority and threads `make demo` gives its build; app = the "

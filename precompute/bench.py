@@ -4,6 +4,9 @@
   ablated), as the Steering page runs them; seconds for the pair.
 - capture: tokens per second of activation capture at every layer's residual stream next to a
   plain Hugging Face forward pass over the same prompts and batches; the ratio is the figure.
+- generation: batched greedy answers (the study's batch size, N new tokens) to the first test prompts
+  on the hook-free twin (engine.models.plain_twin, what stages use when no hook is attached) and on the
+  bridged model (a hook attached, as under an intervention); tokens per second and the ratio.
 - store: the study store's size on disk per 1,000 prompts: the DuckDB file, the shard partitions
   (parquet, `<store>.shards/`) and the trained SAEs (`<store>.saes/`, every run's), each apart.
 - stages: each stage's time in its last full run on this machine (from the build's progress record,
@@ -36,7 +39,8 @@ import torch
 from engine import store
 from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
-from engine.generation import EncodedBatch, map_encoded
+from engine.generation import EncodedBatch, generate, map_encoded
+from engine.interventions import applied, every_position
 from engine.judge import refusal_token_ids
 from engine.models import LoadedModel, describe_machine, load_model, resolve_dtype
 from engine.steering import Steering, compare_answers
@@ -246,6 +250,23 @@ def bench_capture(config: StudyConfig, model: LoadedModel, *, n_prompts: int) ->
             BenchResult("peak resident memory", peak, "MiB")]
 
 
+def bench_generation(config: StudyConfig, model: LoadedModel, *, n_prompts: int, new_tokens: int) -> list[BenchResult]:
+    prompts = store.read_table(config.store, "prompts").query("split == 'test'")["text"].head(n_prompts).tolist()
+    batch_size = config.generation.batch_size
+    # A hook that changes nothing, so the bridged model runs: what every intervention's generation pays.
+    bridged = [("blocks.0.hook_resid_pre", every_position(lambda activation, hook: activation))]
+    speed = {}
+    for name, hooks in (("hook-free twin", []), ("bridged", bridged)):
+        with applied(model, hooks):
+            generate(model, prompts[:batch_size], max_new_tokens=4, batch_size=batch_size)  # warm-up
+            started = time.perf_counter()
+            answers = generate(model, prompts, max_new_tokens=new_tokens, batch_size=batch_size)
+            speed[name] = sum(a.n_new_tokens for a in answers) / (time.perf_counter() - started)
+    detail = f"{len(prompts)} test prompts, {new_tokens} new tokens, batches of {batch_size}"
+    return [*(BenchResult(f"generation, {name}", value, "tokens/s", detail) for name, value in speed.items()),
+            BenchResult("generation: twin / bridged", speed["hook-free twin"] / speed["bridged"], "x")]
+
+
 def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int, n_prompts: int) -> list[BenchResult]:
     if not config.store.is_file():
         raise ExplorerError(f"No study store at {config.store}.", "build it first: python -m precompute run.")
@@ -258,12 +279,14 @@ def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int,
     results = bench_store(config) if which in ("all", "store") else []
     if which == "stages":
         results += bench_stages(config)
-    if which in ("all", "steering", "capture", "steering-during-build"):
+    if which in ("all", "steering", "capture", "generation", "steering-during-build"):
         role, model = _studied_model(config)
         if which in ("all", "steering"):
             results += bench_steering(config, model, role, new_tokens=new_tokens, repeats=repeats)
         if which in ("all", "capture"):
             results += bench_capture(config, model, n_prompts=n_prompts)
+        if which in ("all", "generation"):
+            results += bench_generation(config, model, n_prompts=n_prompts, new_tokens=new_tokens)
         if which == "steering-during-build":
             results += bench_steering_during_build(config, model, role, new_tokens=new_tokens, repeats=repeats)
     for result in results:

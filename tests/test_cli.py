@@ -108,8 +108,10 @@ directions: {{model: base, max_validation_prompts: 4, bootstrap: 10, eval_max_ne
     assert code == 0
     figures = {line.split("  ")[0].strip(): line for line in caplog.messages}
     assert {"steering: baseline + steered answer", "plain forward", "capture, every layer",
-            "capture / plain forward", "peak resident memory", "store: DuckDB file per 1,000 prompts"} <= set(figures)
+            "capture / plain forward", "peak resident memory", "store: DuckDB file per 1,000 prompts",
+            "generation, hook-free twin", "generation, bridged", "generation: twin / bridged"} <= set(figures)
     assert float(figures["capture / plain forward"].split()[4]) > 0  # a figure, never a timed assertion
+    assert float(figures["generation: twin / bridged"].split()[4]) > 0
 
 
 def test_store_size_counts_the_file_partitions_and_saes_apart(tmp_path) -> None:
