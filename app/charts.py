@@ -7,6 +7,9 @@ from __future__ import annotations
 import altair as alt
 import numpy as np
 import pandas as pd
+from altair.utils.schemapi import UndefinedType
+
+from engine.schema import KINDS
 
 # One scale for both similarity measures (Jaccard runs 0 to 1, cosine -1 to 1): a measure switch then
 # changes only the data, which the browser swaps into the drawn heatmaps instead of building them anew.
@@ -36,17 +39,32 @@ def candidate_heatmap(candidates: pd.DataFrame, metric: str, position_order: lis
     return (heat + mark).properties(height=22 * len(position_order))
 
 
-def rate_bars(rates: pd.DataFrame, x: str, group: str, colours: alt.Scale) -> alt.LayerChart:
-    """Refusal rate (`rate`, `label`: refused / prompts) by `x`, a bar per `group` beside each other, with its
-    Wilson interval (`ci_low`, `ci_high`) as a whisker."""
-    bars = alt.Chart(rates).encode(x=alt.X(f"{x}:N", title=None), xOffset=alt.XOffset(f"{group}:N"),
-                                   color=alt.Color(f"{group}:N", scale=colours))
-    return (bars.mark_bar().encode(
+def rate_bars(rates: pd.DataFrame, x: str, group: str, colours: alt.Scale | None = None, *,
+              annotated: bool = False) -> alt.LayerChart:
+    """Refusal rate (`rate`; `label`: "refused / prompts") by `x`, a bar per `group` beside each other in the
+    legend's order, with its Wilson interval (`ci_low`, `ci_high`) as a whisker. `annotated`, for a handful of
+    bars: `x` and `group` in the frame's order, horizontal axis labels and each rate written above its whisker;
+    otherwise values sort by name, so the spec is the same for any data (the browser swaps new data in)."""
+    def in_frame_order(column: str) -> list[str] | UndefinedType:
+        return list(dict.fromkeys(rates[column])) if annotated else alt.Undefined
+
+    legend = in_frame_order(group) if colours is None else colours.domain
+    base = alt.Chart(rates).encode(
+        x=alt.X(f"{x}:N", title=None, sort=in_frame_order(x),
+                axis=alt.Axis(labelAngle=0) if annotated else alt.Undefined),
+        xOffset=alt.XOffset(f"{group}:N", sort=legend),
+        color=alt.Color(f"{group}:N", sort=legend, scale=alt.Undefined if colours is None else colours))
+    bars = base.mark_bar().encode(
         y=alt.Y("rate:Q", title="refusal rate", axis=PERCENT, scale=alt.Scale(domain=[0, 1])),
-        tooltip=[alt.Tooltip(group), alt.Tooltip(x), alt.Tooltip("label:N", title="refused / prompts"),
-                 alt.Tooltip("rate:Q", format=".0%"), alt.Tooltip("ci_low:Q", format=".0%"),
-                 alt.Tooltip("ci_high:Q", format=".0%")])
-        + bars.mark_rule(color="black").encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q"))).properties(height=260)
+        tooltip=[alt.Tooltip(f"{x}:N"), alt.Tooltip(f"{group}:N"), alt.Tooltip("label:N", title="refused / prompts"),
+                 alt.Tooltip("rate:Q", format=".1%"), alt.Tooltip("ci_low:Q", format=".1%", title="95% CI low"),
+                 alt.Tooltip("ci_high:Q", format=".1%", title="95% CI high")])
+    # Whiskers as 2-pixel bars: bars, unlike rules, are centred in their offset band.
+    whiskers = base.mark_bar(size=2, opacity=0.8).encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q"),
+                                                         color=alt.value("black"))
+    values = base.mark_text(dy=-8, fontSize=11).encode(y=alt.Y("ci_high:Q"), text=alt.Text("rate:Q", format=".0%"),
+                                                       color=alt.value("#333333"))
+    return alt.layer(bars, whiskers, *([values] if annotated else [])).properties(height=260)
 
 
 def by_layer(separation: pd.DataFrame, field: str, title: str) -> alt.Chart:
@@ -60,7 +78,7 @@ def projection_histograms(projections: pd.DataFrame) -> alt.Chart:
     """Histograms of the projections on the refusal direction, by kind, one panel per model."""
     return alt.Chart(projections).mark_bar(opacity=0.6).encode(
         x=alt.X("projection:Q", bin=alt.Bin(maxbins=40)), y=alt.Y("count():Q", stack=None),
-        color=alt.Color("kind:N", sort=["toxic", "hard", "safe"]), column=alt.Column("model:N"),
+        color=alt.Color("kind:N", sort=list(KINDS)), column=alt.Column("model:N"),
         tooltip=[alt.Tooltip("kind"), alt.Tooltip("count()")]).properties(height=200, width=320)
 
 
@@ -113,7 +131,7 @@ def activation_histogram(bins: pd.DataFrame) -> alt.Chart:
 def activation_by_group(groups: pd.DataFrame) -> alt.Chart:
     return alt.Chart(groups).mark_rect().encode(
         x=alt.X("category:N", title=None, axis=alt.Axis(labelAngle=-30)),
-        y=alt.Y("kind:N", sort=["toxic", "hard", "safe"], title=None, axis=alt.Axis(labelOverlap=False)),
+        y=alt.Y("kind:N", sort=list(KINDS), title=None, axis=alt.Axis(labelOverlap=False)),
         color=alt.Color("mean_activation:Q", scale=alt.Scale(scheme="oranges"), title="mean activation"),
         tooltip=[alt.Tooltip("category"), alt.Tooltip("kind"), alt.Tooltip("n"),
                  alt.Tooltip("mean_activation:Q", format=".3f"), alt.Tooltip("firing_rate:Q", format=".0%")],

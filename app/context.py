@@ -14,6 +14,7 @@ import streamlit as st
 from app import queries
 from engine.errors import ExplorerError
 from engine.paths import stores_dir
+from engine.schema import TABLE_STAGE
 from precompute.progress import read_progress
 
 STORE_ENV = "REFUSAL_EXPLORER_STORE"
@@ -92,7 +93,7 @@ def require_tables(path: Path, needed: tuple[str, ...]) -> frozenset[str]:
         st.stop()
     missing = [name for name in needed if name not in present]
     if missing:
-        stages = sorted({queries.TABLE_STAGE.get(name, "?") for name in missing})
+        stages = sorted({TABLE_STAGE.get(name, "?") for name in missing})
         if awaiting_build(path, stages):
             st.stop()
         st.warning(

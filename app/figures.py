@@ -8,33 +8,16 @@ from collections.abc import Mapping
 import altair as alt
 import pandas as pd
 
-from app.findings import KINDS, DirectionFinding, Findings, Rate, SharedFeature, VerdictFinding
+from app.charts import rate_bars
+from app.findings import DirectionFinding, Findings, Rate, SharedFeature, VerdictFinding
+from engine.schema import KINDS
 
-RATE_AXIS = alt.Axis(format="%")
 TOXIC_ABLATED, SAFE_ADDED = "toxic prompts, direction ablated", "safe prompts, direction added"
 
 
 def _rate_row(rate: Rate, **labels: str) -> dict:
     low, high = rate.interval
-    return {**labels, "rate": rate.rate, "ci_low": low, "ci_high": high,
-            "counts": f"{rate.refused} / {rate.n}"}
-
-
-def _rate_bars(frame: pd.DataFrame, x: str, colour: str, title: str) -> alt.LayerChart:
-    base = alt.Chart(frame, title=title).encode(
-        x=alt.X(f"{x}:N", title=None, sort=list(dict.fromkeys(frame[x])), axis=alt.Axis(labelAngle=0)),
-        xOffset=alt.XOffset(f"{colour}:N", sort=list(dict.fromkeys(frame[colour]))),
-        color=alt.Color(f"{colour}:N", title=colour, sort=list(dict.fromkeys(frame[colour]))),
-    )
-    bars = base.mark_bar().encode(
-        y=alt.Y("rate:Q", title="refused", scale=alt.Scale(domain=[0, 1]), axis=RATE_AXIS),
-        tooltip=[alt.Tooltip(f"{x}:N"), alt.Tooltip(f"{colour}:N"), alt.Tooltip("counts:N", title="refused / n"),
-                 alt.Tooltip("rate:Q", format=".1%"), alt.Tooltip("ci_low:Q", format=".1%", title="95% CI low"),
-                 alt.Tooltip("ci_high:Q", format=".1%", title="95% CI high")])
-    whiskers = base.mark_bar(size=2, opacity=0.8).encode(y="ci_low:Q", y2="ci_high:Q", color=alt.value("black"))
-    labels = base.mark_text(dy=-8, fontSize=11).encode(y="ci_high:Q", text=alt.Text("rate:Q", format=".0%"),
-                                                       color=alt.value("#333333"))
-    return alt.layer(bars, whiskers, labels).properties(height=260)
+    return {**labels, "rate": rate.rate, "ci_low": low, "ci_high": high, "label": f"{rate.refused} / {rate.n}"}
 
 
 def refusal_by_kind(studies: Mapping[str, Findings]) -> alt.LayerChart:
@@ -42,8 +25,8 @@ def refusal_by_kind(studies: Mapping[str, Findings]) -> alt.LayerChart:
     several = len(studies) > 1
     rows = [_rate_row(model.by_kind[kind], kind=kind, model=f"{name}: {model.model}" if several else model.model)
             for name, study in studies.items() for model in study.refusal for kind in KINDS if kind in model.by_kind]
-    return _rate_bars(pd.DataFrame(rows), "kind", "model",
-                      "Refusal rate by prompt kind (test split, Wilson 95% CI)")
+    return rate_bars(pd.DataFrame(rows), "kind", "model", annotated=True).properties(
+        title="Refusal rate by prompt kind (test split, Wilson 95% CI)")
 
 
 def direction_effect(direction: DirectionFinding) -> alt.LayerChart:
@@ -53,8 +36,8 @@ def direction_effect(direction: DirectionFinding) -> alt.LayerChart:
         _rate_row(direction.safe_baseline, prompts=SAFE_ADDED, condition="no intervention"),
         _rate_row(direction.safe_added, prompts=SAFE_ADDED, condition="with intervention"),
     ]
-    return _rate_bars(pd.DataFrame(rows), "prompts", "condition",
-                      f"Refusal under the layer-{direction.layer} direction ({direction.model} model)")
+    return rate_bars(pd.DataFrame(rows), "prompts", "condition", annotated=True).properties(
+        title=f"Refusal under the layer-{direction.layer} direction ({direction.model} model)")
 
 
 def verdict_evidence(verdicts: tuple[VerdictFinding, ...], names: tuple[str, ...] = ()) -> alt.LayerChart:

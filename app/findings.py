@@ -8,15 +8,14 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from statistics import NormalDist
 
 import pandas as pd
 
 from app import queries
+from engine.schema import KINDS, STAGE_ORDER
+from engine.stats import wilson_interval
 
-KINDS = ("toxic", "hard", "safe")
-Z_95 = NormalDist().inv_cdf(0.975)
-STAGE_ORDER = ("prompts", "tune", "generate", "evaluation", "directions", "saes", "steering", "circuits")
+TARGET_FAITHFULNESS = 0.6  # a circuit that keeps less of the refusal metric explains it only in part
 MIN_GROUP = 20  # below this many prompts a per-category rate's 95% interval is wider than +-20 points
 SHARED_SHOWN = 5
 
@@ -34,15 +33,8 @@ class Rate:
 
     @property
     def interval(self) -> tuple[float, float]:
-        """The Wilson score interval, as statsmodels' proportion_confint(method="wilson") gives it
-        (tested against it). Written out because importing statsmodels pulls in scipy.stats, ~3 s
-        of the app's first page load, for four lines of arithmetic."""
-        if not self.n:
-            return float("nan"), float("nan")
-        p, n = self.refused / self.n, self.n
-        centre = (p + Z_95**2 / (2 * n)) / (1 + Z_95**2 / n)
-        half = Z_95 / (1 + Z_95**2 / n) * math.sqrt(p * (1 - p) / n + Z_95**2 / (4 * n**2))
-        return centre - half, centre + half
+        low, high = wilson_interval(self.refused, self.n)
+        return float(low), float(high)
 
     def text(self) -> str:
         low, high = self.interval
@@ -330,7 +322,7 @@ def caveats(findings: Findings) -> tuple[str, ...]:
         if cover.n_skipped:
             notes.append(f"{cover.n_skipped} {cover.kind} categor{'y was' if cover.n_skipped == 1 else 'ies were'} "
                          "skipped for too few prompts (see the Circuits page).")
-        if cover.kind == "toxic" and cover.faithfulness_low < 0.6:
+        if cover.kind == "toxic" and cover.faithfulness_low < TARGET_FAITHFULNESS:
             notes.append(f"Some toxic circuits keep only {cover.faithfulness_low:.0%} of the metric at "
                          f"{cover.n_nodes} nodes: the circuits are partial explanations.")
     if findings.missing_stages:

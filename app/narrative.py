@@ -9,7 +9,8 @@ import altair as alt
 import pandas as pd
 
 from app import figures
-from app.findings import KINDS, Findings, answer
+from app.findings import Findings, answer
+from engine.schema import KINDS
 
 # The app page each section's numbers come from (file under app/, and its URL path).
 PAGES = {

@@ -133,6 +133,11 @@ SELECT kind_a, category_a, kind_b, category_b, cosine, cosine_low, cosine_high, 
        centred_cosine, p_value, p_holm, n_a, n_b
 FROM circuit_similarity
 """
+# The share of a kind's circuits a node must be in to count as shared core (a circuits setting).
+CORE_SHARE_SQL = """
+SELECT json_extract(config, '$.circuits.core_share')::DOUBLE AS core_share FROM runs WHERE stage = 'circuits'
+ORDER BY created_at DESC LIMIT 1
+"""
 CIRCUIT_CORE_SQL = """
 SELECT kind, hook, feature, n_circuits, share, in_core, mean_effect, categories FROM circuit_core
 WHERE kind = ? ORDER BY n_circuits DESC, abs(mean_effect) DESC
@@ -153,29 +158,6 @@ FEATURE_LABELS_SQL = """
 SELECT hook, feature, array_to_string(top_tokens[1:3], ' ') AS top_tokens FROM features
 WHERE list_contains(?, hook) AND list_contains(?, feature)
 """
-
-# Which stage builds each table, for "how to build the rest" messages.
-TABLE_STAGE = {
-    "prompts": "prompts",
-    "tune_steps": "tune",
-    "generations": "generate",
-    "refusal_rates": "generate",
-    "judge_agreement": "generate",
-    "refusal_tokens": "generate",
-    "evaluation_generations": "evaluation",
-    "evaluation_rates": "evaluation",
-    **{name: "directions" for name in (
-        "direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
-        "direction_harmlessness", "cross_ablation", "layer_separation", "direction_projections",
-        "category_cosines", "hard_prompt_direction", "form_probe", "cross_ablation_specificity")},
-    **{name: "saes" for name in (
-        "saes", "sae_corpus", "features", "feature_examples", "feature_groups", "feature_direction_cosines")},
-    **{name: "steering" for name in (
-        "steering_effects", "steering_harmlessness", "steering_generations", "steering_rates")},
-    **{name: "circuits" for name in (
-        "circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
-        "circuit_verdicts", "circuit_core", "circuit_components", "circuit_calibration", "circuit_prompts")},
-}
 
 
 def store_version(path: str | Path) -> int:

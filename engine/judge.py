@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from scipy.stats import mannwhitneyu
 from statsmodels.stats.inter_rater import cohens_kappa
-from statsmodels.stats.proportion import proportion_confint
+
+from engine.stats import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -193,5 +194,5 @@ def refusal_rate_table(judged: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     grouped = judged.groupby(by, as_index=False).agg(
         n=("refused", "size"), n_refused=("refused", "sum"), mean_refusal_score=("refusal_score", "mean")
     )
-    low, high = proportion_confint(grouped["n_refused"], grouped["n"], alpha=0.05, method="wilson")
+    low, high = wilson_interval(grouped["n_refused"], grouped["n"])
     return grouped.assign(rate=grouped["n_refused"] / grouped["n"], ci_low=low, ci_high=high)

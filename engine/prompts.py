@@ -14,6 +14,7 @@ import hashlib
 import pandas as pd
 
 from engine.errors import ExplorerError
+from engine.schema import KINDS
 
 CATEGORIES: tuple[str, ...] = (
     "deception",
@@ -30,7 +31,6 @@ CATEGORIES: tuple[str, ...] = (
 NO_CATEGORY = "none"
 UNCATEGORIZED = "uncategorized"
 ALLOWED_CATEGORIES: tuple[str, ...] = (*CATEGORIES, NO_CATEGORY, UNCATEGORIZED)
-KINDS: tuple[str, ...] = ("toxic", "hard", "safe")
 SPLITS: tuple[str, ...] = ("train", "test")
 PROMPT_COLUMNS: tuple[str, ...] = ("id", "text", "category", "kind", "split", "source")
 

@@ -18,6 +18,7 @@ from engine.prompts import CATEGORIES, check_categories
 from engine.refusal_metric import METRICS
 from engine.sae_registry import check_release
 from engine.saes import SaeTraining
+from engine.schema import KINDS
 from engine.tuning import TuneConfig
 
 
@@ -231,7 +232,7 @@ class CircuitsConfig:
     metric: str = "refusal_score"  # or logit_diff: refusal minus compliance tokens
     method: str = "attribution"  # or integrated_gradients
     ig_steps: int = 8
-    kinds: tuple[str, ...] = ("toxic", "hard", "safe")
+    kinds: tuple[str, ...] = KINDS
     max_prompts: int = 48  # per category and kind, from the prompts the fine-tune did not train on
     min_prompts: int = 8  # fewer and the category's statistics are not computed
     node_threshold: float = 0.0  # |mean effect| (metric units) a circuit node needs
@@ -265,7 +266,7 @@ class CircuitsConfig:
             raise _out_of_range("circuits.method", self.method, "attribution or integrated_gradients")
         if not 1 <= self.ig_steps <= 100:
             raise _out_of_range("circuits.ig_steps", self.ig_steps, "1-100")
-        if not self.kinds or set(self.kinds) - {"toxic", "hard", "safe"}:
+        if not self.kinds or set(self.kinds) - set(KINDS):
             raise _out_of_range("circuits.kinds", list(self.kinds), "a list of toxic, hard and/or safe")
         if not 4 <= self.min_prompts <= self.max_prompts <= 100000:
             raise _out_of_range("circuits.min_prompts/max_prompts", (self.min_prompts, self.max_prompts),

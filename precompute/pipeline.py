@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from engine import store
+from engine import schema, store
 from engine.errors import ExplorerError
 from engine.paths import cache_dir
 from precompute import progress, shards
@@ -176,7 +176,18 @@ class StageReport:
     input_hash: str = ""
 
 
+def _check_declared(stage: Stage, output: StageOutput) -> None:
+    """Refuse, before anything is written, a table engine/schema.py does not list for the stage: the app
+    names the stage that builds a missing table from that list."""
+    if undeclared := schema.undeclared_tables(stage.name, output.tables):
+        raise ExplorerError(
+            f"Stage {stage.name} wrote table(s) {', '.join(undeclared)}, which engine/schema.py does not declare "
+            "for it.", f"add them to STAGE_TABLES[{stage.name!r}] in engine/schema.py.")
+
+
 def _store_output(config: StudyConfig, stage: Stage, output: StageOutput, digest: str, planned: list[str]) -> None:
+    """The one place a stage's tables reach the store: a whole run and the last round of a shard merge."""
+    _check_declared(stage, output)
     run = store.RunRecord(
         study=config.study, stage=stage.name, models=output.models, dataset=output.dataset,
         config={name: config.section(name) for name in SECTIONS} | {"models": config.models},

@@ -15,6 +15,7 @@ import pandas as pd
 from app import queries
 from app.findings import Findings, Rate, answer, comparison_table, study_findings
 from engine import store
+from engine.schema import TABLE_STAGE
 
 REPLICATION_SQL = """
 SELECT seed, kind, label, ratio, ratio_low, ratio_high, decoding_accuracy, decoding_chance, decoding_p,
@@ -34,7 +35,7 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _not_built(table: str) -> str:
-    return f"Not in this store: the `{queries.TABLE_STAGE[table]}` stage has not run."
+    return f"Not in this store: the `{TABLE_STAGE[table]}` stage has not run."
 
 
 def _interval(value: float, low: float, high: float) -> str:

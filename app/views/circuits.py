@@ -11,9 +11,11 @@ import streamlit as st
 from app import charts, queries
 from app.components import figure_spec, show_chart, show_table, tab_views
 from app.context import current_store, require_tables
+from app.findings import TARGET_FAITHFULNESS
+from engine.circuit_stats import SEED_BANDS
+from engine.schema import KINDS
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
-TARGET_FAITHFULNESS = 0.6
 GRAPH_NODES = 30  # shown by default: a readable graph
 SECTIONS = ["Verdict and similarity", "One category's circuit", "Heads and MLPs"]
 MEASURES = {"cosine": "cosine of node effects", "centred_cosine": "centred cosine (shared part removed)",
@@ -28,6 +30,7 @@ require_tables(store, ("circuits", "circuit_nodes", "circuit_edges", "circuit_fa
 summary = queries.query(store, queries.CIRCUITS_SQL)
 verdicts = queries.query(store, queries.CIRCUIT_VERDICTS_SQL).set_index("kind")
 calibration = queries.query(store, queries.CIRCUIT_CALIBRATION_SQL)
+core_share = float(queries.query(store, queries.CORE_SHARE_SQL)["core_share"].iloc[0])
 ok = summary[summary["status"] == "ok"]
 metric_name, method = summary["metric_name"].iloc[0], summary["method"].iloc[0]
 st.caption(f"Nodes are SAE features and SAE error terms at the prompt-end positions; effects on the **{metric_name}** "
@@ -38,6 +41,12 @@ skipped = summary[summary["status"] != "ok"]
 if len(skipped):
     st.warning("Some groups have too few prompts for the statistics and are left out:\n\n"
                + "\n".join(f"- **{row.kind}/{row.category}**: {row.message}" for row in skipped.itertuples()))
+
+
+def seed_bands_text() -> str:
+    """The seed notebooks' bands in words: "> 0.8 monolithic, 0.5–0.8 partially modular, < 0.5 modular"."""
+    (high, top), (low, middle), (_, bottom) = SEED_BANDS
+    return f"> {high:g} {top}, {low:g}–{high:g} {middle}, < {low:g} {bottom}"
 
 
 def show_verdict(kind: str) -> None:
@@ -66,11 +75,11 @@ def show_verdict(kind: str) -> None:
                         f"{row['decoding_null_high']:.0%}, p = {row['decoding_p']:.3g}")
     cols[4].metric(f"Jaccard (top {row['circuit_size']})", f"{row['mean_jaccard']:.2f}",
                    help=f"mean node-set overlap between categories (SAE features); two halves of one category: "
-                        f"{row['jaccard_split_half']:.2f}; shared core: {row['core_size']} nodes in ≥ 70% of circuits")
+                        f"{row['jaccard_split_half']:.2f}; shared core: {row['core_size']} nodes in ≥ "
+                        f"{core_share:.0%} of circuits")
     st.caption(f"SAE error terms carry {row['error_share']:.0%} of the circuits' summed |effect| and are left out of "
-               f"these comparisons. The seed notebooks' fixed thresholds on the raw mean cosine (> 0.8 monolithic, "
-               f"0.5–0.8 partially modular, < 0.5 modular) would say **{row['seeds_label']}** ({row['between']:.2f}): "
-               "they ignore noise.")
+               f"these comparisons. The seed notebooks' fixed thresholds on the raw mean cosine ({seed_bands_text()}) "
+               f"would say **{row['seeds_label']}** ({row['between']:.2f}): they ignore noise.")
 
 
 def show_calibration(kind: str) -> None:
@@ -240,7 +249,7 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
 def category_circuit() -> None:
     st.subheader("A category's circuit")
     left, right = st.columns(2)
-    kinds = [k for k in ("toxic", "hard", "safe") if k in set(ok["kind"])]
+    kinds = [k for k in KINDS if k in set(ok["kind"])]
     kind = left.radio("Prompts", kinds, format_func=KIND_LABELS.get, horizontal=True)
     categories = ok.loc[ok["kind"] == kind, "category"].tolist()
     category = right.selectbox("Category", categories)
@@ -273,8 +282,8 @@ def core_view(kind: str, category: str, categories: list[str]) -> None:
         st.info(f"No {kind} verdict: a core needs two or more {kind} circuits.")
         return
     in_core = core[core["in_core"]]
-    st.markdown(f"**{len(in_core)}** nodes are in at least 70% of the {len(categories)} {kind} circuits (the "
-                f"shared core); the rest of each circuit is its tail.")
+    st.markdown(f"**{len(in_core)}** nodes are in at least {core_share:.0%} of the {len(categories)} {kind} circuits "
+                "(the shared core); the rest of each circuit is its tail.")
     core_left, core_right = st.columns(2)
     with core_left:
         show_table(in_core[["hook", "feature", "n_circuits", "share", "mean_effect"]], f"Shared core, {kind}",

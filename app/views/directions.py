@@ -8,6 +8,7 @@ import streamlit as st
 from app import charts, queries
 from app.components import figure_spec, show_chart, show_table
 from app.context import current_store, require_tables
+from engine.schema import KINDS
 
 store = current_store()
 st.title("Refusal directions")
@@ -81,7 +82,7 @@ effects = effects.assign(label=effects["n_refused"].astype(str) + " / " + effect
 @st.fragment  # switching the kind reruns only this chart
 def effects_by_category() -> None:
     st.subheader("Bypass and induced refusal, by category")
-    kinds = st.segmented_control("Prompts", ["toxic", "hard", "safe"], default="toxic", key="effects_kind") or "toxic"
+    kinds = st.segmented_control("Prompts", list(KINDS), default="toxic", key="effects_kind") or "toxic"
     shown = effects[effects["kind"] == kinds]
     show_chart(figure_spec(charts.rate_bars, shown, "category", "condition", charts.CONDITION_COLORS),
                f"Refusal rate of {kinds} prompts by category and condition", data=shown, width="stretch")

@@ -9,8 +9,8 @@ from app import queries
 from app.charts import rate_bars
 from app.components import show_chart, show_table
 from app.context import current_store, require_tables
+from engine.schema import KINDS
 
-KIND_ORDER = ["toxic", "hard", "safe"]
 SET_LABELS = {"plain_instructions": "plain instructions", "harmful_heldout": "harmful requests (held out)",
               "study_hard_test": "sounds harmful, is safe (hard test prompts)"}
 KIND_HELP = {
@@ -34,8 +34,8 @@ st.caption(
 )
 
 totals = rates.groupby(["model", "kind"], as_index=False)[["n", "n_refused"]].sum()
-columns = st.columns(len(KIND_ORDER))
-for column, kind in zip(columns, KIND_ORDER):
+columns = st.columns(len(KINDS))
+for column, kind in zip(columns, KINDS):
     rows = totals[totals["kind"] == kind]
     with column:
         st.markdown(f"**{kind}** — {KIND_HELP[kind]}")

@@ -7,6 +7,7 @@ import streamlit as st
 from app import queries
 from app.components import show_table
 from app.context import current_store, require_tables
+from engine.schema import KINDS
 
 MAX_ROWS = 500
 
@@ -18,7 +19,7 @@ categories = queries.query(store, queries.CATEGORIES_SQL)["category"].tolist()
 with st.form("filters", border=False):
     left, middle, right = st.columns([2, 1, 1])
     picked_categories = left.multiselect("Category", categories, default=categories)
-    picked_kinds = middle.multiselect("Kind", ["toxic", "hard", "safe"], default=["toxic", "hard", "safe"])
+    picked_kinds = middle.multiselect("Kind", list(KINDS), default=list(KINDS))
     picked_splits = right.multiselect("Split", ["train", "test"], default=["test"],
                                       help="Generations exist for the judged split (test in the demo).")
     search = st.text_input("Search prompt text", "")
