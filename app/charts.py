@@ -101,6 +101,33 @@ def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
         title="cross-ablation: toxic prompts refused (score > 0)", height=320)
 
 
+def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float) -> alt.LayerChart:
+    """Toxic prompts still refused against the KL on safe prompts, one mark per ablation (weight, cone size,
+    category span) with both 95% intervals; the Pareto front ringed, the targets as dashed lines."""
+    frame = points.assign(point=points["source"] + " " + points["size"].map("{:g}".format),
+                          front=points["pareto"].map({True: "on the front", False: "dominated"}))
+    base = alt.Chart(frame).encode(
+        x=alt.X("mean_kl:Q", title="KL on safe prompts (mean)", scale=alt.Scale(zero=True)),
+        y=alt.Y("rate:Q", axis=PERCENT, title="toxic prompts still refused", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("source:N", title="ablated"))
+    tooltip = [alt.Tooltip("point:N"), alt.Tooltip("sites:N"), alt.Tooltip("rate:Q", format=".0%"),
+               alt.Tooltip("ci_low:Q", format=".0%", title="95% CI low"),
+               alt.Tooltip("ci_high:Q", format=".0%", title="95% CI high"), alt.Tooltip("n_toxic:Q"),
+               alt.Tooltip("mean_kl:Q", format=".3f"), alt.Tooltip("kl_low:Q", format=".3f", title="KL 95% CI low"),
+               alt.Tooltip("kl_high:Q", format=".3f", title="KL 95% CI high"), alt.Tooltip("n_safe:Q"),
+               alt.Tooltip("front:N", title="Pareto front")]
+    marks = base.mark_point(filled=True, size=80).encode(
+        shape=alt.Shape("front:N", title="Pareto front", scale=alt.Scale(domain=["on the front", "dominated"],
+                                                                         range=["diamond", "circle"])),
+        tooltip=tooltip)
+    whiskers = base.mark_rule(opacity=0.5).encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q")) + \
+        base.mark_rule(opacity=0.5).encode(x=alt.X("kl_low:Q"), x2=alt.X2("kl_high:Q"))
+    labels = base.mark_text(align="left", dx=7, dy=-7, fontSize=10).encode(text="point:N")
+    targets = alt.Chart(pd.DataFrame({"kl": [max_kl]})).mark_rule(strokeDash=[4, 4], color="grey").encode(x="kl:Q") + \
+        alt.Chart(pd.DataFrame({"rate": [target_rate]})).mark_rule(strokeDash=[4, 4], color="grey").encode(y="rate:Q")
+    return (whiskers + marks + labels + targets).properties(height=340)
+
+
 # --- Features -------------------------------------------------------------------------------------
 def firing_rates(aligned: pd.DataFrame) -> alt.Chart:
     """Toxic and safe firing rates of the given features, side by side, in the frame's order (a column,

@@ -208,6 +208,12 @@ COSINES_SQL = """
 SELECT variant, category_a, category_b, cosine, ci_low, ci_high FROM category_cosines ORDER BY "order"
 """
 SPECIFICITY_SQL = "SELECT * EXCLUDE (run_id) FROM cross_ablation_specificity"
+TRADEOFF_SQL = """
+SELECT * EXCLUDE (run_id),
+       (SELECT json_extract(config, '$.directions.max_kl')::DOUBLE FROM runs WHERE stage = 'directions'
+        ORDER BY created_at DESC LIMIT 1) AS max_kl
+FROM ablation_tradeoff WHERE model = ? ORDER BY source, size
+"""
 CROSS_ABLATION_SQL = """
 SELECT ablated, category, n, mean_refusal_score, refusal_rate_by_score FROM cross_ablation
 """

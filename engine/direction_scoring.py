@@ -4,11 +4,14 @@ Each candidate gets three numbers on validation prompts (Arditi et al. 2024):
 - ablation score: mean refusal score on toxic prompts with the direction ablated (lower is better);
 - induce score: mean refusal score on safe prompts with the direction added at its layer;
 - KL: mean KL divergence of the next-token distribution on safe prompts under ablation.
+
+And the trade-off between the two for spans of directions ablated with a weight (`ablation_tradeoff`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,6 +22,7 @@ from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.judge import refusal_score
 from engine.models import LoadedModel
 from engine.scoring import kl_divergence, next_token_logprobs
+from engine.stats import wilson_interval
 
 
 def score_candidates(
@@ -77,3 +81,59 @@ def refusal_scores_under_ablation(
     with applied(model, hooks):
         logprobs = next_token_logprobs(model, prompts, batch_size=batch_size, token_ids=list(refusal_token_ids))
     return refusal_score(logprobs)
+
+
+@dataclass(frozen=True)
+class AblationPoint:
+    """One point of the refusal / side-effect trade-off: a span of directions ablated with a weight."""
+
+    source: str  # "weight", "cone" or "categories"
+    size: float  # the weight, or the number of directions spanned
+    directions: np.ndarray  # [k, d_model]
+    weight: float = 1.0
+    sites: str = ""  # which directions, in words
+
+
+def ablation_tradeoff(model: LoadedModel, points: Sequence[AblationPoint], toxic_prompts: Sequence[str],
+                      safe_prompts: Sequence[str], refusal_token_ids: Sequence[int], *,
+                      batch_size: int) -> pd.DataFrame:
+    """Per point and prompt (its index in its list): the refusal score of each toxic prompt and the KL of
+    each safe prompt's next-token distribution to the unablated model's, under the point's ablation.
+    Columns: source, size, kind (toxic/safe), prompt, value."""
+    ids = list(refusal_token_ids)
+    plain = next_token_logprobs(model, safe_prompts, batch_size=batch_size)
+    frames = []
+    for point in tqdm(points, desc="trade-off points", unit="point"):
+        with applied(model, ablation_hooks(model, torch.from_numpy(point.directions), point.weight)):
+            scores = refusal_score(next_token_logprobs(model, toxic_prompts, batch_size=batch_size, token_ids=ids))
+            kl = kl_divergence(plain, next_token_logprobs(model, safe_prompts, batch_size=batch_size))
+        which = {"source": point.source, "size": point.size}
+        frames += [pd.DataFrame({**which, "kind": "toxic", "prompt": np.arange(len(scores)), "value": scores}),
+                   pd.DataFrame({**which, "kind": "safe", "prompt": np.arange(len(kl)), "value": kl})]
+    return pd.concat(frames, ignore_index=True)
+
+
+def tradeoff_table(per_prompt: pd.DataFrame, points: Sequence[AblationPoint], *, n_boot: int,
+                   seed: int) -> pd.DataFrame:
+    """One row per point from `ablation_tradeoff`'s rows: toxic prompts still refused by the refusal score
+    (> 0) with a Wilson 95% interval, the mean KL on safe prompts with a bootstrap 95% interval, and
+    whether the point is on the Pareto front (no other point refuses less at no more KL)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for point in points:
+        mine = per_prompt[(per_prompt["source"] == point.source) & (per_prompt["size"] == point.size)]
+        scores = mine.loc[mine["kind"] == "toxic", "value"].to_numpy()
+        kl = mine.loc[mine["kind"] == "safe", "value"].to_numpy()
+        refused = int((scores > 0).sum())
+        low, high = wilson_interval(refused, len(scores))
+        means = kl[rng.integers(0, len(kl), (n_boot, len(kl)))].mean(axis=1)
+        rows.append({"source": point.source, "size": point.size, "weight": point.weight,
+                     "n_directions": len(point.directions), "sites": point.sites, "n_toxic": len(scores),
+                     "n_refused": refused, "rate": refused / len(scores), "ci_low": float(low),
+                     "ci_high": float(high), "mean_refusal_score": float(scores.mean()), "n_safe": len(kl),
+                     "mean_kl": float(kl.mean()), "kl_low": float(np.quantile(means, 0.025)),
+                     "kl_high": float(np.quantile(means, 0.975))})
+    table = pd.DataFrame(rows)
+    rate, kl = table["rate"].to_numpy(), table["mean_kl"].to_numpy()
+    dominated = [bool(((rate <= r) & (kl <= k) & ((rate < r) | (kl < k))).any()) for r, k in zip(rate, kl, strict=True)]
+    return table.assign(pareto=~np.array(dominated))

@@ -64,8 +64,9 @@ def _unit(direction: torch.Tensor, d_model: int) -> torch.Tensor:
     return direction / norm
 
 
-def ablation_hooks(model: LoadedModel, directions: torch.Tensor) -> list[Hook]:
-    """Hooks projecting the span of `directions` ([d_model] or [k, d_model]) out everywhere."""
+def ablation_hooks(model: LoadedModel, directions: torch.Tensor, weight: float = 1.0) -> list[Hook]:
+    """Hooks projecting the span of `directions` ([d_model] or [k, d_model]) out everywhere; a `weight`
+    below 1 removes only that share of the projection (a point on the refusal / side-effect curve)."""
     rows = directions.float()[None] if directions.dim() == 1 else directions.float()
     stacked = torch.stack([_unit(row, model.d_model) for row in rows])
     basis = torch.linalg.qr(stacked.T).Q.to(model.device)  # orthonormal columns spanning them
@@ -73,7 +74,7 @@ def ablation_hooks(model: LoadedModel, directions: torch.Tensor) -> list[Hook]:
     @every_position
     def project_out(activation: torch.Tensor, hook: object) -> torch.Tensor:
         b = basis.to(activation.dtype)
-        return activation - (activation @ b) @ b.T
+        return activation - weight * ((activation @ b) @ b.T)
 
     sites = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
     return [(f"blocks.{layer}.{site}", project_out) for layer in range(model.n_layers) for site in sites]

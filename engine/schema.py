@@ -27,6 +27,7 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "circuits": (
         "circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
         "circuit_verdicts", "circuit_core", "circuit_components", "circuit_calibration", "circuit_prompts"),
+    "tradeoff": ("ablation_tradeoff",),
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_TABLES)
 TABLE_STAGE: dict[str, str] = {table: stage for stage, tables in STAGE_TABLES.items() for table in tables}

@@ -75,7 +75,14 @@ def test_directions_page_marks_the_chosen_candidate(tiny_store: Path) -> None:
     chosen = candidates[candidates["chosen"]].iloc[0]
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["Chosen layer / position"] == f"{chosen['layer']} / {chosen['position_label']}"
-    assert len(app.get("vega_lite_chart")) >= 6
+    assert len(app.get("vega_lite_chart")) >= 7
+    # the trade-off section: its chart and a caption naming the best point within the KL limit, from the store
+    tradeoff = store.read_table(tiny_store, "ablation_tradeoff")
+    captions = " ".join(c.value for c in app.caption)
+    assert "Wollschläger" in captions and "Pareto front" in captions
+    assert f"KL {10.0:g}" in captions  # the tiny study's directions.max_kl
+    best = tradeoff[tradeoff["mean_kl"] <= 10.0].nsmallest(1, "rate").iloc[0]
+    assert f"still refused is {best['rate']:.0%}" in captions
     app.radio[0].set_value("kl").run()
     assert not app.exception
 

@@ -8,6 +8,7 @@ import streamlit as st
 from app import charts, queries
 from app.components import figure_spec, show_chart, show_table
 from app.context import current_store, require_tables
+from app.narrative import ABLATED_TARGET
 from engine.schema import KINDS
 
 store = current_store()
@@ -89,6 +90,29 @@ def effects_by_category() -> None:
 
 
 effects_by_category()
+
+st.subheader("Can ablation remove refusal, and at what cost? Cones and weights")
+if "ablation_tradeoff" not in present:
+    st.info("The `tradeoff` stage has not run yet: it measures ablation weights and multi-direction cones.")
+else:
+    tradeoff = queries.query(store, queries.TRADEOFF_SQL, (chosen.model,))
+    max_kl = float(tradeoff["max_kl"].iloc[0])
+    show_chart(figure_spec(charts.ablation_tradeoff, tradeoff.drop(columns="max_kl"), max_kl, ABLATED_TARGET),
+               "Refusal against side effects under ablation", data=tradeoff, width="stretch")
+    best = tradeoff[tradeoff["mean_kl"] <= max_kl].nsmallest(1, "rate")
+    within = (f"Within KL {max_kl:g} the fewest toxic prompts still refused is {best['rate'].iloc[0]:.0%} "
+              f"({best['source'].iloc[0]} {best['size'].iloc[0]:g}: {best['sites'].iloc[0]})."
+              if len(best) else f"No ablation measured here stays within KL {max_kl:g}.")
+    st.caption(
+        "Each point ablates a span of directions at every layer and position, on the test prompts: **weight** w "
+        "removes that share of the chosen direction (w = 1 is the ablation above); **cone** k removes the span of "
+        "the k layers' directions at the chosen position that scored best on the validation prompts (among those "
+        "whose addition induces refusal); **categories** removes the span of every category's direction. Refusal "
+        "is read by the refusal score (> 0), the side effect is the KL of the next-token distribution on safe "
+        f"prompts; whiskers are Wilson and bootstrap 95% intervals, diamonds the Pareto front. {within} This tests "
+        "Wollschläger et al. (ICML 2025)'s claim that refusal is mediated by a multi-dimensional cone rather than "
+        "one direction: a cone that removes refusal where single directions do not supports it here; that it costs "
+        "more KL says the removed span also carries other information.")
 
 st.subheader("Where is harmfulness linearly readable?")
 separation = queries.query(store, queries.SEPARATION_SQL)

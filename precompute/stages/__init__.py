@@ -7,7 +7,8 @@ from precompute.stages.generate import GenerateStage
 from precompute.stages.prompts import PromptsStage
 from precompute.stages.saes import SaesStage
 from precompute.stages.steering import SteeringStage
+from precompute.stages.tradeoff import TradeoffStage
 from precompute.stages.tune import TuneStage
 
 STAGES = (PromptsStage(), TuneStage(), GenerateStage(), EvaluationStage(),
-          DirectionsStage(), SaesStage(), SteeringStage(), CircuitsStage())
+          DirectionsStage(), SaesStage(), SteeringStage(), CircuitsStage(), TradeoffStage())

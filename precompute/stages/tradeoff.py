@@ -1,0 +1,87 @@
+"""Stage `tradeoff`: how much refusal directional ablation removes, and at what cost to safe prompts.
+
+One chosen direction may not carry all of a model's refusal: Wollschläger et al. (ICML 2025) find
+multi-dimensional refusal cones, and on the embedded demo model the chosen direction leaves most
+toxic prompts refused while later layers' directions remove refusal at a larger KL. Each point
+ablates a span of directions at every layer and position, with a weight:
+- weight w: the chosen direction, x - w (x.r) r (w = 1 is the directions stage's ablation);
+- cone k: the span of the k best layers' directions at the chosen position, ranked by their
+  validation ablation score among those that induce refusal when added (direction_candidates: chosen
+  on the validation prompts, measured here on the test prompts);
+- categories: the span of every category's direction at the chosen layer.
+Refusal is read by the refusal score (> 0) on the toxic test prompts (under the chosen direction's
+ablation it matched the substring judge on the demo's answers within a point), the side effect by the
+KL of the next-token distribution on the safe test prompts. Writes `ablation_tradeoff`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from engine.direction_scoring import AblationPoint, ablation_tradeoff, tradeoff_table
+from engine.judge import refusal_token_ids
+from precompute.config import StudyConfig
+from precompute.pipeline import Stage, StageContext, StageOutput
+from precompute.stages.generate import model_fingerprint
+
+ABLATION_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
+CONE_SIZES = (1, 2, 3, 4)
+
+
+def tradeoff_points(directions: pd.DataFrame, candidates: pd.DataFrame) -> list[AblationPoint]:
+    """The points for a study's `refusal_directions` and `direction_candidates` (the studied model's)."""
+    def vector(row: Any) -> np.ndarray:
+        return np.asarray(row.vector, dtype=np.float32)
+
+    global_rows = directions[directions["scope"] == "global"].set_index("layer")
+    chosen = global_rows[global_rows["chosen"]]
+    layer, position = int(chosen.index[0]), int(chosen["position"].iloc[0])
+    points = [AblationPoint("weight", w, vector(chosen.iloc[0])[None], weight=w, sites=f"layer {layer}")
+              for w in ABLATION_WEIGHTS]
+    at_position = candidates[(candidates["position"] == position) & (candidates["induce_score"] > 0)]
+    ranked = at_position.dropna(subset=["ablation_score"]).sort_values("ablation_score")["layer"].astype(int).tolist()
+    for k in CONE_SIZES:
+        if k <= len(ranked):
+            layers = ranked[:k]
+            points.append(AblationPoint("cone", k, np.stack([vector(global_rows.loc[lay]) for lay in layers]),
+                                        sites="layers " + ", ".join(map(str, layers))))
+    categories = directions[(directions["scope"] != "global") & (directions["layer"] == layer)]
+    if len(categories):
+        points.append(AblationPoint("categories", len(categories), np.stack([vector(r) for r in categories.itertuples()]),
+                                    sites=f"{len(categories)} category directions, layer {layer}"))
+    return points
+
+
+class TradeoffStage(Stage):
+    name = "tradeoff"
+    version = 1
+    upstream = ("prompts", "generate", "directions")
+
+    def applies(self, config: StudyConfig) -> bool:
+        return config.directions is not None
+
+    def inputs(self, config: StudyConfig) -> dict[str, Any]:
+        assert config.directions is not None  # applies() guarantees it
+        role = config.directions.model
+        return {"model": model_fingerprint(config.models[role]), "role": role, "weights": ABLATION_WEIGHTS,
+                "cone_sizes": CONE_SIZES, "bootstrap": config.directions.bootstrap, "seed": config.directions.seed,
+                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
+
+    def run(self, context: StageContext) -> StageOutput:
+        config = context.config
+        settings = config.directions
+        assert settings is not None
+        role = settings.model
+        directions = context.table("refusal_directions").query("model == @role")
+        candidates = context.table("direction_candidates").query("model == @role")
+        points = tradeoff_points(directions, candidates)
+        test = context.table("prompts").query("split == 'test'")
+        model = config.generation.load(config.models[role])
+        per_prompt = ablation_tradeoff(
+            model, points, list(test.loc[test["kind"] == "toxic", "text"]), list(test.loc[test["kind"] == "safe", "text"]),
+            refusal_token_ids(context.table("refusal_tokens"), role), batch_size=config.generation.batch_size)
+        table = tradeoff_table(per_prompt, points, n_boot=settings.bootstrap, seed=settings.seed)
+        return StageOutput(tables={"ablation_tradeoff": table.assign(model=role)}, models=(config.models[role],))

@@ -1,0 +1,79 @@
+"""The refusal / side-effect trade-off of directional ablation: weighted ablation, cones, the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine import store
+from engine.direction_scoring import AblationPoint, tradeoff_table
+from engine.interventions import ablation_hooks
+from engine.stats import wilson_interval
+from precompute.stages.tradeoff import ABLATION_WEIGHTS, tradeoff_points
+
+
+def test_weighted_ablation_removes_that_share_of_the_projection(tiny_model) -> None:
+    direction = torch.randn(64)
+    unit = direction / direction.norm()
+    activation = torch.randn(2, 5, 64)
+    for weight in (0.25, 1.0):
+        _, project_out = ablation_hooks(tiny_model, direction, weight)[0]
+        changed = project_out(activation, None)
+        assert torch.allclose(changed @ unit, (1 - weight) * (activation @ unit), atol=1e-5)
+        rest = activation - (activation @ unit)[..., None] * unit
+        assert torch.allclose(changed - (changed @ unit)[..., None] * unit, rest, atol=1e-5)
+
+
+def _point(source: str, size: float) -> AblationPoint:
+    return AblationPoint(source, size, np.ones((1, 4), np.float32))
+
+
+def test_tradeoff_table_counts_refusals_and_marks_the_pareto_front() -> None:
+    points = [_point("weight", 0.5), _point("weight", 1.0), _point("cone", 2)]
+    scores = {("weight", 0.5): [1.0, 2.0, -1.0, 3.0], ("weight", 1.0): [-1.0, 2.0, -1.0, -3.0],
+              ("cone", 2): [-1.0, 2.0, -1.0, -3.0]}
+    kls = {("weight", 0.5): [0.1, 0.1, 0.1], ("weight", 1.0): [0.2, 0.2, 0.2], ("cone", 2): [0.3, 0.3, 0.6]}
+    rows = [pd.DataFrame({"source": s, "size": k, "kind": "toxic", "prompt": range(4), "value": v})
+            for (s, k), v in scores.items()]
+    rows += [pd.DataFrame({"source": s, "size": k, "kind": "safe", "prompt": range(3), "value": v})
+             for (s, k), v in kls.items()]
+    table = tradeoff_table(pd.concat(rows), points, n_boot=200, seed=0).set_index(["source", "size"])
+    assert table.loc[("weight", 0.5), "n_refused"] == 3 and table.loc[("weight", 1.0), "rate"] == 0.25
+    low, high = wilson_interval(1, 4)
+    assert table.loc[("weight", 1.0), ["ci_low", "ci_high"]].tolist() == pytest.approx([low, high])
+    assert table.loc[("cone", 2), "mean_kl"] == pytest.approx(0.4)
+    assert table.loc[("cone", 2), "kl_low"] >= 0.3 and table.loc[("cone", 2), "kl_high"] <= 0.6
+    # weight 0.5 (least KL) and weight 1.0 (least refusal at less KL than the cone) are the front
+    assert table["pareto"].to_dict() == {("weight", 0.5): True, ("weight", 1.0): True, ("cone", 2): False}
+
+
+def test_cones_rank_layers_at_the_chosen_position_by_their_validation_scores() -> None:
+    d = 4
+    directions = pd.DataFrame(
+        [{"scope": "global", "layer": layer, "position": 2, "chosen": layer == 1, "vector": list(np.eye(d)[layer])}
+         for layer in range(4)]
+        + [{"scope": c, "layer": 1, "position": 2, "chosen": True, "vector": list(np.eye(d)[i])}
+           for i, c in enumerate(["hate", "privacy"])])
+    candidates = pd.DataFrame({
+        "layer": [0, 1, 2, 3, 3], "position": [2, 2, 2, 2, 0],
+        "ablation_score": [-1.0, 2.0, -3.0, -9.0, -20.0], "induce_score": [0.5, 1.0, 2.0, -1.0, 3.0]})
+    points = tradeoff_points(directions, candidates)
+    by_source = {(p.source, p.size): p for p in points}
+    assert [p.size for p in points if p.source == "weight"] == list(ABLATION_WEIGHTS)
+    # layer 3 does not induce refusal, the position-0 candidate is another site: cones are 2, 0, 1
+    assert [p.sites for p in points if p.source == "cone"] == ["layers 2", "layers 2, 0", "layers 2, 0, 1"]
+    assert np.array_equal(by_source[("cone", 2)].directions, np.stack([np.eye(d)[2], np.eye(d)[0]]))
+    assert by_source[("categories", 2)].directions.shape == (2, d)
+    assert np.array_equal(by_source[("weight", 0.5)].directions, np.eye(d)[1][None])
+
+
+def test_full_weight_point_repeats_the_directions_stage_ablation(tiny_store) -> None:
+    tradeoff = store.read_table(tiny_store, "ablation_tradeoff").set_index(["source", "size"])
+    cross = store.read_table(tiny_store, "cross_ablation").query("ablated == 'global'")
+    assert tradeoff.loc[("weight", 1.0), "n_toxic"] == cross["n"].sum()
+    expected = float((cross["mean_refusal_score"] * cross["n"]).sum() / cross["n"].sum())
+    assert tradeoff.loc[("weight", 1.0), "mean_refusal_score"] == pytest.approx(expected, abs=1e-4)
+    assert (tradeoff["mean_kl"] >= 0).all() and tradeoff["pareto"].any()
+    assert tradeoff.loc[("weight", 0.25), "mean_kl"] < tradeoff.loc[("weight", 1.0), "mean_kl"]
