@@ -102,6 +102,24 @@ def sae_section(path: Path, present: frozenset[str]) -> str:
     return "## SAE quality\n\n" + _table(shown)
 
 
+def tradeoff_section(path: Path, present: frozenset[str], findings: Findings) -> str:
+    """Toxic refusal against safe-prompt KL under weighted and multi-direction ablation (`tradeoff` stage)."""
+    if "ablation_tradeoff" not in present:
+        return "## Ablation trade-off\n\n" + _not_built("ablation_tradeoff")
+    model = findings.direction.model if findings.direction is not None else None
+    points = queries.query(path, queries.TRADEOFF_SQL, (model,))
+    shown = pd.DataFrame({
+        "ablated": points["source"] + " " + points["size"].map("{:g}".format), "directions": points["sites"],
+        "toxic still refused (score > 0, 95% CI)": [Rate(int(row.n_refused), int(row.n_toxic)).text()
+                                                   for row in points.itertuples()],
+        "KL on safe [95% CI]": [f"{row.mean_kl:.3f} [{row.kl_low:.3f}, {row.kl_high:.3f}]" for row in points.itertuples()],
+        "Pareto front": points["pareto"].map({True: "yes", False: ""}),
+    })
+    return ("## Ablation trade-off\n\nOn the test prompts; weight w removes that share of the chosen direction, "
+            "cone k the span of the k best layers' directions at the chosen position, categories the span of every "
+            "category's direction (Directions page).\n\n" + _table(shown))
+
+
 def replication_section(path: Path, present: frozenset[str], findings: Findings) -> str:
     """Each seed's verdict (`precompute replicate`); empty when it has not run, which the caveats say."""
     if "verdict_replication" not in present:
@@ -124,5 +142,6 @@ def headline_markdown(path: Path) -> str:
     findings = study_findings(path)
     present = queries.tables(path)
     sections = [title_section(path, findings), headline_section(findings), caveats_section(findings), evaluation_section(path, present),
-                sae_section(path, present), replication_section(path, present, findings)]
+                sae_section(path, present), tradeoff_section(path, present, findings),
+                replication_section(path, present, findings)]
     return "\n\n".join(section for section in sections if section) + "\n"

@@ -46,6 +46,9 @@ def test_report_carries_the_stores_numbers(tiny_store: Path, capsys) -> None:
         assert re.search(rf"\| verdict \({verdict.kind}\) +\| {verdict.label} ", text)
         assert f"{verdict.ratio:.2f} [{verdict.ratio_low:.2f}, {verdict.ratio_high:.2f}]" in text
     assert "## Replication" not in text  # `precompute replicate` has not run on this store
+    for point in store.read_table(tiny_store, "ablation_tradeoff").itertuples():
+        assert f"| {point.source} {point.size:g} " in text
+        assert f"{point.mean_kl:.3f} [{point.kl_low:.3f}, {point.kl_high:.3f}]" in text
 
 
 def test_report_shows_the_replication_table_when_stored(tiny_store: Path, tmp_path: Path, capsys) -> None:
