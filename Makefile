@@ -13,7 +13,7 @@ ADDRESS ?= localhost
 STREAMLIT_ARGS = --server.address $(ADDRESS) --server.port $(PORT) --server.headless true \
 	--browser.gatherUsageStats false
 
-.PHONY: venv study demo app test test-slow test-browser bench bench-app
+.PHONY: venv study demo app lint test test-slow test-browser bench bench-app
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ app: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m precompute.demo --config $(CONFIG) --store $(STORE) -- $(STREAMLIT_ARGS)
 
-test: $(STAMP)
+# The linter first: a finding fails the test command (and CI) before the suite runs.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
