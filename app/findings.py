@@ -50,6 +50,16 @@ class ModelRefusal:
 
 
 @dataclass(frozen=True)
+class AblationPointFinding:
+    """One point of the `tradeoff` stage: what ablating a span of directions leaves refused, at what KL."""
+
+    name: str  # e.g. "cone 2", "weight 0.5"
+    sites: str
+    refused: Rate  # toxic test prompts still refused (by the refusal score)
+    kl: float  # mean next-token KL on the safe test prompts
+
+
+@dataclass(frozen=True)
 class DirectionFinding:
     model: str
     layer: int
@@ -65,6 +75,10 @@ class DirectionFinding:
     n_safe: int
     separation_sigma: float
     probe_accuracy: float
+    # From the `tradeoff` stage (None before it runs): the ablation leaving the fewest toxic prompts
+    # refused within the KL limit, and the one leaving the fewest at any KL.
+    best_within_kl: AblationPointFinding | None = None
+    fewest_refused: AblationPointFinding | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +251,24 @@ def _direction(store: Path, present: frozenset[str]) -> DirectionFinding | None:
         n_safe=int(effect["n_kl"]),
         separation_sigma=float(at_layer["separation_sigma"].iloc[0]) if len(at_layer) else float("nan"),
         probe_accuracy=float(at_layer["probe_accuracy"].iloc[0]) if len(at_layer) else float("nan"),
+        **_tradeoff_extremes(store, present, str(row["model"]), float(row["max_kl"])),
     )
+
+
+def _tradeoff_extremes(store: Path, present: frozenset[str], model: str,
+                       max_kl: float) -> dict[str, AblationPointFinding | None]:
+    if "ablation_tradeoff" not in present:
+        return {}
+    points = queries.query(store, queries.TRADEOFF_SQL, (model,))
+
+    def finding(rows: pd.DataFrame) -> AblationPointFinding | None:
+        if rows.empty:
+            return None
+        row = rows.sort_values(["rate", "mean_kl"]).iloc[0]
+        return AblationPointFinding(f"{row['source']} {row['size']:g}", str(row["sites"]),
+                                    Rate(int(row["n_refused"]), int(row["n_toxic"])), float(row["mean_kl"]))
+
+    return {"best_within_kl": finding(points[points["mean_kl"] <= max_kl]), "fewest_refused": finding(points)}
 
 
 def _verdicts(store: Path, present: frozenset[str]) -> tuple[VerdictFinding, ...]:

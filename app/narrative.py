@@ -9,7 +9,7 @@ import altair as alt
 import pandas as pd
 
 from app import figures
-from app.findings import Findings, answer
+from app.findings import DirectionFinding, Findings, answer
 from engine.schema import KINDS
 
 # The app page each section's numbers come from (file under app/, and its URL path).
@@ -74,6 +74,23 @@ def _refusal(findings: Findings) -> Section:
 ABLATED_TARGET = 0.10  # toxic prompts still refused with the direction ablated, at most
 
 
+def _beyond_one_direction(d: DirectionFinding) -> str:
+    """What weighted and multi-direction ablation (the `tradeoff` stage) add, in a sentence or two."""
+    fewest, within = d.fewest_refused, d.best_within_kl
+    if fewest is None:
+        return " Whether several directions together (a refusal cone) do is measured by the `tradeoff` stage."
+    reach = (f" Ablating {fewest.name} ({fewest.sites}) leaves {fewest.refused.text()} refused, at a KL of "
+             f"{fewest.kl:.2f} on safe prompts")
+    if within is None:
+        return reach + f"; no ablation measured stays within the KL limit of {d.max_kl:g}."
+    if within.refused.rate <= ABLATED_TARGET:
+        return reach + f"; within the KL limit of {d.max_kl:g}, {within.name} leaves {within.refused.text()}."
+    verdict = ("ablation removes this model's refusal only beyond the limit" if fewest.refused.rate <= ABLATED_TARGET
+               else "none of the ablations measured removes this model's refusal")
+    return reach + (f"; within the KL limit of {d.max_kl:g} the fewest still refused is {within.refused.text()} "
+                    f"({within.name}): {verdict}.")
+
+
 def _direction(findings: Findings) -> Section:
     d = findings.direction
     if d is None:
@@ -84,7 +101,7 @@ def _direction(findings: Findings) -> Section:
     lead = ("It is causal:" if carries else
             f"Its effect is partial: with it ablated, {d.toxic_ablated.rate:.0%} of toxic prompts are still refused "
             f"(a direction that carries refusal leaves at most {ABLATED_TARGET:.0%}), so one direction does not "
-            "hold this model's refusal; several directions together (a refusal cone) may:")
+            f"hold this model's refusal.{_beyond_one_direction(d)} The chosen direction:")
     body = (
         f"The difference of mean activations between toxic and safe prompts at layer **{d.layer}**, token "
         f"`{d.position_label!r}` of the {d.model} model separates them by **{d.separation_sigma:.1f} σ** "

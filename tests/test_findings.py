@@ -250,3 +250,27 @@ def test_direction_section_calls_the_direction_causal_only_when_ablation_removes
     assert "It is causal:" in direction_text(5)
     partial = direction_text(116)
     assert "It is causal" not in partial and "80% of toxic prompts are still refused" in partial
+
+
+def test_direction_section_reports_what_cones_and_weights_reach(tiny_store: Path) -> None:
+    from app.findings import AblationPointFinding
+    from app.narrative import sections
+
+    findings = study_findings(tiny_store)
+    assert findings.direction.fewest_refused is not None  # read from the tiny store's ablation_tradeoff
+    tradeoff = store.read_table(tiny_store, "ablation_tradeoff")
+    fewest = tradeoff.sort_values(["rate", "mean_kl"]).iloc[0]
+    assert findings.direction.fewest_refused.name == f"{fewest['source']} {fewest['size']:g}"
+
+    def direction_text(within: AblationPointFinding | None, fewest: AblationPointFinding) -> str:
+        direction = replace(findings.direction, toxic_ablated=Rate(116, 145), max_kl=0.1, best_within_kl=within,
+                            fewest_refused=fewest)
+        return next(s.body for s in sections(replace(findings, direction=direction)) if s.key == "direction")
+
+    cone = AblationPointFinding("cone 2", "layers 22, 20", Rate(0, 145), 0.43)
+    weak = AblationPointFinding("weight 0.25", "layer 18", Rate(120, 145), 0.05)
+    text = direction_text(weak, cone)
+    assert "Ablating cone 2 (layers 22, 20) leaves 0% (0/145" in text and "KL of 0.43" in text
+    assert "the fewest still refused is 83% (120/145" in text and "only beyond the limit" in text
+    assert "none of the ablations measured" in direction_text(weak, weak)
+    assert "no ablation measured stays within the KL limit of 0.1" in direction_text(None, cone)
