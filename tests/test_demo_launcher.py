@@ -87,7 +87,7 @@ def test_a_build_killed_mid_stage_resumes_on_the_next_launch(tmp_path: Path, tin
         built = _wait_for(lambda: (build := progress.read_progress(store)).state == progress.FINISHED and build,
                           "the resumed build", log)
         assert {stage.name: stage.status for stage in built.stages} == {
-            "prompts": "skipped", "generate": "skipped", "evaluation": "skipped", "directions": "ran"}
+            "prompts": "skipped", "generate": "skipped", "evaluation": "skipped", "directions": "ran", "tradeoff": "ran"}
         timing = built.timings["directions"]
         assert (timing["niceness"], timing["threads"]) == (demo.BUILD_NICENESS, demo.build_threads())
         _wait_for(lambda: _serving(port), "the app", log)

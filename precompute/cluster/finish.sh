@@ -1,5 +1,5 @@
 #!/bin/bash
-# After the last merge: run the stages that are not sharded (circuits) on one GPU; every stored,
+# After the last merge: run the stages that are not sharded (tradeoff, and circuits when it was not sharded) on one GPU; every stored,
 # up-to-date stage is skipped, and a timed-out run resumes when submitted again. Works under SLURM
 # and PBS (each reads only its own directives); submit.sh chains it, e.g. by hand:
 #   SLURM: sbatch --dependency=afterok:$MERGE --export=ALL,CONFIG=... precompute/cluster/finish.sh
