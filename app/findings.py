@@ -49,6 +49,9 @@ class ModelRefusal:
     smallest_group: int  # fewest prompts in one category x kind cell
 
 
+ABLATED_TARGET = 0.10  # toxic prompts still refused with refusal ablated, at most, for ablation to carry it
+
+
 @dataclass(frozen=True)
 class AblationPointFinding:
     """One point of the `tradeoff` stage: what ablating a span of directions leaves refused, at what KL."""
@@ -76,9 +79,10 @@ class DirectionFinding:
     separation_sigma: float
     probe_accuracy: float
     # From the `tradeoff` stage (None before it runs): the ablation leaving the fewest toxic prompts
-    # refused within the KL limit, and the one leaving the fewest at any KL.
+    # refused within the KL limit, and the cheapest (least KL) one that removes refusal (at most
+    # ABLATED_TARGET still refused), else the one leaving the fewest refused.
     best_within_kl: AblationPointFinding | None = None
-    fewest_refused: AblationPointFinding | None = None
+    cheapest_removal: AblationPointFinding | None = None
 
 
 @dataclass(frozen=True)
@@ -261,14 +265,16 @@ def _tradeoff_extremes(store: Path, present: frozenset[str], model: str,
         return {}
     points = queries.query(store, queries.TRADEOFF_SQL, (model,))
 
-    def finding(rows: pd.DataFrame) -> AblationPointFinding | None:
+    def finding(rows: pd.DataFrame, order: list[str]) -> AblationPointFinding | None:
         if rows.empty:
             return None
-        row = rows.sort_values(["rate", "mean_kl"]).iloc[0]
+        row = rows.sort_values(order).iloc[0]
         return AblationPointFinding(f"{row['source']} {row['size']:g}", str(row["sites"]),
                                     Rate(int(row["n_refused"]), int(row["n_toxic"])), float(row["mean_kl"]))
 
-    return {"best_within_kl": finding(points[points["mean_kl"] <= max_kl]), "fewest_refused": finding(points)}
+    removing = points[points["rate"] <= ABLATED_TARGET]
+    return {"best_within_kl": finding(points[points["mean_kl"] <= max_kl], ["rate", "mean_kl"]),
+            "cheapest_removal": finding(removing, ["mean_kl"]) if len(removing) else finding(points, ["rate", "mean_kl"])}
 
 
 def _verdicts(store: Path, present: frozenset[str]) -> tuple[VerdictFinding, ...]:

@@ -253,24 +253,26 @@ def test_direction_section_calls_the_direction_causal_only_when_ablation_removes
 
 
 def test_direction_section_reports_what_cones_and_weights_reach(tiny_store: Path) -> None:
-    from app.findings import AblationPointFinding
+    from app.findings import ABLATED_TARGET, AblationPointFinding
     from app.narrative import sections
 
     findings = study_findings(tiny_store)
-    assert findings.direction.fewest_refused is not None  # read from the tiny store's ablation_tradeoff
     tradeoff = store.read_table(tiny_store, "ablation_tradeoff")
-    fewest = tradeoff.sort_values(["rate", "mean_kl"]).iloc[0]
-    assert findings.direction.fewest_refused.name == f"{fewest['source']} {fewest['size']:g}"
+    removing = tradeoff[tradeoff["rate"] <= ABLATED_TARGET]
+    cheapest = removing.nsmallest(1, "mean_kl") if len(removing) else tradeoff.sort_values(["rate", "mean_kl"]).head(1)
+    assert findings.direction.cheapest_removal.name == f"{cheapest['source'].iloc[0]} {cheapest['size'].iloc[0]:g}"
 
-    def direction_text(within: AblationPointFinding | None, fewest: AblationPointFinding) -> str:
+    def direction_text(within: AblationPointFinding | None, cheapest: AblationPointFinding) -> str:
         direction = replace(findings.direction, toxic_ablated=Rate(116, 145), max_kl=0.1, best_within_kl=within,
-                            fewest_refused=fewest)
+                            cheapest_removal=cheapest)
         return next(s.body for s in sections(replace(findings, direction=direction)) if s.key == "direction")
 
-    cone = AblationPointFinding("cone 2", "layers 22, 20", Rate(0, 145), 0.43)
-    weak = AblationPointFinding("weight 0.25", "layer 18", Rate(120, 145), 0.05)
+    cone = AblationPointFinding("cone 1", "layers 22", Rate(9, 145), 0.24)
+    weak = AblationPointFinding("weight 0.25", "layer 18", Rate(135, 145), 0.17)
     text = direction_text(weak, cone)
-    assert "Ablating cone 2 (layers 22, 20) leaves 0% (0/145" in text and "KL of 0.43" in text
-    assert "the fewest still refused is 83% (120/145" in text and "only beyond the limit" in text
+    assert "The cheapest ablation that removes refusal, cone 1 (layers 22), leaves 6% (9/145" in text
+    assert "KL of 0.24" in text and "the fewest still refused is 93% (135/145" in text
+    assert "only beyond the limit" in text
+    assert "The ablation leaving the fewest refused" in direction_text(weak, weak)
     assert "none of the ablations measured" in direction_text(weak, weak)
     assert "no ablation measured stays within the KL limit of 0.1" in direction_text(None, cone)

@@ -8,7 +8,7 @@ import streamlit as st
 from app import charts, queries
 from app.components import figure_spec, show_chart, show_table
 from app.context import current_store, require_tables
-from app.narrative import ABLATED_TARGET
+from app.findings import ABLATED_TARGET
 from engine.schema import KINDS
 
 store = current_store()
