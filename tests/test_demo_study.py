@@ -89,7 +89,8 @@ def test_chosen_direction_is_causal_on_the_test_split(demo_store) -> None:
 
 def test_reduced_positive_control_is_not_called_monolithic(tmp_path, monkeypatch) -> None:
     """Issue 22's positive control, reduced: demo-modular.yaml's tune (each category refused in its own
-    words) on fewer plain instructions, shorter SAE training and no feature steering or held-out sets.
+    words) on fewer plain instructions, no feature steering and no held-out sets (the SAEs keep their
+    1,500 steps: at 750 the demo's layer-14 SAE had 59% dead features).
     Refusal differs by category by construction, so the verdict must not say "one shared mechanism"."""
     monkeypatch.delenv("REFUSAL_EXPLORER_DATA", raising=False)
     raw = yaml.safe_load((REPO_ROOT / "precompute" / "configs" / "demo-modular.yaml").read_text(encoding="utf-8"))
@@ -97,7 +98,6 @@ def test_reduced_positive_control_is_not_called_monolithic(tmp_path, monkeypatch
     raw["store"] = str(tmp_path / "control.duckdb")
     raw["models"]["tuned"] = "smollm2-135m-refusal-modular-reduced"  # not the full control's folder
     raw["tune"]["plain_per_toxic"] = 1.0
-    raw["saes"]["steps"] = 500
     raw["steering"]["top_features"] = 0
     config = parse_config(raw)
     run_pipeline(config, STAGES)
