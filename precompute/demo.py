@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both as Ctrl-C does
+    # Ctrl-C too where the launcher inherited SIGINT ignored (a job started in the background by a
+    # non-interactive shell or a CI runner): Python then leaves it ignored.
+    signal.signal(signal.SIGINT, _interrupt)
     return serve(args.config, args.store, argv[split + 1:], threads=args.build_threads)
 
 

@@ -48,10 +48,16 @@ def _wait_for(check: Callable[[], T], what: str, log: Path, timeout: float = 300
 
 
 def _launch(config: Path, store: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "precompute.demo", "--config", str(config), "--store", str(store),
-                             "--", "--server.port", str(port), "--server.address", "localhost",
-                             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                            cwd=Path(__file__).resolve().parents[1])
+    """The launcher with SIGINT ignored, as a background job of a non-interactive shell or a CI runner
+    starts it: Ctrl-C (SIGINT) must stop it all the same."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    try:
+        return subprocess.Popen([sys.executable, "-m", "precompute.demo", "--config", str(config), "--store",
+                                 str(store), "--", "--server.port", str(port), "--server.address", "localhost",
+                                 "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+                                cwd=Path(__file__).resolve().parents[1])
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _ctrl_c(launcher: subprocess.Popen, port: int) -> None:
