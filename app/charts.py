@@ -103,7 +103,7 @@ def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
 
 def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float) -> alt.LayerChart:
     """Toxic prompts still refused against the KL on safe prompts, one mark per ablation (weight, cone size,
-    category span) with both 95% intervals; the Pareto front ringed, the targets as dashed lines."""
+    category span) with both 95% intervals; the Pareto front as diamonds, the targets as dashed lines."""
     frame = points.assign(point=points["source"] + " " + points["size"].map("{:g}".format),
                           front=points["pareto"].map({True: "on the front", False: "dominated"}))
     base = alt.Chart(frame).encode(

@@ -444,6 +444,26 @@ def test_steering_stage_measures_every_intervention_and_resumes(tmp_path, tiny_m
         zip(directed["prompt_id"], directed["response"], strict=True))
 
 
+def test_steering_another_model_generates_the_global_directions_answers_itself(tmp_path, tiny_model_dir,
+                                                                              monkeypatch) -> None:
+    """The directions stage answers each model under that model's own direction; steering applies the studied
+    model's, so for another model it may not reuse those answers."""
+    directions = {"model": "other", "max_validation_prompts": 4, "bootstrap": 10, "eval_max_new_tokens": 2,
+                  "filter_by_refusal": False, "prune_last_fraction": 0.0, "max_kl": 10.0}
+    config = _study_with_directions(tmp_path, tiny_model_dir, 0.2, models={"base": str(tiny_model_dir),
+                                                                          "other": str(tiny_model_dir)},
+                                    directions=directions, steering={"model": "base", "top_features": 0,
+                                                                     "eval_max_new_tokens": 2})
+    generated: list[str] = []
+    real_judged_answers = steering_stage.judged_answers
+    monkeypatch.setattr(steering_stage, "judged_answers",
+                        lambda *args, **kwargs: generated.append(args[2]) or real_judged_answers(*args, **kwargs))
+    reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
+    assert reports["steering"] == "ran" and generated == ["suppress", "force"]
+    steered = store.read_table(config.store, "steering_generations").query("intervention == 'global'")
+    assert set(steered["mode"]) == {"suppress", "force"}
+
+
 def test_circuits_stage_builds_compares_and_names_a_small_category(tmp_path, tiny_model_dir) -> None:
     builtin = load_builtin()
     few_violence = builtin[(builtin["category"] == "violence") & (builtin["kind"] == "toxic")].head(3)

@@ -7,9 +7,9 @@ layer's SAE. Each is applied two ways:
 - force refusal: add the direction at its layer / set the feature to a multiple of its corpus
   maximum, on hard and safe prompts.
 Refusal is read by the refusal score (> 0) for every intervention and by the substring judge on
-generated answers for the global direction and the features. The global direction's answers are the
-directions stage's (the same ablation and addition on the same test prompts, generated once, at
-`directions.eval_max_new_tokens`). Under suppression, the KL divergence on safe prompts and the
+generated answers for the global direction and the features. When the steered model is the one the
+directions stage studies, the global direction's answers are that stage's (the same ablation and
+addition on the same test prompts, generated once, at `directions.eval_max_new_tokens`). Under suppression, the KL divergence on safe prompts and the
 cross-entropy of the model's own safe answers measure the side effects.
 """
 
@@ -144,7 +144,9 @@ class SteeringStage(ModelSectionStage):
                     **which, "prompt_id": safe_ids, "kl": kl_divergence(baseline_logprobs[safe], suppressed[safe]),
                     "cross_entropy": ce, "in_depth": in_depth, "baseline_cross_entropy": baseline_ce}),
             }
-            if name == "global":
+            if name == "global" and role == config.directions.model:
+                # The directions stage generated these very answers (its studied model, this vector); for
+                # another model it used that model's own direction, so they are generated here instead.
                 frames["answers"] = direction_answers(context.table("direction_generations"), prompts, role)
             elif in_depth:
                 # Generated answers: refusal as users see it (the RCM seed's force/suppress rates).
