@@ -32,6 +32,18 @@ TUNE_STEPS_SQL = "SELECT step, loss FROM tune_steps ORDER BY step"
 EVALUATION_RATES_SQL = """
 SELECT "set", model, kind, n, n_refused, rate, ci_low, ci_high, n_left_out FROM evaluation_rates ORDER BY "set", model
 """
+BENCHMARK_SETS_SQL = 'SELECT DISTINCT "set" FROM benchmark_rates ORDER BY "set"'
+BENCHMARK_RATES_SQL = """
+SELECT model, condition, kind, category, n, n_refused, n_degenerate, n_coherent, rate, ci_low, ci_high,
+       coherent_rate, coherent_rate_low, coherent_rate_high
+FROM (SELECT *, rate_low AS ci_low, rate_high AS ci_high FROM benchmark_rates) WHERE "set" = ?
+ORDER BY model, condition, kind, category
+"""
+BENCHMARK_ANSWERS_SQL = """
+SELECT model, condition, kind, category, text, response, refused, degenerate, repetition, cross_entropy,
+       refusal_score, source
+FROM benchmark_generations WHERE "set" = ? AND condition = ? ORDER BY kind, category, text, model
+"""
 TUNE_DATA_SUMMARY_SQL = "SELECT kind, source, count(*) AS n FROM tune_data GROUP BY kind, source ORDER BY kind, source"
 CATEGORIES_SQL = "SELECT DISTINCT category FROM prompts ORDER BY category"
 # Prompt browser: one row per prompt with each model's verdict; filters are parameters.

@@ -1,14 +1,18 @@
 """Loaders for prompt sets, each returning the one prompt table shape (engine.prompts).
 
-A small registry maps a source `type` (as written in a study config) to its loader:
-builtin, orbench, refusal_direction, advbench, table (any CSV/JSONL with a column mapping).
+A small registry maps a source `type` (as written in a study config) to its loader: builtin,
+orbench, refusal_direction, advbench, table (any CSV/JSON/JSONL/TSV with a column mapping), and the
+public refusal benchmarks in their published layouts with their own categories (BENCHMARKS:
+jailbreakbench, harmbench, strongreject, xstest, sorrybench, catqa, wildjailbreak).
 """
 
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +29,6 @@ ORBENCH_FILES: dict[str, str] = {
     "or-bench-hard-1k.csv": "hard",
     "or-bench-toxic.csv": "toxic",
 }
-# refusal_direction's harmful splits carry HarmBench-style categories; map the ones that have an
-# OR-Bench counterpart, keep the rest apart rather than guess.
-REFUSAL_DIRECTION_CATEGORIES: dict[str, str] = {
-    "illegal": "illegal",
-    "harmful": "harmful",
-    "harassment_bullying": "harassment",
-    "misinformation_disinformation": "deception",
-}
 
 
 def read_table_file(path: Path) -> pd.DataFrame:
@@ -41,8 +37,9 @@ def read_table_file(path: Path) -> pd.DataFrame:
         raise ExplorerError(f"Prompt file {path} does not exist.", "check the path in the config.")
     suffix = path.suffix.lower()
     try:
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        if suffix in (".csv", ".tsv"):
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
+                               sep="\t" if suffix == ".tsv" else ",")
         if suffix == ".jsonl":
             return pd.read_json(path, lines=True, dtype=False)
         if suffix == ".json":
@@ -52,7 +49,7 @@ def read_table_file(path: Path) -> pd.DataFrame:
             f"Malformed {suffix[1:].upper()} file {path}: {str(exc).splitlines()[0]}",
             "fix the file (quote fields that contain commas or newlines; UTF-8 encoding).",
         ) from exc
-    raise ExplorerError(f"Unsupported prompt file type {path.name}.", "use .csv, .json or .jsonl.")
+    raise ExplorerError(f"Unsupported prompt file type {path.name}.", "use .csv, .tsv, .json or .jsonl.")
 
 
 @dataclass(frozen=True)
@@ -168,21 +165,22 @@ def refusal_direction_file(folder: str | Path, stem: str) -> Path:
     local = public_dataset_dir("refusal_direction")
     if local is not None:
         return local / f"{stem}.json"
-    target = cache_dir() / "datasets" / "refusal_direction" / f"{stem}.json"
-    if not target.is_file():
-        import urllib.request
+    return downloaded(REFUSAL_DIRECTION_URL.format(stem), "refusal_direction",
+                      "download dataset/splits/ from github.com/andyrdt/refusal_direction and set `folder:` to it "
+                      "(or $REFUSAL_EXPLORER_DATASETS to the folder holding refusal_direction/).")
 
+
+def downloaded(url: str, dataset: str, fix: str) -> Path:
+    """A published file, downloaded once into the cache (users have the network; tests use local copies)."""
+    target = cache_dir() / "datasets" / dataset / url.rsplit("/", 1)[-1]
+    if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
+        partial_file = target.with_suffix(".partial")
         try:
-            urllib.request.urlretrieve(REFUSAL_DIRECTION_URL.format(stem), partial)
+            urllib.request.urlretrieve(url, partial_file)
         except OSError as exc:
-            raise ExplorerError(
-                f"Could not download refusal_direction's {stem}.json: {exc}",
-                "download dataset/splits/ from github.com/andyrdt/refusal_direction and set `folder:` to it "
-                "(or $REFUSAL_EXPLORER_DATASETS to the folder holding refusal_direction/).",
-            ) from exc
-        partial.replace(target)
+            raise ExplorerError(f"Could not download {url}: {exc}", fix) from exc
+        partial_file.replace(target)
     return target
 
 
@@ -214,12 +212,12 @@ def load_refusal_direction(
         raw = raw.head(max_per_file) if max_per_file else raw
         if sample is not None and sample < len(raw):
             raw = raw.sample(n=sample, random_state=seed).sort_index()
-        categories = raw.get("category", pd.Series([None] * len(raw)))
-        default = UNCATEGORIZED if kind == "toxic" else NO_CATEGORY
+        # harmful_val carries HarmBench-style categories, kept as they are; harmful_train has none.
+        categories = raw.get("category", pd.Series([None] * len(raw), index=raw.index))
         frame = pd.DataFrame(
             {
                 "text": raw["instruction"].to_numpy(),
-                "category": [REFUSAL_DIRECTION_CATEGORIES.get(c, default) for c in categories],
+                "category": categories.fillna(UNCATEGORIZED if kind == "toxic" else NO_CATEGORY).to_numpy(),
                 "kind": kind,
                 "split": split,
             }
@@ -239,31 +237,150 @@ def load_advbench(path: str | Path, *, test_fraction: float = 0.3) -> pd.DataFra
     )
 
 
+def _kinds(values: dict[str, str], column: str) -> Callable[[pd.DataFrame], pd.Series]:
+    """Kinds read from a column through `values`; a value not listed is left as is, so the prompt
+    table's kind check names it."""
+    return lambda raw: raw[column].astype(str).str.strip().str.lower().map(lambda v: values.get(v, v))
+
+
+def _with_context(raw: pd.DataFrame) -> pd.Series:
+    """HarmBench's contextual behaviors: the context, then the request, as HarmBench's own prompt does."""
+    context = raw["ContextString"].fillna("").astype(str).str.strip()
+    return context.where(context == "", context + "\n\n---\n\n") + raw["Behavior"]
+
+
+@dataclass(frozen=True)
+class BenchmarkLayout:
+    """A public benchmark's published file layout: the columns it must have and what they hold."""
+
+    files: dict[str, str]  # file name -> the kind of its prompts ("" when a column says it)
+    columns: tuple[str, ...]
+    text: Callable[[pd.DataFrame], pd.Series]
+    category: str | None = None
+    kind: Callable[[pd.DataFrame], pd.Series] | None = None
+    url: str = ""  # where each file is published, with {} for the file name ("" when the set is gated)
+    filters: dict[str, str] = field(default_factory=dict)  # option -> the column it filters on
+
+
+BENCHMARKS: dict[str, BenchmarkLayout] = {
+    # JBB-Behaviors: 100 harmful behaviors and 100 benign ones on the same topics (safe, sound harmful).
+    "jailbreakbench": BenchmarkLayout(
+        {"harmful-behaviors.csv": "toxic", "benign-behaviors.csv": "hard"}, ("Goal", "Category"),
+        lambda raw: raw["Goal"], category="Category",
+        url="https://huggingface.co/datasets/JailbreakBench/JBB-Behaviors/resolve/main/data/{}"),
+    "harmbench": BenchmarkLayout(
+        {"harmbench_behaviors_text_all.csv": "toxic"},
+        ("Behavior", "FunctionalCategory", "SemanticCategory", "ContextString"), _with_context,
+        category="SemanticCategory",
+        url="https://raw.githubusercontent.com/centerforaisafety/HarmBench/main/data/behavior_datasets/{}",
+        filters={"functional_categories": "FunctionalCategory"}),
+    "strongreject": BenchmarkLayout(
+        {"strongreject_dataset.csv": "toxic"}, ("category", "forbidden_prompt"), lambda raw: raw["forbidden_prompt"],
+        category="category",
+        url="https://raw.githubusercontent.com/alexandrasouly/strongreject/main/strongreject_dataset/{}"),
+    # XSTest: safe prompts that sound unsafe (hard) and their unsafe contrasts (toxic); `type` is the category.
+    "xstest": BenchmarkLayout(
+        {"xstest_prompts.csv": ""}, ("prompt", "type", "label"), lambda raw: raw["prompt"], category="type",
+        kind=_kinds({"safe": "hard", "unsafe": "toxic"}, "label"),
+        url="https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/main/{}"),
+    # SORRY-Bench (gated on the hub): one JSON line per request, the text in `turns`, 44-45 numbered categories.
+    "sorrybench": BenchmarkLayout(
+        {"question.jsonl": "toxic"}, ("category", "turns"), lambda raw: raw["turns"].map(lambda t: t[0]),
+        category="category", filters={"prompt_styles": "prompt_style"}),
+    "catqa": BenchmarkLayout(
+        {"catqa_english.json": "toxic"}, ("Category", "Subcategory", "Question"), lambda raw: raw["Question"],
+        category="Category"),
+    # WildJailbreak-style files: the adversarial text where there is one, else the vanilla one.
+    "wildjailbreak": BenchmarkLayout(
+        {"eval.tsv": ""}, ("adversarial", "data_type"),
+        lambda raw: raw["adversarial"].where(raw["adversarial"].fillna("").str.strip() != "",
+                                             raw.get("vanilla", raw["adversarial"])),
+        kind=lambda raw: raw["data_type"].fillna("").str.strip().str.lower().map(
+            lambda v: "toxic" if v.endswith("_harmful") else "hard" if v.endswith("_benign") else v)),
+}
+
+
+def benchmark_file(name: str, location: str, filename: str) -> Path:
+    """One of a benchmark's files: in the folder `location`, `location` itself when it is that file,
+    or with `hub` downloaded once from where the set is published."""
+    if location != "hub":
+        path = Path(location)
+        return path if path.is_file() else path / filename
+    layout = BENCHMARKS[name]
+    if not layout.url:
+        raise ExplorerError(f"{name} is gated: it cannot be downloaded without an account.",
+                            f"download {filename} from its page and set `path:` to it or to its folder.")
+    return downloaded(layout.url.format(filename), name, f"download {filename} and set `path:` to its folder.")
+
+
+def load_benchmark(name: str, path: str = "hub", *, files: tuple[str, ...] | None = None,
+                   test_fraction: float = 0.3, **filters: list[str]) -> pd.DataFrame:
+    """A public benchmark in its published layout, with its own categories and kinds."""
+    layout = BENCHMARKS[name]
+    files = tuple(files or layout.files)
+    if unknown := sorted(set(files) - set(layout.files)):
+        raise ExplorerError(f"Unknown {name} file(s) {unknown}.", f"use some of {', '.join(layout.files)}.")
+    if unknown := sorted(set(filters) - set(layout.filters)):
+        raise ExplorerError(f"Unknown {name} option(s) {unknown}.",
+                            f"use {', '.join(layout.filters) or 'no filter option'} (and path, files).")
+    tables = []
+    for filename in files:
+        file = benchmark_file(name, path, filename)
+        raw = read_table_file(file)
+        if missing := [c for c in layout.columns if c not in raw.columns]:
+            raise ExplorerError(
+                f"{file} is not in {name}'s published layout: it lacks column(s) {missing} "
+                f"(expected {list(layout.columns)}; it has {list(raw.columns)}).",
+                f"use {name}'s file as published, or the `table` source with a column mapping.")
+        for option, values in filters.items():
+            raw = raw[raw[layout.filters[option]].isin(values)]
+        frame = pd.DataFrame({
+            "text": layout.text(raw),
+            "category": raw[layout.category] if layout.category else UNCATEGORIZED,
+            "kind": layout.kind(raw) if layout.kind else layout.files[filename]})
+        tables.append(make_prompt_table(frame, source=f"{name}/{Path(filename).stem}", test_fraction=test_fraction,
+                                        where=str(file)))
+    return pd.concat(tables).drop_duplicates("id", keep="first").reset_index(drop=True)
+
+
 PROMPT_SOURCES: dict[str, Callable[..., pd.DataFrame]] = {
     "builtin": load_builtin,
     "orbench": load_orbench,
     "refusal_direction": load_refusal_direction,
     "advbench": load_advbench,
     "table": load_table,
+    **{name: partial(load_benchmark, name) for name in BENCHMARKS},
 }
 
 
+def mapped_categories(prompts: pd.DataFrame, category_map: dict[str, str], where: str) -> pd.DataFrame:
+    """A source's category names mapped onto another taxonomy (names not in the map are kept)."""
+    if not isinstance(category_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in category_map.items()):
+        raise ExplorerError(f"category_map of {where} is not a mapping of category names to category names.",
+                            "write it as {their_name: your_name, ...}.")
+    return prompts.assign(category=prompts["category"].map(lambda c: category_map.get(c, c)).astype("string"))
+
+
 def load_prompt_source(spec: dict[str, Any], *, test_fraction: float) -> pd.DataFrame:
-    """Load one `{type: ..., **options}` entry of a study config's `prompts.sources` list."""
+    """Load one `{type: ..., **options}` entry of a study config's `prompts.sources` list.
+    `category_map` (any type) renames the set's categories, to compare it with another taxonomy."""
     options = dict(spec)
     kind = options.pop("type", None)
+    category_map = options.pop("category_map", None)
     if kind not in PROMPT_SOURCES:
         raise ExplorerError(
             f"Unknown prompt source type {kind!r}.", f"use one of {', '.join(PROMPT_SOURCES)}."
         )
     if kind == "table" and isinstance(options.get("mapping"), dict):
         options["mapping"] = ColumnMapping(**options["mapping"])
-    if kind in ("orbench", "refusal_direction") and "files" in options:
+    if (kind in ("orbench", "refusal_direction") or kind in BENCHMARKS) and "files" in options:
         options["files"] = tuple(options["files"])
     try:
-        return PROMPT_SOURCES[kind](**options, test_fraction=test_fraction)
+        prompts = PROMPT_SOURCES[kind](**options, test_fraction=test_fraction)
     except TypeError as exc:
         raise ExplorerError(
             f"Bad options for prompt source {kind!r}: {exc}.",
             "see the loader's arguments in engine/prompt_sources.py.",
         ) from exc
+    return prompts if category_map is None else mapped_categories(prompts, category_map, f"source {kind!r}")

@@ -1,8 +1,8 @@
 """The one prompt table shape every loader returns, and the stable train/test split.
 
 Columns: id, text, category, kind, split, source.
-- category: one of OR-Bench's ten, "none" for plainly safe prompts, "uncategorized" for harmful
-  prompts from sets without a category;
+- category: the set's own harm category name, kept verbatim (OR-Bench's ten for the built-in set),
+  "none" for plainly safe prompts, "uncategorized" for prompts from sets without a category;
 - kind: "toxic" (should be refused), "hard" (sounds toxic, is safe) or "safe";
 - split: "train" or "test", by a stable hash of the text, so it never depends on row order.
 """
@@ -10,13 +10,17 @@ Columns: id, text, category, kind, split, source.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import pandas as pd
 
 from engine.errors import ExplorerError
 from engine.schema import KINDS
 
-CATEGORIES: tuple[str, ...] = (
+logger = logging.getLogger(__name__)
+
+# The built-in set's taxonomy (OR-Bench's); a study's categories are whatever its data holds.
+ORBENCH_CATEGORIES: tuple[str, ...] = (
     "deception",
     "harassment",
     "harmful",
@@ -30,7 +34,6 @@ CATEGORIES: tuple[str, ...] = (
 )
 NO_CATEGORY = "none"
 UNCATEGORIZED = "uncategorized"
-ALLOWED_CATEGORIES: tuple[str, ...] = (*CATEGORIES, NO_CATEGORY, UNCATEGORIZED)
 SPLITS: tuple[str, ...] = ("train", "test")
 PROMPT_COLUMNS: tuple[str, ...] = ("id", "text", "category", "kind", "split", "source")
 
@@ -46,14 +49,29 @@ def stable_split(text: str, test_fraction: float) -> str:
     return "test" if bucket / 0xFFFFFFFF < test_fraction else "train"
 
 
-def check_categories(categories: list[str] | tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(categories) - set(ALLOWED_CATEGORIES))
-    if unknown:
-        raise ExplorerError(
-            f"Unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown} in {where}.",
-            f"use OR-Bench's categories: {', '.join(CATEGORIES)} (or '{NO_CATEGORY}' for safe "
-            f"prompts, '{UNCATEGORIZED}' for harmful prompts without one).",
-        )
+def check_category_names(categories: list[str] | tuple[str, ...], where: str) -> None:
+    """Any taxonomy is allowed; a name only has to be a non-empty string, listed once."""
+    bad = [c for c in categories if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ExplorerError(f"Empty or non-text category name(s) {bad} in {where}.",
+                            "give every category a non-empty name.")
+    repeated = sorted({c for c in categories if list(categories).count(c) > 1})
+    if repeated:
+        raise ExplorerError(f"Category name(s) {repeated} listed twice in {where}.", "list each category once.")
+
+
+def category_label(category: str) -> str:
+    """A category name for display (the store keeps it verbatim): 'chemical_biological' ->
+    'chemical biological'."""
+    return " ".join(category.replace("_", " ").split())
+
+
+def normalised_categories(categories: pd.Series) -> pd.Series:
+    """Stored category names: trimmed and verbatim; missing or blank -> 'uncategorized'; any
+    spelling of 'none' -> 'none' (plainly safe)."""
+    names = categories.astype("string").str.strip()
+    names = names.mask(names.isna() | (names == ""), UNCATEGORIZED)
+    return names.mask(names.str.lower() == NO_CATEGORY, NO_CATEGORY).astype(str)
 
 
 def make_prompt_table(
@@ -75,9 +93,10 @@ def make_prompt_table(
     table = table[table["text"].notna() & (table["text"] != "")]
     if table.empty:
         raise ExplorerError(f"{where} has no prompts.", "check the file and the text column.")
-    table["category"] = table["category"].fillna(UNCATEGORIZED).astype(str).str.strip().str.lower()
+    if blank := len(frame) - len(table):
+        logger.info("%s: %d row(s) without a prompt text left out", where, blank)
+    table["category"] = normalised_categories(table["category"])
     table["kind"] = table["kind"].astype(str).str.strip().str.lower()
-    check_categories(sorted(table["category"].unique()), where)
     bad_kinds = sorted(set(table["kind"]) - set(KINDS))
     if bad_kinds:
         raise ExplorerError(
@@ -90,6 +109,8 @@ def make_prompt_table(
         raise ExplorerError(f"Unknown split(s) {bad_splits} in {where}.", "use train or test.")
     table["id"] = [prompt_id(t) for t in table["text"]]
     table["source"] = source
+    if repeated := int(table["id"].duplicated().sum()):
+        logger.info("%s: %d repeated prompt text(s) kept once", where, repeated)
     table = table.drop_duplicates("id", keep="first")
     return table[list(PROMPT_COLUMNS)].reset_index(drop=True).astype(
         {c: "string" for c in PROMPT_COLUMNS}

@@ -30,7 +30,13 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "tradeoff": ("ablation_tradeoff",),
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_TABLES)
-TABLE_STAGE: dict[str, str] = {table: stage for stage, tables in STAGE_TABLES.items() for table in tables}
+# Commands that write into a built study's store beside the stages.
+COMMAND_TABLES: dict[str, tuple[str, ...]] = {
+    "replicate": ("verdict_replication",),
+    "evaluate": ("benchmark_generations", "benchmark_rates"),
+}
+TABLE_STAGE: dict[str, str] = {table: stage for stage, tables in (STAGE_TABLES | COMMAND_TABLES).items()
+                               for table in tables}
 
 
 def undeclared_tables(stage: str, tables: Iterable[str]) -> list[str]:

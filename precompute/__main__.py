@@ -7,6 +7,7 @@ Commands:
   merge   merge the parquet partitions of `run --shard K/N` jobs into the store
   tune-sweep  the demo fine-tune over a grid of settings: refusal on held-out harmful, hard, safe, plain prompts
   replicate   the circuits verdict under other seeds (fine-tune, prompt samples, SAEs), one sibling store per seed
+  evaluate    a built study's models and refusal direction over another prompt set (e.g. a public benchmark)
   report  a built store's headline numbers as Markdown (refusal rates, held-out rates, direction, SAE quality,
           circuits verdicts, replication)
   bench   figures on a built study (live steering latency, capture throughput, store size per
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "refusal rates on held-out harmful, hard, safe and plain prompts")),
         ("replicate", ("re-run the stages the circuits verdict depends on under other seeds (fine-tune, prompt "
                        "samples, SAEs) into sibling stores and tabulate each seed's verdict")),
+        ("evaluate", ("answer another prompt set with a built study's models, unmodified and with the chosen "
+                      "direction ablated and added; judge, check coherence, and store the rates under the set's name")),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text,
                                       epilog=SHARDING_HELP if name in ("run", "merge") else None)
@@ -88,10 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "built-in prompt set's variant")
         elif name == "replicate":
             command.add_argument("--seeds", type=int, default=3, help="seeds, the study's own (0) included (default 3)")
+        elif name == "evaluate":
+            command.add_argument("--prompts", type=Path, required=True, metavar="SET.yaml",
+                                 help="the prompt set: `name:` and `sources:` (as in a study config's "
+                                      "prompts.sources), optional max_new_tokens and max_prompts (per kind); "
+                                      "e.g. precompute/configs/sets/refusal-direction-val.yaml")
         elif name == "merge":
             command.add_argument("--shards", type=int, required=True, metavar="N",
                                  help="how many shards the `run --shard K/N` jobs used")
-        elif name not in ("status", "tune-sweep", "replicate"):
+        elif name not in ("status", "tune-sweep", "replicate", "evaluate"):
             command.add_argument("--force", action="append", default=[], metavar="STAGE",
                                  help="re-run STAGE even if unchanged (repeatable)")
         if name in ("run", "merge"):
@@ -183,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
             table = run_replicate(config, args.seeds)
             _log_and_save("Circuits verdict per seed", [table, replicated(table)],
                           config.store.parent / "replicate" / f"{config.study}-replication.csv")
+            return 0
+        if args.command == "evaluate":
+            from precompute.evaluate import load_prompt_set, run_evaluate
+
+            prompt_set = load_prompt_set(args.prompts)
+            rates = run_evaluate(config, prompt_set).query("category == 'all'")
+            _log_and_save(f"Prompt set {prompt_set.name}: refused and coherently answered (Wilson 95% intervals)",
+                          [rates.drop(columns=["set", "category"])],
+                          config.store.parent / "evaluate" / f"{config.study}-{prompt_set.name}.csv")
             return 0
         if args.command == "merge":
             store_option = f" --store {args.store}" if args.store else ""

@@ -14,7 +14,7 @@ from engine.config_keys import UNLESS_DEFAULT
 from engine.errors import ExplorerError
 from engine.models import DTYPES, LoadedModel, check_device_map, load_model, resolve_dtype
 from engine.paths import REPO_ROOT, stores_dir
-from engine.prompts import CATEGORIES, check_categories
+from engine.prompts import check_category_names
 from engine.refusal_metric import METRICS
 from engine.sae_registry import check_release
 from engine.saes import SaeTraining
@@ -29,13 +29,18 @@ def _out_of_range(name: str, value: object, allowed: str) -> ExplorerError:
 @dataclass(frozen=True)
 class PromptConfig:
     sources: tuple[dict[str, Any], ...] = ({"type": "builtin"},)
-    categories: tuple[str, ...] = CATEGORIES  # harm categories kept (safe prompts always are)
+    # The harm categories kept (safe prompts always are); None keeps every category the sources hold.
+    categories: tuple[str, ...] | None = field(default=None, metadata={"cache_key": UNLESS_DEFAULT})
     test_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ExplorerError("prompts.sources is empty.", "list at least one source, e.g. - type: builtin.")
-        check_categories(list(self.categories), "prompts.categories of the config")
+        if self.categories is not None:
+            if not self.categories:
+                raise ExplorerError("prompts.categories is empty.",
+                                    "list the categories to keep, or leave the key out to keep them all.")
+            check_category_names(list(self.categories), "prompts.categories of the config")
         if not 0.05 <= self.test_fraction <= 0.95:
             raise _out_of_range("prompts.test_fraction", self.test_fraction, "a value in [0.05, 0.95]")
 

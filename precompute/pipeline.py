@@ -50,6 +50,7 @@ class StageOutput:
     tables: Mapping[str, pd.DataFrame]
     models: tuple[str, ...] = ()
     dataset: str = ""
+    left_out: Mapping[str, int] = field(default_factory=dict)  # reason -> input rows the tables leave out
 
 
 @dataclass
@@ -190,7 +191,8 @@ def _store_output(config: StudyConfig, stage: Stage, output: StageOutput, digest
     _check_declared(stage, output)
     run = store.RunRecord(
         study=config.study, stage=stage.name, models=output.models, dataset=output.dataset,
-        config={name: config.section(name) for name in SECTIONS} | {"models": config.models},
+        config={name: config.section(name) for name in SECTIONS} | {"models": config.models}
+        | ({"left_out": dict(output.left_out)} if output.left_out else {}),
     )
     store.write_stage(config.store, run=run, input_hash=digest, tables=output.tables,
                       meta={store.STUDY_STAGES_KEY: json.dumps(planned)})

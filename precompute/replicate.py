@@ -21,13 +21,14 @@ from engine import store
 from engine.errors import ExplorerError
 from engine.models import is_embedded_tuned
 from engine.paths import stores_dir
+from engine.schema import COMMAND_TABLES
 from precompute.config import SECTIONS, StudyConfig
 from precompute.pipeline import run_pipeline
 from precompute.stages import STAGES
 
 logger = logging.getLogger(__name__)
 
-REPLICATION_TABLE = "verdict_replication"
+REPLICATION_TABLE, = COMMAND_TABLES["replicate"]
 VERDICT_COLUMNS = ["kind", "label", "ratio", "ratio_low", "ratio_high", "decoding_accuracy", "decoding_chance",
                    "decoding_p", "detectable_share"]
 

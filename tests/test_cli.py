@@ -32,7 +32,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize(("config", "message"), [
     (None, "Config file .* does not exist"),
-    ("study: x\nmodels: {base: m}\nprompts: {categories: [weapons]}\n", "Unknown category \\['weapons'\\]"),
+    ("study: x\nmodels: {base: m}\nprompts: {categories: []}\n", "prompts.categories is empty"),
     ("study: x\nmodels: {base: m}\ngeneration: {batch_size: 0}\n", "generation.batch_size = 0 is out of range"),
     ("study: x\nmodels: {base: m}\ntune: {epochs: 99}\n", "tune.epochs = 99 is out of range"),
     ("study: x\nmodels: {base: m}\ngeneration: {beams: 4}\n", "Unknown key\\(s\\) \\['beams'\\]"),

@@ -18,7 +18,8 @@ from engine.prompt_sources import (
     load_refusal_direction,
     load_table,
 )
-from engine.prompts import CATEGORIES, PROMPT_COLUMNS, stable_split
+from engine.prompts import ORBENCH_CATEGORIES as CATEGORIES
+from engine.prompts import PROMPT_COLUMNS, category_label, stable_split
 from tests.conftest import shared_dataset
 
 BALANCED = Path(__file__).resolve().parents[1] / "data" / "prompts" / "builtin_balanced.csv"
@@ -78,9 +79,28 @@ def test_refusal_direction_splits_load_with_kinds_and_splits() -> None:
     assert by[("toxic", "train")] == 260 and by[("toxic", "test")] == 39
     assert by[("safe", "train")] == 300 and by[("safe", "test")] == 300
     harmful_val = json.loads((folder / "harmful_val.json").read_text())
-    mapped = prompts[prompts["source"] == "refusal_direction/harmful_val"]
-    assert (mapped["category"] == "illegal").sum() == sum(r["category"] == "illegal" for r in harmful_val)
+    native = prompts[prompts["source"] == "refusal_direction/harmful_val"]
+    # The set's own taxonomy, verbatim: HarmBench-style names outside OR-Bench's ten included.
+    assert native["category"].value_counts().to_dict() == pd.Series(
+        [r["category"] for r in harmful_val]).value_counts().to_dict()
+    assert "chemical_biological" in set(native["category"])
     assert set(prompts[prompts["kind"] == "safe"]["category"]) == {"none"}
+    assert set(prompts.loc[prompts["source"] == "refusal_direction/harmful_train", "category"]) == {"uncategorized"}
+
+
+def test_category_map_renames_a_sets_categories_onto_another_taxonomy() -> None:
+    spec = {"type": "refusal_direction", "folder": str(shared_dataset("refusal_direction")), "files": ["harmful_val"],
+            "category_map": {"harassment_bullying": "harassment", "misinformation_disinformation": "deception"}}
+    prompts = load_prompt_source(spec, test_fraction=0.3)
+    assert {"harassment", "deception", "chemical_biological"} <= set(prompts["category"])
+    assert not {"harassment_bullying", "misinformation_disinformation"} & set(prompts["category"])
+    with pytest.raises(ExplorerError, match="category_map"):
+        load_prompt_source(spec | {"category_map": ["harassment"]}, test_fraction=0.3)
+
+
+def test_category_label_is_for_display_only() -> None:
+    assert category_label("chemical_biological") == "chemical biological"
+    assert category_label("Harassment/Discrimination") == "Harassment/Discrimination"
 
 
 def test_advbench_csv_loads_every_goal_as_toxic() -> None:
@@ -117,13 +137,13 @@ def test_jsonl_with_column_mapping(tmp_path: Path) -> None:
     prompts = load_prompt_source({"type": "table", "path": str(path),
                                   "mapping": {"text": "q", "category": "cat", "kind": "label"}},
                                  test_fraction=0.5)
-    assert list(prompts["category"]) == ["harassment", "none"] and list(prompts["source"]) == ["mine", "mine"]
+    # Category names are kept verbatim (any taxonomy); only "none" is recognised in any spelling.
+    assert list(prompts["category"]) == ["Harassment", "none"] and list(prompts["source"]) == ["mine", "mine"]
 
 
 @pytest.mark.parametrize(("content", "mapping", "message"), [
     ('text,category\n"unclosed quote,hate\n', ColumnMapping(category="category"), "Malformed CSV"),
     ("prompt,category\nhello,hate\n", ColumnMapping(category="category"), r"lacks column\(s\) \['text'\]"),
-    ("text,category\nhello,weapons\n", ColumnMapping(category="category"), "Unknown category \\['weapons'\\]"),
     ("text,category\n,hate\n", ColumnMapping(category="category"), "has no prompts"),
     ("text,kind\nhello,nasty\n", ColumnMapping(kind="kind"), "Unknown kind"),
 ])

@@ -16,7 +16,8 @@ import pytest
 from app import queries
 from engine import store
 from engine.paths import BUILTIN_PROMPTS
-from engine.prompts import CATEGORIES, KINDS
+from engine.prompts import KINDS
+from engine.prompts import ORBENCH_CATEGORIES as CATEGORIES
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.shards import ShardSpec

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from engine import models
 from engine.errors import ExplorerError
 from engine.judge import is_refusal
-from engine.prompts import CATEGORIES
+from engine.prompts import ORBENCH_CATEGORIES as CATEGORIES
 from engine.tuning import (
     DEFAULT_REFUSAL,
     SftExample,

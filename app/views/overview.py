@@ -9,6 +9,7 @@ from app import queries
 from app.charts import rate_bars
 from app.components import show_chart, show_table
 from app.context import current_store, require_tables
+from engine.prompts import category_label
 from engine.schema import KINDS
 
 SET_LABELS = {"plain_instructions": "plain instructions", "harmful_heldout": "harmful requests (held out)",
@@ -82,6 +83,41 @@ if "evaluation_rates" in present:
     held_out = held_out.assign(label=held_out["n_refused"].astype(str) + " / " + held_out["n"].astype(str))
     show_chart(rate_bars(held_out, "set", "model", alt.Scale(scheme="tableau10")),
                "Refusal on held-out prompt sets", data=held_out, width="stretch")
+
+if "benchmark_rates" in present:
+    st.subheader("On other prompt sets: does it generalise?")
+    sets = queries.query(store, queries.BENCHMARK_SETS_SQL)["set"].tolist()
+    chosen_set = st.selectbox("Prompt set", sets, help="sets run through this study with `python -m precompute "
+                              "evaluate --config STUDY.yaml --prompts SET.yaml`, in their own categories")
+    benchmark = queries.query(store, queries.BENCHMARK_RATES_SQL, (chosen_set,))
+    benchmark = benchmark.assign(label=benchmark["n_refused"].astype(str) + " / " + benchmark["n"].astype(str),
+                                 answered_by=benchmark["model"] + ", " + benchmark["condition"])
+    overall = benchmark[benchmark["category"] == "all"]
+    st.caption(
+        "Every model answers the set unmodified; the directions model also with the chosen direction ablated "
+        "(refusal should fall on harmful prompts) and added (it should rise everywhere). Prompts the study trained "
+        "or fitted on are left out. Refusal: substring judge, Wilson 95% intervals. A non-refused answer that "
+        "loops or that the base model finds less likely than 95% of the studied model's own unsteered answers "
+        "is marked **degenerate**: it is a bypass, not an answer.")
+    show_chart(rate_bars(overall, "kind", "answered_by", annotated=True),
+               f"Refusal on {chosen_set} by kind", data=overall, width="stretch")
+    coherence = overall.assign(rate=overall["coherent_rate"], ci_low=overall["coherent_rate_low"],
+                               ci_high=overall["coherent_rate_high"],
+                               label=overall["n_coherent"].astype(str) + " / " + overall["n"].astype(str))
+    st.markdown("**Answered coherently** (neither refused nor degenerate)")
+    show_chart(rate_bars(coherence, "kind", "answered_by", annotated=True).encode(
+        y=alt.Y("rate:Q", title="answered coherently", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1]))),
+        f"Coherent answers on {chosen_set} by kind", data=coherence, width="stretch")
+    categories = benchmark[(benchmark["category"] != "all") & (benchmark["kind"] == "toxic")]
+    if not categories.empty:
+        st.markdown(f"**Harmful prompts of {chosen_set} by its own categories**")
+        show_chart(rate_bars(categories.assign(category=categories["category"].map(category_label)), "category",
+                             "answered_by"), f"Refusal on {chosen_set} by category", data=categories, width="stretch")
+    condition = st.radio("Answers under", sorted(benchmark["condition"].unique()), horizontal=True)
+    answers = queries.query(store, queries.BENCHMARK_ANSWERS_SQL, (chosen_set, condition))
+    if st.toggle("Degenerate answers only", value=False):
+        answers = answers[answers["degenerate"]]
+    show_table(answers, f"Answers on {chosen_set} ({condition})", hide_index=True, width="stretch")
 
 with st.expander("Refusal rates as a table"):
     show_table(rates.drop(columns="label"), "Refusal rates", hide_index=True, width="stretch",

@@ -54,7 +54,7 @@ from engine.form_probe import form_probe
 from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
 from engine.models import LoadedModel
-from engine.prompts import CATEGORIES, stable_split
+from engine.prompts import NO_CATEGORY, UNCATEGORIZED, stable_split
 from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput
@@ -274,7 +274,9 @@ class DirectionsStage(Stage):
         validation = train & np.array(
             [stable_split("validation:" + t, settings.validation_fraction) == "test" for t in prompts["text"]])
         fit = train & ~validation
-        wanted = [c for c in config.prompts.categories if c in CATEGORIES]
+        # The configured categories, else every named category with toxic prompts (in the data's order).
+        wanted = (list(config.prompts.categories) if config.prompts.categories is not None
+                  else sorted(set(category[toxic]) - {NO_CATEGORY, UNCATEGORIZED}))
         categories = [c for c in wanted if (toxic & fit & (category == c)).any()]
         if empty := sorted(set(wanted) - set(categories)):
             raise ExplorerError(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,29 @@ from engine.prompts import NO_CATEGORY
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
 
+logger = logging.getLogger(__name__)
+
 PATH_OPTIONS = ("path", "folder", "location")
+REPEATED = "same text as a prompt of an earlier source"
+NOT_CHOSEN = "category not in prompts.categories"
+
+
+@dataclass(frozen=True)
+class KeptPrompts:
+    prompts: pd.DataFrame
+    left_out: dict[str, int]  # reason -> prompts the sources loaded that the table does not hold
+
+
+def kept_prompts(loaded: Sequence[pd.DataFrame], categories: Sequence[str] | None) -> KeptPrompts:
+    """The sources' prompts as one table: each text once (its first source), the chosen categories
+    (every one when `categories` is None) plus plainly safe prompts; every prompt left out counted."""
+    combined = pd.concat(loaded, ignore_index=True)
+    repeated = combined["id"].duplicated()
+    combined = combined[~repeated]
+    chosen = (combined["category"].isin([*categories, NO_CATEGORY]) if categories is not None
+              else pd.Series(True, index=combined.index))
+    left_out = {REPEATED: int(repeated.sum()), NOT_CHOSEN: int((~chosen).sum())}
+    return KeptPrompts(combined[chosen].reset_index(drop=True), {k: v for k, v in left_out.items() if v})
 
 
 def source_fingerprints(sources: Sequence[dict[str, Any]]) -> list[str]:
@@ -48,13 +72,13 @@ class PromptsStage(Stage):
     def run(self, context: StageContext) -> StageOutput:
         settings = context.config.prompts
         loaded = [load_prompt_source(s, test_fraction=settings.test_fraction) for s in settings.sources]
-        prompts = pd.concat(loaded).drop_duplicates("id", keep="first")
-        keep = set(settings.categories) | {NO_CATEGORY}
-        prompts = prompts[prompts["category"].isin(keep)].reset_index(drop=True)
-        if prompts.empty:
+        kept = kept_prompts(loaded, settings.categories)
+        for reason, count in kept.left_out.items():
+            logger.warning("Prompts: %d of %d loaded left out (%s)", count, sum(map(len, loaded)), reason)
+        if kept.prompts.empty:
             raise ExplorerError(
                 "The configured prompt sources give no prompts in the chosen categories.",
                 "check prompts.sources and prompts.categories in the config.",
             )
-        dataset = "+".join(sorted(prompts["source"].unique()))
-        return StageOutput(tables={"prompts": prompts}, dataset=dataset)
+        dataset = "+".join(sorted(kept.prompts["source"].unique()))
+        return StageOutput(tables={"prompts": kept.prompts}, dataset=dataset, left_out=kept.left_out)
