@@ -82,19 +82,37 @@ def projection_histograms(projections: pd.DataFrame) -> alt.Chart:
         tooltip=[alt.Tooltip("kind"), alt.Tooltip("count()")]).properties(height=200, width=320)
 
 
+# Every category label on every axis (Vega drops every other one when they crowd; a class reading the
+# chart from the back of the room needs them all).
+ALL_LABELS = alt.Axis(labelOverlap=False, labelLimit=220)
+
+
+def fitted_domain(values: pd.Series) -> list[float]:
+    """The colour domain of a heatmap fitted to its values (a 0.80-0.96 matrix on a 0-1 scale looks
+    uniformly dark), widened a little when every value is the same."""
+    low, high = float(values.min()), float(values.max())
+    return [low - 0.01, high + 0.01] if high - low < 1e-9 else [low, high]
+
+
 def category_cosines(cosines: pd.DataFrame) -> alt.Chart:
+    off_diagonal = cosines.loc[cosines["category_a"] != cosines["category_b"], "cosine"]
+    domain = fitted_domain(off_diagonal if len(off_diagonal) else cosines["cosine"])
     return alt.Chart(cosines).mark_rect().encode(
-        x=alt.X("category_b:N", title=None), y=alt.Y("category_a:N", title=None),
-        color=alt.Color("cosine:Q", scale=alt.Scale(domain=[0, 1], scheme="blues")),
+        x=alt.X("category_b:N", title=None, axis=alt.Axis(labelOverlap=False, labelLimit=220, labelAngle=-40)),
+        y=alt.Y("category_a:N", title=None, axis=ALL_LABELS),
+        color=alt.Color("cosine:Q", scale=alt.Scale(domain=domain, scheme="blues", clamp=True)),
         tooltip=[alt.Tooltip("category_a"), alt.Tooltip("category_b"), alt.Tooltip("cosine:Q", format=".2f"),
                  alt.Tooltip("ci_low:Q", format=".2f", title="95% CI low"),
                  alt.Tooltip("ci_high:Q", format=".2f", title="95% CI high")]).properties(
-        title="cosine of category directions (bootstrap 95% CI on hover)", height=320)
+        title=f"cosine of category directions: colours span the data, {domain[0]:.2f}-{domain[1]:.2f} "
+              "(the diagonal, 1, is clamped); bootstrap 95% CI on hover", height=320)
 
 
 def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
     return alt.Chart(cross).mark_rect().encode(
-        x=alt.X("category:N", title="refusal measured on"), y=alt.Y("ablated:N", sort=order, title="direction ablated"),
+        x=alt.X("category:N", title="refusal measured on",
+                axis=alt.Axis(labelOverlap=False, labelLimit=220, labelAngle=-40)),
+        y=alt.Y("ablated:N", sort=order, title="direction ablated", axis=ALL_LABELS),
         color=alt.Color("refusal_rate_by_score:Q", scale=alt.Scale(domain=[0, 1], scheme="reds")),
         tooltip=[alt.Tooltip("ablated"), alt.Tooltip("category"), alt.Tooltip("n"),
                  alt.Tooltip("refusal_rate_by_score:Q", format=".0%"), alt.Tooltip("mean_refusal_score:Q", format=".2f")]).properties(

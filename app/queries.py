@@ -58,6 +58,15 @@ GROUP BY p.id, p.text, p.category, p.kind, p.split
 ORDER BY p.category, p.kind, p.text
 LIMIT ?
 """
+# Every judge's label per answer (one column per judge), under the prompt browser's filters.
+JUDGE_LABELS_SQL = """
+SELECT g.model, g.condition, p.category, p.kind, p.text, g.response, g.refused AS substring_judge,
+       g.refused_by_score AS refusal_score_judge, g.refusal_score
+FROM generations g JOIN prompts p ON g.prompt_id = p.id
+WHERE list_contains(?, p.category) AND list_contains(?, p.kind) AND list_contains(?, p.split)
+  AND p.text ILIKE '%' || ? || '%'
+ORDER BY g.model, p.category, p.kind, p.text
+"""
 PROMPT_GENERATIONS_SQL = """
 SELECT model, model_spec, condition, response, refused, refusal_score, refused_by_score, n_new_tokens
 FROM generations WHERE prompt_id = ? ORDER BY model, condition

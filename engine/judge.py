@@ -20,9 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import mannwhitneyu
-from statsmodels.stats.inter_rater import cohens_kappa
 
-from engine.stats import wilson_interval
+from engine.stats import cohen_kappa, wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -162,15 +161,8 @@ def judge_agreement(refused: Sequence[bool], scores: Sequence[float]) -> JudgeAg
     labels = np.asarray(refused, dtype=bool)
     values = np.asarray(scores, dtype=float)
     by_score = values > 0
-    table = np.array(
-        [
-            [np.sum(labels & by_score), np.sum(labels & ~by_score)],
-            [np.sum(~labels & by_score), np.sum(~labels & ~by_score)],
-        ]
-    )
     both_classes = labels.any() and (~labels).any()
-    with np.errstate(invalid="ignore", divide="ignore"):  # kappa is undefined with one class: NaN
-        kappa = float(cohens_kappa(table, return_results=False)) if len(labels) else float("nan")
+    kappa = cohen_kappa(labels, by_score)
     auroc = (
         float(mannwhitneyu(values[labels], values[~labels]).statistic / (labels.sum() * (~labels).sum()))
         if both_classes

@@ -25,3 +25,15 @@ def wilson_interval(refused: npt.ArrayLike, n: npt.ArrayLike) -> tuple[np.ndarra
         centre = (share + z2 / (2 * n)) / denominator
         half = Z_95 * np.sqrt(share * (1.0 - share) / n + z2 / (4.0 * n**2)) / denominator
     return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+
+
+def cohen_kappa(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Cohen's kappa of two raters' binary labels: (observed - chance agreement) / (1 - chance);
+    NaN when chance agreement is 1 (both raters give one label throughout), as statsmodels gives."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if not len(a):
+        return float("nan")
+    observed = np.mean(a == b)
+    chance = np.mean(a) * np.mean(b) + np.mean(~a) * np.mean(~b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float((observed - chance) / (1 - chance)) if chance < 1 else float("nan")

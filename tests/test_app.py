@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine import store
@@ -272,3 +273,23 @@ def test_the_model_stack_warms_up_only_when_the_model_is_about_to_be_needed(tiny
     calls.clear()
     steering = _page("steering", tiny_store)
     assert not steering.exception and calls == ["warm"]
+
+
+def test_prompt_browser_shows_where_the_judges_disagree(tiny_store: Path) -> None:
+    from engine.stats import cohen_kappa
+
+    app = _page("prompts", tiny_store)
+    assert not app.exception and not app.error
+    generations = store.read_table(tiny_store, "generations")
+    judged = generations.query("split == 'test'")  # the page's default filter
+    matrix = next(frame.value for frame in app.dataframe if "Cohen's kappa" in frame.value.columns)
+    for row in matrix.to_dict("records"):
+        own = judged[judged["model"] == row["model"]]
+        assert row["answers"] == len(own)
+        assert row["Cohen's kappa"] == pytest.approx(cohen_kappa(own["refused"], own["refused_by_score"]), nan_ok=True)
+    labels = next(frame.value for frame in app.dataframe if "substring_judge" in frame.value.columns)
+    split = (judged["refused"] != judged["refused_by_score"]).sum()
+    assert len(labels) == min(split, 500) and (labels["substring_judge"] != labels["refusal_score_judge"]).all()
+    app.toggle[0].set_value(False).run()
+    labels = next(frame.value for frame in app.dataframe if "substring_judge" in frame.value.columns)
+    assert len(labels) == min(len(judged), 500)

@@ -96,3 +96,21 @@ def test_firing_rates_keep_the_frames_order_with_one_spec_for_any_features() -> 
     assert {k: v for k, v in first.items() if k != "datasets"} == {k: v for k, v in second.items() if k != "datasets"}
     labels = re.findall(r">(\d)</text>", chart_svg(first))
     assert [label for label in labels if label in "739"][:3] == ["7", "3", "9"]
+
+
+def test_category_heatmaps_label_every_category_and_fit_the_colours_to_the_data() -> None:
+    names = [f"category number {i}" for i in range(10)]
+    cosines = pd.DataFrame([(a, b, 1.0 if a == b else 0.8 + 0.016 * ((i + j) % 10), 0.7, 0.99)
+                            for i, a in enumerate(names) for j, b in enumerate(names)],
+                           columns=["category_a", "category_b", "cosine", "ci_low", "ci_high"])
+    spec = chart_spec(charts.category_cosines(cosines))
+    encoding = spec["encoding"]
+    assert encoding["x"]["axis"]["labelOverlap"] is False and encoding["y"]["axis"]["labelOverlap"] is False
+    off = cosines.loc[cosines["category_a"] != cosines["category_b"], "cosine"]
+    assert encoding["color"]["scale"]["domain"] == [off.min(), off.max()]  # not [0, 1]
+    assert f"{off.min():.2f}-{off.max():.2f}" in spec["title"]
+    cross = pd.DataFrame({"ablated": names, "category": names, "n": 5, "refusal_rate_by_score": 0.5,
+                          "mean_refusal_score": 0.0})
+    cross_spec = chart_spec(charts.cross_ablation(cross, names))["encoding"]
+    assert cross_spec["x"]["axis"]["labelOverlap"] is False and cross_spec["y"]["axis"]["labelOverlap"] is False
+    assert charts.fitted_domain(pd.Series([0.5, 0.5])) == [0.49, 0.51]

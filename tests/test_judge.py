@@ -73,3 +73,19 @@ def test_judge_agreement_counts_and_ranks() -> None:
     mixed = judge_agreement([True, True, False, False], [2.0, -1.0, 1.0, -3.0])
     assert mixed.n == 4 and mixed.n_refused_substring == 2 and mixed.n_refused_score == 2
     assert mixed.accuracy == 0.5 and mixed.auroc == 0.75
+
+
+def test_cohen_kappa_equals_statsmodels_on_random_and_one_sided_labels() -> None:
+    from statsmodels.stats.inter_rater import cohens_kappa
+
+    from engine.stats import cohen_kappa
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(2, 60))
+        a, b = rng.random(n) < rng.random(), rng.random(n) < rng.random()
+        table = np.array([[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            expected = float(cohens_kappa(table, return_results=False))
+        assert cohen_kappa(a, b) == pytest.approx(expected, nan_ok=True)
+    assert np.isnan(cohen_kappa([True, True], [True, True])) and np.isnan(cohen_kappa([], []))

@@ -7,10 +7,10 @@ import streamlit as st
 from app import queries
 from app.components import show_table
 from app.context import current_store, require_tables
+from app.judges import JUDGES, judge_agreement_matrix
 from engine.schema import KINDS
 
 MAX_ROWS = 500
-
 store = current_store()
 st.title("Prompt browser")
 require_tables(store, ("prompts", "generations"))
@@ -34,6 +34,22 @@ selection = show_table(
     rows.drop(columns="id"), "Prompts", hide_index=True, width="stretch", height=320,
     on_select="rerun", selection_mode="single-row", key="prompt_table",
 )
+with st.expander("Where the judges disagree", expanded=False):
+    st.caption("Every judge's verdict on each answer side by side, under the filters above. Disagreements are "
+               "where a phrase list and the model's own refusal tokens read an answer differently: refusals "
+               "without a listed phrase, clarifying questions, late disclaimers. Kappa: agreement beyond chance "
+               "(1 = perfect, 0 = chance).")
+    labels = queries.query(store, queries.JUDGE_LABELS_SQL, (tuple(picked_categories), tuple(picked_kinds),
+                                                             tuple(picked_splits), search.strip()))
+    show_table(judge_agreement_matrix(labels), "Judge agreement (Cohen's kappa per pair)", hide_index=True,
+               width="stretch", column_config={"agree": st.column_config.NumberColumn(format="percent"),
+                                               "Cohen's kappa": st.column_config.NumberColumn(format="%.2f")})
+    disagree = labels[labels[list(JUDGES.values())].nunique(axis=1) > 1]
+    only = st.toggle("Only answers the judges disagree on", value=True)
+    shown = disagree if only else labels
+    st.caption(f"{len(disagree)} of {len(labels)} answers split the judges.")
+    show_table(shown.head(MAX_ROWS), "Judge labels per answer", hide_index=True, width="stretch", height=280)
+
 picked_rows = selection.selection.rows if selection else []
 if not picked_rows:
     st.info("Select a prompt above to read each model's answer.")
