@@ -18,7 +18,7 @@ import platform
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from transformer_lens.hook_points import HookPoint
@@ -246,7 +246,9 @@ def resolve_model_source(spec: str) -> str:
     )
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes a study runs in by name (generation.dtype): auto resolves to bfloat16 or float32 (resolve_dtype).
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(Dtype) if name != "auto"}
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
+from engine.config_checks import check_choice
 from engine.errors import ExplorerError
 from engine.paths import BALANCED_PROMPTS, BUILTIN_PROMPTS, cache_dir, public_dataset_dir
 from engine.prompts import NO_CATEGORY, UNCATEGORIZED, make_prompt_table
@@ -93,15 +94,14 @@ def load_table(
     )
 
 
-BUILTIN_VARIANTS: dict[str, Path] = {"original": BUILTIN_PROMPTS, "balanced": BALANCED_PROMPTS}
+BuiltinVariant = Literal["original", "balanced"]
+BUILTIN_VARIANTS: dict[BuiltinVariant, Path] = {"original": BUILTIN_PROMPTS, "balanced": BALANCED_PROMPTS}
 
 
-def load_builtin(test_fraction: float = 0.3, variant: str = "original") -> pd.DataFrame:
+def load_builtin(test_fraction: float = 0.3, variant: BuiltinVariant = "original") -> pd.DataFrame:
     """The project's own prompt set: ten OR-Bench categories x toxic/hard, plus safe prompts.
     `balanced`: the same set with the safe prompts phrased like the toxic ones (same openers)."""
-    if variant not in BUILTIN_VARIANTS:
-        raise ExplorerError(f"Unknown built-in prompt set variant {variant!r}.",
-                            f"use one of {', '.join(BUILTIN_VARIANTS)}.")
+    check_choice("builtin", "variant", variant, BuiltinVariant)
     return load_table(
         BUILTIN_VARIANTS[variant],
         ColumnMapping(category="category", kind="kind"),

@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from engine.errors import ExplorerError
 from engine.judge import refusal_log_odds
 
-METRICS = ("refusal_score", "logit_diff")
+Metric = Literal["refusal_score", "logit_diff"]
+METRICS: tuple[str, ...] = get_args(Metric)
 
 
 @dataclass(frozen=True)

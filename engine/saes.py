@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from engine.activations import kept_token_mask
+from engine.config_checks import Range, check_choice, check_ranges
 from engine.errors import ExplorerError
 from engine.generation import map_right_padded
 from engine.interventions import applied
@@ -29,7 +31,9 @@ from engine.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {
+Architecture = Literal["topk", "jumprelu", "standard"]
+# SAELens' training config and class per architecture (the keys are Architecture's choices).
+ARCHITECTURES: dict[Architecture, tuple[type, type]] = {
     "topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
     "jumprelu": (JumpReLUTrainingSAEConfig, JumpReLUTrainingSAE),
     "standard": (StandardTrainingSAEConfig, StandardTrainingSAE),
@@ -38,9 +42,18 @@ ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class SaeTraining:
-    """What to train: architecture, width, sparsity and the optimisation budget."""
+    """What to train: architecture, width, sparsity and the optimisation budget (the study config's
+    `saes:` settings, precompute.config.SaesConfig, extend these)."""
 
-    architecture: str = "topk"
+    RANGES: ClassVar[dict[str, Range]] = {
+        "expansion": Range(1, 256),
+        "k": Range(1, 4096),
+        "steps": Range(1, 10_000_000),
+        "batch_size": Range(1, 1_000_000),
+        "lr": Range(0, 1, low_open=True, high_open=True),
+    }
+
+    architecture: Architecture = "topk"
     expansion: int = 4  # d_sae = expansion * d_in
     k: int = 32  # topk only
     sparsity_coefficient: float = 5.0  # l1 (standard) or l0 (jumprelu) coefficient
@@ -51,15 +64,9 @@ class SaeTraining:
     autocast: bool = False  # bfloat16 matmuls (weights stay float32): ~2.5x faster on CPUs with AVX512-BF16
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ExplorerError(f"Unknown SAE architecture {self.architecture!r}.",
-                                f"use one of {', '.join(ARCHITECTURES)}.")
-        if not 1 <= self.expansion <= 256 or not 1 <= self.k <= 4096:
-            raise ExplorerError(f"SAE width x{self.expansion} or k={self.k} is out of range.",
-                                "use expansion 1-256 and k 1-4096.")
-        if not 1 <= self.steps <= 10_000_000 or not 1 <= self.batch_size <= 1_000_000 or not 0 < self.lr < 1:
-            raise ExplorerError("SAE steps, batch_size or lr out of range.",
-                                "use steps >= 1, batch_size >= 1, lr in (0, 1).")
+        # Errors name the settings as the study config's `saes:` section does; SaesConfig's RANGES add its own.
+        check_choice("saes", "architecture", self.architecture, Architecture)
+        check_ranges("saes", self, self.RANGES)
 
 
 def build_training_sae(training: SaeTraining, d_in: int, hook_name: str, model_name: str, device: str = "cpu"):

@@ -15,13 +15,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from engine.chat import chat_prompt, end_of_turn
+from engine.config_checks import Range, check_ranges
 from engine.config_keys import UNLESS_DEFAULT
 from engine.errors import ExplorerError
 from engine.prompt_forms import matched_sample
@@ -33,6 +34,16 @@ DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 
 @dataclass(frozen=True)
 class TuneConfig:
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": Range(1, 20),
+        "learning_rate": Range(0, 1e-2, low_open=True),
+        "batch_size": Range(1, 512),
+        "max_response_tokens": Range(4, 1024),
+        "plain_per_toxic": Range(0, 20),
+        "first_token_weight": Range(1, 100),
+        "trained_layers": Range(1, 1000, optional=True),
+    }
+
     epochs: int = 2
     learning_rate: float = 5e-5
     batch_size: int = 8
@@ -58,23 +69,7 @@ class TuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": 1 <= self.epochs <= 20,
-            "learning_rate": 0 < self.learning_rate <= 1e-2,
-            "batch_size": 1 <= self.batch_size <= 512,
-            "max_response_tokens": 4 <= self.max_response_tokens <= 1024,
-            "plain_per_toxic": 0 <= self.plain_per_toxic <= 20,
-            "first_token_weight": 1 <= self.first_token_weight <= 100,
-            "trained_layers": self.trained_layers is None or 1 <= self.trained_layers <= 1000,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ExplorerError(
-                    f"tune.{name} = {getattr(self, name)!r} is out of range.",
-                    "use epochs 1-20, learning_rate in (0, 0.01], batch_size 1-512, "
-                    "max_response_tokens 4-1024, plain_per_toxic 0-20, first_token_weight 1-100, "
-                    "trained_layers 1-1000 or null.",
-                )
+        check_ranges("tune", self, self.RANGES)
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
         if not isinstance(self.category_refusals, dict) or any(

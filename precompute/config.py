@@ -5,35 +5,39 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import yaml
 
+from engine.config_checks import Range, check_choice, check_ranges
 from engine.config_keys import UNLESS_DEFAULT
 from engine.errors import ExplorerError
-from engine.models import DTYPES, LoadedModel, check_device_map, load_model, resolve_dtype
+from engine.models import Dtype, LoadedModel, check_device_map, load_model, resolve_dtype
 from engine.paths import REPO_ROOT, stores_dir
 from engine.prompts import check_category_names
-from engine.refusal_metric import METRICS
+from engine.refusal_metric import Metric
 from engine.sae_registry import check_release
 from engine.saes import SaeTraining
 from engine.schema import KINDS
 from engine.tuning import TuneConfig
 
-
-def _out_of_range(name: str, value: object, allowed: str) -> ExplorerError:
-    return ExplorerError(f"{name} = {value!r} is out of range.", f"use {allowed}.")
+Method = Literal["attribution", "integrated_gradients"]  # circuits.method: how node effects are estimated
+Auto = Literal["auto"]  # a setting's value that lets the machine decide (resolve_dtype)
+AUTOCAST_CHOICES: tuple[bool | str, ...] = (True, False, *get_args(Auto))
 
 
 @dataclass(frozen=True)
 class PromptConfig:
+    RANGES: ClassVar[dict[str, Range]] = {"test_fraction": Range(0.05, 0.95)}
+
     sources: tuple[dict[str, Any], ...] = ({"type": "builtin"},)
     # The harm categories kept (safe prompts always are); None keeps every category the sources hold.
     categories: tuple[str, ...] | None = field(default=None, metadata={"cache_key": UNLESS_DEFAULT})
     test_fraction: float = 0.3
 
     def __post_init__(self) -> None:
+        check_ranges("prompts", self, self.RANGES)
         if not self.sources:
             raise ExplorerError("prompts.sources is empty.", "list at least one source, e.g. - type: builtin.")
         if self.categories is not None:
@@ -41,12 +45,16 @@ class PromptConfig:
                 raise ExplorerError("prompts.categories is empty.",
                                     "list the categories to keep, or leave the key out to keep them all.")
             check_category_names(list(self.categories), "prompts.categories of the config")
-        if not 0.05 <= self.test_fraction <= 0.95:
-            raise _out_of_range("prompts.test_fraction", self.test_fraction, "a value in [0.05, 0.95]")
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_new_tokens": Range(1, 2048),
+        "batch_size": Range(1, 1024),
+        "chunk_size": Range(1, 100_000),
+    }
+
     max_new_tokens: int = 48
     batch_size: int = 32
     splits: tuple[str, ...] = ("test",)
@@ -54,7 +62,7 @@ class GenerationConfig:
     # Every forward pass and generation of every stage (the fine-tune always trains in float32).
     # bfloat16 is 2-3x faster on CPUs with AVX512-BF16 and on GPUs, 8x slower on AVX2-only CPUs;
     # auto picks it only where it is fast.
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     # Spread a model too large for one GPU over several (Hugging Face device_map: auto, balanced,
     # sequential or {module path: device}); None loads it whole on the GPU, or the CPU. Placement
     # does not change the numbers, so it is not part of any cache key.
@@ -76,21 +84,18 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.device_map is not None:
             check_device_map(self.device_map, "generation.device_map")
-        if self.dtype not in ("auto", *DTYPES):
-            raise _out_of_range("generation.dtype", self.dtype, " or ".join(("auto", *DTYPES)))
-        if not 1 <= self.max_new_tokens <= 2048:
-            raise _out_of_range("generation.max_new_tokens", self.max_new_tokens, "1-2048")
-        if not 1 <= self.batch_size <= 1024:
-            raise _out_of_range("generation.batch_size", self.batch_size, "1-1024")
-        if not 1 <= self.chunk_size <= 100_000:
-            raise _out_of_range("generation.chunk_size", self.chunk_size, "1-100000")
+        check_choice("generation", "dtype", self.dtype, Dtype)
+        check_ranges("generation", self, self.RANGES)
         if not self.splits or set(self.splits) - {"train", "test"}:
-            raise _out_of_range("generation.splits", list(self.splits), "a list of train and/or test")
+            raise ExplorerError(f"generation.splits = {list(self.splits)!r} is out of range.",
+                                "use a list of train and/or test.")
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
     """Held-out prompt sets every model answers (stage `evaluation`): [{name, source: {type, ...}}]."""
+
+    RANGES: ClassVar[dict[str, Range]] = {"max_new_tokens": Range(1, 2048)}
 
     sets: tuple[dict[str, Any], ...] = ()
     max_new_tokens: int = 24  # the judge reads the opening
@@ -107,24 +112,36 @@ class EvaluationConfig:
                                     "write - {name: NAME, source: {type: refusal_direction, files: [harmless_val]}}.")
         if len(set(names)) != len(names):
             raise ExplorerError(f"evaluation.sets names repeat: {names}.", "give every set its own name.")
-        if not 1 <= self.max_new_tokens <= 2048:
-            raise _out_of_range("evaluation.max_new_tokens", self.max_new_tokens, "1-2048")
+        check_ranges("evaluation", self, self.RANGES)
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
+    RANGES: ClassVar[dict[str, Range]] = {
+        "min_share": Range(0, 1, low_open=True),
+        "enrichment": Range(1),
+    }
+
     min_share: float = 0.05
     enrichment: float = 2.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_share <= 1:
-            raise _out_of_range("judge.min_share", self.min_share, "a value in (0, 1]")
-        if self.enrichment < 1:
-            raise _out_of_range("judge.enrichment", self.enrichment, "a value >= 1")
+        check_ranges("judge", self, self.RANGES)
 
 
 @dataclass(frozen=True)
 class DirectionsConfig:
+    RANGES: ClassVar[dict[str, Range]] = {
+        "validation_fraction": Range(0.05, 0.5),
+        "max_validation_prompts": Range(4, 10_000),
+        "layer_stride": Range(1, 64),
+        "max_kl": Range(0, 10, low_open=True),
+        "prune_last_fraction": Range(0, 1, high_open=True),
+        "addition_alpha": Range(0, 1000, low_open=True, optional=True),
+        "bootstrap": Range(10, 100_000),
+        "eval_max_new_tokens": Range(1, 2048),
+    }
+
     model: str = "tuned"  # the role (in `models`) whose refusal directions are studied
     validation_fraction: float = 0.2  # of the train split, held out for choosing the direction
     max_validation_prompts: int = 32  # per kind, for scoring every candidate
@@ -140,63 +157,42 @@ class DirectionsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.05 <= self.validation_fraction <= 0.5:
-            raise _out_of_range("directions.validation_fraction", self.validation_fraction, "0.05-0.5")
-        if not 4 <= self.max_validation_prompts <= 10_000:
-            raise _out_of_range("directions.max_validation_prompts", self.max_validation_prompts, "4-10000")
-        if not 1 <= self.layer_stride <= 64:
-            raise _out_of_range("directions.layer_stride", self.layer_stride, "1-64")
-        if not 0 < self.max_kl <= 10:
-            raise _out_of_range("directions.max_kl", self.max_kl, "a value in (0, 10]")
-        if not 0 <= self.prune_last_fraction < 1:
-            raise _out_of_range("directions.prune_last_fraction", self.prune_last_fraction, "[0, 1)")
-        if self.addition_alpha is not None and not 0 < self.addition_alpha <= 1000:
-            raise _out_of_range("directions.addition_alpha", self.addition_alpha, "(0, 1000] or null")
-        if not isinstance(self.filter_by_refusal, bool):
-            raise _out_of_range("directions.filter_by_refusal", self.filter_by_refusal, "true or false")
-        if not 10 <= self.bootstrap <= 100_000:
-            raise _out_of_range("directions.bootstrap", self.bootstrap, "10-100000")
-        if not 1 <= self.eval_max_new_tokens <= 2048:
-            raise _out_of_range("directions.eval_max_new_tokens", self.eval_max_new_tokens, "1-2048")
+        check_ranges("directions", self, self.RANGES)
+        if not isinstance(self.filter_by_refusal, bool):  # not check_choice: 1 == True
+            raise ExplorerError(f"directions.filter_by_refusal = {self.filter_by_refusal!r} is out of range.",
+                                "use true or false.")
 
 
 @dataclass(frozen=True)
-class SaesConfig:
-    """Sparse autoencoders: trained here with SAELens, or loaded through its pretrained registry."""
+class SaesConfig(SaeTraining):
+    """Sparse autoencoders: trained here with SAELens (the inherited SaeTraining settings: architecture,
+    expansion, k, sparsity_coefficient, steps, batch_size, lr, seed), or loaded through its pretrained registry."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **SaeTraining.RANGES,
+        "held_out_fraction": Range(0.01, 0.5),
+        "top_examples": Range(1, 100),
+        "top_logits": Range(1, 100),
+        "histogram_bins": Range(4, 200),
+        "attribution_prompts": Range(4, 100_000),
+    }
+
+    autocast: bool | Auto = False  # train in bfloat16 autocast (weights stay float32); auto: where it is fast
     model: str = "tuned"  # the role whose activations the SAEs read
     # Residual-stream SAEs at the chosen refusal layer plus these offsets (ignored if `hooks` is set).
     layer_offsets: tuple[int, ...] = (-4, 0)
     hooks: tuple[str, ...] = ()  # explicit TransformerLens hook names
     # Load instead of training: entries {release, sae_id} (SAELens registry) or {path} (a saved SAE).
     pretrained: tuple[dict[str, str], ...] = ()
-    architecture: str = "topk"
-    expansion: int = 4
-    k: int = 32
-    sparsity_coefficient: float = 5.0
-    steps: int = 2000
-    batch_size: int = 1024
-    lr: float = 4e-4
     held_out_fraction: float = 0.1  # of the corpus texts, for quality numbers
     top_examples: int = 8  # texts shown per feature
     top_logits: int = 10
     histogram_bins: int = 24
     attribution_prompts: int = 64  # toxic prompts (and as many safe ones as the baseline)
-    seed: int = 0
-    autocast: bool | str = False  # train in bfloat16 autocast (weights stay float32); auto: where it is fast
 
     def __post_init__(self) -> None:
-        self.training()  # validates architecture, width, sparsity and budget
-        if not 0.01 <= self.held_out_fraction <= 0.5:
-            raise _out_of_range("saes.held_out_fraction", self.held_out_fraction, "0.01-0.5")
-        if not 1 <= self.top_examples <= 100 or not 1 <= self.top_logits <= 100:
-            raise _out_of_range("saes.top_examples/top_logits", (self.top_examples, self.top_logits), "1-100")
-        if not 4 <= self.histogram_bins <= 200:
-            raise _out_of_range("saes.histogram_bins", self.histogram_bins, "4-200")
-        if not 4 <= self.attribution_prompts <= 100_000:
-            raise _out_of_range("saes.attribution_prompts", self.attribution_prompts, "4-100000")
-        if self.autocast not in (True, False, "auto"):
-            raise _out_of_range("saes.autocast", self.autocast, "true, false or auto")
+        super().__post_init__()  # the architecture, and every range in RANGES (the training ones and these)
+        check_choice("saes", "autocast", self.autocast, AUTOCAST_CHOICES)
         if not (self.layer_offsets or self.hooks or self.pretrained):
             raise ExplorerError("saes names no SAE.", "set layer_offsets (e.g. [0]), hooks or pretrained.")
         for entry in self.pretrained:
@@ -205,15 +201,22 @@ class SaesConfig:
                                     "write {release: ..., sae_id: ...} or {path: a saved SAE folder}.")
 
     def training(self) -> SaeTraining:
-        return SaeTraining(architecture=self.architecture, expansion=self.expansion, k=self.k,
-                           sparsity_coefficient=self.sparsity_coefficient, steps=self.steps,
-                           batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                           autocast=self.autocast if self.autocast != "auto" else resolve_dtype("auto") == torch.bfloat16)
+        """The inherited training settings as a plain SaeTraining, autocast resolved on this machine."""
+        settings = {item.name: getattr(self, item.name) for item in dataclasses.fields(SaeTraining)}
+        if self.autocast == "auto":
+            settings["autocast"] = resolve_dtype("auto") == torch.bfloat16
+        return SaeTraining(**settings)
 
 
 @dataclass(frozen=True)
 class SteeringConfig:
     """Batch steering on the test split: the global and category directions and the top features."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "top_features": Range(0, 100),
+        "feature_force_multiple": Range(0, 100, low_open=True),
+        "eval_max_new_tokens": Range(1, 2048),
+    }
 
     model: str = "tuned"
     top_features: int = 3  # features with the largest attribution at the refusal layer's SAE
@@ -221,21 +224,43 @@ class SteeringConfig:
     eval_max_new_tokens: int = 32  # answers generated for the features (the global direction's come from directions)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.top_features <= 100:
-            raise _out_of_range("steering.top_features", self.top_features, "0-100")
-        if not 0 < self.feature_force_multiple <= 100:
-            raise _out_of_range("steering.feature_force_multiple", self.feature_force_multiple, "(0, 100]")
-        if not 1 <= self.eval_max_new_tokens <= 2048:
-            raise _out_of_range("steering.eval_max_new_tokens", self.eval_max_new_tokens, "1-2048")
+        check_ranges("steering", self, self.RANGES)
 
 
 @dataclass(frozen=True)
 class CircuitsConfig:
     """Per-category sparse feature circuits over the `saes` stage's SAEs, and their comparison."""
 
+    # Single settings; how some relate (min_prompts <= max_prompts, max_nodes <= stored_nodes,
+    # modular_ratio < monolithic_ratio) is checked in __post_init__.
+    RANGES: ClassVar[dict[str, Range]] = {
+        "ig_steps": Range(1, 100),
+        "max_prompts": Range(4, 100_000),
+        "min_prompts": Range(4, 100_000),
+        "node_threshold": Range(0),
+        "max_nodes": Range(1, 100_000),
+        "edge_threshold": Range(0),
+        "edge_nodes": Range(1, 10_000),
+        "stored_nodes": Range(1, 100_000),
+        "subset_prompts": Range(2, 100_000),
+        "core_share": Range(0, 1, low_open=True),
+        "bootstrap": Range(10, 100_000),
+        "permutations": Range(19, 100_000),
+        "split_halves": Range(2, 10_000),
+        "alpha": Range(0, 1, low_open=True, high_open=True),
+        "monolithic_ratio": Range(0, 1.5, low_open=True),
+        "modular_ratio": Range(0, 1.5, low_open=True, high_open=True),
+        "decoding_folds": Range(2, 100),
+        "decoding_permutations": Range(19, 100_000),
+        "calibration_simulations": Range(5, 10_000),
+        "calibration_permutations": Range(19, 100_000),
+        "patch_prompts": Range(2, 10_000),
+        "exact_sites": Range(0, 1000),
+    }
+
     model: str = "tuned"
-    metric: str = "refusal_score"  # or logit_diff: refusal minus compliance tokens
-    method: str = "attribution"  # or integrated_gradients
+    metric: Metric = "refusal_score"  # or logit_diff: refusal minus compliance tokens
+    method: Method = "attribution"  # or integrated_gradients
     ig_steps: int = 8
     kinds: tuple[str, ...] = KINDS
     max_prompts: int = 48  # per category and kind, from the prompts the fine-tune did not train on
@@ -265,56 +290,33 @@ class CircuitsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise _out_of_range("circuits.metric", self.metric, " or ".join(METRICS))
-        if self.method not in ("attribution", "integrated_gradients"):
-            raise _out_of_range("circuits.method", self.method, "attribution or integrated_gradients")
-        if not 1 <= self.ig_steps <= 100:
-            raise _out_of_range("circuits.ig_steps", self.ig_steps, "1-100")
+        check_choice("circuits", "metric", self.metric, Metric)
+        check_choice("circuits", "method", self.method, Method)
+        check_ranges("circuits", self, self.RANGES)
         if not self.kinds or set(self.kinds) - set(KINDS):
-            raise _out_of_range("circuits.kinds", list(self.kinds), "a list of toxic, hard and/or safe")
-        if not 4 <= self.min_prompts <= self.max_prompts <= 100000:
-            raise _out_of_range("circuits.min_prompts/max_prompts", (self.min_prompts, self.max_prompts),
-                                "4 <= min_prompts <= max_prompts")
-        if self.node_threshold < 0 or self.edge_threshold < 0:
-            raise _out_of_range("circuits.node_threshold/edge_threshold", (self.node_threshold, self.edge_threshold),
-                                "values >= 0")
-        if not 1 <= self.edge_nodes <= 10000:
-            raise _out_of_range("circuits.edge_nodes", self.edge_nodes, "1-10000")
-        if not 1 <= self.max_nodes <= self.stored_nodes <= 100000:
-            raise _out_of_range("circuits.max_nodes/stored_nodes", (self.max_nodes, self.stored_nodes),
-                                "1 <= max_nodes <= stored_nodes")
+            raise ExplorerError(f"circuits.kinds = {list(self.kinds)!r} is out of range.",
+                                "use a list of toxic, hard and/or safe.")
+        if self.min_prompts > self.max_prompts:
+            raise ExplorerError(f"circuits.min_prompts = {self.min_prompts!r} is above circuits.max_prompts = "
+                                f"{self.max_prompts!r}.", "use min_prompts <= max_prompts.")
+        if self.max_nodes > self.stored_nodes:
+            raise ExplorerError(f"circuits.max_nodes = {self.max_nodes!r} is above circuits.stored_nodes = "
+                                f"{self.stored_nodes!r}.", "use max_nodes <= stored_nodes.")
+        if not self.modular_ratio < self.monolithic_ratio:
+            raise ExplorerError(f"circuits.modular_ratio = {self.modular_ratio!r} is not below "
+                                f"circuits.monolithic_ratio = {self.monolithic_ratio!r}.",
+                                "use modular_ratio < monolithic_ratio.")
         if not self.faithfulness_sizes or min(self.faithfulness_sizes) < 1:
-            raise _out_of_range("circuits.faithfulness_sizes", list(self.faithfulness_sizes), "sizes >= 1")
-        if not 0 < self.core_share <= 1:
-            raise _out_of_range("circuits.core_share", self.core_share, "a value in (0, 1]")
-        if not (10 <= self.bootstrap <= 100000 and 19 <= self.permutations <= 100000
-                and 2 <= self.split_halves <= 10000):
-            raise _out_of_range("circuits.bootstrap/permutations/split_halves",
-                                (self.bootstrap, self.permutations, self.split_halves), "10+, 19+ and 2+")
-        if not 0 < self.alpha < 1:
-            raise _out_of_range("circuits.alpha", self.alpha, "a value in (0, 1)")
-        if not (2 <= self.decoding_folds <= 100 and 19 <= self.decoding_permutations <= 100000):
-            raise _out_of_range("circuits.decoding_folds/decoding_permutations",
-                                (self.decoding_folds, self.decoding_permutations), "2-100 and 19+")
+            raise ExplorerError(f"circuits.faithfulness_sizes = {list(self.faithfulness_sizes)!r} is out of range.",
+                                "use sizes >= 1.")
         if not self.calibration_shares or not all(0 <= q <= 1 for q in self.calibration_shares) \
                 or list(self.calibration_shares) != sorted(set(self.calibration_shares)):
-            raise _out_of_range("circuits.calibration_shares", list(self.calibration_shares),
-                                "increasing shares in [0, 1], e.g. [0, 0.1, 0.2, 0.4, 0.8]")
-        if not (5 <= self.calibration_simulations <= 10000 and 19 <= self.calibration_permutations <= 100000):
-            raise _out_of_range("circuits.calibration_simulations/calibration_permutations",
-                                (self.calibration_simulations, self.calibration_permutations), "5+ and 19+")
+            raise ExplorerError(f"circuits.calibration_shares = {list(self.calibration_shares)!r} is out of range.",
+                                "use increasing shares in [0, 1], e.g. [0, 0.1, 0.2, 0.4, 0.8].")
         if list(self.calibration_scales) != sorted(set(self.calibration_scales)) \
                 or not all(2 <= s <= 100 for s in self.calibration_scales):
-            raise _out_of_range("circuits.calibration_scales", list(self.calibration_scales),
-                                "increasing whole multiples 2-100, or [] to skip")
-        if not 0 < self.modular_ratio < self.monolithic_ratio <= 1.5:
-            raise _out_of_range("circuits.modular_ratio/monolithic_ratio", (self.modular_ratio, self.monolithic_ratio),
-                                "0 < modular_ratio < monolithic_ratio")
-        if not (2 <= self.patch_prompts <= 10000 and 0 <= self.exact_sites <= 1000
-                and 2 <= self.subset_prompts <= 100000):
-            raise _out_of_range("circuits.patch_prompts/exact_sites/subset_prompts",
-                                (self.patch_prompts, self.exact_sites, self.subset_prompts), "2+, 0+ and 2+")
+            raise ExplorerError(f"circuits.calibration_scales = {list(self.calibration_scales)!r} is out of range.",
+                                "use increasing whole multiples 2-100, or [] to skip.")
 
 
 @dataclass(frozen=True)

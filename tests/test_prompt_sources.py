@@ -181,5 +181,5 @@ def test_refusal_direction_file_choice_sample_and_auto_folder(tmp_path: Path, mo
 def test_builtin_variants() -> None:
     assert load_builtin(variant="balanced")["text"].tolist() == load_table(
         BALANCED, ColumnMapping(category="category", kind="kind"), test_fraction=0.3)["text"].tolist()
-    with pytest.raises(ExplorerError, match="Unknown built-in prompt set variant 'tidy'"):
+    with pytest.raises(ExplorerError, match="builtin.variant = 'tidy' is not one of the choices.*original or balanced"):
         load_builtin(variant="tidy")

@@ -72,7 +72,7 @@ def test_save_load_round_trip_is_exact(trained, sparse_activations, tmp_path) ->
 
 
 def test_bad_sae_settings_are_clear_errors(sparse_activations) -> None:
-    with pytest.raises(ExplorerError, match="Unknown SAE architecture 'gated2'"):
+    with pytest.raises(ExplorerError, match="saes.architecture = 'gated2' is not one of the choices"):
         SaeTraining(architecture="gated2")
     with pytest.raises(ExplorerError, match="Only 10 activation rows"):
         train_sae(SaeTraining(batch_size=64), sparse_activations[:10], "blocks.0.hook_resid_pre", "m")
