@@ -16,7 +16,7 @@
   with a build-like load beside it (batched forward passes of the study model in another process, at
   the priority and thread count `make demo` gives its build, precompute.demo); the ratio (target <= 3).
 - app (only with `--only app`): every page's render time and a few interactions in headless
-  Chromium, see precompute/bench_app.py.
+  Chromium, see tools/browser/bench.py.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int,
     if not config.store.is_file():
         raise ExplorerError(f"No study store at {config.store}.", "build it first: python -m precompute run.")
     if which == "app":  # no model in this process: the app loads its own
-        from precompute.bench_app import run_app_bench
+        from tools.browser.bench import run_app_bench
 
         pages, interactions = run_app_bench(config, repeats=repeats)
         return [BenchResult(f"app: {t.name}", t.median, "s", f"target {t.target:g} s, {'PASS' if t.passed else 'FAIL'}")

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from app import labels
 from engine.errors import ExplorerError
-from precompute import browser
+from engine.paths import REPO_ROOT
 from precompute.__main__ import build_parser
-from precompute.bench_app import interaction_rows, page_rows
-from precompute.browser import NavPage, Timing, interaction_seconds, nav_title, parse_nav_links
+from tools.browser import bench, driver
+from tools.browser.bench import INTERACTIONS, interaction_rows, page_rows
+from tools.browser.driver import NavPage, Timing, interaction_seconds, nav_title, parse_nav_links
 
 BASE = "http://127.0.0.1:8501"
+VIEWS = REPO_ROOT / "app" / "views"
+TAB_LABELS = {value for name, value in vars(labels).items() if name.endswith("_TABS")}
 
 
 def test_nav_title_drops_the_icon_ligature() -> None:
@@ -75,12 +83,12 @@ def test_timing_summary_and_table_rows() -> None:
 def test_missing_chromium_says_how_to_install_it(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CHROMIUM", str(tmp_path / "no-chromium"))
     with pytest.raises(ExplorerError, match="apt-get install chromium"):
-        browser.chromium_path()
+        driver.chromium_path()
     binary = tmp_path / "chromium"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
     monkeypatch.setenv("CHROMIUM", str(binary))
-    assert browser.chromium_path() == binary
+    assert driver.chromium_path() == binary
 
 
 def test_bench_only_app_is_an_option_and_needs_a_store(tmp_path, caplog) -> None:
@@ -93,3 +101,49 @@ def test_bench_only_app_is_an_option_and_needs_a_store(tmp_path, caplog) -> None
     with caplog.at_level(logging.ERROR, logger="precompute"):
         assert main(["bench", "--only", "app", "--config", str(config), "--store", str(tmp_path / "no.duckdb")]) == 2
     assert "No study store at" in caplog.text
+
+
+def _tab_lists(view: Path) -> list[tuple[str, ...]]:
+    """The tab labels each `tab_views(...)` or `st.tabs(...)` call of a view passes: a name, from app.labels."""
+    found = []
+    for node in ast.walk(ast.parse(view.read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.Call) and node.args):
+            continue
+        called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if called in ("tab_views", "tabs"):
+            labels_arg = node.args[0]
+            assert isinstance(labels_arg, ast.Name) and getattr(labels, labels_arg.id, None) in TAB_LABELS, (
+                f"{view.name}:{node.lineno}: tab labels not one of app.labels' *_TABS")
+            found.append(getattr(labels, labels_arg.id))
+    return found
+
+
+def _string_literals(path: Path) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def test_the_views_take_their_tab_labels_from_app_labels() -> None:
+    every_label = {label for tabs in TAB_LABELS for label in tabs}
+    used = []
+    for view in sorted(VIEWS.glob("*.py")):
+        used += _tab_lists(view)
+        assert not _string_literals(view) & every_label, f"{view.name} spells out a tab label of app.labels"
+    assert set(used) == TAB_LABELS  # every list of app.labels is some view's tabs
+
+
+def test_the_app_bench_opens_tabs_by_the_views_constants() -> None:
+    opened = [interaction for interaction in INTERACTIONS if interaction.tab is not None]
+    assert opened
+    for interaction in opened:
+        view = VIEWS / f"{interaction.page.lower()}.py"  # the page's view (Features: features.py)
+        shown = {label for tabs in _tab_lists(view) for label in tabs}
+        assert interaction.tab in shown, f"{interaction.page}: {interaction.name} opens a tab the view has not"
+    every_label = {label for tabs in TAB_LABELS for label in tabs}
+    assert not _string_literals(Path(bench.__file__)) & every_label, "the bench spells out a tab label"
+
+
+def test_the_labels_import_neither_streamlit_nor_torch() -> None:
+    check = "import sys, app.labels; print(sorted({'streamlit', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert out.stdout.strip() == "[]"

@@ -12,15 +12,14 @@ from app import charts, queries
 from app.components import figure_spec, show_chart, show_table, tab_views
 from app.context import current_store, require_tables
 from app.findings import TARGET_FAITHFULNESS
+from app.labels import CIRCUIT_CATEGORY_TABS, CIRCUITS_TABS
 from engine.circuit_stats import SEED_BANDS
 from engine.schema import KINDS
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 GRAPH_NODES = 30  # shown by default: a readable graph
-SECTIONS = ["Verdict and similarity", "One category's circuit", "Heads and MLPs"]
 MEASURES = {"cosine": "cosine of node effects", "centred_cosine": "centred cosine (shared part removed)",
             "jaccard": "Jaccard of node sets"}
-CATEGORY_VIEWS = ["Graph and nodes", "Faithfulness against size", "Shared core and tail", "Attention heads"]
 
 store = current_store()
 st.title("Refusal circuits")
@@ -259,7 +258,7 @@ def category_circuit() -> None:
     hooks = nodes.sort_values("layer")["hook"].unique().tolist()
 
     # A new category redraws the open view only, not all four (all four made a category switch take 0.4 s).
-    tab_views(CATEGORY_VIEWS, "circuit_view", [
+    tab_views(CIRCUIT_CATEGORY_TABS, "circuit_view", [
         lambda: circuit_graph(kind, category, row, nodes, edges, hooks),
         lambda: faithfulness_view(kind, category, row, categories),
         lambda: core_view(kind, category, categories),
@@ -319,4 +318,4 @@ def verdicts_and_similarity() -> None:
 
 # A first visit builds the open part's charts only, not all of the page's (the whole page took 2.6-2.9 s to
 # first appear here).
-tab_views(SECTIONS, "circuits_section", [verdicts_and_similarity, category_circuit, patching_maps])
+tab_views(CIRCUITS_TABS, "circuits_section", [verdicts_and_similarity, category_circuit, patching_maps])

@@ -15,6 +15,7 @@ import streamlit as st
 from app import charts, queries
 from app.components import figure_spec, highlighted_tokens, show_chart, show_table, tab_views
 from app.context import current_store, require_tables, warm_model_stack
+from app.labels import ALL_FEATURES, FEATURE_DASHBOARD, FEATURES_TABS
 from engine.errors import ExplorerError
 
 HOOK_KEY, FEATURE_KEY = "features_hook", "features_feature"
@@ -23,7 +24,6 @@ HOOK_KEY, FEATURE_KEY = "features_hook", "features_feature"
 CHOSEN_KEY = "features_chosen"
 URL_WRITTEN = "features_url_written"  # the (hook, feature) this page last put in the URL
 VIEW_KEY, TABLE_KEY, SHOWN_KEY = "features_view", "feature_table", "features_shown"
-VIEWS = ["Feature dashboard", "All features", "SAE quality and refusal-aligned features"]
 RATIO = 3.0  # "fires on toxic prompts at >= 3x its rate on safe prompts"
 SORTS = {
     "refusal alignment (|cosine| with the refusal direction)": ("refusal_alignment", False),
@@ -89,7 +89,7 @@ def choose_sae() -> ChosenSae:
             st.stop()
         st.session_state[CHOSEN_KEY] = int(linked_feature)
         st.session_state.pop(FEATURE_KEY, None)
-        st.session_state[VIEW_KEY] = VIEWS[0]
+        st.session_state[VIEW_KEY] = FEATURE_DASHBOARD
     elif not 0 <= st.session_state.get(CHOSEN_KEY, -1) < sae.d_sae:  # first visit, or another SAE's width
         st.session_state[CHOSEN_KEY] = int(sae.aligned["feature"].iloc[0])
         st.session_state.pop(FEATURE_KEY, None)
@@ -102,7 +102,7 @@ def open_selected_feature() -> None:
     if rows:
         st.session_state[CHOSEN_KEY] = st.session_state[SHOWN_KEY][rows[0]]
         st.session_state.pop(FEATURE_KEY, None)
-        st.session_state[VIEW_KEY] = VIEWS[0]
+        st.session_state[VIEW_KEY] = FEATURE_DASHBOARD
 
 
 def sae_overview(sae: ChosenSae) -> None:
@@ -178,7 +178,7 @@ def feature_dashboard(sae: ChosenSae) -> None:
     if FEATURE_KEY not in st.session_state:
         st.session_state[FEATURE_KEY] = st.session_state[CHOSEN_KEY]
     feature = st.number_input(f"Feature (0–{d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=FEATURE_KEY,
-                              help="or select a row in the All features tab")
+                              help=f"or select a row in the {ALL_FEATURES} tab")
     st.session_state[CHOSEN_KEY] = int(feature)
     params["hook"], params["feature"] = hook, str(feature)
     st.session_state[URL_WRITTEN] = (hook, str(feature))
@@ -259,8 +259,8 @@ def feature_dashboard(sae: ChosenSae) -> None:
 def sae_views() -> None:
     sae = choose_sae()
     # Another SAE or feature redraws the open view only (the whole page made an SAE switch take 0.4 s).
-    tab_views(VIEWS, VIEW_KEY, [lambda: feature_dashboard(sae), lambda: feature_browser(sae),
-                                lambda: sae_overview(sae)])
+    tab_views(FEATURES_TABS, VIEW_KEY, [lambda: feature_dashboard(sae), lambda: feature_browser(sae),
+                                        lambda: sae_overview(sae)])
 
 
 sae_views()

@@ -3,7 +3,7 @@ with a full-page screenshot in screenshots/browser/, and the main interactions w
 
 The study is built here from the tiny in-process model with every stage, unless $BROWSER_STORE names a built
 store (e.g. data/stores/demo.duckdb). The app runs as `python -m app` (streamlit run) in a subprocess and is driven by the
-system's Chromium through Playwright (precompute/browser.py).
+system's Chromium through Playwright (tools/browser/driver.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from app.labels import ALL_FEATURES, CATEGORY_CIRCUIT, FEATURE_DASHBOARD
 from engine import store as study_store
 from engine.errors import ExplorerError
 from engine.paths import REPO_ROOT
-from precompute import browser as driver
+from tools.browser import driver
 
 pytestmark = pytest.mark.browser
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def test_every_page_in_the_navigation_renders_without_errors(tab: driver.AppTab,
         f"- {title}: {errors[0][:600]}" for title, errors in failures.items())
 
 
-@pytest.mark.parametrize(("title", "section"), [("Directions", None), ("Circuits", "One category's circuit")])
+@pytest.mark.parametrize(("title", "section"), [("Directions", None), ("Circuits", CATEGORY_CIRCUIT)])
 def test_picking_a_category(tab: driver.AppTab, nav_pages, title: str, section: str | None) -> None:
     tab.open(_page(nav_pages, title).path)
     if section:
@@ -195,11 +196,11 @@ def test_a_row_of_the_feature_table_opens_its_dashboard(tab: driver.AppTab, nav_
     tab.open(_page(nav_pages, "Features").path)
     heading = tab.page.get_by_role("heading", name=re.compile(r"^Feature \d+$"))
     shown = int(heading.inner_text().split()[-1])  # the most refusal-aligned feature, at first
-    tab.open_tab("All features")
+    tab.open_tab(ALL_FEATURES)
     tab.act(lambda: tab.pick("Sort by", "feature id"), "sorting by feature id")
     row = 1 if shown == 0 else 0  # feature `row` is then the table's row `row`, and not the one shown before
     tab.act(lambda: tab.select_table_row(row), f"selecting row {row}")
     _no_errors(tab, "Features after selecting a row")
-    assert tab.page.get_by_role("tab", name="Feature dashboard", selected=True).is_visible()
+    assert tab.page.get_by_role("tab", name=FEATURE_DASHBOARD, selected=True).is_visible()
     assert heading.inner_text() == f"Feature {row}"
     tab.screenshot(SCREENSHOTS / "interaction-features-table-row.png")

@@ -39,7 +39,7 @@ from engine.paths import REPO_ROOT
 if TYPE_CHECKING:  # playwright is an optional dependency
     from playwright.sync_api import Browser, Locator, Page
 
-logger = logging.getLogger("precompute.browser")
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ENV = "CHROMIUM"

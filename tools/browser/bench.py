@@ -26,8 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.labels import ALL_FEATURES, CATEGORY_CIRCUIT
 from engine.errors import ExplorerError
-from precompute.browser import (
+from precompute.config import StudyConfig
+from tools.browser.driver import (
     AppTab,
     NavPage,
     RunTiming,
@@ -38,9 +40,8 @@ from precompute.browser import (
     serve_app,
     verdict,
 )
-from precompute.config import StudyConfig
 
-logger = logging.getLogger("precompute.bench")
+logger = logging.getLogger(__name__)
 
 PAGE_TARGET = 2.0
 INTERACTION_TARGET = 0.3
@@ -80,11 +81,11 @@ def _next_feature(tab: AppTab, i: int) -> None:
 INTERACTIONS = (
     Interaction("Directions", "colour by: radio", _radio("Colour by", "ablation_score", "kl")),
     Interaction("Directions", "projection category: selectbox", _pick_other("Category")),
-    Interaction("Features", "sort by: selectbox", _pick_other("Sort by"), tab="All features"),
+    Interaction("Features", "sort by: selectbox", _pick_other("Sort by"), tab=ALL_FEATURES),
     Interaction("Features", "feature: number input", _next_feature),
     Interaction("Features", "SAE: selectbox", _pick_other("SAE")),
-    Interaction("Circuits", "category: selectbox", _pick_other("Category"), tab="One category's circuit"),
-    Interaction("Circuits", "nodes at most: slider", _slider("Nodes at most"), tab="One category's circuit"),
+    Interaction("Circuits", "category: selectbox", _pick_other("Category"), tab=CATEGORY_CIRCUIT),
+    Interaction("Circuits", "nodes at most: slider", _slider("Nodes at most"), tab=CATEGORY_CIRCUIT),
     Interaction("Circuits", "similarity: radio", _radio("Similarity", "cosine of node effects", "Jaccard of node sets")),
 )
 
