@@ -83,6 +83,31 @@ def evaluation_section(path: Path, present: frozenset[str]) -> str:
     return "## Held-out evaluation\n\n" + _table(shown)
 
 
+BENCHMARK_SUMMARY_SQL = """
+SELECT "set", model, condition, kind, n, n_refused, n_degenerate, n_coherent FROM benchmark_rates
+WHERE category = 'all' ORDER BY "set", kind DESC, model, condition
+"""
+EVALUATE_COMMAND = "python -m precompute evaluate --config CONFIG --prompts SET.yaml"
+
+
+def benchmark_section(path: Path, present: frozenset[str]) -> str:
+    """Other prompt sets run through the study (`precompute evaluate`); empty when none was."""
+    if "benchmark_rates" not in present:
+        return ""
+    rates = queries.query(path, BENCHMARK_SUMMARY_SQL)
+    bypassed = rates["n"] - rates["n_refused"]
+    shown = pd.DataFrame({
+        "set": rates["set"], "kind": rates["kind"], "model": rates["model"], "condition": rates["condition"],
+        "refused (95% CI)": [Rate(int(row.n_refused), int(row.n)).text() for row in rates.itertuples()],
+        "answered coherently (95% CI)": [Rate(int(row.n_coherent), int(row.n)).text() for row in rates.itertuples()],
+        "not refused but degenerate": [f"{d} of {b}" for d, b in zip(rates["n_degenerate"], bypassed, strict=True)],
+    })
+    return ("## Other prompt sets\n\nEach set in its own categories, prompts the study trained or fitted on left out "
+            f"(`{EVALUATE_COMMAND}`; per category on the Overview page). Degenerate: a non-refused answer that loops "
+            "or that the base model finds less likely than 95% of the studied model's own unsteered answers.\n\n"
+            + _table(shown))
+
+
 def sae_section(path: Path, present: frozenset[str]) -> str:
     """Each SAE's quality on the held-out tenth of the corpus (`saes` stage)."""
     if "saes" not in present:
@@ -142,6 +167,6 @@ def headline_markdown(path: Path) -> str:
     findings = study_findings(path)
     present = queries.tables(path)
     sections = [title_section(path, findings), headline_section(findings), caveats_section(findings), evaluation_section(path, present),
-                sae_section(path, present), tradeoff_section(path, present, findings),
+                benchmark_section(path, present), sae_section(path, present), tradeoff_section(path, present, findings),
                 replication_section(path, present, findings)]
     return "\n\n".join(section for section in sections if section) + "\n"

@@ -133,3 +133,22 @@ def test_overview_shows_an_evaluated_set_in_its_own_categories(tmp_path: Path, s
     assert len(answers) == 1 and set(answers[0]["condition"]) == {app.radio[0].value}
     assert len(answers[0]) == store.read_table(study_store, "benchmark_generations").query(
         "condition == @app.radio[0].value").shape[0]
+
+
+def test_report_lists_each_evaluated_set_with_refused_and_coherent_counts(tmp_path: Path, study: Path,
+                                                                          capsys) -> None:
+    study_store = Path(yaml.safe_load(study.read_text())["store"])
+    assert main(["evaluate", "--config", str(study), "--prompts", str(_xstest_set(tmp_path, study_store))]) == 0
+    capsys.readouterr()
+    assert main(["report", "--store", str(study_store)]) == 0
+    report = capsys.readouterr().out
+    section = report.split("## Other prompt sets")[1].split("\n## ")[0]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| xstest_fixture")]
+    shown = {tuple(row[1:4]): row[4:] for row in cells}
+    rates = store.read_table(study_store, "benchmark_rates").query("category == 'all'")
+    assert len(shown) == len(rates)
+    for row in rates.itertuples():
+        refused, coherent, degenerate = shown[(row.kind, row.model, row.condition)]
+        assert f"({row.n_refused}/{row.n};" in refused and f"({row.n_coherent}/{row.n};" in coherent
+        assert degenerate == f"{row.n_degenerate} of {row.n - row.n_refused}"
