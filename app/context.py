@@ -19,6 +19,7 @@ from precompute.progress import read_progress
 
 STORE_ENV = "REFUSAL_EXPLORER_STORE"
 PRESENTATION_KEY = "presentation"
+CLASSROOM_KEY = "classroom"
 # Presentation mode: room-sized type for a projector; charts get their own larger fonts (see views).
 PRESENTATION_CSS = """<style>
 .stMainBlockContainer p, .stMainBlockContainer li, .stMainBlockContainer button p { font-size: 1.45rem !important; }
@@ -58,6 +59,17 @@ def current_store() -> Path:
 
 def presentation_mode() -> bool:
     return bool(st.session_state.get(PRESENTATION_KEY, False))
+
+
+def classroom_mode() -> bool:
+    """Mask harmful completions (app.classroom); switched on with presentation mode, off by the user."""
+    return bool(st.session_state.get(CLASSROOM_KEY, False))
+
+
+def presentation_switched() -> None:
+    """Presentation mode turns classroom-safe answers on (the user can switch them off again)."""
+    if st.session_state.get(PRESENTATION_KEY):
+        st.session_state[CLASSROOM_KEY] = True
 
 
 def awaiting_build(path: Path, stages: list[str]) -> bool:

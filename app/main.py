@@ -9,12 +9,14 @@ import streamlit as st
 
 from app.components import build_panel
 from app.context import (
+    CLASSROOM_KEY,
     FOLLOW_BUILD_KEY,
     PRESENTATION_CSS,
     PRESENTATION_KEY,
     current_store,
     known_stores,
     presentation_mode,
+    presentation_switched,
 )
 from precompute.progress import read_progress
 
@@ -54,8 +56,12 @@ with st.sidebar:
                           help="Stores live in data/stores/; build one with `python -m precompute run`.")
     st.session_state["store_path"] = picked
     st.caption(f"`{picked}`")
-    st.toggle("Presentation mode", key=PRESENTATION_KEY,
-              help="Larger type for a projector; the Findings page shows one section per screen.")
+    st.toggle("Presentation mode", key=PRESENTATION_KEY, on_change=presentation_switched,
+              help="Larger type for a projector; the Findings page shows one section per screen. Switches "
+                   "classroom-safe answers on.")
+    st.toggle("Classroom-safe answers", key=CLASSROOM_KEY,
+              help="Answers to toxic prompts that the judge does not find refused are shown masked (first words "
+                   "only); each can be revealed on its own.")
     building = read_progress(Path(picked))
     if building is not None:
         st.fragment(build_status, run_every=BUILD_REFRESH_SECONDS if building.running else None)(

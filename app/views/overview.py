@@ -7,8 +7,9 @@ import streamlit as st
 
 from app import queries
 from app.charts import rate_bars
+from app.classroom import masked_answers
 from app.components import show_chart, show_table
-from app.context import current_store, require_tables
+from app.context import classroom_mode, current_store, require_tables
 from engine.prompts import category_label
 from engine.schema import KINDS
 
@@ -117,6 +118,8 @@ if "benchmark_rates" in present:
     answers = queries.query(store, queries.BENCHMARK_ANSWERS_SQL, (chosen_set, condition))
     if st.toggle("Degenerate answers only", value=False):
         answers = answers[answers["degenerate"]]
+    if classroom_mode():
+        answers = masked_answers(answers)
     show_table(answers, f"Answers on {chosen_set} ({condition})", hide_index=True, width="stretch")
 
 with st.expander("Refusal rates as a table"):

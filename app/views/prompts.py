@@ -5,8 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app import queries
+from app.classroom import is_harmful_compliance, masked, masked_answers
 from app.components import show_table
-from app.context import current_store, require_tables
+from app.context import classroom_mode, current_store, require_tables
 from app.judges import JUDGES, judge_agreement_matrix
 from engine.schema import KINDS
 
@@ -47,6 +48,8 @@ with st.expander("Where the judges disagree", expanded=False):
     disagree = labels[labels[list(JUDGES.values())].nunique(axis=1) > 1]
     only = st.toggle("Only answers the judges disagree on", value=True)
     shown = disagree if only else labels
+    if classroom_mode():
+        shown = masked_answers(shown, refused="substring_judge")
     st.caption(f"{len(disagree)} of {len(labels)} answers split the judges.")
     show_table(shown.head(MAX_ROWS), "Judge labels per answer", hide_index=True, width="stretch", height=280)
 
@@ -67,4 +70,9 @@ for column, answer in zip(st.columns(max(len(answers), 1)), answers.itertuples()
         st.markdown(f"**{answer.model}** (`{answer.model_spec}`, {answer.condition})")
         st.markdown(f"Substring judge: **{verdict}** · refusal score **{answer.refusal_score:+.2f}**"
                     f" ({'refusal' if answer.refused_by_score else 'compliance'} by score)")
-        st.text(answer.response)
+        if classroom_mode() and is_harmful_compliance(prompt.kind, answer.refused):
+            st.text(masked(answer.response))
+            with st.expander("Reveal this answer"):
+                st.text(answer.response)
+        else:
+            st.text(answer.response)
