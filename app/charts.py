@@ -304,6 +304,17 @@ SIGN_COLORS = alt.Scale(domain=["towards refusal", "away from refusal"], range=[
 GRAPH_ROW_PX, GRAPH_MIN_PX = 34, 260
 
 
+def feature_labels(labels: pd.DataFrame) -> pd.DataFrame:
+    """hook, feature, label: "promotes a b c · fires on d" from FEATURE_LABELS_SQL's top_tokens and peak_token
+    (newlines shown as ⏎ so a label stays on one line)."""
+    def shown(token: object) -> str:
+        return str(token).replace("\n", "⏎").strip() or repr(str(token))
+
+    text = [f"promotes {tokens.replace(chr(10), '⏎')}" + (f" · fires on {shown(peak)}" if isinstance(peak, str) else "")
+            for tokens, peak in zip(labels["top_tokens"].fillna(""), labels["peak_token"], strict=True)]
+    return labels[["hook", "feature"]].assign(label=text)
+
+
 def circuit_layout(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Node positions by layer (one column per hook, upstream left; within a column by effect, largest
     on top) and the edges between shown nodes with their end points.
@@ -316,6 +327,10 @@ def circuit_layout(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: list[str]) -
     placed["row"] -= placed.groupby("column")["row"].transform("max") / 2  # columns centred on each other
     placed["kind"] = np.where(placed["feature"] < 0, "SAE error term", "feature")
     placed["name"] = np.where(placed["feature"] < 0, "error", placed["feature"].astype(int).astype(str))
+    # The graph reads like a diagram: each feature's id with what it is about (cut to fit beside the node).
+    placed["caption"] = [name if not label else f"{name}: {label.removeprefix('promotes ')}"[:48]
+                         for name, label in zip(placed["name"], placed.get("label", pd.Series("", index=placed.index))
+                                                .fillna(""), strict=True)]
     placed["sign"] = np.where(placed["effect"] > 0, "towards refusal", "away from refusal")
     placed["size"] = placed["effect"].abs()
     placed["dashboard"] = [None if f < 0 else f"features?hook={h}&feature={int(f)}"
@@ -352,9 +367,9 @@ def circuit_graph(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: list[str]) ->
         size=alt.Size("size:Q", scale=alt.Scale(range=[40, 900]), legend=None),
         href=alt.Href("dashboard:N"),
         tooltip=[alt.Tooltip("hook"), alt.Tooltip("name:N", title="feature"), alt.Tooltip("effect:Q", format="+.4f"),
-                 alt.Tooltip("effect_se:Q", format=".4f", title="± s.e."), alt.Tooltip("label:N", title="promotes")])
+                 alt.Tooltip("effect_se:Q", format=".4f", title="± s.e."), alt.Tooltip("label:N", title="about")])
     labels = alt.Chart(placed).mark_text(align="left", dx=14, fontSize=11).encode(
-        x=alt.X("column:Q", axis=x_axis, scale=x_scale), y=y, text=alt.Text("name:N"))
+        x=alt.X("column:Q", axis=x_axis, scale=x_scale), y=y, text=alt.Text("caption:N"))
     return lines + points + labels
 
 

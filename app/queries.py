@@ -175,9 +175,16 @@ CIRCUIT_COMPONENTS_SQL = """
 SELECT category, component, layer, head, method, effect, n_prompts, n_receivers, metric_safe, metric_toxic
 FROM circuit_components
 """
+# What a feature is about, in a few tokens: the tokens it promotes most and the token its top examples
+# peak on most often (the most common one among its stored top activations).
 FEATURE_LABELS_SQL = """
-SELECT hook, feature, array_to_string(top_tokens[1:3], ' ') AS top_tokens FROM features
-WHERE list_contains(?, hook) AND list_contains(?, feature)
+SELECT f.hook, f.feature, array_to_string(f.top_tokens[1:3], ' ') AS top_tokens, p.peak_token
+FROM features f LEFT JOIN (
+    SELECT e.hook, e.feature, mode(c.tokens[e.position + 1]) AS peak_token
+    FROM feature_examples e JOIN sae_corpus c USING (text_id)
+    WHERE list_contains(?, e.hook) AND list_contains(?, e.feature)
+    GROUP BY e.hook, e.feature) p USING (hook, feature)
+WHERE list_contains(?, f.hook) AND list_contains(?, f.feature)
 """
 
 

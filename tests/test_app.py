@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -293,3 +294,23 @@ def test_prompt_browser_shows_where_the_judges_disagree(tiny_store: Path) -> Non
     app.toggle[0].set_value(False).run()
     labels = next(frame.value for frame in app.dataframe if "substring_judge" in frame.value.columns)
     assert len(labels) == min(len(judged), 500)
+
+
+def test_feature_labels_query_finds_the_token_each_features_top_examples_peak_on(tiny_store: Path) -> None:
+    from app import queries
+
+    nodes = store.read_table(tiny_store, "circuit_nodes").query("feature >= 0")
+    hooks, features = tuple(nodes["hook"].unique()), tuple(int(f) for f in nodes["feature"].unique())
+    labels = queries.query(tiny_store, queries.FEATURE_LABELS_SQL, (hooks, features, hooks, features))
+    examples = store.read_table(tiny_store, "feature_examples").merge(
+        store.read_table(tiny_store, "sae_corpus")[["text_id", "tokens"]], on="text_id")
+    checked = 0
+    for row in labels.itertuples():
+        own = examples[(examples["hook"] == row.hook) & (examples["feature"] == row.feature)]
+        if own.empty:
+            assert row.peak_token is None or pd.isna(row.peak_token)
+            continue
+        peaks = own.apply(lambda e: e["tokens"][e["position"]], axis=1).value_counts()
+        assert row.peak_token in set(peaks[peaks == peaks.max()].index)  # a most common peak token
+        checked += 1
+    assert checked > 0

@@ -57,11 +57,13 @@ def test_circuit_layout_places_nodes_by_layer_and_joins_the_shown_edges() -> Non
     assert first.loc["error", "kind"] == "SAE error term" and pd.isna(first.loc["error", "dashboard"])
     assert first.loc["7", "sign"] == "away from refusal"
     assert first.loc["5", "dashboard"] == "features?hook=blocks.1.hook_resid_pre&feature=5"
+    assert first["caption"].to_dict() == {"error": "error", "5": "5: a", "7": "7: b"}  # id and what it is about
     assert len(joined) == 1  # feature 9 is not shown: its edge is left out
     assert joined.iloc[0][["column", "row", "column_end", "row_end", "sign"]].tolist() == [0, 0.0, 1, 0.0,
                                                                                            "away from refusal"]
     spec = circuit_graph(nodes, edges, hooks).to_dict()
     assert [layer["mark"]["type"] for layer in spec["layer"]] == ["rule", "point", "text"]
+    assert spec["layer"][2]["encoding"]["text"]["field"] == "caption"
     assert spec["layer"][1]["encoding"]["href"]["field"] == "dashboard"
     # the height is the page element's (a row per node of the tallest layer), not the spec's
     assert "height" not in spec
@@ -114,3 +116,10 @@ def test_category_heatmaps_label_every_category_and_fit_the_colours_to_the_data(
     cross_spec = chart_spec(charts.cross_ablation(cross, names))["encoding"]
     assert cross_spec["x"]["axis"]["labelOverlap"] is False and cross_spec["y"]["axis"]["labelOverlap"] is False
     assert charts.fitted_domain(pd.Series([0.5, 0.5])) == [0.49, 0.51]
+
+
+def test_feature_labels_name_promoted_tokens_and_the_peak_token_on_one_line() -> None:
+    labels = pd.DataFrame({"hook": ["h", "h"], "feature": [1, 2], "top_tokens": [" sorry  cannot", "\n\n x"],
+                           "peak_token": ["'m", None]})
+    assert charts.feature_labels(labels)["label"].tolist() == ["promotes  sorry  cannot · fires on 'm",
+                                                               "promotes ⏎⏎ x"]

@@ -203,8 +203,9 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
     shown_nodes = nodes[(nodes["rank"] < max_nodes) & (nodes["effect"].abs() >= node_threshold)]
     shown_edges = edges[edges["effect"].abs() >= edge_threshold]
     features = shown_nodes[shown_nodes["feature"] >= 0]
-    labels = queries.query(store, queries.FEATURE_LABELS_SQL, (tuple(hooks), tuple(features["feature"].tolist())))
-    shown_nodes = shown_nodes.merge(labels.rename(columns={"top_tokens": "label"}), on=["hook", "feature"], how="left")
+    wanted = (tuple(hooks), tuple(features["feature"].tolist()))
+    labels = queries.query(store, queries.FEATURE_LABELS_SQL, wanted + wanted)
+    shown_nodes = shown_nodes.merge(charts.feature_labels(labels), on=["hook", "feature"], how="left")
     shown_nodes["label"] = shown_nodes["label"].fillna("")
 
     m1, m2, m3, m4 = st.columns(4)
@@ -239,7 +240,7 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
                        help=f"mean over the group's other {held_out} prompts, which the faithfulness is measured on: "
                             "a node whose effect does not hold there was ranked on noise"),
                    "share_positive": st.column_config.NumberColumn("prompts > 0", format="percent"),
-                   "label": st.column_config.TextColumn("promotes"),
+                   "label": st.column_config.TextColumn("about", help="tokens it promotes most; the token its top examples peak on"),
                    "dashboard": st.column_config.LinkColumn("dashboard", display_text="open")})
 
 
