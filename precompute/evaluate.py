@@ -19,10 +19,13 @@ The prompt set is a small YAML file:
       - {type: xstest, path: /data/xstest_prompts.csv}
     max_new_tokens: 32
     max_prompts: 200   # a seeded sample per kind (optional)
+    classifier: meta-llama/Llama-Guard-3-1B   # optional: a classifier judge (HF id or folder)
+    classifier_format: llamaguard             # llamaguard, wildguard or harmbench
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,7 +40,9 @@ import yaml
 
 from engine import store
 from engine.chunked import map_in_chunks
+from engine.classifier_judge import ClassifierName, classify
 from engine.coherence import CoherenceRule, repetition_rate
+from engine.config_checks import check_choice
 from engine.errors import ExplorerError
 from engine.evaluation import judged_answers
 from engine.judge import refusal_token_ids
@@ -69,8 +74,11 @@ class PromptSet:
     max_prompts: int | None = None  # per kind
     seed: int = 0
     chunk_size: int = 64
+    classifier: str | None = None  # a safety classifier (HF id or folder) judging every answer's content
+    classifier_format: ClassifierName = "llamaguard"
 
     def __post_init__(self) -> None:
+        check_choice("prompt set", "classifier_format", self.classifier_format, ClassifierName)
         if not isinstance(self.name, str) or not SET_NAME.match(self.name):
             raise ExplorerError(f"Prompt set name {self.name!r} is not allowed.",
                                 "use letters, digits, '_', '-' or '.', starting with a letter or digit (<= 64).")
@@ -92,7 +100,7 @@ def load_prompt_set(path: Path) -> PromptSet:
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
         raise ExplorerError(f"{path} is not a YAML mapping.", "write `name:` and `sources:` keys (see --help).")
-    allowed = {"name", "sources", "max_new_tokens", "max_prompts", "seed", "chunk_size"}
+    allowed = {field.name for field in dataclasses.fields(PromptSet)}
     if unknown := sorted(set(raw) - allowed):
         raise ExplorerError(f"Unknown key(s) {unknown} in {path}.", f"use {', '.join(sorted(allowed))}.")
     return PromptSet(**{**raw, "sources": tuple(raw.get("sources") or ())})
@@ -124,12 +132,18 @@ def set_prompts(prompt_set: PromptSet, study_prompts: pd.DataFrame, fitted: set[
 
 def benchmark_rates(generations: pd.DataFrame) -> pd.DataFrame:
     """Refused, bypassed and coherently answered shares per set x model x condition x kind x category
-    (and over all categories as 'all'), with Wilson 95% intervals."""
+    (and over all categories as 'all'), with Wilson 95% intervals; answers the classifier judge calls
+    harmful where one judged the set."""
     keys = ["set", "model", "condition", "kind"]
     frames = [generations, generations.assign(category="all")]
-    grouped = pd.concat(frames).groupby([*keys, "category"], as_index=False).agg(
+    judged = pd.concat(frames)
+    classified = "harmful_by_classifier" in judged
+    grouped = judged.assign(harmful_by_classifier=judged["harmful_by_classifier"] if classified else False).groupby(
+        [*keys, "category"], as_index=False).agg(
         n=("refused", "size"), n_refused=("refused", "sum"), n_degenerate=("degenerate", "sum"),
-        mean_refusal_score=("refusal_score", "mean"))
+        mean_refusal_score=("refusal_score", "mean"), n_harmful_by_classifier=("harmful_by_classifier", "sum"))
+    if not classified:  # no classifier judged this set: unknown, not zero
+        grouped["n_harmful_by_classifier"] = np.nan
     grouped["n_coherent"] = grouped["n"] - grouped["n_refused"] - grouped["n_degenerate"]
     for name, count in (("rate", "n_refused"), ("coherent_rate", "n_coherent")):
         low, high = wilson_interval(grouped[count], grouped["n"])
@@ -197,6 +211,8 @@ def run_evaluate(config: StudyConfig, prompt_set: PromptSet, rule: CoherenceRule
                                        answers.groupby("model")]).reindex(answers.index)
     generations = answers.merge(prompts[["id", "text", "category", "kind", "source"]], left_on="prompt_id",
                                 right_on="id").drop(columns="id").assign(set=prompt_set.name)
+    if prompt_set.classifier is not None:
+        generations = _classified(config, prompt_set, generations)
     rates = benchmark_rates(generations)
     _store(config, prompt_set, {"benchmark_generations": generations, "benchmark_rates": rates}, selected.left_out)
     return rates
@@ -216,6 +232,22 @@ def _condition_answers(config: StudyConfig, prompt_set: PromptSet, prompts: pd.D
                                               batch_size=config.generation.batch_size),
         cache=cache_dir() / config.study / "evaluate" / prompt_set.name / _digest(key),
         chunk_size=prompt_set.chunk_size, desc=f"{prompt_set.name}: {role}, {condition}")
+
+
+def _classified(config: StudyConfig, prompt_set: PromptSet, generations: pd.DataFrame) -> pd.DataFrame:
+    """Every answer judged by the classifier (`harmful_by_classifier`, its raw `classifier_verdict`), cached
+    per chunk like the answers."""
+    assert prompt_set.classifier is not None
+    classifier = config.generation.load(prompt_set.classifier)
+    key = {"classifier": model_fingerprint(prompt_set.classifier), "format": prompt_set.classifier_format,
+           "answers": _digest({"pairs": list(zip(generations["text"], generations["response"], strict=True))})}
+    verdicts = map_in_chunks(
+        generations, lambda chunk: classify(classifier, prompt_set.classifier_format, chunk["text"].tolist(),
+                                            chunk["response"].tolist(), batch_size=config.generation.batch_size),
+        cache=cache_dir() / config.study / "evaluate" / prompt_set.name / f"classifier-{_digest(key)}",
+        chunk_size=prompt_set.chunk_size, desc=f"{prompt_set.name}: {prompt_set.classifier_format} judge")
+    return generations.assign(harmful_by_classifier=verdicts["harmful"].to_numpy(),
+                              classifier_verdict=verdicts["verdict"].to_numpy())
 
 
 def _base_cross_entropy(config: StudyConfig, prompts: pd.DataFrame, answers: pd.DataFrame) -> np.ndarray:

@@ -152,3 +152,25 @@ def test_report_lists_each_evaluated_set_with_refused_and_coherent_counts(tmp_pa
         refused, coherent, degenerate = shown[(row.kind, row.model, row.condition)]
         assert f"({row.n_refused}/{row.n};" in refused and f"({row.n_coherent}/{row.n};" in coherent
         assert degenerate == f"{row.n_degenerate} of {row.n - row.n_refused}"
+
+
+def test_a_classifier_judge_reads_every_answer_and_its_counts_reach_the_rates(tmp_path: Path, study: Path,
+                                                                               tiny_model_dir: Path, caplog) -> None:
+    study_store = Path(yaml.safe_load(study.read_text())["store"])
+    plain = _xstest_set(tmp_path, study_store, name="plain")
+    assert main(["evaluate", "--config", str(study), "--prompts", str(plain)]) == 0
+    judged = _xstest_set(tmp_path, study_store, name="judged", classifier=str(tiny_model_dir),
+                         classifier_format="harmbench")
+    assert main(["evaluate", "--config", str(study), "--prompts", str(judged)]) == 0
+    generations = store.read_table(study_store, "benchmark_generations")
+    mine = generations[generations["set"] == "judged"]
+    assert mine["classifier_verdict"].notna().all() and mine["harmful_by_classifier"].isin([True, False]).all()
+    assert generations.loc[generations["set"] == "plain", "harmful_by_classifier"].isna().all()
+    rates = store.read_table(study_store, "benchmark_rates").query("category == 'all'")
+    counted = mine.groupby(["model", "condition", "kind"])["harmful_by_classifier"].sum()
+    for row in rates[rates["set"] == "judged"].itertuples():
+        assert row.n_harmful_by_classifier == counted[(row.model, row.condition, row.kind)]
+    assert rates.loc[rates["set"] == "plain", "n_harmful_by_classifier"].isna().all()  # unknown, not zero
+    bad = _xstest_set(tmp_path, study_store, name="bad", classifier_format="gpt")
+    assert main(["evaluate", "--config", str(study), "--prompts", str(bad)]) != 0
+    assert "prompt set.classifier_format = 'gpt' is not one of the choices" in caplog.text
