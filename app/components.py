@@ -8,6 +8,7 @@ import html
 from collections.abc import Callable, Sequence
 from functools import partial
 from types import FunctionType
+from typing import Any
 
 import altair as alt
 import pandas as pd
@@ -17,6 +18,7 @@ from streamlit.delta_generator import DeltaGenerator
 from streamlit.elements.arrow import DataframeState
 
 from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
+from app.top_texts import peak_window
 from precompute.progress import FAILED, FINISHED, BuildProgress
 
 # (label, extension, MIME type, what makes the file's contents)
@@ -114,6 +116,29 @@ def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float], scal
                      f'{outline}border-radius:3px;padding:0 1px">{text}</span>')
     return ('<div style="font-family:monospace;font-size:0.9em;line-height:1.9;white-space:pre-wrap">'
             + "".join(parts) + "</div>")
+
+
+def top_text_html(example: Any, others: pd.DataFrame, scale: float) -> str:
+    """One prompt's entry among a feature's top texts: the window around the peak, the whole transcript and
+    the prompt's other transcripts folded (HTML details) below it. `example` and `others`' rows have
+    rank, activation, position, tokens, token_activations, kind, category, source, prompt_id."""
+    def shown(row: Any) -> str:
+        tokens, values = list(row.tokens), list(row.token_activations)
+        window = peak_window(len(tokens), int(row.position))
+        folded = (f"<details><summary>whole transcript ({len(tokens)} tokens; {window.start} before the window, "
+                  f"chat template included)</summary>{highlighted_tokens(tokens, values, scale, peak=int(row.position))}"
+                  "</details>") if window.start > 0 or window.stop < len(tokens) else ""
+        return (("… " if window.start else "")
+                + highlighted_tokens(tokens[window.start:window.stop], values[window.start:window.stop], scale,
+                                     peak=window.peak) + folded)
+
+    header = (f'<p style="margin:0.9em 0 0.2em"><b>#{example.rank + 1}</b> · peak {example.activation:.2f} · '
+              f"{html.escape(f'{example.kind} · {example.category} · {example.source}')} · prompt "
+              f"<code>{html.escape(str(example.prompt_id))}</code></p>")
+    more = "".join(f"<p style='margin:0.5em 0 0.1em'>#{row.rank + 1} · peak {row.activation:.2f} · "
+                   f"{html.escape(str(row.source))}</p>" + shown(row) for row in others.itertuples())
+    return header + shown(example) + (
+        f"<details><summary>{len(others)} other transcript(s) of this prompt</summary>{more}</details>" if more else "")
 
 
 def duration(seconds: float) -> str:

@@ -108,7 +108,9 @@ def test_features_page_renders_a_feature_dashboard(tiny_store: Path) -> None:
     examples = store.read_table(tiny_store, "feature_examples").query(
         "hook == 'blocks.1.hook_resid_pre' and feature == 5")
     shown = next(h.proto.body for h in app.get("html") if "<b>#1</b>" in h.proto.body)  # all examples, one element
-    assert shown.count("</b> · peak ") == len(examples) and f"peak {examples['activation'].max():.2f}" in shown
+    prompts = store.read_table(tiny_store, "sae_corpus").set_index("text_id").loc[examples["text_id"], "prompt_id"]
+    assert shown.count("</b> · peak ") == prompts.nunique()  # one entry per prompt, the rest folded under it
+    assert shown.count("· peak ") == len(examples) and f"peak {examples['activation'].max():.2f}" in shown
 
     app.session_state["features_view"] = "SAE quality and refusal-aligned features"
     app.run()

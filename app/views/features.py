@@ -5,7 +5,6 @@ refusal-aligned features."""
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,9 +12,10 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, queries
-from app.components import figure_spec, highlighted_tokens, show_chart, show_table, tab_views
+from app.components import figure_spec, highlighted_tokens, show_chart, show_table, tab_views, top_text_html
 from app.context import current_store, require_tables, warm_model_stack
 from app.labels import ALL_FEATURES, FEATURE_DASHBOARD, FEATURES_TABS
+from app.top_texts import WINDOW, diverse_order, one_per_prompt
 from engine.errors import ExplorerError
 
 HOOK_KEY, FEATURE_KEY = "features_hook", "features_feature"
@@ -24,6 +24,7 @@ HOOK_KEY, FEATURE_KEY = "features_hook", "features_feature"
 CHOSEN_KEY = "features_chosen"
 URL_WRITTEN = "features_url_written"  # the (hook, feature) this page last put in the URL
 VIEW_KEY, TABLE_KEY, SHOWN_KEY = "features_view", "feature_table", "features_shown"
+TOP_TEXT_ORDERS = ("strongest first", "spread over categories and kinds")
 RATIO = 3.0  # "fires on toxic prompts at >= 3x its rate on safe prompts"
 SORTS = {
     "refusal alignment (|cosine| with the refusal direction)": ("refusal_alignment", False),
@@ -223,14 +224,19 @@ def feature_dashboard(sae: ChosenSae) -> None:
     examples = queries.query(store, queries.FEATURE_EXAMPLES_SQL, (hook, int(feature)))
     if examples.empty:
         st.info("This feature never fires on the corpus (a dead feature).")
-    else:  # one element for all of them: each element costs the browser a redraw on every feature change
-        st.html("".join(
-            f'<p style="margin:0.9em 0 0.2em"><b>#{example.rank + 1}</b> · peak {example.activation:.2f} · '
-            f"{html.escape(f'{example.kind} · {example.category} · {example.source}')} · prompt "
-            f"<code>{html.escape(str(example.prompt_id))}</code></p>"
-            + highlighted_tokens(list(example.tokens), list(example.token_activations), float(row.max_activation),
-                                 peak=int(example.position))
-            for example in examples.itertuples()))
+    else:
+        order = st.radio("Order", TOP_TEXT_ORDERS, horizontal=True, key="top_text_order",
+                         help="spread: the strongest text of each category and kind in turn, so one topic does "
+                              "not fill the list")
+        entries, others = one_per_prompt(examples)
+        if order == TOP_TEXT_ORDERS[1]:
+            entries = diverse_order(entries)
+        st.caption(f"{len(entries)} prompts, each with its strongest transcript ({len(others)} more transcripts of "
+                   f"the same prompts folded under them); {WINDOW} tokens either side of the peak (outlined), the "
+                   "rest of the transcript folded.")
+        # One element for all of them: each element costs the browser a redraw on every feature change.
+        st.html("".join(top_text_html(entry, others[others["prompt_id"] == entry.prompt_id],
+                                      float(row.max_activation)) for entry in entries.itertuples()))
 
     st.subheader("Try your own text")
     # Editing the text is the sign a live encoding is coming: the model stack imports in the background
