@@ -17,8 +17,10 @@ import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.elements.arrow import DataframeState
 
+from app.classroom import JUDGE, KEPT_WORDS, is_harmful_compliance
 from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
-from app.top_texts import peak_window
+from app.top_texts import WINDOW, peak_window
+from engine.refusal_phrases import is_refusal
 from precompute.progress import FAILED, FINISHED, BuildProgress
 
 # (label, extension, MIME type, what makes the file's contents)
@@ -118,19 +120,29 @@ def highlighted_tokens(tokens: Sequence[str], activations: Sequence[float], scal
             + "".join(parts) + "</div>")
 
 
-def top_text_html(example: Any, others: pd.DataFrame, scale: float) -> str:
+def top_text_html(example: Any, others: pd.DataFrame, scale: float, *, classroom: bool = False) -> str:
     """One prompt's entry among a feature's top texts: the window around the peak, the whole transcript and
     the prompt's other transcripts folded (HTML details) below it. `example` and `others`' rows have
-    rank, activation, position, tokens, token_activations, kind, category, source, prompt_id."""
+    rank, activation, position, tokens, token_activations, prompt_tokens, kind, category, source,
+    prompt_id. `classroom`: an answer to a toxic prompt without a refusal phrase is cut after its first
+    words (app.classroom), the whole transcript behind a reveal."""
+    def window_of(tokens: list[str], values: list[float], peak: int) -> str:
+        window = peak_window(len(tokens), peak)
+        return ("… " if window.start else "") + highlighted_tokens(
+            tokens[window.start:window.stop], values[window.start:window.stop], scale, peak=window.peak)
+
     def shown(row: Any) -> str:
-        tokens, values = list(row.tokens), list(row.token_activations)
-        window = peak_window(len(tokens), int(row.position))
-        folded = (f"<details><summary>whole transcript ({len(tokens)} tokens; {window.start} before the window, "
-                  f"chat template included)</summary>{highlighted_tokens(tokens, values, scale, peak=int(row.position))}"
-                  "</details>") if window.start > 0 or window.stop < len(tokens) else ""
-        return (("… " if window.start else "")
-                + highlighted_tokens(tokens[window.start:window.stop], values[window.start:window.stop], scale,
-                                     peak=window.peak) + folded)
+        tokens, values, peak = list(row.tokens), list(row.token_activations), int(row.position)
+        whole = highlighted_tokens(tokens, values, scale, peak=peak)
+        answer = "".join(tokens[int(row.prompt_tokens):])
+        if classroom and is_harmful_compliance(row.kind, is_refusal(answer)):
+            cut = int(row.prompt_tokens) + KEPT_WORDS
+            return (window_of(tokens[:cut], values[:cut], min(peak, cut - 1))
+                    + f"<p><i>[hidden: harmful completion, judged by {html.escape(JUDGE)}]</i></p>"
+                    + f"<details><summary>reveal this transcript</summary>{whole}</details>")
+        folded = (f"<details><summary>whole transcript ({len(tokens)} tokens, chat template included)</summary>"
+                  f"{whole}</details>") if len(tokens) > 2 * WINDOW + 1 else ""
+        return window_of(tokens, values, peak) + folded
 
     header = (f'<p style="margin:0.9em 0 0.2em"><b>#{example.rank + 1}</b> · peak {example.activation:.2f} · '
               f"{html.escape(f'{example.kind} · {example.category} · {example.source}')} · prompt "

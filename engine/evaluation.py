@@ -8,8 +8,9 @@ import pandas as pd
 
 from engine.generation import answer_table
 from engine.interventions import Hook, applied
-from engine.judge import is_refusal, refusal_score
+from engine.judge import refusal_score
 from engine.models import LoadedModel
+from engine.refusal_phrases import is_refusal
 from engine.scoring import next_token_logprobs
 
 

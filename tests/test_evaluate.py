@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from engine import store
-from engine.judge import is_refusal
+from engine.refusal_phrases import is_refusal
 from precompute.__main__ import main
 from precompute.evaluate import ABLATED, ADDED, BASELINE, FITTED, NOT_SAMPLED
 from tests.conftest import tiny_study_settings

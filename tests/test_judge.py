@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.judge import find_refusal_tokens, is_refusal, judge_agreement, refusal_score
+from engine.judge import find_refusal_tokens, judge_agreement, refusal_score
+from engine.refusal_phrases import is_refusal
 
 
 @pytest.mark.parametrize("text", [

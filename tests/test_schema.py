@@ -100,9 +100,10 @@ def test_a_sharded_merge_writing_an_undeclared_table_is_refused(tmp_path: Path) 
     assert not config.store.exists()
 
 
-def test_schema_and_stats_import_without_torch() -> None:
-    # The app reads both; a None entry in sys.modules makes any `import torch` fail.
-    check = "import sys; sys.modules['torch'] = None; import engine.schema, engine.stats"
+def test_the_apps_engine_modules_import_without_torch() -> None:
+    # The app reads these; a None entry in sys.modules makes any `import torch` fail.
+    check = ("import sys; sys.modules['torch'] = None; import engine.schema, engine.stats, engine.prompts, "
+             "engine.refusal_phrases, engine.config_checks, engine.coherence, app.classroom, app.top_texts, app.judges")
     result = subprocess.run([sys.executable, "-c", check], check=False, capture_output=True, text=True,
                             cwd=REPO)
     assert result.returncode == 0, result.stderr

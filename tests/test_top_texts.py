@@ -47,11 +47,30 @@ def test_an_entry_shows_the_window_and_folds_the_rest() -> None:
     activations[40] = 3.0
     example = pd.Series({"rank": 0, "activation": 3.0, "position": 40, "tokens": tokens,
                          "token_activations": activations, "kind": "toxic", "category": "hate", "source": "tuned",
-                         "prompt_id": "p1"})
+                         "prompt_id": "p1", "prompt_tokens": 30})
     other = pd.DataFrame([example.to_dict() | {"rank": 2, "source": "base"}])
     page = top_text_html(pd.DataFrame([example]).itertuples().__next__(), other, 3.0)
     shown_window, folded = page.split("<details>", 1)
     assert "t28" in shown_window and "t52" in shown_window  # 12 either side of the peak
     assert "t27" not in shown_window and "t53" not in shown_window and "t0" not in shown_window
-    assert "t0" in folded and "whole transcript (60 tokens; 28 before the window" in folded
+    assert "t0" in folded and "whole transcript (60 tokens" in folded
     assert "1 other transcript(s) of this prompt" in page and "#3 · peak 3.00 · base" in page
+
+
+def test_classroom_mode_cuts_a_harmful_answer_after_its_first_words_and_keeps_refusals() -> None:
+    prompt = [f"p{i}" for i in range(10)]
+    complied = prompt + ["Sure", ",", " here", " is", " how", " to", " make", " it", " at", " home"]
+    refused = prompt + ["I", "'m", " sorry", ",", " I", " can", "'t", " help", " with", " that"]
+
+    def entry(tokens: list[str], kind: str = "toxic") -> str:
+        row = pd.DataFrame([{"rank": 0, "activation": 1.0, "position": 12, "tokens": tokens,
+                             "token_activations": [0.5] * len(tokens), "kind": kind, "category": "hate",
+                             "source": "tuned", "prompt_id": "p", "prompt_tokens": 10}])
+        return top_text_html(next(row.itertuples()), row.iloc[:0], 1.0, classroom=True)
+
+    masked = entry(complied)
+    shown, revealed = masked.split("<details>", 1)
+    assert " how" in shown and " make" not in shown and "[hidden: harmful completion" in shown
+    assert " home" in revealed  # one click away
+    assert "[hidden" not in entry(refused) and " that" in entry(refused)
+    assert "[hidden" not in entry(complied, kind="hard")

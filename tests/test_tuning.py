@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from engine import models
 from engine.errors import ExplorerError
-from engine.judge import is_refusal
 from engine.prompts import ORBENCH_CATEGORIES as CATEGORIES
+from engine.refusal_phrases import is_refusal
 from engine.tuning import (
     DEFAULT_REFUSAL,
     SftExample,

@@ -13,7 +13,7 @@ import streamlit as st
 
 from app import charts, queries
 from app.components import figure_spec, highlighted_tokens, show_chart, show_table, tab_views, top_text_html
-from app.context import current_store, require_tables, warm_model_stack
+from app.context import classroom_mode, current_store, require_tables, warm_model_stack
 from app.labels import ALL_FEATURES, FEATURE_DASHBOARD, FEATURES_TABS
 from app.top_texts import WINDOW, diverse_order, one_per_prompt
 from engine.errors import ExplorerError
@@ -236,7 +236,8 @@ def feature_dashboard(sae: ChosenSae) -> None:
                    "rest of the transcript folded.")
         # One element for all of them: each element costs the browser a redraw on every feature change.
         st.html("".join(top_text_html(entry, others[others["prompt_id"] == entry.prompt_id],
-                                      float(row.max_activation)) for entry in entries.itertuples()))
+                                      float(row.max_activation), classroom=classroom_mode())
+                        for entry in entries.itertuples()))
 
     st.subheader("Try your own text")
     # Editing the text is the sign a live encoding is coming: the model stack imports in the background

@@ -16,11 +16,11 @@ import pandas as pd
 
 from engine.chunked import map_by_id
 from engine.generation import answer_table
-from engine.judge import is_refusal
 from engine.models import EMBEDDED_BASE, export_embedded_base, is_embedded_tuned
 from engine.paths import models_dir
 from engine.prompt_forms import form_balance
 from engine.prompt_sources import load_prompt_source
+from engine.refusal_phrases import is_refusal
 from engine.tuning import (
     SftExample,
     TuneConfig,
