@@ -56,12 +56,14 @@ class Steering:
     clamp: tuple[FeatureClamp, ...] = ()
 
     def hooks(self, model: LoadedModel) -> list[Hook]:
+        """Additions first, then ablations: at a site with both, an ablated direction is absent afterwards,
+        including any part of it an addition brought in."""
         hooks: list[Hook] = []
-        if self.ablate:
-            hooks += ablation_hooks(model, torch.from_numpy(np.stack(self.ablate).astype(np.float32)))
         for addition in self.add:
             hooks += addition_hooks(model, torch.from_numpy(np.asarray(addition.direction, np.float32)),
                                     addition.layer, addition.alpha)
+        if self.ablate:
+            hooks += ablation_hooks(model, torch.from_numpy(np.stack(self.ablate).astype(np.float32)))
         hooks += [clamp_hook(model, clamp) for clamp in self.clamp]
         return hooks
 
