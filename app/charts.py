@@ -119,6 +119,22 @@ def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
         title="cross-ablation: toxic prompts refused (score > 0)", height=320)
 
 
+def independence_matrix(matrix: pd.DataFrame, order: list[str]) -> alt.Chart:
+    """dependence(a -> b): the share of b's induced refusal that ablating a removes, 0 (independent) to 1
+    (redundant), on a diverging scale around 0.5; the interval on hover."""
+    return alt.Chart(matrix).mark_rect().encode(
+        x=alt.X("b:N", sort=order, title="direction added", axis=alt.Axis(labelOverlap=False, labelAngle=-40)),
+        y=alt.Y("a:N", sort=order, title="direction ablated", axis=ALL_LABELS),
+        color=alt.Color("dependence:Q", title="dependence",
+                        scale=alt.Scale(domain=[0, 1], scheme="purpleorange", clamp=True)),
+        tooltip=[alt.Tooltip("a", title="ablated"), alt.Tooltip("b", title="added"),
+                 alt.Tooltip("dependence:Q", format=".2f"), alt.Tooltip("ci_low:Q", format=".2f", title="95% CI low"),
+                 alt.Tooltip("ci_high:Q", format=".2f", title="95% CI high"),
+                 alt.Tooltip("induced:Q", format=".2f", title="refusal score induced by b alone"),
+                 alt.Tooltip("n:Q", title="safe prompts")]).properties(
+        title="representational independence: share of b's induced refusal removed by ablating a", height=320)
+
+
 def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float) -> alt.LayerChart:
     """Toxic prompts still refused against the KL on safe prompts, one mark per ablation (weight, cone size,
     category span) with both 95% intervals; the Pareto front as diamonds, the targets as dashed lines."""

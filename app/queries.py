@@ -242,6 +242,9 @@ SELECT * EXCLUDE (run_id),
         ORDER BY created_at DESC LIMIT 1) AS max_kl
 FROM ablation_tradeoff WHERE model = ? ORDER BY source, size
 """
+INDEPENDENCE_SQL = """
+SELECT a, b, dependence, ci_low, ci_high, induced, n FROM direction_independence WHERE model = ?
+"""
 CROSS_ABLATION_SQL = """
 SELECT ablated, category, n, mean_refusal_score, refusal_rate_by_score FROM cross_ablation
 """

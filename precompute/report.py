@@ -145,6 +145,26 @@ def tradeoff_section(path: Path, present: frozenset[str], findings: Findings) ->
             "category's direction (Directions page).\n\n" + _table(shown))
 
 
+INDEPENDENCE_SQL = """
+SELECT a, b, dependence, ci_low, ci_high FROM direction_independence WHERE model = ? ORDER BY a, b
+"""
+
+
+def independence_section(path: Path, present: frozenset[str], findings: Findings) -> str:
+    """The share of each direction's induced refusal that ablating another removes (`tradeoff` stage)."""
+    if "direction_independence" not in present:
+        return ""
+    model = findings.direction.model if findings.direction is not None else None
+    matrix = queries.query(path, INDEPENDENCE_SQL, (model,))
+    cells = [f"{row.dependence:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]" for row in matrix.itertuples()]
+    order = ["global", *sorted(n for n in matrix["b"].unique() if n != "global")]
+    shown = (matrix.assign(cell=cells).pivot(index="a", columns="b", values="cell").reindex(index=order, columns=order)
+             .rename_axis(index="ablated (row), added (column)", columns=None).reset_index())
+    return ("## Independence of refusal directions\n\nShare of the added direction's induced refusal (column, added at "
+            "the chosen layer on safe test prompts) that ablating the row's direction removes, with 95% bootstrap "
+            "intervals: 0 independent, 1 redundant (the diagonal is 1 by construction).\n\n" + _table(shown))
+
+
 def replication_section(path: Path, present: frozenset[str], findings: Findings) -> str:
     """Each seed's verdict (`precompute replicate`); empty when it has not run, which the caveats say."""
     if "verdict_replication" not in present:
@@ -168,5 +188,6 @@ def headline_markdown(path: Path) -> str:
     present = queries.tables(path)
     sections = [title_section(path, findings), headline_section(findings), caveats_section(findings), evaluation_section(path, present),
                 benchmark_section(path, present), sae_section(path, present), tradeoff_section(path, present, findings),
+                independence_section(path, present, findings),
                 replication_section(path, present, findings)]
     return "\n\n".join(section for section in sections if section) + "\n"

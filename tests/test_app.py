@@ -316,3 +316,14 @@ def test_feature_labels_query_finds_the_token_each_features_top_examples_peak_on
         assert row.peak_token in set(peaks[peaks == peaks.max()].index)  # a most common peak token
         checked += 1
     assert checked > 0
+
+
+def test_directions_page_shows_the_independence_matrix_from_the_store(tiny_store: Path) -> None:
+    app = _page("directions", tiny_store)
+    assert not app.exception and not app.error
+    specs = [chart.proto.spec for chart in app.get("vega_lite_chart")]
+    assert any("representational independence" in spec for spec in specs)
+    matrix = store.read_table(tiny_store, "direction_independence")
+    off = matrix[matrix["a"] != matrix["b"]]
+    captions = " ".join(c.value for c in app.caption)
+    assert f"median {off['dependence'].median():.2f}" in captions

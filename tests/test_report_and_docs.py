@@ -49,6 +49,9 @@ def test_report_carries_the_stores_numbers(tiny_store: Path, capsys) -> None:
     for point in store.read_table(tiny_store, "ablation_tradeoff").itertuples():
         assert f"| {point.source} {point.size:g} " in text
         assert f"{point.mean_kl:.3f} [{point.kl_low:.3f}, {point.kl_high:.3f}]" in text
+    independence = text.split("## Independence of refusal directions")[1].split("\n## ")[0]
+    for cell in store.read_table(tiny_store, "direction_independence").itertuples():
+        assert f"{cell.dependence:.2f} [{cell.ci_low:.2f}, {cell.ci_high:.2f}]" in independence
 
 
 def test_report_shows_the_replication_table_when_stored(tiny_store: Path, tmp_path: Path, capsys) -> None:

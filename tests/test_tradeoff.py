@@ -77,3 +77,26 @@ def test_full_weight_point_repeats_the_directions_stage_ablation(tiny_store) -> 
     assert tradeoff.loc[("weight", 1.0), "mean_refusal_score"] == pytest.approx(expected, abs=1e-4)
     assert (tradeoff["mean_kl"] >= 0).all() and tradeoff["pareto"].any()
     assert tradeoff.loc[("weight", 0.25), "mean_kl"] < tradeoff.loc[("weight", 1.0), "mean_kl"]
+
+
+def test_independence_directions_are_the_chosen_one_and_the_categories_at_its_layer() -> None:
+    from precompute.stages.tradeoff import independence_directions
+
+    d = 4
+    directions = pd.DataFrame(
+        [{"scope": "global", "layer": layer, "chosen": layer == 1, "vector": list(np.eye(d)[layer])} for layer in range(3)]
+        + [{"scope": c, "layer": layer, "chosen": True, "vector": list(np.eye(d)[3])}
+           for c in ("hate", "privacy") for layer in (1, 2)])
+    chosen = independence_directions(directions, alpha=None)
+    assert list(chosen) == ["global", "hate", "privacy"]
+    assert {site.layer for site in chosen.values()} == {1} and np.array_equal(chosen["global"].vector, np.eye(d)[1])
+
+
+def test_the_stage_stores_the_independence_of_the_global_and_category_directions(tiny_store) -> None:
+    matrix = store.read_table(tiny_store, "direction_independence")
+    categories = store.read_table(tiny_store, "refusal_directions").query("scope != 'global'")["scope"].unique()
+    names = {"global", *categories}
+    assert set(matrix["a"]) == names and set(matrix["b"]) == names and len(matrix) == len(names) ** 2
+    diagonal = matrix[matrix["a"] == matrix["b"]]
+    assert (diagonal["dependence"] > 0.99).all()  # ablating a direction removes what adding it does
+    assert (matrix["ci_low"] <= matrix["ci_high"]).all() and (matrix["n"] <= 32).all()

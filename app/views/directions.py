@@ -170,6 +170,20 @@ with right:
                "prompts. An interval that excludes 0 means category-specific function; one that includes 0 does not "
                "show the directions are the same, only that this test cannot tell them apart.")
 
+if "direction_independence" in present:
+    st.markdown("**Distinct or redundant? Representational independence** (Wollschläger et al. 2025)")
+    independence = queries.query(store, queries.INDEPENDENCE_SQL, (chosen.model,))
+    names = ["global", *sorted(n for n in independence["b"].unique() if n != "global")]
+    show_chart(figure_spec(charts.independence_matrix, independence, names), "Independence of refusal directions",
+               data=independence, width="stretch")
+    off = independence[independence["a"] != independence["b"]]
+    st.caption(
+        f"Each direction added at the chosen layer induces refusal on {int(independence['n'].max())} safe test "
+        "prompts; a cell is the share of that induced refusal (column) that ablating another direction everywhere "
+        "(row) removes: 0 means the two act independently, 1 that one is the other read again (the diagonal is 1 "
+        f"by construction). Off the diagonal: median {off['dependence'].median():.2f}, range "
+        f"{off['dependence'].min():.2f} to {off['dependence'].max():.2f}; 95% bootstrap intervals on hover.")
+
 hard = queries.query(store, queries.HARD_DIRECTION_SQL).iloc[0]
 st.subheader("Refused vs answered hard prompts")
 if hard.note:

@@ -12,6 +12,11 @@ ablates a span of directions at every layer and position, with a weight:
 Refusal is read by the refusal score (> 0) on the toxic test prompts (under the chosen direction's
 ablation it matched the substring judge on the demo's answers within a point), the side effect by the
 KL of the next-token distribution on the safe test prompts. Writes `ablation_tradeoff`.
+
+The same stage asks whether the global and category directions are one mechanism read several times:
+`direction_independence` holds, for every ordered pair, the share of the second direction's induced
+refusal (added at the chosen layer, on safe test prompts) that ablating the first removes
+(engine.independence), with bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from engine.direction_scoring import AblationPoint, ablation_tradeoff, tradeoff_table
+from engine.independence import SiteDirection, independence_matrix
 from engine.judge import refusal_token_ids
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
@@ -29,6 +35,16 @@ from precompute.stages.generate import model_fingerprint
 
 ABLATION_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 CONE_SIZES = (1, 2, 3, 4)
+INDEPENDENCE_PROMPTS = 32  # safe test prompts (a seeded sample): (directions + 1)^2 passes over them
+
+
+def independence_directions(directions: pd.DataFrame, alpha: float | None) -> dict[str, SiteDirection]:
+    """The chosen global direction and every category direction at its layer, each added there."""
+    chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
+    layer = int(chosen["layer"])
+    at_layer = directions[(directions["layer"] == layer) & ((directions["scope"] != "global") | directions["chosen"])]
+    return {str(row.scope): SiteDirection(np.asarray(row.vector, dtype=np.float32), layer, alpha)
+            for row in at_layer.sort_values("scope", key=lambda s: s != "global", kind="stable").itertuples()}
 
 
 def tradeoff_points(directions: pd.DataFrame, candidates: pd.DataFrame) -> list[AblationPoint]:
@@ -57,7 +73,7 @@ def tradeoff_points(directions: pd.DataFrame, candidates: pd.DataFrame) -> list[
 
 class TradeoffStage(Stage):
     name = "tradeoff"
-    version = 1
+    version = 2
     upstream = ("prompts", "generate", "directions")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -68,7 +84,8 @@ class TradeoffStage(Stage):
         role = config.directions.model
         return {"model": model_fingerprint(config.models[role]), "role": role, "weights": ABLATION_WEIGHTS,
                 "cone_sizes": CONE_SIZES, "bootstrap": config.directions.bootstrap, "seed": config.directions.seed,
-                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name}
+                "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name,
+                "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS}
 
     def run(self, context: StageContext) -> StageOutput:
         config = context.config
@@ -84,4 +101,12 @@ class TradeoffStage(Stage):
             model, points, list(test.loc[test["kind"] == "toxic", "text"]), list(test.loc[test["kind"] == "safe", "text"]),
             refusal_token_ids(context.table("refusal_tokens"), role), batch_size=config.generation.batch_size)
         table = tradeoff_table(per_prompt, points, n_boot=settings.bootstrap, seed=settings.seed)
-        return StageOutput(tables={"ablation_tradeoff": table.assign(model=role)}, models=(config.models[role],))
+        safe = test[test["kind"] == "safe"]
+        sample = safe.sample(n=min(len(safe), INDEPENDENCE_PROMPTS), random_state=settings.seed)["text"].tolist()
+        independence = independence_matrix(
+            model, independence_directions(directions, settings.addition_alpha), sample,
+            refusal_token_ids(context.table("refusal_tokens"), role), batch_size=config.generation.batch_size,
+            n_boot=settings.bootstrap, seed=settings.seed)
+        return StageOutput(tables={"ablation_tradeoff": table.assign(model=role),
+                                   "direction_independence": independence.assign(model=role)},
+                           models=(config.models[role],))
