@@ -119,6 +119,21 @@ def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
         title="cross-ablation: toxic prompts refused (score > 0)", height=320)
 
 
+def addition_sweep(sweep: pd.DataFrame) -> alt.LayerChart:
+    """Refusal (score > 0) on each kind of prompt against the strength of the added direction, Wilson
+    intervals as bands; strength 1 is the direction's own norm."""
+    base = alt.Chart(sweep).encode(
+        x=alt.X("strength:Q", title="strength added (times the direction's norm)"),
+        color=alt.Color("kind:N", sort=list(KINDS), title="prompts"))
+    band = base.mark_area(opacity=0.15).encode(y=alt.Y("ci_low:Q", title="refused (score > 0)", axis=PERCENT,
+                                                       scale=alt.Scale(domain=[0, 1])), y2="ci_high:Q")
+    line = base.mark_line(point=True).encode(
+        y="rate:Q", tooltip=[alt.Tooltip("strength:Q"), alt.Tooltip("kind:N"), alt.Tooltip("n_refused:Q", title="refused"),
+                             alt.Tooltip("n:Q", title="prompts"), alt.Tooltip("rate:Q", format=".0%"),
+                             alt.Tooltip("mean_kl:Q", format=".3f", title="KL on safe prompts")])
+    return (band + line).properties(height=260, title="adding the chosen direction: induced refusal by strength")
+
+
 def independence_matrix(matrix: pd.DataFrame, order: list[str]) -> alt.Chart:
     """dependence(a -> b): the share of b's induced refusal that ablating a removes, 0 (independent) to 1
     (redundant), on a diverging scale around 0.5; the interval on hover."""

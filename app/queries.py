@@ -242,6 +242,10 @@ SELECT * EXCLUDE (run_id),
         ORDER BY created_at DESC LIMIT 1) AS max_kl
 FROM ablation_tradeoff WHERE model = ? ORDER BY source, size
 """
+ADDITION_TRADEOFF_SQL = """
+SELECT strength, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score, mean_kl, kl_low, kl_high
+FROM addition_tradeoff WHERE model = ? ORDER BY strength, kind
+"""
 INDEPENDENCE_SQL = """
 SELECT a, b, dependence, ci_low, ci_high, induced, n FROM direction_independence WHERE model = ?
 """

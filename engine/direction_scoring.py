@@ -137,3 +137,44 @@ def tradeoff_table(per_prompt: pd.DataFrame, points: Sequence[AblationPoint], *,
     rate, kl = table["rate"].to_numpy(), table["mean_kl"].to_numpy()
     dominated = [bool(((rate <= r) & (kl <= k) & ((rate < r) | (kl < k))).any()) for r, k in zip(rate, kl, strict=True)]
     return table.assign(pareto=~np.array(dominated))
+
+
+def addition_sweep(model: LoadedModel, direction: np.ndarray, layer: int, strengths: Sequence[float],
+                   prompts: dict[str, Sequence[str]], refusal_token_ids: Sequence[int], *,
+                   batch_size: int) -> pd.DataFrame:
+    """Per strength (times the direction's own norm; 0 = unsteered), kind and prompt: the refusal score
+    with the direction added at `layer`, and for safe prompts the KL of the next-token distribution to
+    the unsteered one. Columns: strength, kind, prompt, score, kl (NaN but for safe prompts)."""
+    ids = list(refusal_token_ids)
+    norm = float(np.linalg.norm(direction))
+    plain = next_token_logprobs(model, list(prompts["safe"]), batch_size=batch_size)
+    frames = []
+    for strength in tqdm(strengths, desc="addition strengths", unit="strength"):
+        hooks = addition_hooks(model, torch.from_numpy(np.asarray(direction, np.float32)), layer,
+                               strength * norm) if strength else []
+        with applied(model, hooks):
+            for kind, texts in prompts.items():
+                logprobs = next_token_logprobs(model, list(texts), batch_size=batch_size)
+                scores = refusal_score(logprobs[:, ids])
+                kl = kl_divergence(plain, logprobs) if kind == "safe" else np.full(len(texts), np.nan)
+                frames.append(pd.DataFrame({"strength": strength, "kind": kind, "prompt": np.arange(len(texts)),
+                                            "score": scores, "kl": kl}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def addition_table(per_prompt: pd.DataFrame, *, n_boot: int, seed: int) -> pd.DataFrame:
+    """One row per strength and kind from `addition_sweep`: prompts refused by the refusal score (> 0)
+    with a Wilson 95% interval; for safe prompts the mean KL with a bootstrap 95% interval."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (strength, kind), group in per_prompt.groupby(["strength", "kind"], sort=True):
+        refused = int((group["score"] > 0).sum())
+        low, high = wilson_interval(refused, len(group))
+        kl = group["kl"].dropna().to_numpy()
+        means = kl[rng.integers(0, len(kl), (n_boot, len(kl)))].mean(axis=1) if len(kl) else np.array([np.nan])
+        rows.append({"strength": float(strength), "kind": kind, "n": len(group), "n_refused": refused,
+                     "rate": refused / len(group), "ci_low": float(low), "ci_high": float(high),
+                     "mean_refusal_score": float(group["score"].mean()),
+                     "mean_kl": float(kl.mean()) if len(kl) else np.nan,
+                     "kl_low": float(np.quantile(means, 0.025)), "kl_high": float(np.quantile(means, 0.975))})
+    return pd.DataFrame(rows)

@@ -327,3 +327,32 @@ def test_directions_page_shows_the_independence_matrix_from_the_store(tiny_store
     off = matrix[matrix["a"] != matrix["b"]]
     captions = " ".join(c.value for c in app.caption)
     assert f"median {off['dependence'].median():.2f}" in captions
+
+
+def test_steering_strength_reads_the_nearest_precomputed_addition_point(tiny_store: Path) -> None:
+    app = AppTest.from_file(str(APP / "views" / "steering.py"), default_timeout=60)
+    app.session_state["store_path"] = str(tiny_store)
+    app.session_state["direction_mode"] = "add"
+    app.run()
+    assert not app.exception and not app.error
+    sweep = store.read_table(tiny_store, "addition_tradeoff").query("strength == 1.0").set_index("kind")
+    caption = next(c.value for c in app.caption if c.value.startswith("Precomputed at strength"))
+    assert caption.startswith("Precomputed at strength 1 x the norm (this alpha is 1.00 x)")  # the default alpha
+    for kind, row in sweep.iterrows():
+        assert f"{kind} {row['rate']:.0%} ({int(row['n_refused'])}/{int(row['n'])})" in caption
+    norm = float(store.read_table(tiny_store, "refusal_directions").query("scope == 'global' and chosen")["norm"].iloc[0])
+    again = AppTest.from_file(str(APP / "views" / "steering.py"), default_timeout=60)
+    again.session_state["store_path"] = str(tiny_store)
+    again.session_state["direction_mode"] = "add"
+    again.session_state["alpha"] = 0.3 * norm  # the slider starts there
+    app = again.run()
+    caption = next(c.value for c in app.caption if c.value.startswith("Precomputed at strength"))
+    assert caption.startswith("Precomputed at strength 0.25 x the norm")  # the nearest point to 0.3
+
+
+def test_directions_page_shows_the_addition_sweep(tiny_store: Path) -> None:
+    app = _page("directions", tiny_store)
+    assert not app.exception and not app.error
+    assert any("induced refusal by strength" in chart.proto.spec for chart in app.get("vega_lite_chart"))
+    safe = store.read_table(tiny_store, "addition_tradeoff").query("kind == 'safe' and strength == 1.0").iloc[0]
+    assert f"At strength 1 the KL on safe prompts is {safe['mean_kl']:.3f}" in " ".join(c.value for c in app.caption)

@@ -100,3 +100,34 @@ def test_the_stage_stores_the_independence_of_the_global_and_category_directions
     diagonal = matrix[matrix["a"] == matrix["b"]]
     assert (diagonal["dependence"] > 0.99).all()  # ablating a direction removes what adding it does
     assert (matrix["ci_low"] <= matrix["ci_high"]).all() and (matrix["n"] <= 32).all()
+
+
+def test_addition_table_counts_refusals_per_strength_and_kind_and_the_kl_on_safe_prompts() -> None:
+    from engine.direction_scoring import addition_table
+
+    rows = [(0.0, "toxic", [1.0, -1.0], [np.nan] * 2), (0.0, "safe", [-1.0, -2.0, -3.0], [0.0, 0.0, 0.0]),
+            (1.0, "toxic", [1.0, 2.0], [np.nan] * 2), (1.0, "safe", [1.0, -2.0, 3.0], [0.2, 0.4, 0.6])]
+    per_prompt = pd.concat([pd.DataFrame({"strength": s, "kind": k, "prompt": range(len(v)), "score": v, "kl": kl})
+                            for s, k, v, kl in rows])
+    table = addition_table(per_prompt, n_boot=200, seed=0).set_index(["strength", "kind"])
+    assert table.loc[(1.0, "safe"), "n_refused"] == 2 and table.loc[(1.0, "toxic"), "rate"] == 1.0
+    assert table.loc[(0.0, "safe"), "mean_kl"] == 0.0 and table.loc[(1.0, "safe"), "mean_kl"] == pytest.approx(0.4)
+    assert 0.2 <= table.loc[(1.0, "safe"), "kl_low"] <= 0.4 <= table.loc[(1.0, "safe"), "kl_high"] <= 0.6
+    assert np.isnan(table.loc[(1.0, "toxic"), "mean_kl"])
+    low, high = wilson_interval(2, 3)
+    assert table.loc[(1.0, "safe"), ["ci_low", "ci_high"]].tolist() == pytest.approx([low, high])
+
+
+def test_the_stage_sweeps_the_addition_strength_from_the_unsteered_model(tiny_store) -> None:
+    from precompute.stages.tradeoff import ADDITION_STRENGTHS
+
+    sweep = store.read_table(tiny_store, "addition_tradeoff")
+    assert sorted(sweep["strength"].unique()) == list(ADDITION_STRENGTHS)
+    generations = store.read_table(tiny_store, "generations").query("split == 'test' and model == 'other'")
+    unsteered = sweep[sweep["strength"] == 0].set_index("kind")
+    assert unsteered["n"].to_dict() == generations.groupby("kind").size().to_dict()
+    assert unsteered.loc["safe", "mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    # strength 0 is the unsteered model: its refusal scores are the generate stage's
+    expected = generations.groupby("kind")["refusal_score"].mean()
+    assert unsteered["mean_refusal_score"].to_dict() == pytest.approx(expected.to_dict(), abs=1e-4)
+    assert sweep.groupby("strength")["mean_refusal_score"].mean().nunique() == len(ADDITION_STRENGTHS)

@@ -114,6 +114,18 @@ else:
         "one direction: a cone that removes refusal where single directions do not supports it here; that it costs "
         "more KL says the removed span also carries other information.")
 
+if "addition_tradeoff" in present:
+    sweep = queries.query(store, queries.ADDITION_TRADEOFF_SQL, (chosen.model,))
+    show_chart(figure_spec(charts.addition_sweep, sweep), "Induced refusal by addition strength", data=sweep,
+               width="stretch")
+    safe = sweep[sweep["kind"] == "safe"].set_index("strength")
+    st.caption(
+        "The other half of the trade-off: the chosen direction added at its layer with a strength times its own norm "
+        "(1 is the addition above; 0 the unsteered model) on every test prompt. Bands are Wilson 95% intervals. "
+        f"At strength 1 the KL on safe prompts is {safe.loc[1.0, 'mean_kl']:.3f} [{safe.loc[1.0, 'kl_low']:.3f}, "
+        f"{safe.loc[1.0, 'kl_high']:.3f}]. Refusal that rises on safe and hard prompts as fast as on toxic ones "
+        "means the direction writes refusal itself, not harm; the Steering page's strength reads these points.")
+
 st.subheader("Where is harmfulness linearly readable?")
 separation = queries.query(store, queries.SEPARATION_SQL)
 left, right = st.columns(2)

@@ -86,6 +86,17 @@ with right:
                           help="times the unit direction; the default is the direction's own norm (the difference "
                                f"of means). |alpha| <= {LIMITS.max_abs_alpha:g}: beyond that the model only produces "
                                "noise.")
+        if scope == "global" and int(layer) == refusal_layer and "addition_tradeoff" in present:
+            sweep = queries.query(store, queries.ADDITION_TRADEOFF_SQL, (studied,))
+            strength = alpha / float(vector_row.norm)
+            nearest = float(sweep["strength"].iloc[(sweep["strength"] - strength).abs().argmin()])
+            point = sweep[sweep["strength"] == nearest].set_index("kind")
+            st.caption(f"Precomputed at strength {nearest:g} x the norm (this alpha is {strength:.2f} x) on the test "
+                       "prompts: refused (score > 0) " + ", ".join(
+                           f"{kind} {point.loc[kind, 'rate']:.0%} ({int(point.loc[kind, 'n_refused'])}/"
+                           f"{int(point.loc[kind, 'n'])})" for kind in point.index)
+                       + (f"; KL on safe {point.loc['safe', 'mean_kl']:.3f}" if "safe" in point.index else "")
+                       + ". Generate to see this prompt's answer live.")
     clamped, feature_value = [], 0.0
     if features is not None:
         labels = {int(f.feature): f"{int(f.feature)} · attribution {f.attribution:+.3f} · {f.top_tokens}"

@@ -16,7 +16,10 @@ KL of the next-token distribution on the safe test prompts. Writes `ablation_tra
 The same stage asks whether the global and category directions are one mechanism read several times:
 `direction_independence` holds, for every ordered pair, the share of the second direction's induced
 refusal (added at the chosen layer, on safe test prompts) that ablating the first removes
-(engine.independence), with bootstrap intervals.
+(engine.independence), with bootstrap intervals. `addition_tradeoff` sweeps the strength of the chosen
+direction's addition (times its norm; 1 is the directions stage's addition): refusal by the refusal
+score on the toxic, hard and safe test prompts and the KL on the safe ones, the curve the Steering
+page's strength slider reads.
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.direction_scoring import AblationPoint, ablation_tradeoff, tradeoff_table
+from engine.direction_scoring import (
+    AblationPoint,
+    ablation_tradeoff,
+    addition_sweep,
+    addition_table,
+    tradeoff_table,
+)
 from engine.independence import SiteDirection, independence_matrix
 from engine.judge import refusal_token_ids
+from engine.schema import KINDS
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
 from precompute.stages.generate import model_fingerprint
 
 ABLATION_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 CONE_SIZES = (1, 2, 3, 4)
+ADDITION_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # times the direction's norm
 INDEPENDENCE_PROMPTS = 32  # safe test prompts (a seeded sample): (directions + 1)^2 passes over them
 
 
@@ -73,7 +84,7 @@ def tradeoff_points(directions: pd.DataFrame, candidates: pd.DataFrame) -> list[
 
 class TradeoffStage(Stage):
     name = "tradeoff"
-    version = 2
+    version = 3
     upstream = ("prompts", "generate", "directions")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -85,7 +96,8 @@ class TradeoffStage(Stage):
         return {"model": model_fingerprint(config.models[role]), "role": role, "weights": ABLATION_WEIGHTS,
                 "cone_sizes": CONE_SIZES, "bootstrap": config.directions.bootstrap, "seed": config.directions.seed,
                 "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name,
-                "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS}
+                "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS,
+                "addition_strengths": ADDITION_STRENGTHS}
 
     def run(self, context: StageContext) -> StageOutput:
         config = context.config
@@ -107,6 +119,14 @@ class TradeoffStage(Stage):
             model, independence_directions(directions, settings.addition_alpha), sample,
             refusal_token_ids(context.table("refusal_tokens"), role), batch_size=config.generation.batch_size,
             n_boot=settings.bootstrap, seed=settings.seed)
+        chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
+        sweep = addition_sweep(model, np.asarray(chosen["vector"], np.float32), int(chosen["layer"]), ADDITION_STRENGTHS,
+                               {kind: test.loc[test["kind"] == kind, "text"].tolist() for kind in KINDS
+                                if (test["kind"] == kind).any()},
+                               refusal_token_ids(context.table("refusal_tokens"), role),
+                               batch_size=config.generation.batch_size)
         return StageOutput(tables={"ablation_tradeoff": table.assign(model=role),
-                                   "direction_independence": independence.assign(model=role)},
+                                   "direction_independence": independence.assign(model=role),
+                                   "addition_tradeoff": addition_table(sweep, n_boot=settings.bootstrap,
+                                                                       seed=settings.seed).assign(model=role)},
                            models=(config.models[role],))
