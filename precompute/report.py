@@ -145,6 +145,22 @@ def tradeoff_section(path: Path, present: frozenset[str], findings: Findings) ->
             "category's direction (Directions page).\n\n" + _table(shown))
 
 
+def addition_section(path: Path, present: frozenset[str], findings: Findings) -> str:
+    """Refusal by kind against the strength of the chosen direction's addition (`tradeoff` stage)."""
+    if "addition_tradeoff" not in present:
+        return ""
+    model = findings.direction.model if findings.direction is not None else None
+    sweep = queries.query(path, queries.ADDITION_TRADEOFF_SQL, (model,))
+    cells = sweep.assign(cell=[Rate(int(row.n_refused), int(row.n)).text() for row in sweep.itertuples()])
+    shown = cells.pivot(index="strength", columns="kind", values="cell").reset_index()
+    safe = sweep[sweep["kind"] == "safe"].set_index("strength")
+    shown["KL on safe [95% CI]"] = [f"{safe.loc[s, 'mean_kl']:.3f} [{safe.loc[s, 'kl_low']:.3f}, {safe.loc[s, 'kl_high']:.3f}]"
+                                    for s in shown["strength"]]
+    shown["strength"] = shown["strength"].map("{:g}".format)
+    return ("## Addition strength\n\nThe chosen direction added at its layer, strength times its norm (1: the "
+            "directions stage's addition), on the test prompts; refused by the refusal score (> 0).\n\n" + _table(shown))
+
+
 INDEPENDENCE_SQL = """
 SELECT a, b, dependence, ci_low, ci_high FROM direction_independence WHERE model = ? ORDER BY a, b
 """
@@ -188,6 +204,6 @@ def headline_markdown(path: Path) -> str:
     present = queries.tables(path)
     sections = [title_section(path, findings), headline_section(findings), caveats_section(findings), evaluation_section(path, present),
                 benchmark_section(path, present), sae_section(path, present), tradeoff_section(path, present, findings),
-                independence_section(path, present, findings),
+                addition_section(path, present, findings), independence_section(path, present, findings),
                 replication_section(path, present, findings)]
     return "\n\n".join(section for section in sections if section) + "\n"

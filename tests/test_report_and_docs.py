@@ -49,6 +49,9 @@ def test_report_carries_the_stores_numbers(tiny_store: Path, capsys) -> None:
     for point in store.read_table(tiny_store, "ablation_tradeoff").itertuples():
         assert f"| {point.source} {point.size:g} " in text
         assert f"{point.mean_kl:.3f} [{point.kl_low:.3f}, {point.kl_high:.3f}]" in text
+    addition = text.split("## Addition strength")[1].split("\n## ")[0]
+    for row in store.read_table(tiny_store, "addition_tradeoff").itertuples():
+        assert f"({row.n_refused}/{row.n};" in addition
     independence = text.split("## Independence of refusal directions")[1].split("\n## ")[0]
     for cell in store.read_table(tiny_store, "direction_independence").itertuples():
         assert f"{cell.dependence:.2f} [{cell.ci_low:.2f}, {cell.ci_high:.2f}]" in independence
