@@ -159,8 +159,8 @@ def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float) -
         # Log KL: a span that breaks the model (KL ~ 9) would otherwise squash the points that matter (0.1-0.5).
         x=alt.X("mean_kl:Q", title="KL on safe prompts (mean, log scale)", scale=alt.Scale(type="log")),
         y=alt.Y("rate:Q", axis=PERCENT, title="toxic prompts still refused", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("source:N", title="ablated", scale=alt.Scale(domain=["weight", "cone", "categories"],
-                                                                     range=["#d62728", "#1f77b4", "#9467bd"])))
+        color=alt.Color("source:N", title="ablated", scale=alt.Scale(domain=["weight", "cone", "rdo", "categories"],
+                                                                     range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])))
     tooltip = [alt.Tooltip("point:N"), alt.Tooltip("sites:N"), alt.Tooltip("rate:Q", format=".0%"),
                alt.Tooltip("ci_low:Q", format=".0%", title="95% CI low"),
                alt.Tooltip("ci_high:Q", format=".0%", title="95% CI high"), alt.Tooltip("n_toxic:Q"),

@@ -140,6 +140,7 @@ class DirectionsConfig:
         "addition_alpha": Range(0, 1000, low_open=True, optional=True),
         "bootstrap": Range(10, 100_000),
         "eval_max_new_tokens": Range(1, 2048),
+        "rdo_steps": Range(0, 100_000),
     }
 
     model: str = "tuned"  # the role (in `models`) whose refusal directions are studied
@@ -154,6 +155,9 @@ class DirectionsConfig:
     filter_by_refusal: bool = True
     bootstrap: int = 200
     eval_max_new_tokens: int = 48
+    # Refusal direction optimisation (engine.rdo) in the `tradeoff` stage: Adam steps per cone size k = 1-4,
+    # fitted on train-split prompts, measured on test; 0 leaves it out (each step is a backward pass).
+    rdo_steps: int = field(default=0, metadata={"cache_key": UNLESS_DEFAULT})
     seed: int = 0
 
     def __post_init__(self) -> None:

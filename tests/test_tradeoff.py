@@ -131,3 +131,26 @@ def test_the_stage_sweeps_the_addition_strength_from_the_unsteered_model(tiny_st
     expected = generations.groupby("kind")["refusal_score"].mean()
     assert unsteered["mean_refusal_score"].to_dict() == pytest.approx(expected.to_dict(), abs=1e-4)
     assert sweep.groupby("strength")["mean_refusal_score"].mean().nunique() == len(ADDITION_STRENGTHS)
+
+
+def test_rdo_cones_join_the_tradeoff_when_asked_for(tmp_path, tiny_model_dir) -> None:
+    from precompute import pipeline
+    from precompute.config import parse_config
+    from precompute.stages import STAGES
+    from tests.conftest import tiny_study_settings
+
+    settings = tiny_study_settings(tmp_path / "rdo.duckdb", tiny_model_dir)
+    for section in ("evaluation", "saes", "steering", "circuits"):
+        settings.pop(section)
+    settings["directions"] |= {"rdo_steps": 3}
+    config = parse_config(settings)
+    pipeline.run_pipeline(config, STAGES)
+    tradeoff = store.read_table(config.store, "ablation_tradeoff")
+    rdo = tradeoff[tradeoff["source"] == "rdo"].set_index("size")
+    assert sorted(rdo.index) == [1, 2, 3, 4] and (rdo["n_directions"] == rdo.index).all()
+    assert (rdo["n_toxic"] == tradeoff["n_toxic"].iloc[0]).all()  # measured on the test prompts like the others
+    # without rdo_steps the stage's inputs, and so every stored hash, are what they were
+    from precompute.stages.tradeoff import TradeoffStage
+
+    assert "rdo_steps" not in TradeoffStage().inputs(parse_config(tiny_study_settings(tmp_path / "x.duckdb",
+                                                                                    tiny_model_dir)))

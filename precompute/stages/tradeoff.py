@@ -8,7 +8,10 @@ ablates a span of directions at every layer and position, with a weight:
 - cone k: the span of the k best layers' directions at the chosen position, ranked by their
   validation ablation score among those that induce refusal when added (direction_candidates: chosen
   on the validation prompts, measured here on the test prompts);
-- categories: the span of every category's direction at the chosen layer.
+- categories: the span of every category's direction at the chosen layer;
+- rdo k (with `directions.rdo_steps` > 0): the k directions refusal direction optimisation finds
+  (engine.rdo, started from the chosen direction), fitted on train-split prompts the directions stage
+  validates on, measured on the test prompts like every other point.
 Refusal is read by the refusal score (> 0) on the toxic test prompts (under the chosen direction's
 ablation it matched the substring judge on the demo's answers within a point), the side effect by the
 KL of the next-token distribution on the safe test prompts. Writes `ablation_tradeoff`.
@@ -38,6 +41,7 @@ from engine.direction_scoring import (
 )
 from engine.independence import SiteDirection, independence_matrix
 from engine.judge import refusal_token_ids
+from engine.rdo import RdoSettings, optimise_refusal_directions
 from engine.schema import KINDS
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
@@ -46,6 +50,7 @@ from precompute.stages.generate import model_fingerprint
 ABLATION_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 CONE_SIZES = (1, 2, 3, 4)
 ADDITION_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # times the direction's norm
+RDO_PROMPTS = 32  # toxic and safe train-split prompts each, a seeded sample, to fit RDO on
 INDEPENDENCE_PROMPTS = 32  # safe test prompts (a seeded sample): (directions + 1)^2 passes over them
 
 
@@ -97,7 +102,31 @@ class TradeoffStage(Stage):
                 "cone_sizes": CONE_SIZES, "bootstrap": config.directions.bootstrap, "seed": config.directions.seed,
                 "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name,
                 "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS,
-                "addition_strengths": ADDITION_STRENGTHS}
+                "addition_strengths": ADDITION_STRENGTHS,
+                **({"rdo_steps": config.directions.rdo_steps, "rdo_prompts": RDO_PROMPTS}
+                   if config.directions.rdo_steps else {})}
+
+    @staticmethod
+    def _rdo_points(model: Any, train: pd.DataFrame, directions: pd.DataFrame,
+                    context: StageContext) -> list[AblationPoint]:
+        """RDO's cones of k = 1..4 directions, fitted on train-split prompts (a seeded sample of each kind)."""
+        settings = context.config.directions
+        assert settings is not None
+        chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
+        sample = {kind: train[train["kind"] == kind].sample(n=min(RDO_PROMPTS, int((train["kind"] == kind).sum())),
+                                                           random_state=settings.seed)["text"].tolist()
+                  for kind in ("toxic", "safe")}
+        token_ids = refusal_token_ids(context.table("refusal_tokens"), settings.model)
+        points = []
+        for k in CONE_SIZES:
+            found = optimise_refusal_directions(
+                model, sample["toxic"], sample["safe"], token_ids,
+                RdoSettings(k=k, steps=settings.rdo_steps, seed=settings.seed),
+                start=np.asarray(chosen["vector"], np.float32), batch_size=context.config.generation.batch_size)
+            points.append(AblationPoint("rdo", k, found.directions.astype(np.float32),
+                                        sites=f"{k} optimised direction(s), fitted on {RDO_PROMPTS} + {RDO_PROMPTS} "
+                                              "train prompts"))
+        return points
 
     def run(self, context: StageContext) -> StageOutput:
         config = context.config
@@ -107,8 +136,11 @@ class TradeoffStage(Stage):
         directions = context.table("refusal_directions").query("model == @role")
         candidates = context.table("direction_candidates").query("model == @role")
         points = tradeoff_points(directions, candidates)
-        test = context.table("prompts").query("split == 'test'")
+        prompts = context.table("prompts")
+        test = prompts.query("split == 'test'")
         model = config.generation.load(config.models[role])
+        if settings.rdo_steps:
+            points += self._rdo_points(model, prompts.query("split == 'train'"), directions, context)
         per_prompt = ablation_tradeoff(
             model, points, list(test.loc[test["kind"] == "toxic", "text"]), list(test.loc[test["kind"] == "safe", "text"]),
             refusal_token_ids(context.table("refusal_tokens"), role), batch_size=config.generation.batch_size)
