@@ -246,6 +246,13 @@ ADDITION_TRADEOFF_SQL = """
 SELECT strength, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score, mean_kl, kl_low, kl_high
 FROM addition_tradeoff WHERE model = ? ORDER BY strength, kind
 """
+BACKUP_RECOVERY_SQL = """
+SELECT k, hook, removed, metric_before, metric_after, predicted_drop, actual_drop, recovered_share, n_prompts
+FROM backup_recovery ORDER BY k
+"""
+BACKUP_GAINS_SQL = """
+SELECT k, hook, feature, attribution_before, attribution_after, gain FROM backup_gains ORDER BY k, gain DESC
+"""
 INDEPENDENCE_SQL = """
 SELECT a, b, dependence, ci_low, ci_high, induced, n FROM direction_independence WHERE model = ?
 """

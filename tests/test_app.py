@@ -356,3 +356,17 @@ def test_directions_page_shows_the_addition_sweep(tiny_store: Path) -> None:
     assert any("induced refusal by strength" in chart.proto.spec for chart in app.get("vega_lite_chart"))
     safe = store.read_table(tiny_store, "addition_tradeoff").query("kind == 'safe' and strength == 1.0").iloc[0]
     assert f"At strength 1 the KL on safe prompts is {safe['mean_kl']:.3f}" in " ".join(c.value for c in app.caption)
+
+
+def test_features_page_shows_backup_recovery_and_gains_from_the_store(tiny_store: Path) -> None:
+    app = AppTest.from_file(str(APP / "views" / "features.py"), default_timeout=60)
+    app.session_state["store_path"] = str(tiny_store)
+    app.session_state["features_view"] = "SAE quality and refusal-aligned features"
+    app.run()
+    assert not app.exception and not app.error
+    recovery = store.read_table(tiny_store, "backup_recovery")
+    shown = next(frame.value for frame in app.dataframe if "recovered_share" in frame.value.columns)
+    assert shown["k"].tolist() == recovery["k"].tolist() == [1, 3, 10]
+    gains = next(frame.value for frame in app.dataframe if "gain" in frame.value.columns)
+    stored = store.read_table(tiny_store, "backup_gains").query("k == 1").sort_values("gain", ascending=False)
+    assert gains["feature"].tolist() == stored["feature"].tolist()

@@ -130,6 +130,28 @@ def sae_overview(sae: ChosenSae) -> None:
     show_chart(figure_spec(charts.firing_rates, aligned), f"{sae.hook} refusal-aligned features, toxic vs safe firing",
                data=aligned, width="stretch")
 
+    if "backup_recovery" in queries.tables(store):
+        backup_view()
+
+
+def backup_view() -> None:
+    """Prakash et al. (2025): dormant backup features take over when the top refusal features are removed."""
+    st.subheader("Backup features: what takes over when the top ones are removed?")
+    recovery = queries.query(store, queries.BACKUP_RECOVERY_SQL)
+    gains = queries.query(store, queries.BACKUP_GAINS_SQL)
+    st.caption(
+        f"The top k refusal-attributed features of `{recovery['hook'].iloc[0]}` (ranked on train prompts by the SAE "
+        f"stage) are clamped to 0 everywhere, and attribution runs again on {int(recovery['n_prompts'].iloc[0])} toxic "
+        "test prompts. Recovered share: the part of the drop the removed features' attributions predict that does "
+        "not happen (0: none comes back; 1 or more: something else restores refusal). Tests the dormant-backup "
+        "claim of Prakash et al. (2025) and the hydra effect (McGrath et al. 2023).")
+    show_table(recovery.drop(columns=["hook", "n_prompts"]), "Backup features: recovery per k", hide_index=True,
+               width="stretch", column_config={"recovered_share": st.column_config.NumberColumn(format="%.2f")})
+    k = st.radio("Removed", recovery["k"].tolist(), horizontal=True, format_func=lambda n: f"top {n}", key="backup_k")
+    st.markdown("**Features that gain the most effect** (attribution before and after the removal)")
+    show_table(gains[gains["k"] == k].drop(columns="k"), f"Backup features after removing the top {k}",
+               hide_index=True, width="stretch")
+
 
 def feature_browser(sae: ChosenSae) -> None:
     features = sae.features

@@ -1,5 +1,6 @@
 """The study's stages, in the order they run."""
 
+from precompute.stages.backup import BackupStage
 from precompute.stages.circuits import CircuitsStage
 from precompute.stages.directions import DirectionsStage
 from precompute.stages.evaluation import EvaluationStage
@@ -11,4 +12,4 @@ from precompute.stages.tradeoff import TradeoffStage
 from precompute.stages.tune import TuneStage
 
 STAGES = (PromptsStage(), TuneStage(), GenerateStage(), EvaluationStage(),
-          DirectionsStage(), SaesStage(), SteeringStage(), CircuitsStage(), TradeoffStage())
+          DirectionsStage(), SaesStage(), SteeringStage(), CircuitsStage(), TradeoffStage(), BackupStage())
