@@ -161,6 +161,25 @@ def addition_section(path: Path, present: frozenset[str], findings: Findings) ->
             "directions stage's addition), on the test prompts; refused by the refusal score (> 0).\n\n" + _table(shown))
 
 
+def backup_section(path: Path, present: frozenset[str]) -> str:
+    """What happens to the refusal score when the top refusal features are removed (`backup` stage)."""
+    if "backup_recovery" not in present:
+        return ""
+    recovery = queries.query(path, queries.BACKUP_RECOVERY_SQL)
+    gains = queries.query(path, queries.BACKUP_GAINS_SQL).groupby("k").head(1).set_index("k")
+    shown = pd.DataFrame({
+        "removed (top k)": recovery["k"], "refusal score before -> after": [
+            f"{row.metric_before:.2f} -> {row.metric_after:.2f}" for row in recovery.itertuples()],
+        "predicted drop": recovery["predicted_drop"].map("{:.3f}".format),
+        "actual drop": recovery["actual_drop"].map("{:.3f}".format),
+        "recovered share": recovery["recovered_share"].map("{:.2f}".format),
+        "largest gain": [f"feature {int(gains.loc[k, 'feature'])} of {gains.loc[k, 'hook']}: "
+                         f"{gains.loc[k, 'gain']:+.3f}" for k in recovery["k"]]})
+    return (f"## Backup features\n\nThe top k refusal features of `{recovery['hook'].iloc[0]}` (ranked on train prompts) "
+            f"clamped to 0, on {int(recovery['n_prompts'].iloc[0])} toxic test prompts; predicted drop: the sum of their "
+            "attributions; recovered share = 1 - actual / predicted.\n\n" + _table(shown))
+
+
 INDEPENDENCE_SQL = """
 SELECT a, b, dependence, ci_low, ci_high FROM direction_independence WHERE model = ? ORDER BY a, b
 """
@@ -205,5 +224,6 @@ def headline_markdown(path: Path) -> str:
     sections = [title_section(path, findings), headline_section(findings), caveats_section(findings), evaluation_section(path, present),
                 benchmark_section(path, present), sae_section(path, present), tradeoff_section(path, present, findings),
                 addition_section(path, present, findings), independence_section(path, present, findings),
+                backup_section(path, present),
                 replication_section(path, present, findings)]
     return "\n\n".join(section for section in sections if section) + "\n"

@@ -49,6 +49,9 @@ def test_report_carries_the_stores_numbers(tiny_store: Path, capsys) -> None:
     for point in store.read_table(tiny_store, "ablation_tradeoff").itertuples():
         assert f"| {point.source} {point.size:g} " in text
         assert f"{point.mean_kl:.3f} [{point.kl_low:.3f}, {point.kl_high:.3f}]" in text
+    backup = text.split("## Backup features")[1].split("\n## ")[0]
+    for row in store.read_table(tiny_store, "backup_recovery").itertuples():
+        assert f"{row.metric_before:.2f} -> {row.metric_after:.2f}" in backup
     addition = text.split("## Addition strength")[1].split("\n## ")[0]
     for row in store.read_table(tiny_store, "addition_tradeoff").itertuples():
         assert f"({row.n_refused}/{row.n};" in addition

@@ -2,7 +2,8 @@
 
 The earliest SAE's features with the largest attribution to the refusal score (the `saes` stage's,
 on train-split prompts) are clamped to 0 at every position, k = 1, 3 and 10 at a time, and attribution
-is computed again on toxic test prompts at the later SAEs (engine.backup_features): which features
+is computed again on toxic test prompts at the later SAEs, at the prompt-end positions the `saes` stage
+attributes at (engine.backup_features): which features
 gain effect, and how much of the drop the removed features' attributions predict does not happen
 (recovered share). Writes `backup_recovery` and `backup_gains`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.activations import prompt_end_positions
 from engine.backup_features import backup_features
 from engine.judge import refusal_token_ids
 from engine.refusal_metric import RefusalMetric
@@ -25,7 +27,7 @@ HYDRA_PROMPTS = 32  # toxic and safe test prompts each, a seeded sample
 
 class BackupStage(Stage):
     name = "backup"
-    version = 1
+    version = 2
     upstream = ("prompts", "generate", "saes")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -54,8 +56,10 @@ class BackupStage(Stage):
                                                           random_state=settings.seed)["text"].tolist()
                   for kind in ("toxic", "safe")}
         metric = RefusalMetric("refusal_score", tuple(refusal_token_ids(context.table("refusal_tokens"), settings.model)))
+        # The positions the saes stage attributes at: the instruction's last token and the template after it.
         result = backup_features(model, removed_hook, loaded[removed_hook], watched, sample["toxic"], sample["safe"],
                                  metric, ks=REMOVED_COUNTS, ranking=ranking,
+                                 offsets=prompt_end_positions(model.tokenizer).offsets,
                                  batch_size=max(1, config.generation.batch_size // 4))
         recovery = result.recovery.assign(hook=removed_hook, removed=result.recovery["removed"].map(
             lambda features: ", ".join(map(str, features))), n_prompts=len(sample["toxic"]))
