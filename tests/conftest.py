@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,13 @@ def shared_dataset(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"public dataset {path} is not on this machine (see ../shared/datasets/README.md)")
     return path
+
+
+def refusal_raising_directions(model) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The refusal token ids ("sorry", "I") of a tiny model and two orthonormal directions that raise their
+    logits: the unembedding direction of "sorry", and that of "I" with the first projected out."""
+    refusal_ids = [model.tokenizer.convert_tokens_to_ids(t) for t in ("sorry", "I")]
+    unembed = model.hf_model.get_output_embeddings().weight.detach().numpy()
+    a = unembed[refusal_ids[0]] / np.linalg.norm(unembed[refusal_ids[0]])
+    b = unembed[refusal_ids[1]] - (unembed[refusal_ids[1]] @ a) * a
+    return refusal_ids, a, b / np.linalg.norm(b)

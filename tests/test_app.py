@@ -13,9 +13,11 @@ from engine import store
 APP = Path(__file__).resolve().parents[1] / "app"
 
 
-def _page(name: str, store_path: Path) -> AppTest:
+def _page(name: str, store_path: Path, **state: object) -> AppTest:
     app = AppTest.from_file(str(APP / "views" / f"{name}.py"), default_timeout=60)
     app.session_state["store_path"] = str(store_path)
+    for key, value in state.items():
+        app.session_state[key] = value
     return app.run()
 
 
@@ -330,10 +332,7 @@ def test_directions_page_shows_the_independence_matrix_from_the_store(tiny_store
 
 
 def test_steering_strength_reads_the_nearest_precomputed_addition_point(tiny_store: Path) -> None:
-    app = AppTest.from_file(str(APP / "views" / "steering.py"), default_timeout=60)
-    app.session_state["store_path"] = str(tiny_store)
-    app.session_state["direction_mode"] = "add"
-    app.run()
+    app = _page("steering", tiny_store, direction_mode="add")
     assert not app.exception and not app.error
     sweep = store.read_table(tiny_store, "addition_tradeoff").query("strength == 1.0").set_index("kind")
     caption = next(c.value for c in app.caption if c.value.startswith("Precomputed at strength"))
@@ -341,11 +340,7 @@ def test_steering_strength_reads_the_nearest_precomputed_addition_point(tiny_sto
     for kind, row in sweep.iterrows():
         assert f"{kind} {row['rate']:.0%} ({int(row['n_refused'])}/{int(row['n'])})" in caption
     norm = float(store.read_table(tiny_store, "refusal_directions").query("scope == 'global' and chosen")["norm"].iloc[0])
-    again = AppTest.from_file(str(APP / "views" / "steering.py"), default_timeout=60)
-    again.session_state["store_path"] = str(tiny_store)
-    again.session_state["direction_mode"] = "add"
-    again.session_state["alpha"] = 0.3 * norm  # the slider starts there
-    app = again.run()
+    app = _page("steering", tiny_store, direction_mode="add", alpha=0.3 * norm)  # the slider starts there
     caption = next(c.value for c in app.caption if c.value.startswith("Precomputed at strength"))
     assert caption.startswith("Precomputed at strength 0.25 x the norm")  # the nearest point to 0.3
 
@@ -359,10 +354,7 @@ def test_directions_page_shows_the_addition_sweep(tiny_store: Path) -> None:
 
 
 def test_features_page_shows_backup_recovery_and_gains_from_the_store(tiny_store: Path) -> None:
-    app = AppTest.from_file(str(APP / "views" / "features.py"), default_timeout=60)
-    app.session_state["store_path"] = str(tiny_store)
-    app.session_state["features_view"] = "SAE quality and refusal-aligned features"
-    app.run()
+    app = _page("features", tiny_store, features_view="SAE quality and refusal-aligned features")
     assert not app.exception and not app.error
     recovery = store.read_table(tiny_store, "backup_recovery")
     shown = next(frame.value for frame in app.dataframe if "recovered_share" in frame.value.columns)

@@ -8,6 +8,7 @@ import pandas as pd
 
 from engine.independence import SiteDirection, dependence, independence_matrix
 from engine.prompt_sources import load_builtin
+from tests.conftest import refusal_raising_directions
 
 
 def test_dependence_is_the_share_of_induced_refusal_that_ablation_removes() -> None:
@@ -17,13 +18,8 @@ def test_dependence_is_the_share_of_induced_refusal_that_ablation_removes() -> N
 
 
 def test_planted_orthogonal_directions_are_independent_and_a_mixture_is_not(tiny_model) -> None:
-    tokenizer = tiny_model.tokenizer
-    refusal_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("sorry", "I")]
-    unembed = tiny_model.hf_model.get_output_embeddings().weight.detach().numpy()
     # Two orthogonal directions that each raise the refusal tokens' logits, and their 45-degree mixture.
-    a = unembed[refusal_ids[0]] / np.linalg.norm(unembed[refusal_ids[0]])
-    b = unembed[refusal_ids[1]] - (unembed[refusal_ids[1]] @ a) * a
-    b /= np.linalg.norm(b)
+    refusal_ids, a, b = refusal_raising_directions(tiny_model)
     mix = (a + b) / np.linalg.norm(a + b)
     directions = {name: SiteDirection(vector * 4.0, layer=1) for name, vector in (("a", a), ("b", b), ("mix", mix))}
     prompts = load_builtin().query("kind == 'safe'")["text"].head(24).tolist()

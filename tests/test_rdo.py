@@ -13,6 +13,7 @@ from engine.models import load_model
 from engine.prompt_sources import load_builtin
 from engine.rdo import RdoSettings, optimise_refusal_directions
 from engine.scoring import next_token_logprobs
+from tests.conftest import refusal_raising_directions
 
 
 @pytest.fixture
@@ -22,11 +23,7 @@ def planted(tiny_model_dir):
     the directions that raise the refusal tokens' logits. One direction cannot remove both; their span can."""
     model = load_model(str(tiny_model_dir), device="cpu")
     tokenizer = model.tokenizer
-    refusal_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("sorry", "I")]
-    unembed = model.hf_model.get_output_embeddings().weight.detach().numpy()
-    a = unembed[refusal_ids[0]] / np.linalg.norm(unembed[refusal_ids[0]])
-    b = unembed[refusal_ids[1]] - (unembed[refusal_ids[1]] @ a) * a
-    b /= np.linalg.norm(b)
+    refusal_ids, a, b = refusal_raising_directions(model)
     triggers = {tokenizer.convert_tokens_to_ids("Here"): a, tokenizer.convert_tokens_to_ids("Sure"): b}
 
     def plant(module, inputs, output):
