@@ -44,7 +44,7 @@ def _config(tmp_path: Path, model_dir: Path, prompt_file: Path, **generation) ->
 
 
 def _statuses(reports) -> dict[str, str]:
-    return {r.stage: r.status for r in reports if r.stage not in ("evaluation", "directions", "saes", "steering", "circuits", "tradeoff")}
+    return {r.stage: r.status for r in reports if r.stage not in ("evaluation", "directions", "saes", "steering", "circuits", "tradeoff", "backup")}
 
 
 def test_pipeline_writes_judged_generations(tmp_path, tiny_model_dir, prompt_file) -> None:

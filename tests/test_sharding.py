@@ -203,9 +203,10 @@ def test_every_sharded_stage_merges_into_the_unsharded_study(tmp_path, tiny_mode
     shard_and_merge("steering", "ran", "merged")
     shard_and_merge("circuits", "ran", "merged")
     assert pipeline.run_shard(config, STAGES, ShardSpec(1, 2)) == []  # every sharded stage is merged
-    # the plain run after the last merge (precompute/cluster/finish.sh) runs only the unsharded stage
+    # the plain run after the last merge (precompute/cluster/finish.sh) runs only the unsharded stages
     reports = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}
-    assert reports.pop("tradeoff") == "ran" and set(reports.values()) == {"skipped", "not applicable"}
+    assert reports.pop("tradeoff") == "ran" and reports.pop("backup") == "ran"
+    assert set(reports.values()) == {"skipped", "not applicable"}
     for stage in ("generate", "directions", "saes", "steering", "circuits"):
         assert store.stage_hash(config.store, stage) == store.stage_hash(tiny_store, stage)
     for name in ("direction_candidates", "refusal_directions", "direction_generations", "direction_effects",
