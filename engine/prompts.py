@@ -115,3 +115,9 @@ def make_prompt_table(
     return table[list(PROMPT_COLUMNS)].reset_index(drop=True).astype(
         {c: "string" for c in PROMPT_COLUMNS}
     )
+
+
+def seeded_texts(prompts: pd.DataFrame, kind: str, n: int, seed: int) -> list[str]:
+    """The texts of a seeded sample of at most `n` of `prompts`' prompts of `kind`."""
+    of_kind = prompts[prompts["kind"] == kind]
+    return of_kind.sample(n=min(n, len(of_kind)), random_state=seed)["text"].tolist()

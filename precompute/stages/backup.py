@@ -15,6 +15,7 @@ from typing import Any
 from engine.activations import prompt_end_positions
 from engine.backup_features import backup_features
 from engine.judge import refusal_token_ids
+from engine.prompts import seeded_texts
 from engine.refusal_metric import RefusalMetric
 from engine.saes import load_sae, stored_sae_source
 from precompute.config import StudyConfig
@@ -52,9 +53,7 @@ class BackupStage(Stage):
         features = context.table("features").query("hook == @removed_hook")
         ranking = features.sort_values("attribution", ascending=False)["feature"].astype(int).tolist()
         test = context.table("prompts").query("split == 'test'")
-        sample = {kind: test[test["kind"] == kind].sample(n=min(HYDRA_PROMPTS, int((test["kind"] == kind).sum())),
-                                                          random_state=settings.seed)["text"].tolist()
-                  for kind in ("toxic", "safe")}
+        sample = {kind: seeded_texts(test, kind, HYDRA_PROMPTS, settings.seed) for kind in ("toxic", "safe")}
         metric = RefusalMetric("refusal_score", tuple(refusal_token_ids(context.table("refusal_tokens"), settings.model)))
         # The positions the saes stage attributes at: the instruction's last token and the template after it.
         result = backup_features(model, removed_hook, loaded[removed_hook], watched, sample["toxic"], sample["safe"],

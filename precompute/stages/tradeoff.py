@@ -41,6 +41,7 @@ from engine.direction_scoring import (
 )
 from engine.independence import SiteDirection, independence_matrix
 from engine.judge import refusal_token_ids
+from engine.prompts import seeded_texts
 from engine.rdo import RdoSettings, optimise_refusal_directions
 from engine.schema import KINDS
 from precompute.config import StudyConfig
@@ -107,16 +108,13 @@ class TradeoffStage(Stage):
                    if config.directions.rdo_steps else {})}
 
     @staticmethod
-    def _rdo_points(model: Any, train: pd.DataFrame, directions: pd.DataFrame,
+    def _rdo_points(model: Any, train: pd.DataFrame, directions: pd.DataFrame, token_ids: list[int],
                     context: StageContext) -> list[AblationPoint]:
         """RDO's cones of k = 1..4 directions, fitted on train-split prompts (a seeded sample of each kind)."""
         settings = context.config.directions
         assert settings is not None
         chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
-        sample = {kind: train[train["kind"] == kind].sample(n=min(RDO_PROMPTS, int((train["kind"] == kind).sum())),
-                                                           random_state=settings.seed)["text"].tolist()
-                  for kind in ("toxic", "safe")}
-        token_ids = refusal_token_ids(context.table("refusal_tokens"), settings.model)
+        sample = {kind: seeded_texts(train, kind, RDO_PROMPTS, settings.seed) for kind in ("toxic", "safe")}
         points = []
         for k in CONE_SIZES:
             found = optimise_refusal_directions(
@@ -139,23 +137,23 @@ class TradeoffStage(Stage):
         prompts = context.table("prompts")
         test = prompts.query("split == 'test'")
         model = config.generation.load(config.models[role])
+        token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
         if settings.rdo_steps:
-            points += self._rdo_points(model, prompts.query("split == 'train'"), directions, context)
+            points += self._rdo_points(model, prompts.query("split == 'train'"), directions, token_ids, context)
         per_prompt = ablation_tradeoff(
             model, points, list(test.loc[test["kind"] == "toxic", "text"]), list(test.loc[test["kind"] == "safe", "text"]),
-            refusal_token_ids(context.table("refusal_tokens"), role), batch_size=config.generation.batch_size)
+            token_ids, batch_size=config.generation.batch_size)
         table = tradeoff_table(per_prompt, points, n_boot=settings.bootstrap, seed=settings.seed)
-        safe = test[test["kind"] == "safe"]
-        sample = safe.sample(n=min(len(safe), INDEPENDENCE_PROMPTS), random_state=settings.seed)["text"].tolist()
+        sample = seeded_texts(test, "safe", INDEPENDENCE_PROMPTS, settings.seed)
         independence = independence_matrix(
             model, independence_directions(directions, settings.addition_alpha), sample,
-            refusal_token_ids(context.table("refusal_tokens"), role), batch_size=config.generation.batch_size,
+            token_ids, batch_size=config.generation.batch_size,
             n_boot=settings.bootstrap, seed=settings.seed)
         chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
         sweep = addition_sweep(model, np.asarray(chosen["vector"], np.float32), int(chosen["layer"]), ADDITION_STRENGTHS,
                                {kind: test.loc[test["kind"] == kind, "text"].tolist() for kind in KINDS
                                 if (test["kind"] == kind).any()},
-                               refusal_token_ids(context.table("refusal_tokens"), role),
+                               token_ids,
                                batch_size=config.generation.batch_size)
         return StageOutput(tables={"ablation_tradeoff": table.assign(model=role),
                                    "direction_independence": independence.assign(model=role),
