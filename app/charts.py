@@ -119,18 +119,20 @@ def cross_ablation(cross: pd.DataFrame, order: list[str]) -> alt.Chart:
         title="cross-ablation: toxic prompts refused (score > 0)", height=320)
 
 
-def addition_sweep(sweep: pd.DataFrame) -> alt.LayerChart:
+def addition_sweep(sweep: pd.DataFrame, picked: alt.Parameter | None = None) -> alt.LayerChart:
     """Refusal (score > 0) on each kind of prompt against the strength of the added direction, Wilson
-    intervals as bands; strength 1 is the direction's own norm."""
+    intervals as bands; strength 1 is the direction's own norm. `picked`: a click selection of points."""
     base = alt.Chart(sweep).encode(
         x=alt.X("strength:Q", title="strength added (times the direction's norm)"),
         color=alt.Color("kind:N", sort=list(KINDS), title="prompts"))
     band = base.mark_area(opacity=0.15).encode(y=alt.Y("ci_low:Q", title="refused (score > 0)", axis=PERCENT,
                                                        scale=alt.Scale(domain=[0, 1])), y2="ci_high:Q")
-    line = base.mark_line(point=True).encode(
-        y="rate:Q", tooltip=[alt.Tooltip("strength:Q"), alt.Tooltip("kind:N"), alt.Tooltip("n_refused:Q", title="refused"),
+    line = base.mark_line(point=alt.OverlayMarkDef(size=70, filled=True)).encode(
+        y="rate:Q", tooltip=[alt.Tooltip("point:N"), alt.Tooltip("kind:N"), alt.Tooltip("n_refused:Q", title="refused"),
                              alt.Tooltip("n:Q", title="prompts"), alt.Tooltip("rate:Q", format=".0%"),
                              alt.Tooltip("mean_kl:Q", format=".3f", title="KL on safe prompts")])
+    if picked is not None:
+        line = line.add_params(picked)
     return (band + line).properties(height=260, title="adding the chosen direction: induced refusal by strength")
 
 
@@ -150,11 +152,12 @@ def independence_matrix(matrix: pd.DataFrame, order: list[str]) -> alt.Chart:
         title="representational independence: share of b's induced refusal removed by ablating a", height=320)
 
 
-def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float) -> alt.LayerChart:
+def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float,
+                      picked: alt.Parameter | None = None) -> alt.LayerChart:
     """Toxic prompts still refused against the KL on safe prompts, one mark per ablation (weight, cone size,
-    category span) with both 95% intervals; the Pareto front as diamonds, the targets as dashed lines."""
-    frame = points.assign(point=points["source"] + " " + points["size"].map("{:g}".format),
-                          front=points["pareto"].map({True: "on the front", False: "dominated"}))
+    category span) with both 95% intervals; the Pareto front as diamonds, the targets as dashed lines.
+    `picked`: a click selection of points."""
+    frame = points.assign(front=points["pareto"].map({True: "on the front", False: "dominated"}))
     base = alt.Chart(frame).encode(
         # Log KL: a span that breaks the model (KL ~ 9) would otherwise squash the points that matter (0.1-0.5).
         x=alt.X("mean_kl:Q", title="KL on safe prompts (mean, log scale)", scale=alt.Scale(type="log")),
@@ -171,12 +174,29 @@ def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float) -
         shape=alt.Shape("front:N", title="Pareto front", scale=alt.Scale(domain=["on the front", "dominated"],
                                                                          range=["diamond", "circle"])),
         tooltip=tooltip)
+    if picked is not None:
+        marks = marks.add_params(picked)
     whiskers = base.mark_rule(opacity=0.5).encode(y=alt.Y("ci_low:Q"), y2=alt.Y2("ci_high:Q")) + \
         base.mark_rule(opacity=0.5).encode(x=alt.X("kl_low:Q"), x2=alt.X2("kl_high:Q"))
     labels = base.mark_text(align="left", dx=7, dy=-7, fontSize=10).encode(text="point:N")
     targets = alt.Chart(pd.DataFrame({"kl": [max_kl]})).mark_rule(strokeDash=[4, 4], color="grey").encode(x="kl:Q") + \
         alt.Chart(pd.DataFrame({"rate": [target_rate]})).mark_rule(strokeDash=[4, 4], color="grey").encode(y="rate:Q")
     return (whiskers + marks + labels + targets).properties(height=340)
+
+
+TRADEOFF_PICK = "picked"  # the selection parameter's name: the page reads the clicked point under it
+
+
+def tradeoff_explorer(ablation: pd.DataFrame, addition: pd.DataFrame, max_kl: float,
+                      target_rate: float) -> alt.HConcatChart:
+    """Both halves of the trade-off side by side, one click selection over their points (field `point`):
+    removing refusal (ablation: toxic prompts still refused against KL) and inducing it (addition: refusal
+    by strength)."""
+    picked = alt.selection_point(name=TRADEOFF_PICK, fields=["point"], on="click", clear="dblclick")
+    removing = ablation_tradeoff(ablation, max_kl, target_rate, picked).properties(
+        title="removing refusal: ablation", width=340)
+    inducing = addition_sweep(addition, picked).properties(title="inducing refusal: addition", width=300)
+    return alt.hconcat(removing, inducing).resolve_scale(color="independent", shape="independent")
 
 
 # --- Features -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pyarrow as pa
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.elements.arrow import DataframeState
+from streamlit.elements.vega_charts import VegaLiteState
 
 from app.classroom import JUDGE, KEPT_WORDS, is_harmful_compliance
 from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
@@ -58,13 +59,13 @@ def figure_spec(build: Callable[..., alt.TopLevelMixin], *args) -> ChartSpec:
 
 
 def show_chart(chart: alt.TopLevelMixin | ChartSpec, title: str, *, data: pd.DataFrame | None = None,
-               key: str | None = None, **chart_kwargs) -> None:
+               key: str | None = None, **chart_kwargs) -> DeltaGenerator | VegaLiteState:
     """A chart (an Altair chart, or a spec from `figure_spec`) with PNG and SVG downloads under it, and
     a CSV of `data` (by default an Altair chart's own data frame, if it has one: layers over several
     frames have none). `title` names the files; `key` (else the title) keys the buttons and is the
-    chart's key."""
+    chart's key. Returns what `st.vega_lite_chart` returns (a selection state when `on_select` is set)."""
     spec = chart if isinstance(chart, dict) else chart_spec(chart)
-    st.vega_lite_chart(spec=spec, key=key, **chart_kwargs)
+    shown = st.vega_lite_chart(spec=spec, key=key, **chart_kwargs)
     frame = getattr(chart, "data", None) if data is None else data
     # A chart without a height of its own (the circuit graph's is the element's) gets the element's in
     # its files; a spec's own height stays (the element's may include room for the axes).
@@ -76,6 +77,7 @@ def show_chart(chart: alt.TopLevelMixin | ChartSpec, title: str, *, data: pd.Dat
         downloads.append(("CSV", "csv", "text/csv", partial(table_csv, frame)))
     stem = file_stem(title)
     _download_row(downloads, stem, key or stem)
+    return shown
 
 
 def show_table(frame: pd.DataFrame, title: str, *, key: str | None = None,

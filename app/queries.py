@@ -243,8 +243,12 @@ SELECT * EXCLUDE (run_id),
 FROM ablation_tradeoff WHERE model = ? ORDER BY source, size
 """
 ADDITION_TRADEOFF_SQL = """
-SELECT strength, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score, mean_kl, kl_low, kl_high
+SELECT point, strength, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score, mean_kl, kl_low, kl_high
 FROM addition_tradeoff WHERE model = ? ORDER BY strength, kind
+"""
+TRADEOFF_ANSWERS_SQL = """
+SELECT kind, prompt, response, refused, refusal_score FROM tradeoff_answers
+WHERE model = ? AND point = ? ORDER BY kind DESC, prompt
 """
 BACKUP_RECOVERY_SQL = """
 SELECT k, hook, removed, metric_before, metric_after, predicted_drop, actual_drop, recovered_share, n_prompts

@@ -83,6 +83,11 @@ def refusal_scores_under_ablation(
     return refusal_score(logprobs)
 
 
+def point_label(source: str, size: float) -> str:
+    """A trade-off point's name as tables and pages show it: "cone 2", "weight 0.25", "strength 1"."""
+    return f"{source} {size:g}"
+
+
 @dataclass(frozen=True)
 class AblationPoint:
     """One point of the refusal / side-effect trade-off: a span of directions ablated with a weight."""
@@ -92,6 +97,10 @@ class AblationPoint:
     directions: np.ndarray  # [k, d_model]
     weight: float = 1.0
     sites: str = ""  # which directions, in words
+
+    @property
+    def label(self) -> str:
+        return point_label(self.source, self.size)
 
 
 def ablation_tradeoff(model: LoadedModel, points: Sequence[AblationPoint], toxic_prompts: Sequence[str],
@@ -127,7 +136,7 @@ def tradeoff_table(per_prompt: pd.DataFrame, points: Sequence[AblationPoint], *,
         refused = int((scores > 0).sum())
         low, high = wilson_interval(refused, len(scores))
         means = kl[rng.integers(0, len(kl), (n_boot, len(kl)))].mean(axis=1)
-        rows.append({"source": point.source, "size": point.size, "weight": point.weight,
+        rows.append({"point": point.label, "source": point.source, "size": point.size, "weight": point.weight,
                      "n_directions": len(point.directions), "sites": point.sites, "n_toxic": len(scores),
                      "n_refused": refused, "rate": refused / len(scores), "ci_low": float(low),
                      "ci_high": float(high), "mean_refusal_score": float(scores.mean()), "n_safe": len(kl),
@@ -172,7 +181,7 @@ def addition_table(per_prompt: pd.DataFrame, *, n_boot: int, seed: int) -> pd.Da
         low, high = wilson_interval(refused, len(group))
         kl = group["kl"].dropna().to_numpy()
         means = kl[rng.integers(0, len(kl), (n_boot, len(kl)))].mean(axis=1) if len(kl) else np.array([np.nan])
-        rows.append({"strength": float(strength), "kind": kind, "n": len(group), "n_refused": refused,
+        rows.append({"point": point_label("strength", strength), "strength": float(strength), "kind": kind, "n": len(group), "n_refused": refused,
                      "rate": refused / len(group), "ci_low": float(low), "ci_high": float(high),
                      "mean_refusal_score": float(group["score"].mean()),
                      "mean_kl": float(kl.mean()) if len(kl) else np.nan,

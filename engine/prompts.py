@@ -117,7 +117,12 @@ def make_prompt_table(
     )
 
 
-def seeded_texts(prompts: pd.DataFrame, kind: str, n: int, seed: int) -> list[str]:
-    """The texts of a seeded sample of at most `n` of `prompts`' prompts of `kind`."""
+def seeded_sample(prompts: pd.DataFrame, kind: str, n: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of at most `n` of `prompts`' rows of `kind`."""
     of_kind = prompts[prompts["kind"] == kind]
-    return of_kind.sample(n=min(n, len(of_kind)), random_state=seed)["text"].tolist()
+    return of_kind.sample(n=min(n, len(of_kind)), random_state=seed)
+
+
+def seeded_texts(prompts: pd.DataFrame, kind: str, n: int, seed: int) -> list[str]:
+    """The texts of `seeded_sample`."""
+    return seeded_sample(prompts, kind, n, seed)["text"].tolist()

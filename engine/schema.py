@@ -27,7 +27,7 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "circuits": (
         "circuits", "circuit_nodes", "circuit_edges", "circuit_faithfulness", "circuit_similarity",
         "circuit_verdicts", "circuit_core", "circuit_components", "circuit_calibration", "circuit_prompts"),
-    "tradeoff": ("ablation_tradeoff", "direction_independence", "addition_tradeoff"),
+    "tradeoff": ("ablation_tradeoff", "direction_independence", "addition_tradeoff", "tradeoff_answers"),
     "backup": ("backup_recovery", "backup_gains"),
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_TABLES)

@@ -348,9 +348,21 @@ def test_steering_strength_reads_the_nearest_precomputed_addition_point(tiny_sto
 def test_directions_page_shows_the_addition_sweep(tiny_store: Path) -> None:
     app = _page("directions", tiny_store)
     assert not app.exception and not app.error
-    assert any("induced refusal by strength" in chart.proto.spec for chart in app.get("vega_lite_chart"))
+    assert any("inducing refusal: addition" in chart.proto.spec for chart in app.get("vega_lite_chart"))
     safe = store.read_table(tiny_store, "addition_tradeoff").query("kind == 'safe' and strength == 1.0").iloc[0]
-    assert f"At strength 1 the KL on safe prompts is {safe['mean_kl']:.3f}" in " ".join(c.value for c in app.caption)
+    assert f"at strength 1 the KL on safe prompts is {safe['mean_kl']:.3f}" in " ".join(c.value for c in app.caption)
+
+
+def test_directions_page_shows_the_answers_at_the_chosen_directions_ablation_until_a_point_is_clicked(
+        tiny_store: Path) -> None:
+    app = _page("directions", tiny_store)
+    assert not app.exception and not app.error
+    spec = next(chart.proto.spec for chart in app.get("vega_lite_chart") if "removing refusal" in chart.proto.spec)
+    assert '"picked"' in spec and "inducing refusal" in spec  # both halves, one click selection
+    stored = store.read_table(tiny_store, "tradeoff_answers").query("point == 'weight 1'")
+    shown = next(frame.value for frame in app.dataframe if "response" in frame.value.columns and "prompt" in frame.value.columns)
+    assert sorted(shown["response"]) == sorted(stored["response"])
+    assert any("Answers at weight 1" in m.value for m in app.markdown)
 
 
 def test_features_page_shows_backup_recovery_and_gains_from_the_store(tiny_store: Path) -> None:

@@ -154,3 +154,56 @@ def test_rdo_cones_join_the_tradeoff_when_asked_for(tmp_path, tiny_model_dir) ->
 
     assert "rdo_steps" not in TradeoffStage().inputs(parse_config(tiny_study_settings(tmp_path / "x.duckdb",
                                                                                     tiny_model_dir)))
+
+
+def test_answers_at_the_points_are_the_directions_stage_answers_where_the_intervention_is_the_same(tiny_store) -> None:
+    from precompute.stages.tradeoff import ADDITION_STRENGTHS, ANSWER_PROMPTS
+
+    answers = store.read_table(tiny_store, "tradeoff_answers")
+    points = store.read_table(tiny_store, "ablation_tradeoff")["point"].tolist()
+    shown = answers.groupby("point")["kind"].agg(lambda k: tuple(sorted(k.value_counts().items())))
+    per_kind = ANSWER_PROMPTS
+    assert {p: shown[p] for p in points} == {p: (("safe", per_kind), ("toxic", per_kind)) for p in points}
+    for strength in ADDITION_STRENGTHS:
+        assert shown[f"strength {strength:g}"] == (("hard", per_kind), ("safe", per_kind))
+    # weight 1 is the directions stage's ablation, strength 1 its addition (the direction's own norm): same
+    # hooks, same prompts, same answers
+    generated = store.read_table(tiny_store, "direction_generations").query("model == 'other'")
+    for point, condition in (("weight 1", "ablation"), ("strength 1", "addition")):
+        mine = answers[answers["point"] == point].set_index("prompt_id")
+        theirs = generated[generated["condition"] == condition].set_index("prompt_id")
+        common = mine.index.intersection(theirs.index)
+        assert len(common) >= per_kind
+        assert mine.loc[common, "response"].tolist() == theirs.loc[common, "response"].tolist()
+    # strength 0 is the unsteered model
+    unsteered = answers[answers["point"] == "strength 0"].set_index("prompt_id")
+    baseline = generated[generated["condition"] == "baseline"].set_index("prompt_id")
+    common = unsteered.index.intersection(baseline.index)
+    assert unsteered.loc[common, "response"].tolist() == baseline.loc[common, "response"].tolist()
+
+
+def test_a_rerun_redoes_only_the_parts_whose_inputs_changed(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    from precompute import pipeline
+    from precompute.config import parse_config
+    from precompute.stages import STAGES
+    from precompute.stages import tradeoff as tradeoff_stage
+    from tests.conftest import tiny_study_settings
+
+    settings = tiny_study_settings(tmp_path / "parts.duckdb", tiny_model_dir)
+    for section in ("evaluation", "saes", "steering", "circuits"):
+        settings.pop(section)
+    config = parse_config(settings)
+    pipeline.run_pipeline(config, STAGES, until="tradeoff")
+    before = store.read_table(config.store, "ablation_tradeoff")
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("an unchanged part was measured again")
+
+    for name in ("ablation_tradeoff", "independence_matrix", "addition_sweep"):
+        monkeypatch.setattr(tradeoff_stage, name, measured_again)
+    monkeypatch.setattr(tradeoff_stage, "ANSWER_PROMPTS", 2)
+    pipeline.run_pipeline(config, STAGES, until="tradeoff")
+    answers = store.read_table(config.store, "tradeoff_answers")
+    assert answers.groupby(["point", "kind"]).size().eq(2).all()
+    pd.testing.assert_frame_equal(store.read_table(config.store, "ablation_tradeoff").drop(columns="run_id"),
+                                  before.drop(columns="run_id"))

@@ -6,8 +6,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app import charts, queries
+from app.classroom import masked_answers
 from app.components import figure_spec, show_chart, show_table
-from app.context import current_store, require_tables
+from app.context import classroom_mode, current_store, require_tables
 from app.findings import ABLATED_TARGET
 from engine.schema import KINDS
 
@@ -91,40 +92,54 @@ def effects_by_category() -> None:
 
 effects_by_category()
 
-st.subheader("Can ablation remove refusal, and at what cost? Cones and weights")
-if "ablation_tradeoff" not in present:
-    st.info("The `tradeoff` stage has not run yet: it measures ablation weights and multi-direction cones.")
-else:
+@st.fragment  # a click on a point reruns only this section
+def tradeoff_section() -> None:
+    st.subheader("Can ablation remove refusal, and at what cost? Cones, weights and strengths")
+    if "ablation_tradeoff" not in present:
+        st.info("The `tradeoff` stage has not run yet: it measures ablation weights, multi-direction cones and "
+                "addition strengths.")
+        return
     tradeoff = queries.query(store, queries.TRADEOFF_SQL, (chosen.model,))
+    sweep = queries.query(store, queries.ADDITION_TRADEOFF_SQL, (chosen.model,))
     max_kl = float(tradeoff["max_kl"].iloc[0])
-    show_chart(figure_spec(charts.ablation_tradeoff, tradeoff.drop(columns="max_kl"), max_kl, ABLATED_TARGET),
-               "Refusal against side effects under ablation", data=tradeoff, width="stretch")
+    state = show_chart(figure_spec(charts.tradeoff_explorer, tradeoff.drop(columns="max_kl"), sweep, max_kl,
+                                   ABLATED_TARGET),
+                       "Refusal against side effects", data=tradeoff, key="tradeoff_explorer",
+                       on_select="rerun", selection_mode=charts.TRADEOFF_PICK)
     best = tradeoff[tradeoff["mean_kl"] <= max_kl].nsmallest(1, "rate")
     within = (f"Within KL {max_kl:g} the fewest toxic prompts still refused is {best['rate'].iloc[0]:.0%} "
-              f"({best['source'].iloc[0]} {best['size'].iloc[0]:g}: {best['sites'].iloc[0]})."
+              f"({best['point'].iloc[0]}: {best['sites'].iloc[0]})."
               if len(best) else f"No ablation measured here stays within KL {max_kl:g}.")
-    st.caption(
-        "Each point ablates a span of directions at every layer and position, on the test prompts: **weight** w "
-        "removes that share of the chosen direction (w = 1 is the ablation above); **cone** k removes the span of "
-        "the k layers' directions at the chosen position that scored best on the validation prompts (among those "
-        "whose addition induces refusal); **categories** removes the span of every category's direction. Refusal "
-        "is read by the refusal score (> 0), the side effect is the KL of the next-token distribution on safe "
-        f"prompts; whiskers are Wilson and bootstrap 95% intervals, diamonds the Pareto front. {within} This tests "
-        "Wollschläger et al. (ICML 2025)'s claim that refusal is mediated by a multi-dimensional cone rather than "
-        "one direction: a cone that removes refusal where single directions do not supports it here; that it costs "
-        "more KL says the removed span also carries other information.")
-
-if "addition_tradeoff" in present:
-    sweep = queries.query(store, queries.ADDITION_TRADEOFF_SQL, (chosen.model,))
-    show_chart(figure_spec(charts.addition_sweep, sweep), "Induced refusal by addition strength", data=sweep,
-               width="stretch")
     safe = sweep[sweep["kind"] == "safe"].set_index("strength")
     st.caption(
-        "The other half of the trade-off: the chosen direction added at its layer with a strength times its own norm "
-        "(1 is the addition above; 0 the unsteered model) on every test prompt. Bands are Wilson 95% intervals. "
-        f"At strength 1 the KL on safe prompts is {safe.loc[1.0, 'mean_kl']:.3f} [{safe.loc[1.0, 'kl_low']:.3f}, "
-        f"{safe.loc[1.0, 'kl_high']:.3f}]. Refusal that rises on safe and hard prompts as fast as on toxic ones "
-        "means the direction writes refusal itself, not harm; the Steering page's strength reads these points.")
+        "**Left**, each point ablates a span of directions at every layer and position, on the test prompts: "
+        "**weight** w removes that share of the chosen direction (w = 1 is the ablation above); **cone** k removes "
+        "the span of the k layers' directions at the chosen position that scored best on the validation prompts "
+        "(among those whose addition induces refusal); **categories** removes the span of every category's "
+        "direction; **rdo** k the span refusal direction optimisation found on train prompts. Refusal is read by "
+        "the refusal score (> 0), the side effect is the KL of the next-token distribution on safe prompts; "
+        f"whiskers are Wilson and bootstrap 95% intervals, diamonds the Pareto front. {within} **Right**, the "
+        "chosen direction added at its layer with a strength times its own norm (1 is the addition above, 0 the "
+        f"unsteered model); bands are Wilson 95% intervals; at strength 1 the KL on safe prompts is "
+        f"{safe.loc[1.0, 'mean_kl']:.3f} [{safe.loc[1.0, 'kl_low']:.3f}, {safe.loc[1.0, 'kl_high']:.3f}]. This "
+        "tests Wollschläger et al. (ICML 2025)'s claim that refusal is mediated by a multi-dimensional cone rather "
+        "than one direction: a cone that removes refusal where single directions do not supports it here; that "
+        "it costs more KL says the removed span also carries other information. Refusal that rises on safe and "
+        "hard prompts as fast as on toxic ones means the direction writes refusal itself, not harm.")
+    if "tradeoff_answers" not in present:
+        return
+    selected = state.selection.get(charts.TRADEOFF_PICK, []) if state is not None else []
+    point = selected[0]["point"] if selected else "weight 1"
+    answers = queries.query(store, queries.TRADEOFF_ANSWERS_SQL, (chosen.model, point))
+    st.markdown(f"**Answers at {point}** (click a point above to see another; a seeded sample of test prompts, "
+                "greedy answers judged by the substring judge)")
+    if classroom_mode():
+        answers = masked_answers(answers)
+    show_table(answers, f"Answers at {point}", key="tradeoff_answers", hide_index=True, width="stretch",
+               column_config={"refusal_score": st.column_config.NumberColumn(format="%.2f")})
+
+
+tradeoff_section()
 
 st.subheader("Where is harmfulness linearly readable?")
 separation = queries.query(store, queries.SEPARATION_SQL)

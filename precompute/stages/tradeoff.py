@@ -23,25 +23,38 @@ refusal (added at the chosen layer, on safe test prompts) that ablating the firs
 direction's addition (times its norm; 1 is the directions stage's addition): refusal by the refusal
 score on the toxic, hard and safe test prompts and the KL on the safe ones, the curve the Steering
 page's strength slider reads.
+
+`tradeoff_answers` holds what the points look like: greedy answers (`directions.eval_max_new_tokens`
+tokens, judged by the substring judge) of a seeded sample of test prompts at every point, toxic and
+safe ones under each ablation, safe and hard ones under each addition strength.
+
+Each part (ablation points, independence, addition sweep, answers) is cached under what it depends
+on, so an interrupted run resumes and a change to one part does not redo the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from engine.chunked import cached_frames
 from engine.direction_scoring import (
     AblationPoint,
     ablation_tradeoff,
     addition_sweep,
     addition_table,
+    point_label,
     tradeoff_table,
 )
+from engine.evaluation import judged_answers
 from engine.independence import SiteDirection, independence_matrix
+from engine.interventions import Hook, ablation_hooks, addition_hooks
 from engine.judge import refusal_token_ids
-from engine.prompts import seeded_texts
+from engine.prompts import seeded_sample, seeded_texts
 from engine.rdo import RdoSettings, optimise_refusal_directions
 from engine.schema import KINDS
 from precompute.config import StudyConfig
@@ -53,6 +66,9 @@ CONE_SIZES = (1, 2, 3, 4)
 ADDITION_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)  # times the direction's norm
 RDO_PROMPTS = 32  # toxic and safe train-split prompts each, a seeded sample, to fit RDO on
 INDEPENDENCE_PROMPTS = 32  # safe test prompts (a seeded sample): (directions + 1)^2 passes over them
+ANSWER_PROMPTS = 4  # test prompts of each kind (a seeded sample) answered at every point
+ABLATION_ANSWER_KINDS = ("toxic", "safe")  # does refusal go, and do safe answers stay intact?
+ADDITION_ANSWER_KINDS = ("safe", "hard")  # does refusal come, and what does it look like?
 
 
 def independence_directions(directions: pd.DataFrame, alpha: float | None) -> dict[str, SiteDirection]:
@@ -90,7 +106,7 @@ def tradeoff_points(directions: pd.DataFrame, candidates: pd.DataFrame) -> list[
 
 class TradeoffStage(Stage):
     name = "tradeoff"
-    version = 3
+    version = 4
     upstream = ("prompts", "generate", "directions")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -104,6 +120,7 @@ class TradeoffStage(Stage):
                 "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name,
                 "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS,
                 "addition_strengths": ADDITION_STRENGTHS,
+                "answer_prompts": ANSWER_PROMPTS, "eval_max_new_tokens": config.directions.eval_max_new_tokens,
                 **({"rdo_steps": config.directions.rdo_steps, "rdo_prompts": RDO_PROMPTS}
                    if config.directions.rdo_steps else {})}
 
@@ -133,30 +150,79 @@ class TradeoffStage(Stage):
         role = settings.model
         directions = context.table("refusal_directions").query("model == @role")
         candidates = context.table("direction_candidates").query("model == @role")
-        points = tradeoff_points(directions, candidates)
         prompts = context.table("prompts")
         test = prompts.query("split == 'test'")
         model = config.generation.load(config.models[role])
         token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
-        if settings.rdo_steps:
-            points += self._rdo_points(model, prompts.query("split == 'train'"), directions, token_ids, context)
-        per_prompt = ablation_tradeoff(
-            model, points, list(test.loc[test["kind"] == "toxic", "text"]), list(test.loc[test["kind"] == "safe", "text"]),
-            token_ids, batch_size=config.generation.batch_size)
-        table = tradeoff_table(per_prompt, points, n_boot=settings.bootstrap, seed=settings.seed)
-        sample = seeded_texts(test, "safe", INDEPENDENCE_PROMPTS, settings.seed)
-        independence = independence_matrix(
-            model, independence_directions(directions, settings.addition_alpha), sample,
-            token_ids, batch_size=config.generation.batch_size,
-            n_boot=settings.bootstrap, seed=settings.seed)
+        batch_size = config.generation.batch_size
         chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
-        sweep = addition_sweep(model, np.asarray(chosen["vector"], np.float32), int(chosen["layer"]), ADDITION_STRENGTHS,
-                               {kind: test.loc[test["kind"] == kind, "text"].tolist() for kind in KINDS
-                                if (test["kind"] == kind).any()},
-                               token_ids,
-                               batch_size=config.generation.batch_size)
-        return StageOutput(tables={"ablation_tradeoff": table.assign(model=role),
-                                   "direction_independence": independence.assign(model=role),
-                                   "addition_tradeoff": addition_table(sweep, n_boot=settings.bootstrap,
-                                                                       seed=settings.seed).assign(model=role)},
+        vector, layer = np.asarray(chosen["vector"], np.float32), int(chosen["layer"])
+        inputs = self.inputs(config)
+        upstream = {name: context.hashes[name] for name in self.upstream}
+
+        def part(name: str, make: Callable[[], dict[str, pd.DataFrame]], *keys: str) -> dict[str, pd.DataFrame]:
+            """`make()`'s frames, cached under the upstream stages and the settings `keys` it reads."""
+            key = {"part": name, "upstream": upstream, **{k: inputs[k] for k in ("model", "dtype", "batch_size", *keys)}}
+            return cached_frames(context.cache(self.name, key), make)
+
+        def points() -> list[AblationPoint]:
+            found = tradeoff_points(directions, candidates)
+            if settings.rdo_steps:
+                found += self._rdo_points(model, prompts.query("split == 'train'"), directions, token_ids, context)
+            return found
+
+        def ablation() -> dict[str, pd.DataFrame]:
+            measured = points()
+            per_prompt = ablation_tradeoff(model, measured, list(test.loc[test["kind"] == "toxic", "text"]),
+                                           list(test.loc[test["kind"] == "safe", "text"]), token_ids,
+                                           batch_size=batch_size)
+            return {"table": tradeoff_table(per_prompt, measured, n_boot=settings.bootstrap, seed=settings.seed),
+                    "directions": pd.DataFrame({"point": [p.label for p in measured],
+                                                "weight": [p.weight for p in measured],
+                                                "vectors": [p.directions.tolist() for p in measured]})}
+
+        def independence() -> dict[str, pd.DataFrame]:
+            sample = seeded_texts(test, "safe", INDEPENDENCE_PROMPTS, settings.seed)
+            return {"table": independence_matrix(
+                model, independence_directions(directions, settings.addition_alpha), sample, token_ids,
+                batch_size=batch_size, n_boot=settings.bootstrap, seed=settings.seed)}
+
+        def addition() -> dict[str, pd.DataFrame]:
+            sweep = addition_sweep(model, vector, layer, ADDITION_STRENGTHS,
+                                   {kind: test.loc[test["kind"] == kind, "text"].tolist() for kind in KINDS
+                                    if (test["kind"] == kind).any()},
+                                   token_ids, batch_size=batch_size)
+            return {"table": addition_table(sweep, n_boot=settings.bootstrap, seed=settings.seed)}
+
+        ablated = part("ablation", ablation, "weights", "cone_sizes", "bootstrap", "seed",
+                       *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))
+
+        def answers() -> dict[str, pd.DataFrame]:
+            conditions: list[tuple[str, list[Hook], tuple[str, ...]]] = [
+                (row.point, ablation_hooks(model, torch.from_numpy(np.stack(row.vectors).astype(np.float32)),
+                                             float(row.weight)),
+                 ABLATION_ANSWER_KINDS) for row in ablated["directions"].itertuples()]
+            norm = float(np.linalg.norm(vector))
+            conditions += [(point_label("strength", strength),
+                            addition_hooks(model, torch.from_numpy(vector), layer, strength * norm) if strength else [],
+                            ADDITION_ANSWER_KINDS) for strength in ADDITION_STRENGTHS]
+            frames = []
+            for point, hooks, kinds in conditions:
+                sample = pd.concat([seeded_sample(test, kind, ANSWER_PROMPTS, settings.seed) for kind in kinds])
+                frames.append(judged_answers(model, sample, point, hooks, token_ids,
+                                             max_new_tokens=settings.eval_max_new_tokens, batch_size=batch_size)
+                              .assign(kind=sample["kind"].to_numpy(), prompt=sample["text"].to_numpy(),
+                                      sweep="addition" if point.startswith("strength") else "ablation"))
+            return {"table": pd.concat(frames, ignore_index=True).rename(columns={"condition": "point"})}
+
+        tables = {
+            "ablation_tradeoff": ablated["table"],
+            "direction_independence": part("independence", independence, "addition_alpha", "independence_prompts",
+                                           "bootstrap", "seed")["table"],
+            "addition_tradeoff": part("addition", addition, "addition_strengths", "bootstrap", "seed")["table"],
+            "tradeoff_answers": part("answers", answers, "weights", "cone_sizes", "addition_strengths",
+                                     "answer_prompts", "eval_max_new_tokens", "seed",
+                                     *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))["table"],
+        }
+        return StageOutput(tables={name: table.assign(model=role) for name, table in tables.items()},
                            models=(config.models[role],))
