@@ -155,6 +155,9 @@ def test_plain_twin_shares_the_weights_and_generates_what_the_bridge_does(tiny_m
         ._original_component.weight.data_ptr()
     assert not any(isinstance(module, HookPoint) for module in twin.modules())
     assert twin.model.rotary_emb.inv_freq.device.type == "cpu"  # non-persistent buffers filled, not meta
+    # fused attention for the twin only: the bridge's hook points need eager attention's pattern
+    assert twin.config._attn_implementation == "sdpa"
+    assert tiny_model.hf_model.config._attn_implementation == "eager"
     prompts = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
     with applied(tiny_model, [("blocks.1.hook_resid_pre", lambda activation, hook: activation)]):
         assert tiny_model.generator() is tiny_model.hf_model
