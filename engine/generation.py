@@ -171,9 +171,9 @@ def generate(
 
     def complete(batch: list[int], encoded: EncodedBatch) -> list[Generation]:
         inputs = encoded.generate_inputs()
-        with torch.inference_mode():
-            output = model.generator().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                             pad_token_id=tokenizer.pad_token_id)
+        with torch.inference_mode(), model.generating() as generator:
+            output = generator.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
         generations = []
         for ids in output[:, inputs["input_ids"].shape[1] :].tolist():
             generations.append(Generation(

@@ -17,6 +17,8 @@ import logging
 import os
 import platform
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -74,6 +76,26 @@ class LoadedModel:
         """The model to generate with: the plain twin when no hook is attached, else the bridged one."""
         return self.hf_model if self.hooks_attached() else self.plain_model
 
+    @contextmanager
+    def generating(self) -> Iterator[torch.nn.Module]:
+        """`generator()`, attending with PyTorch's fused attention (SDPA) for the block, where the bridge
+        otherwise attends eagerly (its hook points inside attention need the pattern): eager attention
+        copies every key/value head group of the cache at each generated token (grouped-query attention's
+        repeat_kv). Hooks on the residual stream and the attention and MLP outputs (every intervention)
+        fire as before and the greedy answers are the same (128 of 128 demo prompts unhooked, 64 of 64
+        under ablation), 1.13-1.3x faster on a 2-core CPU; no hook inside attention is used while generating."""
+        # SDPA takes the grouped key/value heads as they are, mask or not (transformers repeats them
+        # otherwise, to keep CUDA's fastest kernels, which take no mask with grouped heads).
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+        model = self.generator()
+        config = model.config
+        before = config._attn_implementation
+        config._attn_implementation = "sdpa"
+        try:
+            yield model
+        finally:
+            config._attn_implementation = before
+
     @property
     def n_layers(self) -> int:
         return int(self.bridge.cfg.n_layers)
@@ -86,18 +108,9 @@ class LoadedModel:
 def plain_twin(bridged: torch.nn.Module) -> torch.nn.Module:
     """A model of `bridged`'s class built around its very parameter and buffer tensors (no copy), with
     none of the bridge's wrappers: each bridged module keeps the original as `_original_component`.
-
-    The twin attends with PyTorch's fused attention (SDPA) where the bridge uses eager attention (its
-    hook points need the pattern): eager attention copies every key and value head group of the cache
-    at each generated token (grouped-query attention's repeat_kv). Greedy answers are the same (128 of
-    128 demo prompts); generation is about 1.2x faster on a 2-core CPU."""
-    config = copy.deepcopy(bridged.config)
-    config._attn_implementation = "sdpa"
-    # Let SDPA take the grouped key/value heads as they are, mask or not (transformers repeats them
-    # otherwise, to keep CUDA's fastest kernels, which do not take a mask with grouped heads).
-    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    Its config is a copy, so `LoadedModel.generating` can switch its attention without the bridge's."""
     with torch.device("meta"):
-        twin = type(bridged)(config)
+        twin = type(bridged)(copy.deepcopy(bridged.config))
     shared = {name.replace("._original_component", ""): tensor for name, tensor in
               [*bridged.named_parameters(remove_duplicate=False), *bridged.named_buffers(remove_duplicate=False)]}
     twin.load_state_dict({name: shared[name] for name in twin.state_dict()}, assign=True, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -148,21 +149,34 @@ def test_study_models_load_with_the_configured_dtype_and_device_map(monkeypatch)
     assert calls == [("org/model", {"dtype": torch.bfloat16, "device_map": "balanced"})]
 
 
-def test_plain_twin_shares_the_weights_and_generates_what_the_bridge_does(tiny_model) -> None:
+def test_plain_twin_shares_the_weights_and_generates_what_the_bridge_does(tiny_model, monkeypatch) -> None:
     twin = tiny_model.plain_model
     assert twin is not tiny_model.hf_model and twin is tiny_model.plain_model  # built once
     assert twin.model.embed_tokens.weight.data_ptr() == tiny_model.bridge.original_model.model.embed_tokens \
         ._original_component.weight.data_ptr()
     assert not any(isinstance(module, HookPoint) for module in twin.modules())
     assert twin.model.rotary_emb.inv_freq.device.type == "cpu"  # non-persistent buffers filled, not meta
-    # fused attention for the twin only: the bridge's hook points need eager attention's pattern
-    assert twin.config._attn_implementation == "sdpa"
-    assert tiny_model.hf_model.config._attn_implementation == "eager"
+    # fused attention while generating only; the twin's config is its own
+    assert twin.config is not tiny_model.hf_model.config
+    with tiny_model.generating() as generator:
+        assert generator is twin and twin.config._attn_implementation == "sdpa"
+        assert tiny_model.hf_model.config._attn_implementation == "eager"
+    assert twin.config._attn_implementation == "eager"
     prompts = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
     with applied(tiny_model, [("blocks.1.hook_resid_pre", lambda activation, hook: activation)]):
         assert tiny_model.generator() is tiny_model.hf_model
         bridged = generate(tiny_model, prompts, max_new_tokens=6, batch_size=3)
+        with tiny_model.generating():
+            assert tiny_model.hf_model.config._attn_implementation == "sdpa"
+        assert tiny_model.hf_model.config._attn_implementation == "eager"
     assert tiny_model.generator() is twin
     plain = generate(tiny_model, prompts, max_new_tokens=6, batch_size=3)
-    assert [g.text for g in plain] == [g.text for g in bridged]
+
+    @contextmanager
+    def eager_bridge(model: models.LoadedModel):  # generation as it was: the bridged model, eager attention
+        yield model.hf_model
+
+    monkeypatch.setattr(models.LoadedModel, "generating", eager_bridge)
+    eager = generate(tiny_model, prompts, max_new_tokens=6, batch_size=3)
+    assert [g.text for g in plain] == [g.text for g in bridged] == [g.text for g in eager]
     assert [g.first_token_id for g in plain] == [g.first_token_id for g in bridged]
