@@ -71,10 +71,14 @@ ABLATION_ANSWER_KINDS = ("toxic", "safe")  # does refusal go, and do safe answer
 ADDITION_ANSWER_KINDS = ("safe", "hard")  # does refusal come, and what does it look like?
 
 
+def chosen_direction(directions: pd.DataFrame) -> pd.Series:
+    """The chosen global direction's row of a model's `refusal_directions`."""
+    return directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
+
+
 def independence_directions(directions: pd.DataFrame, alpha: float | None) -> dict[str, SiteDirection]:
     """The chosen global direction and every category direction at its layer, each added there."""
-    chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
-    layer = int(chosen["layer"])
+    layer = int(chosen_direction(directions)["layer"])
     at_layer = directions[(directions["layer"] == layer) & ((directions["scope"] != "global") | directions["chosen"])]
     return {str(row.scope): SiteDirection(np.asarray(row.vector, dtype=np.float32), layer, alpha)
             for row in at_layer.sort_values("scope", key=lambda s: s != "global", kind="stable").itertuples()}
@@ -86,9 +90,9 @@ def tradeoff_points(directions: pd.DataFrame, candidates: pd.DataFrame) -> list[
         return np.asarray(row.vector, dtype=np.float32)
 
     global_rows = directions[directions["scope"] == "global"].set_index("layer")
-    chosen = global_rows[global_rows["chosen"]]
-    layer, position = int(chosen.index[0]), int(chosen["position"].iloc[0])
-    points = [AblationPoint("weight", w, vector(chosen.iloc[0])[None], weight=w, sites=f"layer {layer}")
+    chosen = chosen_direction(directions)
+    layer, position = int(chosen["layer"]), int(chosen["position"])
+    points = [AblationPoint("weight", w, vector(chosen)[None], weight=w, sites=f"layer {layer}")
               for w in ABLATION_WEIGHTS]
     at_position = candidates[(candidates["position"] == position) & (candidates["induce_score"] > 0)]
     ranked = at_position.dropna(subset=["ablation_score"]).sort_values("ablation_score")["layer"].astype(int).tolist()
@@ -130,7 +134,7 @@ class TradeoffStage(Stage):
         """RDO's cones of k = 1..4 directions, fitted on train-split prompts (a seeded sample of each kind)."""
         settings = context.config.directions
         assert settings is not None
-        chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
+        chosen = chosen_direction(directions)
         sample = {kind: seeded_texts(train, kind, RDO_PROMPTS, settings.seed) for kind in ("toxic", "safe")}
         points = []
         for k in CONE_SIZES:
@@ -155,7 +159,7 @@ class TradeoffStage(Stage):
         model = config.generation.load(config.models[role])
         token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
         batch_size = config.generation.batch_size
-        chosen = directions[(directions["scope"] == "global") & directions["chosen"]].iloc[0]
+        chosen = chosen_direction(directions)
         vector, layer = np.asarray(chosen["vector"], np.float32), int(chosen["layer"])
         inputs = self.inputs(config)
         upstream = {name: context.hashes[name] for name in self.upstream}
