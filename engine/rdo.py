@@ -4,8 +4,12 @@ Difference-of-means gives one direction per layer; RDO searches by gradient for 
 subspace whose ablation (projected out at every layer and position) removes refusal on toxic prompts
 while the safe prompts' next-token distribution stays close to the unablated model's:
 
-    loss = mean refusal score on toxic prompts (log-odds of the refusal tokens, ablated)
+    loss = mean -log(1 - p_refuse) on toxic prompts (p_refuse: the refusal tokens' probability, ablated)
            + kl_weight * mean KL(unablated || ablated) on safe prompts
+
+The refusal term is the cross-entropy of "does not refuse": it goes to 0 once refusal is gone, so
+the KL term then decides. (The log-odds themselves have no floor: minimised, they buy ever more
+negative scores with KL, 1.4 nats on the demo's safe prompts after 60 steps.)
 
 The k directions are the orthonormal basis of a free [k, d_model] parameter (QR), so they stay
 orthogonal and only their span matters. Optimised with Adam from a given start (e.g. the
@@ -48,7 +52,13 @@ class RdoSettings:
 @dataclass(frozen=True)
 class RdoResult:
     directions: np.ndarray  # [k, d_model], orthonormal
-    history: pd.DataFrame  # step, refusal (mean toxic score), kl (mean safe KL), loss
+    history: pd.DataFrame  # step, refusal (mean toxic refusal loss), kl (mean safe KL), loss
+
+
+def refusal_loss(refusal_token_logprobs: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p) per row, p the refusal tokens' total probability ([n, n_tokens] log-probs): softplus
+    of the refusal log-odds, near 0 (and flat) once refusal is unlikely."""
+    return torch.nn.functional.softplus(refusal_log_odds(refusal_token_logprobs))
 
 
 def _basis(parameter: torch.Tensor) -> torch.Tensor:
@@ -94,7 +104,7 @@ def optimise_refusal_directions(model: LoadedModel, toxic: Sequence[str], safe: 
     for step in range(settings.steps):
         optimiser.zero_grad()
         with applied(model, hooks), torch.enable_grad():
-            refusal = mean_over(toxic, lambda batch, logprobs: refusal_log_odds(logprobs[:, ids.to(logprobs.device)]))
+            refusal = mean_over(toxic, lambda batch, logprobs: refusal_loss(logprobs[:, ids.to(logprobs.device)]))
             kl = mean_over(safe, lambda batch, logprobs: (plain[batch].exp() * (plain[batch] - logprobs)).sum(-1))
             loss = refusal + settings.kl_weight * kl
             loss.backward()

@@ -11,7 +11,7 @@ from engine.interventions import ablation_hooks, applied
 from engine.judge import refusal_score
 from engine.models import load_model
 from engine.prompt_sources import load_builtin
-from engine.rdo import RdoSettings, optimise_refusal_directions
+from engine.rdo import RdoSettings, optimise_refusal_directions, refusal_loss
 from engine.scoring import next_token_logprobs
 from tests.conftest import refusal_raising_directions
 
@@ -55,12 +55,14 @@ def test_rdo_recovers_a_planted_two_dimensional_subspace_that_one_direction_cann
     def share_removed(directions: np.ndarray) -> float:
         return (planted_score - _toxic_score(model, toxic, refusal_ids, directions)) / removed
 
-    cone = optimise_refusal_directions(model, toxic, safe, refusal_ids, RdoSettings(k=2, steps=80, lr=0.1))
-    single = optimise_refusal_directions(model, toxic, safe, refusal_ids, RdoSettings(k=1, steps=80, lr=0.1))
+    cone = optimise_refusal_directions(model, toxic, safe, refusal_ids, RdoSettings(k=2, steps=200, lr=0.1))
+    single = optimise_refusal_directions(model, toxic, safe, refusal_ids, RdoSettings(k=1, steps=200, lr=0.1))
     assert np.allclose(cone.directions @ cone.directions.T, np.eye(2), atol=1e-5)  # orthonormal
-    assert np.linalg.norm(cone.directions @ a) > 0.95 and np.linalg.norm(cone.directions @ b) > 0.95
-    assert share_removed(cone.directions) > 0.95
-    assert share_removed(single.directions) < 0.85  # the best single direction leaves part of it
+    # The refusal term flattens as refusal becomes unlikely, and the tiny model's refusal tokens are
+    # unlikely to begin with (log-odds -6.5 planted, -7.6 not): the search gets close, not all the way.
+    assert np.linalg.norm(cone.directions @ a) > 0.9 and np.linalg.norm(cone.directions @ b) > 0.9
+    assert share_removed(cone.directions) > 0.85
+    assert share_removed(single.directions) < 0.7  # the best single direction leaves part of it
     assert cone.history["loss"].iloc[-1] < cone.history["loss"].iloc[0]
 
 
@@ -69,3 +71,13 @@ def test_rdo_settings_and_inputs_are_checked(tiny_model) -> None:
         RdoSettings(k=0)
     with pytest.raises(ExplorerError, match="toxic and safe prompts"):
         optimise_refusal_directions(tiny_model, [], ["x"], [1], RdoSettings())
+
+
+def test_the_refusal_term_has_a_floor_so_kl_decides_once_refusal_is_gone() -> None:
+    # two refusal tokens; log-odds of refusal +3, 0 and -30
+    log_p = torch.log(torch.sigmoid(torch.tensor([3.0, 0.0, -30.0])))
+    tokens = torch.stack([log_p - np.log(2), log_p - np.log(2)], dim=1).requires_grad_(True)
+    loss = refusal_loss(tokens)
+    assert loss.detach().numpy() == pytest.approx([np.log1p(np.exp(3.0)), np.log(2.0), 0.0], abs=1e-5)
+    loss.sum().backward()
+    assert tokens.grad is not None and tokens.grad[2].abs().max() < 1e-9  # nothing left to gain there
