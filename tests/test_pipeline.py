@@ -353,6 +353,34 @@ def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir, monk
     assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES)}["saes"] == "ran"
 
 
+def test_saes_stage_rerun_after_a_crash_loads_the_saes_it_had_trained(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    from precompute.stages import saes as saes_stage
+
+    config = _study_with_directions(tmp_path, tiny_model_dir, 0.3, saes={
+        "model": "base", "layer_offsets": [-1, 0], "expansion": 2, "k": 8, "steps": 20, "batch_size": 128,
+        "attribution_prompts": 8, "top_examples": 3})
+    trained: list[str] = []
+    train_sae = saes_stage.train_sae
+
+    def second_crashes(training, activations, hook, *args, **kwargs):
+        if len(trained) == 1:
+            raise RuntimeError("power cut")
+        trained.append(hook)
+        return train_sae(training, activations, hook, *args, **kwargs)
+
+    monkeypatch.setattr(saes_stage, "train_sae", second_crashes)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pipeline.run_pipeline(config, STAGES, until="saes")
+    assert store.stage_hash(config.store, "saes") is None and len(trained) == 1
+    monkeypatch.setattr(saes_stage, "train_sae", lambda training, activations, hook, *args, **kwargs: (
+        trained.append(hook), train_sae(training, activations, hook, *args, **kwargs))[1])
+    assert {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="saes")}["saes"] == "ran"
+    saes = store.read_table(config.store, "saes")
+    first, second = trained  # the re-run trained only the SAE the crash had left untrained
+    assert sorted(saes["hook"]) == sorted([first, second]) and first != second
+    assert (saes["path"].map(lambda path: (config.store.parent / path / "cfg.json").is_file())).all()
+
+
 def test_saes_stage_loads_a_saved_sae_through_the_pretrained_path(tmp_path, tiny_model_dir, prompt_file) -> None:
     from engine.errors import ExplorerError
     from engine.saes import SaeTraining, save_sae, train_sae

@@ -247,12 +247,18 @@ class SaesStage(ModelSectionStage):
         sae_rows, feature_frames, example_frames, group_frames, cosine_frames = [], [], [], [], []
         for h, hook in enumerate(hooks):
             started = time.perf_counter()
+            saved = self.folder(context) / hook
             if hook in saes:
                 sae, origin = saes[hook]
+            elif (saved / "cfg.json").is_file():
+                # Trained by an interrupted run with these very inputs (save_sae writes atomically): resume.
+                logger.info("SAE %s: trained by an earlier run of this stage, loaded from %s", hook, saved)
+                sae = load_sae(str(saved), device=model.device)
+                origin = {"path": str(saved.relative_to(config.store.parent))}
             else:
                 sae = train_sae(settings.training(), ActivationRows(tokens.values, h, np.flatnonzero(~held_out)),
                                 hook, model.name, device=model.device)
-                path = save_sae(sae, self.folder(context) / hook)
+                path = save_sae(sae, saved)
                 origin = {"path": str(path.relative_to(config.store.parent))}
             seconds = time.perf_counter() - started
             quality = sae_quality(sae, ActivationRows(tokens.values, h, np.flatnonzero(held_out)))
