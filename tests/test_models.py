@@ -180,3 +180,28 @@ def test_plain_twin_shares_the_weights_and_generates_what_the_bridge_does(tiny_m
     eager = generate(tiny_model, prompts, max_new_tokens=6, batch_size=3)
     assert [g.text for g in plain] == [g.text for g in bridged] == [g.text for g in eager]
     assert [g.first_token_id for g in plain] == [g.first_token_id for g in bridged]
+
+
+def test_generation_bench_times_the_twin_the_bridge_and_eager_attention(tiny_store, tiny_model_dir,
+                                                                       monkeypatch) -> None:
+    from precompute import bench
+    from precompute.config import parse_config
+    from tests.conftest import tiny_study_settings
+
+    seen: list[str] = []
+    real_generating = models.LoadedModel.generating
+
+    @contextmanager
+    def recording(model):
+        with real_generating(model) as generator:
+            seen.append(generator.config._attn_implementation)
+            yield generator
+
+    monkeypatch.setattr(models.LoadedModel, "generating", recording)
+    config = parse_config(tiny_study_settings(tiny_store, tiny_model_dir))
+    results = bench.bench_generation(config, load_model(str(tiny_model_dir)), n_prompts=4, new_tokens=2)
+    assert [r.name for r in results] == ["generation, hook-free twin", "generation, bridged",
+                                         "generation, bridged, eager attention", "generation: twin / bridged",
+                                         "generation: SDPA / eager (bridged)"]
+    assert all(r.value > 0 for r in results)
+    assert "eager" in seen and "sdpa" in seen and models.GENERATION_ATTENTION == "sdpa"
