@@ -5,7 +5,8 @@ Each candidate gets three numbers on validation prompts (Arditi et al. 2024):
 - induce score: mean refusal score on safe prompts with the direction added at its layer;
 - KL: mean KL divergence of the next-token distribution on safe prompts under ablation.
 
-And the trade-off between the two for spans of directions ablated with a weight (`ablation_tradeoff`).
+And the trade-off between the two for spans of directions ablated with a weight (`ablation_tradeoff`),
+and the chosen direction's effects on test prompts (`direction_effects`, `harmlessness_table`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from engine.evaluation import judged_answers
 from engine.interventions import ablation_hooks, addition_hooks, applied
 from engine.judge import refusal_score
 from engine.models import LoadedModel
-from engine.scoring import kl_divergence, next_token_logprobs
+from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from engine.stats import wilson_interval
 
 
@@ -187,3 +189,47 @@ def addition_table(per_prompt: pd.DataFrame, *, n_boot: int, seed: int) -> pd.Da
                      "mean_kl": float(kl.mean()) if len(kl) else np.nan,
                      "kl_low": float(np.quantile(means, 0.025)), "kl_high": float(np.quantile(means, 0.975))})
     return pd.DataFrame(rows)
+
+
+def direction_effects(model: LoadedModel, prompts: pd.DataFrame, direction: np.ndarray, layer: int,
+                      alpha: float | None, token_ids: list[int], answers: pd.Series, *, max_new_tokens: int,
+                      batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One direction's effects on each of `prompts` (test prompts): judged answers under ablation
+    (toxic, hard) and addition (safe, hard), and per safe prompt the KL under ablation and the
+    cross-entropy of its own baseline answer (`answers`, by prompt id) with and without."""
+    tensor = torch.from_numpy(direction)
+    judged = pd.concat([
+        judged_answers(model, prompts[prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
+                       token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        judged_answers(model, prompts[prompts["kind"] != "toxic"], "addition",
+                       addition_hooks(model, tensor, layer, alpha), token_ids, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size),
+    ], ignore_index=True)
+    safe = prompts[prompts["kind"] == "safe"]
+    texts, completions = list(safe["text"]), answers.loc[safe["id"]].tolist()
+    plain = next_token_logprobs(model, texts, batch_size=batch_size)
+    ce_plain = completion_cross_entropy(model, texts, completions, batch_size=batch_size)
+    with applied(model, ablation_hooks(model, tensor)):
+        ablated = next_token_logprobs(model, texts, batch_size=batch_size)
+        ce_ablated = completion_cross_entropy(model, texts, completions, batch_size=batch_size)
+    # Ablation also undoes the refusals of the safe prompts the model refuses, which counts as KL:
+    # the harmlessness table also reports the KL on the others, the population the direction was
+    # chosen on (Arditi et al.'s filter: refusal score < 0).
+    leaning = refusal_score(plain[:, token_ids]) >= 0 if len(safe) else np.zeros(0, bool)
+    safe_rows = pd.DataFrame({"prompt_id": safe["id"].to_numpy(), "kl": kl_divergence(plain, ablated),
+                              "leaning": leaning, "ce_plain": ce_plain, "ce_ablated": ce_ablated})
+    return judged, safe_rows
+
+
+def harmlessness_table(safe_rows: pd.DataFrame) -> pd.DataFrame:
+    """Per condition (baseline, ablation): KL (mean, median, and on the safe prompts that do not
+    lean to refuse, refusal score < 0) and the mean completion cross-entropy, from
+    `direction_effects`' safe rows."""
+    kl, settled = safe_rows["kl"].to_numpy(), ~safe_rows["leaning"].to_numpy(bool)
+    return pd.DataFrame([
+        {"condition": "baseline", "n": len(kl), "mean_kl": 0.0, "median_kl": 0.0, "n_not_leaning": int(settled.sum()),
+         "mean_kl_not_leaning": 0.0, "mean_cross_entropy": float(np.nanmean(safe_rows["ce_plain"]))},
+        {"condition": "ablation", "n": len(kl), "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)),
+         "n_not_leaning": int(settled.sum()), "mean_kl_not_leaning": float(kl[settled].mean()),
+         "mean_cross_entropy": float(np.nanmean(safe_rows["ce_ablated"]))},
+    ])

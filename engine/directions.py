@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -237,3 +238,24 @@ def cross_ablation_specificity(scores: pd.DataFrame, categories: list[str], *, n
     low, high = np.percentile(draws, [2.5, 97.5])
     return Specificity(float(own.mean()), float(other.mean()), float(difference.mean()), float(low), float(high),
                        len(difference))
+
+
+def hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answered: np.ndarray,
+                           global_direction: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """Refused-minus-answered hard prompts' direction and its cosine with the global one."""
+    row: dict[str, Any] = {"n_refused": int(hard_refused.sum()), "n_answered": int(hard_answered.sum())}
+    if min(row["n_refused"], row["n_answered"]) < 3:
+        return row | {"cosine_with_global": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                      "note": "fewer than 3 hard prompts in one group"}
+    rng = np.random.default_rng(seed)
+    target = unit(global_direction)
+    refused_rows, answered_rows = np.flatnonzero(hard_refused), np.flatnonzero(hard_answered)
+
+    def cosine(a_rows, b_rows) -> float:
+        return float(unit(acts[a_rows].mean(0) - acts[b_rows].mean(0)) @ target)
+
+    draws = [cosine(rng.choice(refused_rows, len(refused_rows)), rng.choice(answered_rows, len(answered_rows)))
+             for _ in range(n_boot)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return row | {"cosine_with_global": cosine(refused_rows, answered_rows), "ci_low": float(low),
+                  "ci_high": float(high), "note": ""}

@@ -37,75 +37,34 @@ import pandas as pd
 import torch
 
 from engine.activations import capture, prompt_end_positions
-from engine.direction_scoring import refusal_scores_under_ablation, score_candidates
+from engine.direction_scoring import (
+    direction_effects,
+    harmlessness_table,
+    refusal_scores_under_ablation,
+    score_candidates,
+)
 from engine.directions import (
     GroupSums,
     SelectionRule,
     bootstrap_cosines,
     cross_ablation_specificity,
+    hard_prompt_direction,
     layer_separation,
     refusal_filter,
     select_candidate,
     unit,
 )
 from engine.errors import ExplorerError
-from engine.evaluation import judged_answers
 from engine.form_probe import form_probe
-from engine.interventions import ablation_hooks, addition_hooks, applied
-from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
+from engine.judge import refusal_rate_table, refusal_token_ids
 from engine.models import LoadedModel
 from engine.prompts import NO_CATEGORY, UNCATEGORIZED, stable_split
-from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput
 from precompute.shards import ShardSpec, in_shard
 from precompute.stages.generate import model_fingerprint
 
 logger = logging.getLogger(__name__)
-
-
-def direction_effects(model: LoadedModel, prompts: pd.DataFrame, direction: np.ndarray, layer: int,
-                      alpha: float | None, token_ids: list[int], answers: pd.Series, *, max_new_tokens: int,
-                      batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One direction's effects on each of `prompts` (test prompts): judged answers under ablation
-    (toxic, hard) and addition (safe, hard), and per safe prompt the KL under ablation and the
-    cross-entropy of its own baseline answer (`answers`, by prompt id) with and without."""
-    tensor = torch.from_numpy(direction)
-    judged = pd.concat([
-        judged_answers(model, prompts[prompts["kind"] != "safe"], "ablation", ablation_hooks(model, tensor),
-                       token_ids, max_new_tokens=max_new_tokens, batch_size=batch_size),
-        judged_answers(model, prompts[prompts["kind"] != "toxic"], "addition",
-                       addition_hooks(model, tensor, layer, alpha), token_ids, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size),
-    ], ignore_index=True)
-    safe = prompts[prompts["kind"] == "safe"]
-    texts, completions = list(safe["text"]), answers.loc[safe["id"]].tolist()
-    plain = next_token_logprobs(model, texts, batch_size=batch_size)
-    ce_plain = completion_cross_entropy(model, texts, completions, batch_size=batch_size)
-    with applied(model, ablation_hooks(model, tensor)):
-        ablated = next_token_logprobs(model, texts, batch_size=batch_size)
-        ce_ablated = completion_cross_entropy(model, texts, completions, batch_size=batch_size)
-    # Ablation also undoes the refusals of the safe prompts the model refuses, which counts as KL:
-    # the harmlessness table also reports the KL on the others, the population the direction was
-    # chosen on (Arditi et al.'s filter: refusal score < 0).
-    leaning = refusal_score(plain[:, token_ids]) >= 0 if len(safe) else np.zeros(0, bool)
-    safe_rows = pd.DataFrame({"prompt_id": safe["id"].to_numpy(), "kl": kl_divergence(plain, ablated),
-                              "leaning": leaning, "ce_plain": ce_plain, "ce_ablated": ce_ablated})
-    return judged, safe_rows
-
-
-def harmlessness_table(safe_rows: pd.DataFrame) -> pd.DataFrame:
-    """Per condition (baseline, ablation): KL (mean, median, and on the safe prompts that do not
-    lean to refuse, refusal score < 0) and the mean completion cross-entropy, from
-    `direction_effects`' safe rows."""
-    kl, settled = safe_rows["kl"].to_numpy(), ~safe_rows["leaning"].to_numpy(bool)
-    return pd.DataFrame([
-        {"condition": "baseline", "n": len(kl), "mean_kl": 0.0, "median_kl": 0.0, "n_not_leaning": int(settled.sum()),
-         "mean_kl_not_leaning": 0.0, "mean_cross_entropy": float(np.nanmean(safe_rows["ce_plain"]))},
-        {"condition": "ablation", "n": len(kl), "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)),
-         "n_not_leaning": int(settled.sum()), "mean_kl_not_leaning": float(kl[settled].mean()),
-         "mean_cross_entropy": float(np.nanmean(safe_rows["ce_ablated"]))},
-    ])
 
 
 def category_cosine_variants(site: np.ndarray, instruction_end: np.ndarray, split: PromptSplit,
@@ -131,27 +90,6 @@ def category_cosine_variants(site: np.ndarray, instruction_end: np.ndarray, spli
               for order, (name, acts, baseline, remove) in enumerate(variants) if baseline.any()]
     table = pd.concat(frames, ignore_index=True)
     return table[["order", "variant", *(c for c in table.columns if c not in ("order", "variant"))]]
-
-
-def _hard_prompt_direction(acts: np.ndarray, hard_refused: np.ndarray, hard_answered: np.ndarray,
-                           global_direction: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
-    """Refused-minus-answered hard prompts' direction and its cosine with the global one."""
-    row: dict[str, Any] = {"n_refused": int(hard_refused.sum()), "n_answered": int(hard_answered.sum())}
-    if min(row["n_refused"], row["n_answered"]) < 3:
-        return row | {"cosine_with_global": np.nan, "ci_low": np.nan, "ci_high": np.nan,
-                      "note": "fewer than 3 hard prompts in one group"}
-    rng = np.random.default_rng(seed)
-    target = unit(global_direction)
-    refused_rows, answered_rows = np.flatnonzero(hard_refused), np.flatnonzero(hard_answered)
-
-    def cosine(a_rows, b_rows) -> float:
-        return float(unit(acts[a_rows].mean(0) - acts[b_rows].mean(0)) @ target)
-
-    draws = [cosine(rng.choice(refused_rows, len(refused_rows)), rng.choice(answered_rows, len(answered_rows)))
-             for _ in range(n_boot)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return row | {"cosine_with_global": cosine(refused_rows, answered_rows), "ci_low": float(low),
-                  "ci_high": float(high), "note": ""}
 
 
 @dataclass(frozen=True)
@@ -499,7 +437,7 @@ class DirectionsStage(Stage):
         verdict = prompts["id"].map(generations[generations["model"] == role].set_index("prompt_id")["refused"])
         hard_refused = (kind == "hard") & verdict.eq(True).to_numpy()
         hard_answered = (kind == "hard") & verdict.eq(False).to_numpy()
-        hard_direction = _hard_prompt_direction(site, hard_refused, hard_answered, selection.vector(role),
+        hard_direction = hard_prompt_direction(site, hard_refused, hard_answered, selection.vector(role),
                                                 n_boot=settings.bootstrap, seed=settings.seed)
         form = form_probe(site, list(prompts["text"]), kind != "toxic", fit, selection.vector(role),
                           n_boot=settings.bootstrap, seed=settings.seed)
