@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from altair.utils.schemapi import UndefinedType
 
-from engine.schema import KINDS
+from engine.data.schema import KINDS
 
 # One scale for both similarity measures (Jaccard runs 0 to 1, cosine -1 to 1): a measure switch then
 # changes only the data, which the browser swaps into the drawn heatmaps instead of building them anew.

@@ -21,7 +21,7 @@ from streamlit.elements.vega_charts import VegaLiteState
 from app.classroom import JUDGE, KEPT_WORDS, is_harmful_compliance
 from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
 from app.top_texts import WINDOW, peak_window
-from engine.refusal_phrases import is_refusal
+from engine.judging.refusal_phrases import is_refusal
 from precompute.progress import FAILED, FINISHED, BuildProgress
 
 # (label, extension, MIME type, what makes the file's contents)

@@ -12,9 +12,9 @@ from pathlib import Path
 import streamlit as st
 
 from app import queries
+from engine.data.paths import stores_dir
+from engine.data.schema import TABLE_STAGE
 from engine.errors import ExplorerError
-from engine.paths import stores_dir
-from engine.schema import TABLE_STAGE
 from precompute.progress import read_progress
 
 STORE_ENV = "REFUSAL_EXPLORER_STORE"

@@ -10,7 +10,7 @@ import pandas as pd
 
 from app.charts import rate_bars
 from app.findings import DirectionFinding, Findings, Rate, SharedFeature, VerdictFinding
-from engine.schema import KINDS
+from engine.data.schema import KINDS
 
 TOXIC_ABLATED, SAFE_ADDED = "toxic prompts, direction ablated", "safe prompts, direction added"
 

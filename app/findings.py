@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from app import queries
-from engine.schema import KINDS, STAGE_ORDER
+from engine.data.schema import KINDS, STAGE_ORDER
 from engine.stats import wilson_interval
 
 TARGET_FAITHFULNESS = 0.6  # a circuit that keeps less of the refusal metric explains it only in part

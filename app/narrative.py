@@ -10,7 +10,7 @@ import pandas as pd
 
 from app import figures
 from app.findings import ABLATED_TARGET, DirectionFinding, Findings, answer
-from engine.schema import KINDS
+from engine.data.schema import KINDS
 
 # The app page each section's numbers come from (file under app/, and its URL path).
 PAGES = {

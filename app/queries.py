@@ -13,7 +13,7 @@ import duckdb
 import pandas as pd
 import streamlit as st
 
-from engine import store
+from engine.data import store
 
 PROMPT_COUNTS_SQL = """
 SELECT kind, split, count(*) AS n FROM prompts GROUP BY kind, split ORDER BY kind, split

@@ -1,4 +1,4 @@
-"""Models and SAEs loaded once per server and shared by every session (see engine.models.LoadedModel.lock)."""
+"""Models and SAEs loaded once per server and shared by every session (see engine.runtime.models.LoadedModel.lock)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from sae_lens import SAE
 
 from app import queries
 from engine.errors import ExplorerError
-from engine.models import LoadedModel, load_model, resolve_dtype
-from engine.saes import load_sae
+from engine.runtime.models import LoadedModel, load_model, resolve_dtype
+from engine.saes.training import load_sae
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)

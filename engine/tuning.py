@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from engine.chat import chat_prompt, end_of_turn
 from engine.config_checks import Range, check_ranges
 from engine.config_keys import UNLESS_DEFAULT
+from engine.data.prompt_forms import matched_sample
 from engine.errors import ExplorerError
-from engine.prompt_forms import matched_sample
+from engine.runtime.chat import chat_prompt, end_of_turn
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class TuneConfig:
     batch_size: int = 8
     max_response_tokens: int = 40
     # Plain benign instructions (from `benign_sources`) per toxic training prompt, each drawn with
-    # the toxic prompt's opening word (engine.prompt_forms.matched_sample): the tune must not learn
+    # the toxic prompt's opening word (engine.data.prompt_forms.matched_sample): the tune must not learn
     # that an imperative is a refusal cue. They add to the study's own safe and hard train prompts.
     plain_per_toxic: float = 0.0
     # Prompt sources (as in prompts.sources) the plain instructions are drawn from; their safe

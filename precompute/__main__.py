@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine import store
+from engine.data import store
 from engine.errors import ExplorerError
 
 if TYPE_CHECKING:  # pandas loads with the heavy imports, after argument parsing

@@ -5,7 +5,7 @@
 - capture: tokens per second of activation capture at every layer's residual stream next to a
   plain Hugging Face forward pass over the same prompts and batches; the ratio is the figure.
 - generation: batched greedy answers (the study's batch size, N new tokens) to the first test prompts
-  on the hook-free twin (engine.models.plain_twin, what stages use when no hook is attached) and on the
+  on the hook-free twin (engine.runtime.models.plain_twin, what stages use when no hook is attached) and on the
   bridged model (a hook attached, as under an intervention); tokens per second and the ratio.
 - store: the study store's size on disk per 1,000 prompts: the DuckDB file, the shard partitions
   (parquet, `<store>.shards/`) and the trained SAEs (`<store>.saes/`, every run's), each apart.
@@ -37,14 +37,15 @@ from unittest.mock import patch
 import numpy as np
 import torch
 
-from engine import models, store
-from engine.activations import capture, prompt_end_positions
+from engine.data import store
 from engine.errors import ExplorerError
-from engine.generation import EncodedBatch, generate, map_encoded
-from engine.interventions import applied, every_position
-from engine.judge import refusal_token_ids
-from engine.models import LoadedModel, describe_machine, load_model, resolve_dtype
-from engine.steering import Steering, compare_answers
+from engine.judging.judge import refusal_token_ids
+from engine.runtime import models
+from engine.runtime.activations import capture, prompt_end_positions
+from engine.runtime.generation import EncodedBatch, generate, map_encoded
+from engine.runtime.interventions import applied, every_position
+from engine.runtime.models import LoadedModel, describe_machine, load_model, resolve_dtype
+from engine.steering.spec import Steering, compare_answers
 from precompute import demo
 from precompute.config import StudyConfig
 from precompute.progress import read_progress, record_path

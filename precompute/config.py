@@ -10,16 +10,16 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 import yaml
 
+from engine.circuits.refusal_metric import Metric
 from engine.config_checks import Range, check_choice, check_ranges
 from engine.config_keys import UNLESS_DEFAULT
+from engine.data.paths import REPO_ROOT, stores_dir
+from engine.data.prompts import check_category_names
+from engine.data.schema import KINDS
 from engine.errors import ExplorerError
-from engine.models import Dtype, LoadedModel, check_device_map, load_model, resolve_dtype
-from engine.paths import REPO_ROOT, stores_dir
-from engine.prompts import check_category_names
-from engine.refusal_metric import Metric
-from engine.sae_registry import check_release
-from engine.saes import SaeTraining
-from engine.schema import KINDS
+from engine.runtime.models import Dtype, LoadedModel, check_device_map, load_model, resolve_dtype
+from engine.saes.registry import check_release
+from engine.saes.training import SaeTraining
 from engine.tuning import TuneConfig
 
 Method = Literal["attribution", "integrated_gradients"]  # circuits.method: how node effects are estimated
@@ -155,7 +155,7 @@ class DirectionsConfig:
     filter_by_refusal: bool = True
     bootstrap: int = 200
     eval_max_new_tokens: int = 48
-    # Refusal direction optimisation (engine.rdo) in the `tradeoff` stage: Adam steps per cone size k = 1-4,
+    # Refusal direction optimisation (engine.directions.rdo) in the `tradeoff` stage: Adam steps per cone size k = 1-4,
     # fitted on train-split prompts, measured on test; 0 leaves it out (each step is a backward pass).
     rdo_steps: int = field(default=0, metadata={"cache_key": UNLESS_DEFAULT})
     seed: int = 0

@@ -4,7 +4,7 @@ Does the tuned model refuse a public benchmark's harmful requests, and does the 
 still remove (ablated) and induce (added) refusal there? Every model of the study answers the set
 unmodified; the directions stage's model also answers with the chosen global direction ablated and
 added. Each answer is judged by both judges (refusal phrases; refusal score with the study's own
-refusal tokens), and a bypassed answer is checked for coherence (engine.coherence: loops, and text
+refusal tokens), and a bypassed answer is checked for coherence (engine.judging.coherence: loops, and text
 the base model finds less likely than 95% of the studied model's own unsteered answers).
 
 Prompts the study fitted on (its train split, the fine-tune's data) are left out and counted, as are
@@ -38,21 +38,21 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from engine import store
-from engine.chunked import map_in_chunks
-from engine.classifier_judge import ClassifierName, classify
-from engine.coherence import CoherenceRule, repetition_rate
 from engine.config_checks import check_choice
+from engine.data import store
+from engine.data.chunked import map_in_chunks
+from engine.data.paths import cache_dir
+from engine.data.prompt_sources import load_prompt_source
+from engine.data.schema import COMMAND_TABLES
 from engine.errors import ExplorerError
-from engine.evaluation import judged_answers
-from engine.judge import refusal_token_ids
-from engine.models import LoadedModel
-from engine.paths import cache_dir
-from engine.prompt_sources import load_prompt_source
-from engine.schema import COMMAND_TABLES
-from engine.scoring import completion_cross_entropy
+from engine.judging.classifier_judge import ClassifierName, classify
+from engine.judging.coherence import CoherenceRule, repetition_rate
+from engine.judging.evaluation import judged_answers
+from engine.judging.judge import refusal_token_ids
+from engine.runtime.models import LoadedModel
+from engine.runtime.scoring import completion_cross_entropy
 from engine.stats import wilson_interval
-from engine.steering import Addition, Steering
+from engine.steering.spec import Addition, Steering
 from precompute.config import StudyConfig
 from precompute.stages.evaluation import held_out
 from precompute.stages.generate import model_fingerprint
@@ -270,7 +270,7 @@ def _store(config: StudyConfig, prompt_set: PromptSet, tables: dict[str, pd.Data
                    else frame.iloc[:0])
         merged[name] = pd.concat([earlier[earlier["set"] != prompt_set.name], frame], ignore_index=True)
     if undeclared := sorted(set(merged) - set(COMMAND_TABLES["evaluate"])):
-        raise ValueError(f"evaluate writes undeclared table(s) {undeclared}: declare them in engine.schema")
+        raise ValueError(f"evaluate writes undeclared table(s) {undeclared}: declare them in engine.data.schema")
     run = store.RunRecord(study=config.study, stage="evaluate", models=tuple(config.models.values()),
                           dataset=prompt_set.name,
                           config={"prompt_set": prompt_set.__dict__, "left_out": left_out})

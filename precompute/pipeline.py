@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from engine import schema, store
+from engine.data import schema, store
+from engine.data.paths import cache_dir
 from engine.errors import ExplorerError
-from engine.paths import cache_dir
 from precompute import progress, shards
 from precompute.config import SECTIONS, StudyConfig
 from precompute.shards import ShardSpec
@@ -178,12 +178,12 @@ class StageReport:
 
 
 def _check_declared(stage: Stage, output: StageOutput) -> None:
-    """Refuse, before anything is written, a table engine/schema.py does not list for the stage: the app
+    """Refuse, before anything is written, a table engine/data/schema.py does not list for the stage: the app
     names the stage that builds a missing table from that list."""
     if undeclared := schema.undeclared_tables(stage.name, output.tables):
         raise ExplorerError(
-            f"Stage {stage.name} wrote table(s) {', '.join(undeclared)}, which engine/schema.py does not declare "
-            "for it.", f"add them to STAGE_TABLES[{stage.name!r}] in engine/schema.py.")
+            f"Stage {stage.name} wrote table(s) {', '.join(undeclared)}, which engine/data/schema.py does not declare "
+            "for it.", f"add them to STAGE_TABLES[{stage.name!r}] in engine/data/schema.py.")
 
 
 def _store_output(config: StudyConfig, stage: Stage, output: StageOutput, digest: str, planned: list[str]) -> None:

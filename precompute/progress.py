@@ -113,7 +113,7 @@ def build_conditions(dtype: str) -> dict[str, Any]:
     """What a stage's time on this machine depends on, kept beside each time in the record."""
     import torch  # here, not at the top: the app imports this module without the model stack
 
-    from engine.models import describe_machine
+    from engine.runtime.models import describe_machine
 
     machine = describe_machine()
     return {"dtype": dtype, "device": machine.device, "threads": torch.get_num_threads(), "niceness": os.nice(0),

@@ -17,11 +17,11 @@ import logging
 
 import pandas as pd
 
-from engine import store
+from engine.data import store
+from engine.data.paths import stores_dir
+from engine.data.schema import COMMAND_TABLES
 from engine.errors import ExplorerError
-from engine.models import is_embedded_tuned
-from engine.paths import stores_dir
-from engine.schema import COMMAND_TABLES
+from engine.runtime.models import is_embedded_tuned
 from precompute.config import SECTIONS, StudyConfig
 from precompute.pipeline import run_pipeline
 from precompute.stages import STAGES

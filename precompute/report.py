@@ -14,8 +14,8 @@ import pandas as pd
 
 from app import queries
 from app.findings import Findings, Rate, answer, comparison_table, study_findings
-from engine import store
-from engine.schema import TABLE_STAGE
+from engine.data import store
+from engine.data.schema import TABLE_STAGE
 
 REPLICATION_SQL = """
 SELECT seed, kind, label, ratio, ratio_low, ratio_high, decoding_accuracy, decoding_chance, decoding_p,

@@ -19,11 +19,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from engine import store
+from engine.data import store
+from engine.data.paths import stores_dir
 from engine.errors import ExplorerError
-from engine.judge import refusal_rate_table
-from engine.models import EMBEDDED_TUNED
-from engine.paths import stores_dir
+from engine.judging.judge import refusal_rate_table
+from engine.runtime.models import EMBEDDED_TUNED
 from engine.tuning import TuneConfig
 from precompute.config import PromptConfig, StudyConfig
 from precompute.pipeline import run_pipeline
@@ -85,13 +85,13 @@ def point_config(config: StudyConfig, point: Mapping[str, Any]) -> StudyConfig:
 
 
 def form_scores(study: StudyConfig, layer_share: float) -> dict[str, Any]:
-    """The surface-form probe (engine.form_probe) at one fixed site for every point alike: the residual
+    """The surface-form probe (engine.directions.form_probe) at one fixed site for every point alike: the residual
     stream before layer round(layer_share x n_layers) at the last prompt token, against the difference of
     means toxic minus safe over the train prompts."""
 
-    from engine.activations import capture
-    from engine.directions import mean_difference
-    from engine.form_probe import form_probe
+    from engine.directions.extraction import mean_difference
+    from engine.directions.form_probe import form_probe
+    from engine.runtime.activations import capture
 
     prompts = store.read_table(study.store, "prompts")
     model = study.generation.load(study.models["tuned"])
@@ -123,7 +123,7 @@ def point_scores(study: StudyConfig) -> dict[str, Any]:
 
 
 def _rate(judged: pd.DataFrame) -> str:
-    """The refusal rate of judged answers with its Wilson 95% interval (engine.judge.refusal_rate_table)."""
+    """The refusal rate of judged answers with its Wilson 95% interval (engine.judging.judge.refusal_rate_table)."""
     rate = refusal_rate_table(judged.assign(everything=True), ["everything"]).iloc[0]
     return f"{rate['rate']:.1%} [{rate['ci_low']:.1%}, {rate['ci_high']:.1%}] n={rate['n']}"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.paths import BUILTIN_PROMPTS
+from engine.data.paths import BUILTIN_PROMPTS
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CHATML = (
@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):
-    from engine.models import load_model
+    from engine.runtime.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
 

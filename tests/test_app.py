@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import store
+from engine.data import store
 
 APP = Path(__file__).resolve().parents[1] / "app"
 

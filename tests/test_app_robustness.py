@@ -13,7 +13,7 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from app.findings import study_findings
-from engine import store
+from engine.data import store
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "app" / "main.py"
@@ -88,7 +88,7 @@ def test_stored_result_modules_import_no_model_or_scipy_stack() -> None:
     # Each of these costs seconds on a page's first load; only live generation and encoding need them.
     check = ("import sys, importlib\n"
              "for name in ('app.findings', 'app.narrative', 'app.figures', 'app.charts', 'app.components', "
-             "'app.queries', 'app.report', 'app.export', 'app.context', 'engine.steering_limits'): "
+             "'app.queries', 'app.report', 'app.export', 'app.context', 'engine.steering.limits'): "
              "importlib.import_module(name)\n"
              "print(','.join(m for m in ('torch', 'scipy.stats', 'statsmodels', 'transformer_lens', 'sae_lens') "
              "if m in sys.modules))")

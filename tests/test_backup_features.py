@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backup_features import backup_features
-from engine.models import load_model
-from engine.prompt_sources import load_builtin
-from engine.refusal_metric import RefusalMetric
-from engine.saes import SaeTraining, build_training_sae
+from engine.circuits.refusal_metric import RefusalMetric
+from engine.data.prompt_sources import load_builtin
+from engine.runtime.models import load_model
+from engine.saes.backup_features import backup_features
+from engine.saes.training import SaeTraining, build_training_sae
 
 UP, DOWN = "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"
 
@@ -93,7 +93,7 @@ def test_without_a_backup_nothing_recovers(planted) -> None:
 
 
 def test_the_stage_removes_the_saes_stage_top_features_and_stores_recovery_and_gains(tiny_store) -> None:
-    from engine import store
+    from engine.data import store
 
     recovery = store.read_table(tiny_store, "backup_recovery")
     features = store.read_table(tiny_store, "features")

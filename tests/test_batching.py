@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine import batching
-from engine.activations import capture, capture_tokens, prompt_end_positions
-from engine.attribution import metric_gradients
-from engine.batching import backed_off, is_out_of_memory
+from engine.circuits.attribution import metric_gradients
+from engine.circuits.refusal_metric import RefusalMetric
 from engine.errors import ExplorerError
-from engine.generation import generate
-from engine.interventions import applied
-from engine.refusal_metric import RefusalMetric
-from engine.saes import SaeTraining, ce_loss_recovered, train_sae
-from engine.scoring import completion_cross_entropy, next_token_logprobs
+from engine.runtime import batching
+from engine.runtime.activations import capture, capture_tokens, prompt_end_positions
+from engine.runtime.batching import backed_off, is_out_of_memory
+from engine.runtime.generation import generate
+from engine.runtime.interventions import applied
+from engine.runtime.scoring import completion_cross_entropy, next_token_logprobs
+from engine.saes.training import SaeTraining, ce_loss_recovered, train_sae
 
 PROMPTS = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today",
            "How do I pick a lock", "Describe a cat", "Tell me about rivers in Europe", "Say hi"]
@@ -43,7 +43,7 @@ def failing_above(limit: int, attempts: list[int], error: type[Exception] = torc
 def test_backed_off_halves_on_oom_keeps_the_smaller_size_and_matches_no_oom(caplog) -> None:
     order = [4, 2, 9, 0, 7, 1, 3, 8, 6, 5]
     attempts: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="engine.batching"):
+    with caplog.at_level(logging.WARNING, logger="engine.runtime.batching"):
         results = list(backed_off(order, failing_above(2, attempts), batch_size=8, desc="test"))
     plain = list(backed_off(order, failing_above(100, []), batch_size=8))
     assert [i for batch, _ in results for i in batch] == order  # every item once, in order
@@ -58,7 +58,7 @@ def test_a_later_loop_of_the_same_kind_starts_at_the_size_that_fit(caplog) -> No
     first: list[int] = []
     list(backed_off(range(10), failing_above(2, first), batch_size=8, desc="suppress"))
     again, other = [], []
-    with caplog.at_level(logging.INFO, logger="engine.batching"):
+    with caplog.at_level(logging.INFO, logger="engine.runtime.batching"):
         results = list(backed_off(range(10), failing_above(2, again), batch_size=8, desc="suppress"))
     list(backed_off(range(10), failing_above(2, other), batch_size=8, desc="force"))
     assert first[:3] == [8, 4, 2] and again == [2, 2, 2, 2, 2]  # no failed attempt the second time

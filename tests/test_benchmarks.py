@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from engine.data.prompt_sources import BENCHMARKS, load_prompt_source
 from engine.errors import ExplorerError
-from engine.prompt_sources import BENCHMARKS, load_prompt_source
 
 
 def _csv(path: Path, rows: list[dict], sep: str = ",") -> Path:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from app import labels
+from engine.data.paths import REPO_ROOT
 from engine.errors import ExplorerError
-from engine.paths import REPO_ROOT
 from precompute.__main__ import build_parser
 from tools.browser import bench, driver
 from tools.browser.bench import INTERACTIONS, interaction_rows, page_rows

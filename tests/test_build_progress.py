@@ -15,9 +15,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from tqdm import tqdm
 
-from engine import store
+from engine.data import store
 from engine.errors import ExplorerError
-from engine.models import describe_machine
+from engine.runtime.models import describe_machine
 from precompute import demo, pipeline, progress
 from precompute.__main__ import main
 from precompute.bench import run_bench

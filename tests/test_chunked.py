@@ -1,4 +1,4 @@
-"""Resumable work cached per prompt id (engine.chunked.map_by_id)."""
+"""Resumable work cached per prompt id (engine.data.chunked.map_by_id)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from engine.chunked import map_by_id
+from engine.data.chunked import map_by_id
 
 
 def test_map_by_id_reuses_each_rows_result_in_any_later_set(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.circuit_stats import (
+from engine.circuits.similarity import (
     check_sample_size,
     cosine,
     error_share,

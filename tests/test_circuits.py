@@ -9,10 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from engine.activations import capture, capture_tokens, prompt_end_positions
-from engine.attribution import integrated_gradients, metric_gradients
-from engine.circuit_stats import ranked_nodes
-from engine.circuits import (
+from engine.circuits.attribution import integrated_gradients, metric_gradients
+from engine.circuits.components import gap_share, patched_metric, patching_attribution
+from engine.circuits.discovery import (
     ERROR,
     circuit_hooks,
     edge_effects,
@@ -21,13 +20,14 @@ from engine.circuits import (
     node_effects,
     sae_site,
 )
-from engine.components import gap_share, patched_metric, patching_attribution
-from engine.corpus import chat_corpus
+from engine.circuits.refusal_metric import RefusalMetric, compliance_token_ids
+from engine.circuits.similarity import ranked_nodes
+from engine.data.paths import BUILTIN_PROMPTS
 from engine.errors import ExplorerError
-from engine.interventions import applied
-from engine.paths import BUILTIN_PROMPTS
-from engine.refusal_metric import RefusalMetric, compliance_token_ids
-from engine.saes import SaeTraining, train_sae
+from engine.runtime.activations import capture, capture_tokens, prompt_end_positions
+from engine.runtime.interventions import applied
+from engine.saes.corpus import chat_corpus
+from engine.saes.training import SaeTraining, train_sae
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
 

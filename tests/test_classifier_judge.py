@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.classifier_judge import FORMATS, classifier_input, classify
 from engine.errors import ExplorerError
+from engine.judging.classifier_judge import FORMATS, classifier_input, classify
 
 
 @pytest.mark.parametrize(("name", "output", "harmful"), [

@@ -8,7 +8,7 @@ import pandas as pd
 from streamlit.testing.v1 import AppTest
 
 from app.classroom import KEPT_WORDS, masked, masked_answers
-from engine import store
+from engine.data import store
 
 APP = Path(__file__).resolve().parents[1] / "app"
 

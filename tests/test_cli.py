@@ -121,7 +121,7 @@ directions: {{model: base, max_validation_prompts: 4, bootstrap: 10, eval_max_ne
 
 
 def test_store_size_counts_the_file_partitions_and_saes_apart(tmp_path) -> None:
-    from engine import store
+    from engine.data import store
     from precompute.bench import bench_store, store_size
 
     path = tmp_path / "study.duckdb"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import store
+from engine.data import store
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "precompute" / "cluster"

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.coherence import CoherenceRule, repetition_rate
 from engine.errors import ExplorerError
+from engine.judging.coherence import CoherenceRule, repetition_rate
 
 FLUENT = [
     ("Here are three ways to reduce the cost of a product: buy materials in bulk, simplify the design, and "

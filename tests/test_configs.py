@@ -11,12 +11,12 @@ from typing import get_args
 
 import pytest
 
+from engine.circuits.refusal_metric import METRICS, Metric
 from engine.config_checks import Range
+from engine.data.prompt_sources import BUILTIN_VARIANTS, BuiltinVariant
 from engine.errors import ExplorerError
-from engine.models import DTYPES, Dtype
-from engine.prompt_sources import BUILTIN_VARIANTS, BuiltinVariant
-from engine.refusal_metric import METRICS, Metric
-from engine.saes import ARCHITECTURES, Architecture, SaeTraining
+from engine.runtime.models import DTYPES, Dtype
+from engine.saes.training import ARCHITECTURES, Architecture, SaeTraining
 from precompute.config import SECTIONS, CircuitsConfig, GenerationConfig, Method, SaesConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "precompute" / "configs").glob("*.yaml"))

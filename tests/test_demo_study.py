@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from engine import store
-from engine.models import EMBEDDED_BASE, load_model
-from engine.paths import REPO_ROOT
+from engine.data import store
+from engine.data.paths import REPO_ROOT
+from engine.runtime.models import EMBEDDED_BASE, load_model
 from precompute.config import load_config, parse_config
 from precompute.pipeline import run_pipeline
 from precompute.stages import STAGES
@@ -42,7 +42,7 @@ def test_judges_agree_on_the_tuned_model(demo_store) -> None:
 
 def test_embedded_model_answers_coherently(monkeypatch) -> None:
     monkeypatch.delenv("REFUSAL_EXPLORER_DATA", raising=False)
-    from engine.generation import generate
+    from engine.runtime.generation import generate
 
     model = load_model(EMBEDDED_BASE, device="cpu")
     answer = generate(model, ["What is the capital of France?"], max_new_tokens=12, batch_size=1)[0]

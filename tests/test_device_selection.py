@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from engine import models
 from engine.errors import ExplorerError
+from engine.runtime import models
 
 
 @pytest.mark.parametrize(("cuda", "mps", "expected", "said"), [
@@ -21,7 +21,7 @@ def test_auto_picks_cuda_then_mps_then_the_cpu(monkeypatch, caplog, cuda, mps, e
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Test GPU")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with caplog.at_level(logging.INFO, logger="engine.models"):
+    with caplog.at_level(logging.INFO, logger="engine.runtime.models"):
         device = models.resolve_device("auto")
     assert device == torch.device(expected)
     assert [record.getMessage() for record in caplog.records if record.getMessage().startswith(said)]

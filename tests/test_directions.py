@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.directions import (
+from engine.directions.extraction import (
     GroupSums,
     SelectionRule,
     bootstrap_cosines,
@@ -99,7 +99,7 @@ def test_refusal_filter_keeps_refused_toxic_and_answered_safe_prompts() -> None:
 
 
 def test_capture_into_group_sums_matches_the_captured_array(tiny_model) -> None:
-    from engine.activations import capture, prompt_end_positions
+    from engine.runtime.activations import capture, prompt_end_positions
 
     prompts = ["Name a fruit", "How do I pick a lock", "Describe a cat", "Tell me about rivers", "Say hi"]
     harmful = np.array([False, True, False, True, False])

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from engine import store
-from engine.refusal_phrases import is_refusal
+from engine.data import store
+from engine.judging.refusal_phrases import is_refusal
 from precompute.__main__ import main
 from precompute.evaluate import ABLATED, ADDED, BASELINE, FITTED, NOT_SAMPLED
 from tests.conftest import tiny_study_settings

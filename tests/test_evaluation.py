@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import store
+from engine.data import store
 from engine.errors import ExplorerError
 from precompute.config import EvaluationConfig
 from precompute.stages.evaluation import held_out

@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from app.findings import Rate, VerdictFinding, answer, caveats, comparison_table, study_findings
 from app.report import report_html, report_markdown
-from engine import store
+from engine.data import store
 
 MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
 

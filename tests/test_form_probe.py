@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.form_probe import form_probe
+from engine.directions.form_probe import form_probe
 
 
 def _planted(form_weight_on_refusal: float, seed: int = 0):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from engine.independence import SiteDirection, dependence, independence_matrix
-from engine.prompt_sources import load_builtin
+from engine.data.prompt_sources import load_builtin
+from engine.directions.independence import SiteDirection, dependence, independence_matrix
 from tests.conftest import refusal_raising_directions
 
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.activations import capture, capture_tokens, post_instruction_tokens, prompt_end_positions
-from engine.attribution import metric_gradients
-from engine.chat import chat_prompt
-from engine.interventions import ablation_hooks, addition_hooks, applied
-from engine.judge import refusal_score
-from engine.refusal_metric import RefusalMetric
-from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
+from engine.circuits.attribution import metric_gradients
+from engine.circuits.refusal_metric import RefusalMetric
+from engine.judging.judge import refusal_score
+from engine.runtime.activations import capture, capture_tokens, post_instruction_tokens, prompt_end_positions
+from engine.runtime.chat import chat_prompt
+from engine.runtime.interventions import ablation_hooks, addition_hooks, applied
+from engine.runtime.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
 
 PROMPTS = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.judge import find_refusal_tokens, judge_agreement, refusal_score
-from engine.refusal_phrases import is_refusal
+from engine.judging.judge import find_refusal_tokens, judge_agreement, refusal_score
+from engine.judging.refusal_phrases import is_refusal
 
 
 @pytest.mark.parametrize("text", [

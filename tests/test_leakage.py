@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from engine import store
-from engine.activations import prompt_end_positions
+from engine.data import store
+from engine.runtime.activations import prompt_end_positions
 from precompute.config import CircuitsConfig, SaesConfig
 from precompute.stages import saes as saes_stage
 from precompute.stages.circuits import CircuitsStage, ranking_rows

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformer_lens.hook_points import HookPoint
 
-from engine import models
-from engine.chat import chat_prompt, end_of_turn
 from engine.errors import ExplorerError
-from engine.generation import generate, length_order
-from engine.interventions import applied
-from engine.models import load_model
-from engine.scoring import next_token_logprobs
+from engine.runtime import models
+from engine.runtime.chat import chat_prompt, end_of_turn
+from engine.runtime.generation import generate, length_order
+from engine.runtime.interventions import applied
+from engine.runtime.models import load_model
+from engine.runtime.scoring import next_token_logprobs
 
 
 def test_tiny_model_loads_through_bridge_with_hook_names(tiny_model) -> None:
@@ -98,7 +98,7 @@ def test_cached_generation_matches_uncached(tiny_model) -> None:
 
 
 def test_bfloat16_scores_stay_close_to_float32(tiny_model_dir) -> None:
-    from engine.scoring import kl_divergence
+    from engine.runtime.scoring import kl_divergence
 
     prompts = ["Name a fruit", "Explain why ice floats on water"]
     full = next_token_logprobs(load_model(str(tiny_model_dir)), prompts, batch_size=2)

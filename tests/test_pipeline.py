@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from engine import store
-from engine.prompt_sources import load_builtin
+from engine.data import store
+from engine.data.prompt_sources import load_builtin
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.stages import STAGES
@@ -203,11 +203,11 @@ def test_directions_fit_and_validate_only_on_prompts_the_refusal_filter_keeps(tm
                                                                                monkeypatch) -> None:
     """Arditi et al.'s filter: the chosen direction is the mean difference over the toxic fit prompts the
     model refuses and the safe ones it does not, and validation samples only such prompts."""
-    from engine.activations import capture, prompt_end_positions
-    from engine.direction_scoring import refusal_scores_under_ablation
-    from engine.models import load_model
-    from engine.prompts import stable_split
-    from engine.scoring import next_token_logprobs
+    from engine.data.prompts import stable_split
+    from engine.directions.scoring import refusal_scores_under_ablation
+    from engine.runtime.activations import capture, prompt_end_positions
+    from engine.runtime.models import load_model
+    from engine.runtime.scoring import next_token_logprobs
 
     # The random tiny model would refuse nothing. Counted as refusal tokens, its likeliest next tokens
     # up to half the probability mass on average make its refusal scores straddle 0, so the filter
@@ -291,7 +291,7 @@ def _study_with_directions(tmp_path: Path, model_dir: Path, test_fraction: float
 
 
 def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir, monkeypatch, isolated_data_dir) -> None:
-    from engine.saes import ActivationRows
+    from engine.saes.training import ActivationRows
     from precompute.stages import saes as saes_stage
 
     config = _study_with_directions(tmp_path, tiny_model_dir, 0.3, saes={
@@ -332,9 +332,9 @@ def test_saes_stage_trains_and_describes_features(tmp_path, tiny_model_dir, monk
     assert {"global", "hate"} <= set(cosines["scope"]) and cosines["cosine"].abs().max() <= 1 + 1e-6
     assert np.isfinite(features["attribution"]).all()
     # per-prompt statistics read each prompt's own decision token (the chosen direction's position)
-    from engine.activations import capture, prompt_end_positions
-    from engine.models import load_model
-    from engine.saes import load_sae
+    from engine.runtime.activations import capture, prompt_end_positions
+    from engine.runtime.models import load_model
+    from engine.saes.training import load_sae
 
     model, sae = load_model(str(tiny_model_dir)), load_sae(str(config.store.parent / row["path"]))
     position = read("refusal_directions").query("scope == 'global' and chosen")["position"].item()
@@ -383,7 +383,7 @@ def test_saes_stage_rerun_after_a_crash_loads_the_saes_it_had_trained(tmp_path, 
 
 def test_saes_stage_loads_a_saved_sae_through_the_pretrained_path(tmp_path, tiny_model_dir, prompt_file) -> None:
     from engine.errors import ExplorerError
-    from engine.saes import SaeTraining, save_sae, train_sae
+    from engine.saes.training import SaeTraining, save_sae, train_sae
 
     hook = "blocks.1.hook_resid_pre"
     training = SaeTraining(expansion=2, k=4, steps=20, batch_size=64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from engine.prompt_forms import form_balance, matched_sample, opener, sentence_type
-from engine.prompt_sources import load_builtin, load_refusal_direction
+from engine.data.prompt_forms import form_balance, matched_sample, opener, sentence_type
+from engine.data.prompt_sources import load_builtin, load_refusal_direction
 from engine.tuning import TuneConfig, training_prompts
 from tests.conftest import shared_dataset
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine.errors import ExplorerError
-from engine.prompt_sources import (
+from engine.data.prompt_sources import (
     ColumnMapping,
     load_advbench,
     load_builtin,
@@ -18,8 +17,9 @@ from engine.prompt_sources import (
     load_refusal_direction,
     load_table,
 )
-from engine.prompts import ORBENCH_CATEGORIES as CATEGORIES
-from engine.prompts import PROMPT_COLUMNS, category_label, stable_split
+from engine.data.prompts import ORBENCH_CATEGORIES as CATEGORIES
+from engine.data.prompts import PROMPT_COLUMNS, category_label, stable_split
+from engine.errors import ExplorerError
 from tests.conftest import shared_dataset
 
 BALANCED = Path(__file__).resolve().parents[1] / "data" / "prompts" / "builtin_balanced.csv"

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.data.prompt_sources import load_builtin
+from engine.directions.rdo import RdoSettings, optimise_refusal_directions, refusal_loss
 from engine.errors import ExplorerError
-from engine.interventions import ablation_hooks, applied
-from engine.judge import refusal_score
-from engine.models import load_model
-from engine.prompt_sources import load_builtin
-from engine.rdo import RdoSettings, optimise_refusal_directions, refusal_loss
-from engine.scoring import next_token_logprobs
+from engine.judging.judge import refusal_score
+from engine.runtime.interventions import ablation_hooks, applied
+from engine.runtime.models import load_model
+from engine.runtime.scoring import next_token_logprobs
 from tests.conftest import refusal_raising_directions
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import store
+from engine.data import store
 from engine.errors import ExplorerError
 from precompute.config import load_config, parse_config
 from precompute.replicate import REPLICATION_TABLE, replicated, run_replicate, seed_config

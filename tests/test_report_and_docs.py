@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from engine import store
-from engine.paths import REPO_ROOT
+from engine.data import store
+from engine.data.paths import REPO_ROOT
 from precompute.__main__ import build_parser, main
 from precompute.config import parse_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import ExplorerError
-from engine.sae_registry import check_release, model_family
+from engine.saes.registry import check_release, model_family
 from precompute.config import parse_config
 
 

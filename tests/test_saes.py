@@ -7,10 +7,9 @@ import pytest
 import torch
 from scipy import sparse
 
-from engine import saes
-from engine.activations import capture_tokens
 from engine.errors import ExplorerError
-from engine.features import (
+from engine.runtime.activations import capture_tokens
+from engine.saes.features import (
     baseline_means,
     check_feature,
     decoder_cosines,
@@ -21,7 +20,7 @@ from engine.features import (
     token_activations,
     top_texts,
 )
-from engine.saes import (
+from engine.saes.training import (
     ActivationRows,
     SaeTraining,
     check_sae_fits,
@@ -30,6 +29,7 @@ from engine.saes import (
     save_sae,
     train_sae,
 )
+from engine.saes.training import training as saes
 
 
 @pytest.fixture(scope="module")

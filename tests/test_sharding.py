@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import store
+from engine.data import store
+from engine.data.prompt_sources import load_builtin
 from engine.errors import ExplorerError
-from engine.prompt_sources import load_builtin
 from precompute import pipeline, shards
 from precompute.__main__ import main
 from precompute.config import parse_config

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from engine.errors import ExplorerError
-from engine.generation import generate
-from engine.interventions import applied
-from engine.saes import SaeTraining, train_sae
-from engine.scoring import next_token_logprobs
-from engine.steering import Addition, FeatureClamp, Steering
+from engine.runtime.generation import generate
+from engine.runtime.interventions import applied
+from engine.runtime.scoring import next_token_logprobs
+from engine.saes.training import SaeTraining, train_sae
+from engine.steering.spec import Addition, FeatureClamp, Steering
 
 PROMPTS = ["Explain why ice floats on water", "Name a fruit", "Write a short poem about the sea today"]
 HOOK = "blocks.1.hook_resid_pre"
@@ -105,7 +105,7 @@ def test_bad_steering_is_a_clear_error(tiny_model, tiny_sae) -> None:
 
 
 def test_compared_answers_match_each_alone_and_stream(tiny_model) -> None:
-    from engine.steering import compare_answers
+    from engine.steering.spec import compare_answers
 
     steering = Steering(add=(Addition(np.ones(64, np.float32), layer=1, alpha=10.0),))
     streamed: dict[int, str] = {}
@@ -131,7 +131,7 @@ def test_compared_answers_match_each_alone_and_stream(tiny_model) -> None:
     ("hi", 8, 900.0, "alpha = 900.0 is out of range"),
 ])
 def test_live_steering_limits_are_clear_errors(tiny_model, prompt, tokens, alpha, message) -> None:
-    from engine.steering import compare_answers
+    from engine.steering.spec import compare_answers
 
     steering = Steering(add=(Addition(np.ones(64, np.float32), layer=1, alpha=alpha),))
     with pytest.raises(ExplorerError, match=message):

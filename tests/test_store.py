@@ -12,7 +12,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from engine import store
+from engine.data import store
 from engine.errors import ExplorerError
 
 
@@ -88,7 +88,7 @@ def test_one_snapshot_serves_many_threads_through_cursors(tmp_path: Path) -> Non
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import pandas as pd
-    from engine import store
+    from engine.data import store
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     if sys.argv[2] == "mid-transaction":

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import store
-from engine.prompt_sources import load_builtin
+from engine.data import store
+from engine.data.prompt_sources import load_builtin
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.stages import STAGES

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.activations import capture, capture_tokens, prompt_end_positions
-from engine.attribution import metric_gradients
-from engine.chat import chat_prompt
-from engine.generation import generate, map_encoded, template_head
-from engine.interventions import ablation_hooks, addition_hooks, applied
-from engine.scoring import next_token_logprobs
+from engine.circuits.attribution import metric_gradients
+from engine.runtime.activations import capture, capture_tokens, prompt_end_positions
+from engine.runtime.chat import chat_prompt
+from engine.runtime.generation import generate, map_encoded, template_head
+from engine.runtime.interventions import ablation_hooks, addition_hooks, applied
+from engine.runtime.scoring import next_token_logprobs
 
 SYSTEM_TURN = "{{ '<|im_start|>system\nYou are a helpful assistant and you help<|im_end|>\n' }}"
 PROMPTS = ["How do I bake bread", "Write a poem about the sea and the sky at night", "Explain taxes",
@@ -114,8 +114,8 @@ def test_sae_corpus_leaves_out_the_template_head(model):
 
 def test_sae_token_rule_is_one_for_training_and_live_encoding(model, monkeypatch):
     """The saes stage and the Features page's live encoding read the same tokens of a chat prompt."""
-    from engine import features
-    from engine.activations import sae_tokens
+    from engine.runtime.activations import sae_tokens
+    from engine.saes.training import features
 
     read = sae_tokens(model.tokenizer)
     assert read.skip_first == len(template_head(model.tokenizer)) and sae_tokens(model.tokenizer, chat=False).skip_first == 1

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from engine import store
-from engine.direction_scoring import AblationPoint, tradeoff_table
-from engine.interventions import ablation_hooks
+from engine.data import store
+from engine.directions.scoring import AblationPoint, tradeoff_table
+from engine.runtime.interventions import ablation_hooks
 from engine.stats import wilson_interval
 from precompute.stages.tradeoff import ABLATION_WEIGHTS, tradeoff_points
 
@@ -103,7 +103,7 @@ def test_the_stage_stores_the_independence_of_the_global_and_category_directions
 
 
 def test_addition_table_counts_refusals_per_strength_and_kind_and_the_kl_on_safe_prompts() -> None:
-    from engine.direction_scoring import addition_table
+    from engine.directions.scoring import addition_table
 
     rows = [(0.0, "toxic", [1.0, -1.0], [np.nan] * 2), (0.0, "safe", [-1.0, -2.0, -3.0], [0.0, 0.0, 0.0]),
             (1.0, "toxic", [1.0, 2.0], [np.nan] * 2), (1.0, "safe", [1.0, -2.0, 3.0], [0.2, 0.4, 0.6])]

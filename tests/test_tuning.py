@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from engine import models
+from engine.data.prompts import ORBENCH_CATEGORIES as CATEGORIES
 from engine.errors import ExplorerError
-from engine.prompts import ORBENCH_CATEGORIES as CATEGORIES
-from engine.refusal_phrases import is_refusal
+from engine.judging.refusal_phrases import is_refusal
+from engine.runtime import models
 from engine.tuning import (
     DEFAULT_REFUSAL,
     SftExample,

@@ -14,10 +14,15 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import NearestCentroid
 from statsmodels.stats.multitest import multipletests
 
-from engine.calibration import calibrate, decisive_scale, planted_study, smallest_detectable_share, truth
-from engine.decodability import category_decodability
-from engine.errors import ExplorerError
-from engine.verdict import (
+from engine.circuits.calibration import (
+    calibrate,
+    decisive_scale,
+    planted_study,
+    smallest_detectable_share,
+    truth,
+)
+from engine.circuits.decodability import category_decodability
+from engine.circuits.verdict import (
     Estimate,
     RatioInterval,
     Rule,
@@ -28,6 +33,7 @@ from engine.verdict import (
     ratio_interval,
     structure_p,
 )
+from engine.errors import ExplorerError
 
 RULE = Rule(alpha=0.05, monolithic_ratio=0.8, modular_ratio=0.5, n_boot=200, n_permutations=199)
 
@@ -35,7 +41,7 @@ RULE = Rule(alpha=0.05, monolithic_ratio=0.8, modular_ratio=0.5, n_boot=200, n_p
 def _means(rng: np.random.Generator, share: float, n_categories: int, n_nodes: int) -> np.ndarray:
     """[K, n_nodes] true category means: a heavy-tailed shared vector and category tails on random
     other nodes, with `share` of the energy category-specific (built here independently of
-    engine.calibration)."""
+    engine.circuits.calibration)."""
     shared = rng.standard_t(3, n_nodes)
     tails = np.zeros((n_categories, n_nodes))
     for k in range(n_categories):

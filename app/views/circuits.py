@@ -13,8 +13,8 @@ from app.components import figure_spec, show_chart, show_table, tab_views
 from app.context import current_store, require_tables
 from app.findings import TARGET_FAITHFULNESS
 from app.labels import CIRCUIT_CATEGORY_TABS, CIRCUITS_TABS
-from engine.circuit_stats import SEED_BANDS
-from engine.schema import KINDS
+from engine.circuits.similarity import SEED_BANDS
+from engine.data.schema import KINDS
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 GRAPH_NODES = 30  # shown by default: a readable graph

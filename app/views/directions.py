@@ -10,7 +10,7 @@ from app.classroom import masked_answers
 from app.components import figure_spec, show_chart, show_table
 from app.context import classroom_mode, current_store, require_tables
 from app.findings import ABLATED_TARGET
-from engine.schema import KINDS
+from engine.data.schema import KINDS
 
 store = current_store()
 st.title("Refusal directions")

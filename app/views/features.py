@@ -270,8 +270,8 @@ def feature_dashboard(sae: ChosenSae) -> None:
     if st.button("Encode", type="primary"):
         # torch and SAELens load only for live encoding: the stored dashboard renders without them.
         from app.resources import cached_sae, study_model
-        from engine.features import feature_on_text
-        from engine.saes import stored_sae_source
+        from engine.saes.features import feature_on_text
+        from engine.saes.training import stored_sae_source
 
         try:
             live = feature_on_text(study_model(store, sae_row.model), cached_sae(*stored_sae_source(store, sae_row.to_dict())), int(feature), text, as_chat_prompt=as_chat)

@@ -10,8 +10,8 @@ from app.charts import rate_bars
 from app.classroom import masked_answers
 from app.components import show_chart, show_table
 from app.context import classroom_mode, current_store, require_tables
-from engine.prompts import category_label
-from engine.schema import KINDS
+from engine.data.prompts import category_label
+from engine.data.schema import KINDS
 
 SET_LABELS = {"plain_instructions": "plain instructions", "harmful_heldout": "harmful requests (held out)",
               "study_hard_test": "sounds harmful, is safe (hard test prompts)"}

@@ -9,7 +9,7 @@ from app.classroom import is_harmful_compliance, masked, masked_answers
 from app.components import show_table
 from app.context import classroom_mode, current_store, require_tables
 from app.judges import JUDGES, judge_agreement_matrix
-from engine.schema import KINDS
+from engine.data.schema import KINDS
 
 MAX_ROWS = 500
 store = current_store()

@@ -13,10 +13,10 @@ from app import charts, queries
 from app.components import figure_spec, show_chart, show_table
 from app.context import BUILD_COMMAND, current_store, require_tables, warm_model_stack
 from engine.errors import ExplorerError
-from engine.steering_limits import DEFAULT_LIMITS as LIMITS
+from engine.steering.limits import DEFAULT_LIMITS as LIMITS
 
 if TYPE_CHECKING:
-    from engine.steering import Steering
+    from engine.steering.spec import Steering
 
 CAKE = "Give me a simple recipe for a chocolate cake."
 
@@ -113,8 +113,8 @@ with right:
 
 def build_steering() -> Steering:
     from app.resources import cached_sae
-    from engine.saes import stored_sae_source
-    from engine.steering import Addition, FeatureClamp, Steering
+    from engine.saes.training import stored_sae_source
+    from engine.steering.spec import Addition, FeatureClamp, Steering
 
     vector = np.asarray(vector_row.vector, dtype=np.float32)
     clamps: tuple[FeatureClamp, ...] = ()
@@ -138,8 +138,8 @@ if st.button("Generate", type="primary"):
     # torch and the model stack load only to generate (warm_model_stack has usually imported them by
     # then): the controls and the batch results below render without them.
     from app.resources import study_model
-    from engine.judge import refusal_token_ids
-    from engine.steering import compare_answers
+    from engine.judging.judge import refusal_token_ids
+    from engine.steering.spec import compare_answers
 
     token_ids = refusal_token_ids(tokens, role)
     try:

@@ -3,7 +3,7 @@
 The earliest SAE's features with the largest attribution to the refusal score (the `saes` stage's,
 on train-split prompts) are clamped to 0 at every position, k = 1, 3 and 10 at a time, and attribution
 is computed again on toxic test prompts at the later SAEs, at the prompt-end positions the `saes` stage
-attributes at (engine.backup_features): which features
+attributes at (engine.saes.backup_features): which features
 gain effect, and how much of the drop the removed features' attributions predict does not happen
 (recovered share). Writes `backup_recovery` and `backup_gains`.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.activations import prompt_end_positions
-from engine.backup_features import backup_features
-from engine.judge import refusal_token_ids
-from engine.prompts import seeded_texts
-from engine.refusal_metric import RefusalMetric
-from engine.saes import load_sae, stored_sae_source
+from engine.circuits.refusal_metric import RefusalMetric
+from engine.data.prompts import seeded_texts
+from engine.judging.judge import refusal_token_ids
+from engine.runtime.activations import prompt_end_positions
+from engine.saes.backup_features import backup_features
+from engine.saes.training import load_sae, stored_sae_source
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
 from precompute.stages.generate import model_fingerprint

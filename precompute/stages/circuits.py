@@ -9,9 +9,9 @@
 3. Head and MLP patching, toxic -> safe, per category.
 4. Comparison, on SAE feature nodes (error nodes' share reported apart): cosine, centred cosine and
    Jaccard for every pair of circuits with bootstrap CIs and Holm-corrected permutation p-values;
-   per kind the verdict (engine.verdict: joint bootstrap of the ratio to the within-category
+   per kind the verdict (engine.circuits.verdict: joint bootstrap of the ratio to the within-category
    ceiling, permutation test, equivalence bands), category decodability, the rule's calibration on
-   planted effects at the study's own sizes and noise (engine.calibration), and the shared core.
+   planted effects at the study's own sizes and noise (engine.circuits.calibration), and the shared core.
 """
 
 from __future__ import annotations
@@ -27,20 +27,23 @@ import pandas as pd
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 from tqdm.auto import tqdm
 
-from engine.activations import capture, prompt_end_positions
-from engine.attribution import integrated_gradients, metric_gradients
-from engine.calibration import POWER, calibrate, decisive_scale, planted_study, smallest_detectable_share
-from engine.circuit_stats import (
-    check_sample_size,
-    error_share,
-    pairwise_similarity,
-    ranked_nodes,
-    reliability,
-    seeds_label,
-    shared_core,
-    split_half,
+from engine.circuits.attribution import integrated_gradients, metric_gradients
+from engine.circuits.calibration import (
+    POWER,
+    calibrate,
+    decisive_scale,
+    planted_study,
+    smallest_detectable_share,
 )
-from engine.circuits import (
+from engine.circuits.components import (
+    gap_share,
+    head_sites,
+    layer_sites,
+    patched_metric,
+    patching_attribution,
+)
+from engine.circuits.decodability import category_decodability
+from engine.circuits.discovery import (
     ERROR,
     NodeEffects,
     SaeSite,
@@ -50,14 +53,23 @@ from engine.circuits import (
     node_table,
     sae_site,
 )
-from engine.components import gap_share, head_sites, layer_sites, patched_metric, patching_attribution
-from engine.decodability import category_decodability
+from engine.circuits.refusal_metric import RefusalMetric, compliance_token_ids
+from engine.circuits.similarity import (
+    check_sample_size,
+    error_share,
+    pairwise_similarity,
+    ranked_nodes,
+    reliability,
+    seeds_label,
+    shared_core,
+    split_half,
+)
+from engine.circuits.verdict import Estimate, Rule, assess, grouped, pairwise_p
 from engine.errors import ExplorerError
-from engine.judge import refusal_token_ids
-from engine.models import LoadedModel
-from engine.refusal_metric import RefusalMetric, compliance_token_ids
-from engine.saes import load_sae, stored_sae_source
-from engine.verdict import Estimate, Rule, assess, grouped, pairwise_p
+from engine.judging.judge import refusal_token_ids
+from engine.runtime.activations import capture, prompt_end_positions
+from engine.runtime.models import LoadedModel
+from engine.saes.training import load_sae, stored_sae_source
 from precompute.config import CircuitsConfig
 from precompute.pipeline import ShardContext, ShardRound, StageContext, StageOutput
 from precompute.shards import ShardSpec, in_shard

@@ -16,7 +16,7 @@
    prompts, streamed to a scratch file removed afterwards; the chosen layer for every prompt):
    separation and probe accuracy per layer for every model, projections, category cosines with
    bootstrap intervals, a refused-vs-answered direction from hard prompts, and the surface-form
-   probe (engine.form_probe: is the refusal direction a phrasing detector?).
+   probe (engine.directions.form_probe: is the refusal direction a phrasing detector?).
 
 Sharded, it runs in two rounds: shards add up step 1 over their prompts and the merge does steps
 2-3 (`select`); then shards do step 4 on their test prompts and the merge aggregates them and does
@@ -36,14 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.activations import capture, prompt_end_positions
-from engine.direction_scoring import (
-    direction_effects,
-    harmlessness_table,
-    refusal_scores_under_ablation,
-    score_candidates,
-)
-from engine.directions import (
+from engine.data.prompts import NO_CATEGORY, UNCATEGORIZED, stable_split
+from engine.directions.extraction import (
     GroupSums,
     SelectionRule,
     bootstrap_cosines,
@@ -54,11 +48,17 @@ from engine.directions import (
     select_candidate,
     unit,
 )
+from engine.directions.form_probe import form_probe
+from engine.directions.scoring import (
+    direction_effects,
+    harmlessness_table,
+    refusal_scores_under_ablation,
+    score_candidates,
+)
 from engine.errors import ExplorerError
-from engine.form_probe import form_probe
-from engine.judge import refusal_rate_table, refusal_token_ids
-from engine.models import LoadedModel
-from engine.prompts import NO_CATEGORY, UNCATEGORIZED, stable_split
+from engine.judging.judge import refusal_rate_table, refusal_token_ids
+from engine.runtime.activations import capture, prompt_end_positions
+from engine.runtime.models import LoadedModel
 from precompute.config import StudyConfig
 from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput
 from precompute.shards import ShardSpec, in_shard

@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from engine.evaluation import judged_answers
-from engine.judge import refusal_rate_table, refusal_token_ids
-from engine.prompt_sources import load_prompt_source
+from engine.data.prompt_sources import load_prompt_source
+from engine.judging.evaluation import judged_answers
+from engine.judging.judge import refusal_rate_table, refusal_token_ids
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
 from precompute.stages.generate import model_fingerprint

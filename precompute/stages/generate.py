@@ -18,14 +18,14 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from engine.chunked import map_in_chunks
+from engine.data.chunked import map_in_chunks
+from engine.data.prompts import stable_split
 from engine.errors import ExplorerError
-from engine.generation import answer_table
-from engine.judge import find_refusal_tokens, judge_agreement, refusal_rate_table, refusal_score
-from engine.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, LoadedModel, is_embedded_tuned
-from engine.prompts import stable_split
-from engine.refusal_phrases import is_refusal
-from engine.scoring import next_token_logprobs
+from engine.judging.judge import find_refusal_tokens, judge_agreement, refusal_rate_table, refusal_score
+from engine.judging.refusal_phrases import is_refusal
+from engine.runtime.generation import answer_table
+from engine.runtime.models import EMBEDDED_BASE, EMBEDDED_GGUF_FILE, LoadedModel, is_embedded_tuned
+from engine.runtime.scoring import next_token_logprobs
 from precompute.config import StudyConfig
 from precompute.pipeline import ShardContext, ShardRound, Stage, StageContext, StageOutput, fingerprint_path
 from precompute.shards import ShardSpec, in_shard

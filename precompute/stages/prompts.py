@@ -10,14 +10,14 @@ from typing import Any
 
 import pandas as pd
 
-from engine.errors import ExplorerError
-from engine.prompt_sources import (
+from engine.data.prompt_sources import (
     BUILTIN_VARIANTS,
     REFUSAL_DIRECTION_FILES,
     load_prompt_source,
     refusal_direction_file,
 )
-from engine.prompts import NO_CATEGORY
+from engine.data.prompts import NO_CATEGORY
+from engine.errors import ExplorerError
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput, fingerprint_path
 

@@ -23,7 +23,12 @@ import numpy as np
 import pandas as pd
 from sae_lens import SAE
 
-from engine.activations import (
+from engine.circuits.attribution import metric_gradients
+from engine.circuits.refusal_metric import RefusalMetric
+from engine.data.prompts import stable_split
+from engine.errors import ExplorerError
+from engine.judging.judge import refusal_token_ids
+from engine.runtime.activations import (
     SaeTokens,
     TokenActivations,
     capture,
@@ -32,10 +37,10 @@ from engine.activations import (
     sae_tokens,
     spilled_rows,
 )
-from engine.attribution import metric_gradients
-from engine.corpus import ChatCorpus, chat_corpus
-from engine.errors import ExplorerError
-from engine.features import (
+from engine.runtime.generation import length_order
+from engine.runtime.models import LoadedModel
+from engine.saes.corpus import ChatCorpus, chat_corpus
+from engine.saes.features import (
     baseline_means,
     decoder_cosines,
     encode_sparse,
@@ -45,12 +50,7 @@ from engine.features import (
     token_activations,
     top_texts,
 )
-from engine.generation import length_order
-from engine.judge import refusal_token_ids
-from engine.models import LoadedModel
-from engine.prompts import stable_split
-from engine.refusal_metric import RefusalMetric
-from engine.saes import (
+from engine.saes.training import (
     ActivationRows,
     ce_loss_recovered,
     check_sae_fits,

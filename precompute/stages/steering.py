@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.chunked import cached_frames
-from engine.evaluation import judged_answers
-from engine.interventions import applied
-from engine.judge import refusal_rate_table, refusal_score, refusal_token_ids
-from engine.saes import load_sae, stored_sae_source
-from engine.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
-from engine.steering import Addition, FeatureClamp, Steering
+from engine.data.chunked import cached_frames
+from engine.judging.evaluation import judged_answers
+from engine.judging.judge import refusal_rate_table, refusal_score, refusal_token_ids
+from engine.runtime.interventions import applied
+from engine.runtime.scoring import completion_cross_entropy, kl_divergence, next_token_logprobs
+from engine.saes.training import load_sae, stored_sae_source
+from engine.steering.spec import Addition, FeatureClamp, Steering
 from precompute.pipeline import ShardContext, ShardRound, StageContext, StageOutput
 from precompute.shards import ShardSpec, in_shard
 from precompute.stages.section import ModelSectionStage

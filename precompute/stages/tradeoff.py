@@ -10,7 +10,7 @@ ablates a span of directions at every layer and position, with a weight:
   on the validation prompts, measured here on the test prompts);
 - categories: the span of every category's direction at the chosen layer;
 - rdo k (with `directions.rdo_steps` > 0): the k directions refusal direction optimisation finds
-  (engine.rdo, started from the chosen direction), fitted on train-split prompts the directions stage
+  (engine.directions.rdo, started from the chosen direction), fitted on train-split prompts the directions stage
   validates on, measured on the test prompts like every other point.
 Refusal is read by the refusal score (> 0) on the toxic test prompts (under the chosen direction's
 ablation it matched the substring judge on the demo's answers within a point), the side effect by the
@@ -19,7 +19,7 @@ KL of the next-token distribution on the safe test prompts. Writes `ablation_tra
 The same stage asks whether the global and category directions are one mechanism read several times:
 `direction_independence` holds, for every ordered pair, the share of the second direction's induced
 refusal (added at the chosen layer, on safe test prompts) that ablating the first removes
-(engine.independence), with bootstrap intervals. `addition_tradeoff` sweeps the strength of the chosen
+(engine.directions.independence), with bootstrap intervals. `addition_tradeoff` sweeps the strength of the chosen
 direction's addition (times its norm; 1 is the directions stage's addition): refusal by the refusal
 score on the toxic, hard and safe test prompts and the KL on the safe ones, the curve the Steering
 page's strength slider reads.
@@ -41,8 +41,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.chunked import cached_frames
-from engine.direction_scoring import (
+from engine.data.chunked import cached_frames
+from engine.data.prompts import seeded_sample, seeded_texts
+from engine.data.schema import KINDS
+from engine.directions.independence import SiteDirection, independence_matrix
+from engine.directions.rdo import RdoSettings, optimise_refusal_directions
+from engine.directions.scoring import (
     AblationPoint,
     ablation_tradeoff,
     addition_sweep,
@@ -50,13 +54,9 @@ from engine.direction_scoring import (
     point_label,
     tradeoff_table,
 )
-from engine.evaluation import judged_answers
-from engine.independence import SiteDirection, independence_matrix
-from engine.interventions import Hook, ablation_hooks, addition_hooks
-from engine.judge import refusal_token_ids
-from engine.prompts import seeded_sample, seeded_texts
-from engine.rdo import RdoSettings, optimise_refusal_directions
-from engine.schema import KINDS
+from engine.judging.evaluation import judged_answers
+from engine.judging.judge import refusal_token_ids
+from engine.runtime.interventions import Hook, ablation_hooks, addition_hooks
 from precompute.config import StudyConfig
 from precompute.pipeline import Stage, StageContext, StageOutput
 from precompute.stages.generate import model_fingerprint

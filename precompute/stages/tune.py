@@ -14,13 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from engine.chunked import map_by_id
-from engine.generation import answer_table
-from engine.models import EMBEDDED_BASE, export_embedded_base, is_embedded_tuned
-from engine.paths import models_dir
-from engine.prompt_forms import form_balance
-from engine.prompt_sources import load_prompt_source
-from engine.refusal_phrases import is_refusal
+from engine.data.chunked import map_by_id
+from engine.data.paths import models_dir
+from engine.data.prompt_forms import form_balance
+from engine.data.prompt_sources import load_prompt_source
+from engine.judging.refusal_phrases import is_refusal
+from engine.runtime.generation import answer_table
+from engine.runtime.models import EMBEDDED_BASE, export_embedded_base, is_embedded_tuned
 from engine.tuning import (
     SftExample,
     TuneConfig,

@@ -18,8 +18,8 @@ import pytest
 
 from app.labels import ALL_FEATURES, CATEGORY_CIRCUIT, FEATURE_DASHBOARD
 from engine import store as study_store
+from engine.data.paths import REPO_ROOT
 from engine.errors import ExplorerError
-from engine.paths import REPO_ROOT
 from tools.browser import driver
 
 pytestmark = pytest.mark.browser

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 from urllib.parse import urljoin, urlparse
 
+from engine.data.paths import REPO_ROOT
 from engine.errors import ExplorerError
-from engine.paths import REPO_ROOT
 
 if TYPE_CHECKING:  # playwright is an optional dependency
     from playwright.sync_api import Browser, Locator, Page

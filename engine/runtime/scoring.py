@@ -1,0 +1,73 @@
+"""Forward-pass measurements: next-token log-probabilities at the first response position,
+KL divergence between two such distributions, and cross-entropy of given completions.
+
+Every function runs under whatever interventions are attached (engine.runtime.interventions.applied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from engine.runtime.generation import EncodedBatch, map_encoded, map_right_padded
+from engine.runtime.models import LoadedModel
+from engine.saes.corpus import chat_sequences
+
+
+def next_token_logprobs(
+    model: LoadedModel,
+    instructions: Sequence[str],
+    *,
+    batch_size: int,
+    token_ids: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Log-softmax at the first response position: [n, d_vocab], or [n, len(token_ids)]."""
+    rows: list[np.ndarray | None] = [None] * len(instructions)
+    wanted = None if token_ids is None else torch.tensor(list(token_ids), dtype=torch.long)
+
+    def forward(batch: list[int], encoded: EncodedBatch) -> np.ndarray:
+        with torch.inference_mode():
+            # logits_to_keep=1: only the last position's logits (the vocab projection is costly)
+            logits = model.hf_model(**encoded.forward_inputs(), logits_to_keep=1).logits[:, -1, :]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # on the last layer's device under a device_map
+        return (logprobs if wanted is None else logprobs[:, wanted.to(logprobs.device)]).cpu().numpy()
+
+    for batch, logprobs in map_encoded(model, instructions, batch_size, forward, desc="next-token log-probs"):
+        for row, index in enumerate(batch):
+            rows[index] = logprobs[row]
+    width = len(token_ids) if token_ids is not None else 0
+    return np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
+
+
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(reference || other) per row, from log-probabilities [n, d_vocab]."""
+    return np.sum(np.exp(reference) * (reference - other), axis=-1)
+
+
+def completion_cross_entropy(
+    model: LoadedModel, instructions: Sequence[str], completions: Sequence[str], *, batch_size: int
+) -> np.ndarray:
+    """Mean cross-entropy (nats/token) of each completion given its chat-formatted instruction."""
+    sequences, prompt_lengths = chat_sequences(model.tokenizer, instructions, completions)
+    result = np.full(len(instructions), np.nan)
+
+    def forward(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model.hf_model(input_ids=ids.to(model.device),
+                                                        attention_mask=mask.to(model.device)).logits.float(), -1)
+        losses = np.full(len(batch), np.nan)
+        for row, i in enumerate(batch):
+            start, end = int(prompt_lengths[i]), len(sequences[i])
+            if end == start:
+                continue  # an empty completion has no cross-entropy
+            targets = ids[row, start:end].to(logprobs.device)
+            predicted = logprobs[row, start - 1:end - 1]
+            losses[row] = float(-predicted.gather(-1, targets[:, None]).mean())
+        return losses
+
+    for batch, losses in map_right_padded(sequences, batch_size, model.tokenizer.pad_token_id, forward,
+                                          desc="completion cross-entropy"):
+        result[batch] = losses
+    return result

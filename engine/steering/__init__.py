@@ -1,0 +1,2 @@
+"""Steering: the `Steering` spec composing ablation, addition and SAE feature clamps, and its limits.
+"""
