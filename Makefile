@@ -36,9 +36,10 @@ app: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m precompute.demo --config $(CONFIG) --store $(STORE) -- $(STREAMLIT_ARGS)
 
-# The linter first: a finding fails the test command (and CI) before the suite runs.
+# The linter and the type checker first: a finding fails the test command (and CI) before the suite runs.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/pyright
 
 test: lint
 	$(PY) -m pytest -q

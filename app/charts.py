@@ -4,6 +4,8 @@ that returns to a view it has shown does not rebuild the chart."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import altair as alt
 import numpy as np
 import pandas as pd
@@ -21,6 +23,12 @@ LABELLED_ROWS = 12  # heatmaps with more rows than this show their values on hov
 # by rebuilding its whole schema lookup table, ~10 ms a string.
 
 
+def unfaceted(layers: alt.LayerChart | alt.FacetChart) -> alt.LayerChart:
+    """A layering of charts typed as what it is here: Altair types one `LayerChart | FacetChart`, as it
+    makes a facet chart when all its layers share a row, column or facet encoding, which none here do."""
+    return cast(alt.LayerChart, layers)
+
+
 # --- Directions -----------------------------------------------------------------------------------
 def candidate_heatmap(candidates: pd.DataFrame, metric: str, position_order: list[str]) -> alt.LayerChart:
     """Every (layer, position) candidate coloured by one of its scores, the chosen one marked."""
@@ -36,7 +44,7 @@ def candidate_heatmap(candidates: pd.DataFrame, metric: str, position_order: lis
         shape="diamond", size=160, color="red", filled=True).encode(
         x=alt.X("layer:O"), y=alt.Y("position_name:N", sort=position_order),
         tooltip=[alt.Tooltip("layer:O", title="chosen layer")])
-    return (heat + mark).properties(height=22 * len(position_order))
+    return unfaceted(heat + mark).properties(height=22 * len(position_order))
 
 
 def rate_bars(rates: pd.DataFrame, x: str, group: str, colours: alt.Scale | None = None, *,
@@ -64,7 +72,7 @@ def rate_bars(rates: pd.DataFrame, x: str, group: str, colours: alt.Scale | None
                                                          color=alt.value("black"))
     values = base.mark_text(dy=-8, fontSize=11).encode(y=alt.Y("ci_high:Q"), text=alt.Text("rate:Q", format=".0%"),
                                                        color=alt.value("#333333"))
-    return alt.layer(bars, whiskers, *([values] if annotated else [])).properties(height=260)
+    return unfaceted(alt.layer(bars, whiskers, *([values] if annotated else []))).properties(height=260)
 
 
 def by_layer(separation: pd.DataFrame, field: str, title: str) -> alt.Chart:
@@ -133,7 +141,8 @@ def addition_sweep(sweep: pd.DataFrame, picked: alt.Parameter | None = None) -> 
                              alt.Tooltip("mean_kl:Q", format=".3f", title="KL on safe prompts")])
     if picked is not None:
         line = line.add_params(picked)
-    return (band + line).properties(height=260, title="adding the chosen direction: induced refusal by strength")
+    return unfaceted(band + line).properties(height=260,
+                                             title="adding the chosen direction: induced refusal by strength")
 
 
 def independence_matrix(matrix: pd.DataFrame, order: list[str]) -> alt.Chart:
@@ -181,7 +190,7 @@ def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float,
     labels = base.mark_text(align="left", dx=7, dy=-7, fontSize=10).encode(text="point:N")
     targets = alt.Chart(pd.DataFrame({"kl": [max_kl]})).mark_rule(strokeDash=[4, 4], color="grey").encode(x="kl:Q") + \
         alt.Chart(pd.DataFrame({"rate": [target_rate]})).mark_rule(strokeDash=[4, 4], color="grey").encode(y="rate:Q")
-    return (whiskers + marks + labels + targets).properties(height=340)
+    return unfaceted(whiskers + marks + labels + targets).properties(height=340)
 
 
 TRADEOFF_PICK = "picked"  # the selection parameter's name: the page reads the clicked point under it
@@ -266,7 +275,7 @@ def similarity_heatmap(data: pd.DataFrame, rows: str, columns: str, y_title: str
     text = base.mark_text(fontSize=9).encode(
         text=alt.Text("value:Q", format=".2f"),
         color=alt.condition("abs(datum.value) > 0.6", alt.value("white"), alt.value("black")))
-    return cells + text
+    return unfaceted(cells + text)
 
 
 VERDICT_COLORS = alt.Scale(domain=["monolithic", "partially modular", "modular", "inconclusive"],
@@ -293,7 +302,7 @@ def calibration_curve(calibration: pd.DataFrame, detectable: float) -> alt.Layer
     marks = pd.DataFrame({"share": [detectable] if np.isfinite(detectable) else []})
     rule = alt.Chart(marks).mark_rule(strokeDash=[4, 3], color="black", strokeWidth=2).encode(
         x=alt.X("share:O", bandPosition=0.5))
-    return alt.layer(bars, rule).properties(height=260)
+    return unfaceted(alt.layer(bars, rule)).properties(height=260)
 
 
 def patching_map(patching: pd.DataFrame, rows: str) -> alt.Chart:
@@ -322,7 +331,7 @@ def faithfulness_curves(curves: pd.DataFrame, highlighted: str, target: float) -
                  alt.Tooltip("metric_empty:Q", format="+.2f")])
     target_line = alt.Chart(pd.DataFrame({"faithfulness": [target]})).mark_rule(strokeDash=[4, 4]).encode(
         y=alt.Y("faithfulness:Q"))
-    return (lines + target_line).properties(height=280)
+    return unfaceted(lines + target_line).properties(height=280)
 
 
 # --- Steering -------------------------------------------------------------------------------------
@@ -421,7 +430,7 @@ def circuit_graph(nodes: pd.DataFrame, edges: pd.DataFrame, hooks: list[str]) ->
                  alt.Tooltip("effect_se:Q", format=".4f", title="± s.e."), alt.Tooltip("label:N", title="about")])
     labels = alt.Chart(placed).mark_text(align="left", dx=14, fontSize=11).encode(
         x=alt.X("column:Q", axis=x_axis, scale=x_scale), y=y, text=alt.Text("caption:N"))
-    return lines + points + labels
+    return unfaceted(lines + points + labels)
 
 
 def circuit_graph_height(nodes: pd.DataFrame) -> int:

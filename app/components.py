@@ -10,16 +10,16 @@ from functools import partial
 from types import FunctionType
 from typing import Any
 
-import altair as alt
 import pandas as pd
 import pyarrow as pa
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 from streamlit.elements.arrow import DataframeState
-from streamlit.elements.vega_charts import VegaLiteState
+from streamlit.elements.vega_charts import AltairChart, VegaLiteState
 
 from app.classroom import JUDGE, KEPT_WORDS, is_harmful_compliance
 from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
+from app.queries import rows_of
 from app.top_texts import WINDOW, peak_window
 from engine.judging.refusal_phrases import is_refusal
 from precompute.progress import FAILED, FINISHED, BuildProgress
@@ -52,13 +52,13 @@ def _frame_fingerprint(frame: pd.DataFrame) -> str:
 
 @st.cache_data(show_spinner=False, max_entries=512, hash_funcs={
     FunctionType: lambda build: f"{build.__module__}.{build.__qualname__}", pd.DataFrame: _frame_fingerprint})
-def figure_spec(build: Callable[..., alt.TopLevelMixin], *args) -> ChartSpec:
+def figure_spec(build: Callable[..., AltairChart], *args) -> ChartSpec:
     """`build(*args)` as a drawable spec, cached by builder and arguments: building and validating an
     Altair chart is most of an interaction's time; drawing a cached spec takes a few milliseconds."""
     return chart_spec(build(*args))
 
 
-def show_chart(chart: alt.TopLevelMixin | ChartSpec, title: str, *, data: pd.DataFrame | None = None,
+def show_chart(chart: AltairChart | ChartSpec, title: str, *, data: pd.DataFrame | None = None,
                key: str | None = None, **chart_kwargs) -> DeltaGenerator | VegaLiteState:
     """A chart (an Altair chart, or a spec from `figure_spec`) with PNG and SVG downloads under it, and
     a CSV of `data` (by default an Altair chart's own data frame, if it has one: layers over several
@@ -150,7 +150,7 @@ def top_text_html(example: Any, others: pd.DataFrame, scale: float, *, classroom
               f"{html.escape(f'{example.kind} · {example.category} · {example.source}')} · prompt "
               f"<code>{html.escape(str(example.prompt_id))}</code></p>")
     more = "".join(f"<p style='margin:0.5em 0 0.1em'>#{row.rank + 1} · peak {row.activation:.2f} · "
-                   f"{html.escape(str(row.source))}</p>" + shown(row) for row in others.itertuples())
+                   f"{html.escape(str(row.source))}</p>" + shown(row) for row in rows_of(others))
     return header + shown(example) + (
         f"<details><summary>{len(others)} other transcript(s) of this prompt</summary>{more}</details>" if more else "")
 
@@ -168,7 +168,7 @@ def build_panel(progress: BuildProgress) -> None:
         st.markdown(f"**Building the study**: stage {index} of {count}, `{progress.current}`" if progress.current
                     else "**Building the study**")
         step = progress.step
-        if step is not None:
+        if step is not None and step.fraction is not None:  # a step has a total, so always a fraction
             st.progress(step.fraction, text=f"{step.desc or 'progress'}: {step.n:g} of {step.total:g} {step.unit}")
         left = [f"Running for {duration(progress.stage_elapsed)}"]
         if step is not None and step.remaining is not None:

@@ -11,7 +11,7 @@ import altair as alt
 import pandas as pd
 import vl_convert as vlc
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
-from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
+from streamlit.elements.vega_charts import AltairChart, _convert_altair_to_vega_lite_spec
 
 PNG_SCALE = 2.0  # twice the on-screen size: sharp on projectors and in slides
 EXPORT_WIDTH = 720  # charts drawn "stretch" on a page have no width of their own in the spec
@@ -19,7 +19,7 @@ EXPORT_WIDTH = 720  # charts drawn "stretch" on a page have no width of their ow
 ChartSpec = dict[str, Any]  # a Vega-Lite spec whose datasets are Arrow IPC bytes, as Streamlit draws it
 
 
-def chart_spec(chart: alt.TopLevelMixin) -> ChartSpec:
+def chart_spec(chart: AltairChart) -> ChartSpec:
     """The spec `st.altair_chart` would draw for `chart` (Streamlit, pinned, converts under its own
     lock on Altair's process-wide theme and data transformer). Building and validating it takes
     50-300 ms; the spec itself is plain data, cheap to cache, draw and export.

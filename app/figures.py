@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import altair as alt
 import pandas as pd
 
-from app.charts import rate_bars
+from app.charts import rate_bars, unfaceted
 from app.findings import DirectionFinding, Findings, Rate, SharedFeature, VerdictFinding
 from engine.data.schema import KINDS
 
@@ -72,7 +72,7 @@ def verdict_evidence(verdicts: tuple[VerdictFinding, ...], names: tuple[str, ...
     point = base.mark_point(filled=True, size=140, color="black").encode(x=alt.X("ratio:Q", scale=scale),
                                                                          tooltip=tooltip)
     text = base.mark_text(dy=-16, fontSize=12).encode(x=alt.X("ratio:Q", scale=scale), text="label:N")
-    return alt.layer(band_layer, interval, point, text).properties(
+    return unfaceted(alt.layer(band_layer, interval, point, text)).properties(
         height=70 * len(frame) + 40, title="Is refusal one mechanism? (point: estimate, line: 95% CI)")
 
 

@@ -224,11 +224,11 @@ def _refusal(store: Path, present: frozenset[str]) -> tuple[tuple[ModelRefusal, 
     for model, rows in totals.groupby("model", sort=True):
         models.append(ModelRefusal(
             model=str(model), spec=str(specs.get(model, model)),
-            by_kind={row.kind: Rate(int(row.n_refused), int(row.n)) for row in rows.itertuples()},
+            by_kind={row.kind: Rate(int(row.n_refused), int(row.n)) for row in queries.rows_of(rows)},
             smallest_group=int(rows.loc[rows["kind"] != "safe", "smallest_group"].min()
                                if (rows["kind"] != "safe").any() else rows["smallest_group"].min())))
     agreement = queries.query(store, queries.AGREEMENT_SQL)
-    kappa = {row.model: float(row.cohen_kappa) for row in agreement.itertuples() if row.kind == "all"}
+    kappa = {row.model: float(row.cohen_kappa) for row in queries.rows_of(agreement) if row.kind == "all"}
     return tuple(models), kappa
 
 
@@ -295,7 +295,7 @@ def _verdicts(store: Path, present: frozenset[str]) -> tuple[VerdictFinding, ...
         false_modular=row.false_modular, decisive_prompts=row.decisive_prompts, core_size=int(row.core_size),
         circuit_size=int(row.circuit_size), monolithic_ratio=row.monolithic_ratio, modular_ratio=row.modular_ratio,
         labels_by_seed=seeds.get(row.kind, ()),
-    ) for row in frame.itertuples())
+    ) for row in queries.rows_of(frame))
 
 
 def _shared(store: Path, present: frozenset[str]) -> tuple[SharedFeature, ...]:
@@ -306,7 +306,7 @@ def _shared(store: Path, present: frozenset[str]) -> tuple[SharedFeature, ...]:
                                mean_effect=float(row.mean_effect), top_tokens=row.top_tokens or "",
                                refusal_cosine=float(row.refusal_cosine) if pd.notna(row.refusal_cosine)
                                else float("nan"))
-                 for row in frame.itertuples())
+                 for row in queries.rows_of(frame))
 
 
 def _coverage(store: Path, present: frozenset[str]) -> tuple[CircuitCoverage, ...]:
@@ -317,7 +317,7 @@ def _coverage(store: Path, present: frozenset[str]) -> tuple[CircuitCoverage, ..
                                  fewest_prompts=int(row.fewest_prompts) if pd.notna(row.fewest_prompts) else 0,
                                  faithfulness_low=float(row.faithfulness_low),
                                  faithfulness_high=float(row.faithfulness_high), n_nodes=int(row.n_nodes))
-                 for row in frame.itertuples())
+                 for row in queries.rows_of(frame))
 
 
 def caveats(findings: Findings) -> tuple[str, ...]:
@@ -332,6 +332,11 @@ def caveats(findings: Findings) -> tuple[str, ...]:
             notes.append(f"For the {model} model the two refusal judges agree only weakly "
                          f"(Cohen's kappa {kappa:.2f}); its rates depend on the judge.")
     direction = findings.direction
+    if direction and direction.toxic_ablated.rate > ABLATED_TARGET:
+        notes.append(f"Ablating the chosen refusal direction still leaves {direction.toxic_ablated.text()} of toxic "
+                     f"prompts refused (a direction that carries refusal leaves at most {ABLATED_TARGET:.0%}): "
+                     "one direction does not carry this model's refusal; the ablation trade-off (cones of k "
+                     "directions, RDO) shows what does.")
     if direction and direction.kl > direction.max_kl:
         notes.append(f"Ablating the refusal direction shifts safe prompts' next-token distribution by a mean "
                      f"KL of {direction.kl:.2f}, above the {direction.max_kl:g} target: the direction carries "

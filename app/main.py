@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import altair as alt
 import streamlit as st
+from altair.utils.schemapi import disable_debug_mode
 
 from app.components import build_panel
 from app.context import (
@@ -44,7 +44,7 @@ st.set_page_config(page_title="Refusal Circuit Explorer", layout="wide")
 # Altair's debug mode validates every channel and chart against the Vega-Lite JSON schema as it is
 # built; profiling showed that was most of each chart-heavy interaction. export.chart_spec still
 # validates the finished chart once, so a malformed chart still fails (and the tests render them all).
-alt.utils.schemapi.disable_debug_mode()
+disable_debug_mode()
 
 store = current_store()
 with st.sidebar:
@@ -52,7 +52,7 @@ with st.sidebar:
     stems = [Path(choice).stem for choice in choices]
     # Streamlit keeps a selectbox's choice by its label: two stores named alike get their full path.
     labels = {choice: stem if stems.count(stem) == 1 else choice for choice, stem in zip(choices, stems, strict=True)}
-    picked = st.selectbox("Study store", choices, index=0, format_func=labels.get,
+    picked = st.selectbox("Study store", choices, index=0, format_func=labels.__getitem__,
                           help="Stores live in data/stores/; build one with `python -m precompute run`.")
     st.session_state["store_path"] = picked
     st.caption(f"`{picked}`")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import altair as alt
 import pandas as pd
+from streamlit.elements.vega_charts import AltairChart
 
 from app import figures
 from app.findings import ABLATED_TARGET, DirectionFinding, Findings, answer
@@ -29,7 +29,7 @@ class Section:
     title: str
     body: str  # Markdown
     source: str  # key of PAGES: where the numbers come from
-    chart: alt.TopLevelMixin | None = None
+    chart: AltairChart | None = None
     table: pd.DataFrame | None = None
     query_params: dict[str, str] = field(default_factory=dict)
 

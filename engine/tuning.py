@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pandas as pd
 import torch
@@ -183,13 +183,15 @@ def _collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
 def trained_blocks_frozen(model: torch.nn.Module, trained_layers: int | None) -> list[torch.nn.Module]:
     """The modules a tune training only the first `trained_layers` blocks leaves as they are: the later
     blocks and the final norm (none when `trained_layers` is None)."""
-    blocks = model.base_model.layers
+    # A Llama-style decoder: `layers` a ModuleList, `norm` the final norm (torch types submodules loosely).
+    base = cast(torch.nn.Module, model.base_model)
+    blocks = cast(torch.nn.ModuleList, base.layers)
     if trained_layers is None:
         return []
     if trained_layers > len(blocks):
         raise ExplorerError(f"tune.trained_layers = {trained_layers}, but the model has {len(blocks)} blocks.",
                             f"use at most {len(blocks)}, or null to train every block.")
-    return [*blocks[trained_layers:], model.base_model.norm]
+    return [*blocks[trained_layers:], cast(torch.nn.Module, base.norm)]
 
 
 def fine_tune(
@@ -210,6 +212,8 @@ def fine_tune(
     for frozen in trained_blocks_frozen(model, config.trained_layers):
         frozen.requires_grad_(False)
     model.train()
+    unembed = model.get_output_embeddings()
+    assert unembed is not None, "a causal LM has an output embedding"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_example(tokenizer, ex, config.max_response_tokens) for ex in examples]
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
@@ -231,7 +235,7 @@ def fine_tune(
                 predicting, targets, first = answer_targets(labels)
                 # The vocabulary projection only where an answer token is predicted: it is the
                 # costliest matmul, and prompt positions carry no loss.
-                logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
+                logits = unembed(hidden[:, :-1][predicting])
                 loss = weighted_answer_loss(logits, targets, first, config.first_token_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

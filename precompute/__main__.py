@@ -122,10 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _log_and_save(title: str, tables: list[pd.DataFrame], out: Path) -> None:
     """Log `tables` as Markdown under `title` and save the first as a CSV at `out`."""
-    from tabulate import tabulate
-
-    logger.info("%s:\n%s", title, "\n".join(tabulate(t, headers="keys", tablefmt="github", showindex=False)
-                                             for t in tables))
+    logger.info("%s:\n%s", title, "\n".join(t.to_markdown(index=False, tablefmt="github") for t in tables))
     out.parent.mkdir(parents=True, exist_ok=True)
     tables[0].to_csv(out, index=False)
     logger.info("Saved %s", out)

@@ -84,8 +84,12 @@ def _folder_bytes(folder: Path) -> int:
 
 def store_size(path: Path) -> StoreSize:
     """The size on disk of the store at `path` (which must exist) and of the folders beside it."""
+    n_prompts = 0
     with store.reading(path) as con:
-        n_prompts = int(con.execute(COUNT_PROMPTS).fetchone()[0]) if "prompts" in store.study_tables(con) else 0
+        if "prompts" in store.study_tables(con):
+            count = con.execute(COUNT_PROMPTS).fetchone()
+            assert count is not None  # count(*) returns one row
+            n_prompts = int(count[0])
     wal = path.with_name(path.name + ".wal")
     return StoreSize(
         n_prompts=n_prompts,

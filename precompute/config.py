@@ -366,11 +366,12 @@ class StudyConfig:
             raise ExplorerError("saes.layer_offsets count from the refusal layer, but the config has no "
                                 "`directions:` section.", "add one, or list the SAE hooks under saes.hooks.")
 
-    def section(self, name: str) -> dict[str, Any]:
-        """One section as plain data, for content hashes and the runs table."""
+    def section(self, name: str) -> dict[str, Any] | None:
+        """One section as plain data, for content hashes and the runs table; None for an optional
+        section the config leaves out."""
         value = getattr(self, name)
-        if not dataclasses.is_dataclass(value):
-            return value
+        if value is None:
+            return None
         data = dataclasses.asdict(value)
         for item in dataclasses.fields(value):
             keyed = item.metadata.get("cache_key", True)

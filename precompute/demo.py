@@ -115,7 +115,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m precompute.demo", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m precompute.demo",
+                                     description=(__doc__ or "").split("\n\n")[0],  # None under python -OO
                                      epilog="Arguments after -- go to Streamlit (e.g. --server.port 8501).")
     parser.add_argument("--config", type=Path, default=Path("precompute/configs/demo.yaml"))
     parser.add_argument("--store", type=Path, default=Path("data/stores/demo.duckdb"))

@@ -191,7 +191,7 @@ def run_evaluate(config: StudyConfig, prompt_set: PromptSet, rule: CoherenceRule
     logger.info("Prompt set %s: %d prompts (%s)", prompt_set.name, len(prompts),
                 ", ".join(f"{k} {v}" for k, v in prompts["kind"].value_counts().sort_index().items()))
     tokens = store.read_table(config.store, "refusal_tokens")
-    frames = []
+    frames: list[pd.DataFrame] = []
     for role, conditions in _conditions(config).items():
         model = config.generation.load(config.models[role])
         for condition, steering in conditions:

@@ -152,10 +152,12 @@ class Stage:
         """The rows the prompts in `shard` give in round `current` (per-prompt rows, or partial sums)."""
         raise NotImplementedError
 
-    def merge_shards(self, context: StageContext, tables: Mapping[str, pd.DataFrame],
+    def merge_shards(self, context: StageContext, tables: Mapping[str, Any],
                      current: ShardRound) -> StageOutput:
         """Round `current`'s result from every shard's rows: for the last round the stage's output,
-        as `run` would have made it; for an earlier one the tables the next round's shards read."""
+        as `run` would have made it; for an earlier one the tables the next round's shards read.
+        `tables` holds DataFrames, and for a stage whose shards write arrays, each array as one
+        memory map per shard (`shards.read_partitions`)."""
         raise NotImplementedError
 
 
@@ -339,10 +341,11 @@ def run_shard(
     """
     stages = list(stages)
     _check_stage_names(stages, force)
-    *before, stage = _up_to_sharded(stages, config, stage_name) or [None]
-    if stage is None:
+    chain = _up_to_sharded(stages, config, stage_name)
+    if not chain:
         logger.info("Every sharded stage of this config is merged and up to date: nothing to shard.")
         return []
+    *before, stage = chain
     context = ShardContext(config=config)
     reports: list[StageReport] = []
     for upstream in before:
@@ -387,10 +390,11 @@ def merge_shards(config: StudyConfig, stages: Iterable[Stage], count: int, *, re
     if count < 1:
         raise ExplorerError(f"--shards {count} is not a shard count.", "pass the N of the shards' K/N, e.g. --shards 8.")
     stages = list(stages)
-    *before, stage = _up_to_sharded(stages, config, stage_name) or [None]
-    if stage is None:
+    chain = _up_to_sharded(stages, config, stage_name)
+    if not chain:
         raise ExplorerError("Every sharded stage of this config is already merged and up to date.",
                             "run the remaining stages with `python -m precompute run`.")
+    *before, stage = chain
     context = StageContext(config=config)
     planned = _planned(stages, config)
     reports = []

@@ -51,7 +51,9 @@ def _load(path: Path) -> dict[str, Any] | None:
 def open_bars() -> list[dict[str, Any]]:
     """This process's open tqdm bars, outermost (oldest) first."""
     with tqdm.get_lock():
-        bars = sorted((bar for bar in tqdm._instances if hasattr(bar, "start_t")), key=lambda bar: bar.start_t)
+        # tqdm's registry of open bars, which its stubs leave out.
+        instances = tqdm._instances  # pyright: ignore[reportAttributeAccessIssue]
+        bars = sorted((bar for bar in instances if hasattr(bar, "start_t")), key=lambda bar: bar.start_t)
     now = time.time()
     return [{"desc": bar.desc, "n": bar.n, "total": bar.total, "unit": bar.unit, "elapsed": now - bar.start_t}
             for bar in bars]
@@ -104,7 +106,9 @@ class ProgressRecorder:
         """The build ended: finished, or failed / stopped in the current stage (kept, to say where)."""
         with self._lock:
             if (current := self._record["current"]) is not None:
-                self._stage(current["stage"])["status"] = state
+                stage = self._stage(current["stage"])
+                assert stage is not None  # start() sets current only for a planned stage
+                stage["status"] = state
             self._record.update(state=state, error=error)
             self.write()
 

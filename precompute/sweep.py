@@ -116,7 +116,7 @@ def point_scores(study: StudyConfig) -> dict[str, Any]:
     if study.evaluation is not None:
         evaluated = store.read_table(study.store, "evaluation_generations").query("model == 'tuned'")
         for name, group in evaluated.groupby("set"):
-            row[name] = _rate(group)
+            row[str(name)] = _rate(group)
     data = store.read_table(study.store, "tune_data")
     row["n_train"] = len(data)
     return row

@@ -106,6 +106,11 @@ def test_answer_and_caveats_follow_the_numbers(tiny_store: Path) -> None:
         false_modular=0.1, error_share=0.4),))
     notes = " ".join(caveats(over_kl))
     assert "mean KL of 0.50, above the 0.1 target" in notes
+    carrying = replace(findings.direction, toxic_ablated=Rate(1, 20))
+    leaking = replace(findings.direction, toxic_ablated=Rate(16, 20))
+    assert "still leaves" not in " ".join(caveats(replace(findings, direction=carrying)))
+    assert ("still leaves 80% (16/20; 95% CI" in " ".join(caveats(replace(findings, direction=leaking)))
+            and "one direction does not carry this model's refusal" in " ".join(caveats(replace(findings, direction=leaking))))
     assert "The toxic verdict is inconclusive: the ratio's 95% interval (0.60–1.05) is too wide." in notes
     assert "would say 'partially modular', not 'inconclusive'" in notes
     assert "does not reliably detect even a category share of q = 0.8" in notes and "says little" in notes

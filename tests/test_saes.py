@@ -9,6 +9,7 @@ from scipy import sparse
 
 from engine.errors import ExplorerError
 from engine.runtime.activations import capture_tokens
+from engine.saes import training as saes
 from engine.saes.features import (
     baseline_means,
     check_feature,
@@ -29,7 +30,6 @@ from engine.saes.training import (
     save_sae,
     train_sae,
 )
-from engine.saes.training import training as saes
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,7 @@ def test_sae_corpus_leaves_out_the_template_head(model):
 def test_sae_token_rule_is_one_for_training_and_live_encoding(model, monkeypatch):
     """The saes stage and the Features page's live encoding read the same tokens of a chat prompt."""
     from engine.runtime.activations import sae_tokens
-    from engine.saes.training import features
+    from engine.saes import features
 
     read = sae_tokens(model.tokenizer)
     assert read.skip_first == len(template_head(model.tokenizer)) and sae_tokens(model.tokenizer, chat=False).skip_first == 1

@@ -4,6 +4,8 @@ faithfulness against size, the shared core and its tail, its attention heads); h
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -48,8 +50,13 @@ def seed_bands_text() -> str:
     return f"> {high:g} {top}, {low:g}–{high:g} {middle}, < {low:g} {bottom}"
 
 
+def verdict_of(kind: str) -> pd.Series:
+    """The kind's `circuit_verdicts` row: there is one per kind (pandas-stubs allows for several, a frame)."""
+    return cast(pd.Series, verdicts.loc[kind])
+
+
 def show_verdict(kind: str) -> None:
-    row = verdicts.loc[kind]
+    row = verdict_of(kind)
     st.markdown(f"### {KIND_LABELS[kind].capitalize()} prompts: **{row['label']}**")
     st.markdown(f"Because {row['reason']}.")
     cols = st.columns(5)
@@ -83,7 +90,7 @@ def show_verdict(kind: str) -> None:
 
 def show_calibration(kind: str) -> None:
     """The rule on simulated studies at this study's sizes and noise, with a planted category share."""
-    row = verdicts.loc[kind]
+    row = verdict_of(kind)
     table = calibration[(calibration["kind"] == kind) & (calibration["purpose"] == "grid")]
     detectable = row["detectable_share"]
     said = (f"detects a category-specific share of **q = {detectable:.2f}** or more in at least 80% of them"
@@ -98,7 +105,7 @@ def show_calibration(kind: str) -> None:
     if len(more):
         st.caption("More prompts, at the study's estimated share: " + "; ".join(
             f"{int(r.prompts_per_category)} per category decide it in {1 - r.inconclusive:.0%} of simulations"
-            for r in more.itertuples()) + ".")
+            for r in queries.rows_of(more)) + ".")
 
 
 # --- Similarity heatmaps (a fragment: switching the measure reruns only this part) -------------------
@@ -225,8 +232,10 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
                    f"Circuit graph, {kind} {category}", data=shown_nodes, key="circuit-graph", width="stretch",
                    height=charts.circuit_graph_height(shown_nodes))
 
-    table = shown_nodes.assign(dashboard=[
-        f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None for r in shown_nodes.itertuples()])
+    # The ignore: pandas-stubs types a list column as scalars only, but None (an empty link) is valid.
+    table = shown_nodes.assign(dashboard=[  # pyright: ignore[reportArgumentType]
+        f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None
+        for r in queries.rows_of(shown_nodes)])
     ranked_on, held_out = int(nodes["n_prompts"].max()), int(nodes["n_held_out"].max())
     show_table(table[["rank", "hook", "feature", "effect", "effect_se", "effect_held_out", "share_positive", "label",
                       "dashboard"]],
@@ -251,7 +260,7 @@ def category_circuit() -> None:
     left, right = st.columns(2)
     kinds = [k for k in KINDS if k in set(ok["kind"])]
     kind = left.radio("Prompts", kinds, format_func=KIND_LABELS.get, horizontal=True)
-    categories = ok.loc[ok["kind"] == kind, "category"].tolist()
+    categories: list[str] = ok.loc[ok["kind"] == kind, "category"].tolist()
     category = right.selectbox("Category", categories)
     row = ok[(ok["kind"] == kind) & (ok["category"] == category)].iloc[0]
     nodes = queries.query(store, queries.CIRCUIT_NODES_SQL, (kind, category))
@@ -290,7 +299,8 @@ def core_view(kind: str, category: str, categories: list[str]) -> None:
                    hide_index=True, width="stretch", column_config={
                        "share": st.column_config.NumberColumn("share of circuits", format="percent"),
                        "mean_effect": st.column_config.NumberColumn("mean effect", format="%+.4f")})
-    tail = core[~core["in_core"] & core["categories"].map(lambda cats: category in list(cats))]
+    in_category = core["categories"].map(lambda cats: category in list(cats), na_action="ignore")
+    tail = core[~core["in_core"] & in_category]
     with core_right:
         st.markdown(f"Tail of **{category}**: its circuit nodes outside the core")
         show_table(tail[["hook", "feature", "n_circuits", "mean_effect"]], f"Tail of {kind} {category}",

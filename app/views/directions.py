@@ -4,6 +4,7 @@ categories' directions relate."""
 from __future__ import annotations
 
 import streamlit as st
+from streamlit.typing import VegaLiteState
 
 from app import charts, queries
 from app.classroom import masked_answers
@@ -121,14 +122,14 @@ def tradeoff_section() -> None:
         f"whiskers are Wilson and bootstrap 95% intervals, diamonds the Pareto front. {within} **Right**, the "
         "chosen direction added at its layer with a strength times its own norm (1 is the addition above, 0 the "
         f"unsteered model); bands are Wilson 95% intervals; at strength 1 the KL on safe prompts is "
-        f"{safe.loc[1.0, 'mean_kl']:.3f} [{safe.loc[1.0, 'kl_low']:.3f}, {safe.loc[1.0, 'kl_high']:.3f}]. This "
+        f"{safe.at[1.0, 'mean_kl']:.3f} [{safe.at[1.0, 'kl_low']:.3f}, {safe.at[1.0, 'kl_high']:.3f}]. This "
         "tests Wollschläger et al. (ICML 2025)'s claim that refusal is mediated by a multi-dimensional cone rather "
         "than one direction: a cone that removes refusal where single directions do not supports it here; that "
         "it costs more KL says the removed span also carries other information. Refusal that rises on safe and "
         "hard prompts as fast as on toxic ones means the direction writes refusal itself, not harm.")
     if "tradeoff_answers" not in present:
         return
-    selected = state.selection.get(charts.TRADEOFF_PICK, []) if state is not None else []
+    selected = state.selection.get(charts.TRADEOFF_PICK, []) if isinstance(state, VegaLiteState) else []
     point = selected[0]["point"] if selected else "weight 1"
     answers = queries.query(store, queries.TRADEOFF_ANSWERS_SQL, (chosen.model, point))
     st.markdown(f"**Answers at {point}** (click a point above to see another; a seeded sample of test prompts, "

@@ -42,7 +42,7 @@ require_tables(store, ("saes", "features", "feature_examples", "feature_groups",
 
 saes = queries.query(store, queries.SAES_SQL)
 params = st.query_params
-hooks = saes["hook"].tolist()
+hooks: list[str] = saes["hook"].tolist()
 
 
 def followed_link() -> bool:
@@ -104,6 +104,11 @@ def open_selected_feature() -> None:
         st.session_state[CHOSEN_KEY] = st.session_state[SHOWN_KEY][rows[0]]
         st.session_state.pop(FEATURE_KEY, None)
         st.session_state[VIEW_KEY] = FEATURE_DASHBOARD
+
+
+def start_warming() -> None:
+    """`warm_model_stack` as a widget callback, which returns nothing (it returns the import thread)."""
+    warm_model_stack()
 
 
 def sae_overview(sae: ChosenSae) -> None:
@@ -265,7 +270,7 @@ def feature_dashboard(sae: ChosenSae) -> None:
     # Editing the text is the sign a live encoding is coming: the model stack imports in the background
     # then, not on every visit (the import slowed the pages opened after this one).
     text = st.text_area("Text", "How do I pick a lock to get into my neighbour's house?", max_chars=2000,
-                        on_change=warm_model_stack)
+                        on_change=start_warming)
     as_chat = st.checkbox("Format as a user turn of the chat template", value=True)
     if st.button("Encode", type="primary"):
         # torch and SAELens load only for live encoding: the stored dashboard renders without them.

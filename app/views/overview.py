@@ -41,7 +41,7 @@ for column, kind in zip(columns, KINDS):
     rows = totals[totals["kind"] == kind]
     with column:
         st.markdown(f"**{kind}** — {KIND_HELP[kind]}")
-        for row in rows.itertuples():
+        for row in queries.rows_of(rows):
             st.metric(f"{row.model} refused ({kind})", f"{row.n_refused / row.n:.0%}",
                       help=f"{row.n_refused} of {row.n} prompts")
 
@@ -73,7 +73,7 @@ for kind in ("toxic", "hard"):
 if "evaluation_rates" in present:
     st.subheader("On prompts from outside the study: does it refuse harm, or phrasing?")
     held_out = queries.query(store, queries.EVALUATION_RATES_SQL)
-    held_out["set"] = held_out["set"].map(lambda name: SET_LABELS.get(name, name))
+    held_out["set"] = held_out["set"].map(lambda name: SET_LABELS.get(name, name), na_action="ignore")
     st.caption(
         "Refusal rates (substring judge, Wilson 95% intervals) on prompts no model was tuned on and no "
         "direction was fitted on: a fixed sample of Alpaca-style **plain instructions** (refusing them is "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
+from streamlit.typing import DataframeState
 
 from app import queries
 from app.classroom import is_harmful_compliance, masked, masked_answers
@@ -53,7 +54,7 @@ with st.expander("Where the judges disagree", expanded=False):
     st.caption(f"{len(disagree)} of {len(labels)} answers split the judges.")
     show_table(shown.head(MAX_ROWS), "Judge labels per answer", hide_index=True, width="stretch", height=280)
 
-picked_rows = selection.selection.rows if selection else []
+picked_rows = selection.selection.rows if isinstance(selection, DataframeState) else []
 if not picked_rows:
     st.info("Select a prompt above to read each model's answer.")
     st.stop()
@@ -64,7 +65,7 @@ st.caption(f"`{prompt.id}` · category **{prompt.category}** · kind **{prompt.k
 answers = queries.query(store, queries.PROMPT_GENERATIONS_SQL, (prompt.id,))
 if answers.empty:
     st.info("No generations for this prompt (only the configured splits are generated).")
-for column, answer in zip(st.columns(max(len(answers), 1)), answers.itertuples()):
+for column, answer in zip(st.columns(max(len(answers), 1)), queries.rows_of(answers)):
     with column:
         verdict = "refused" if answer.refused else "complied"
         st.markdown(f"**{answer.model}** (`{answer.model_spec}`, {answer.condition})")

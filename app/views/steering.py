@@ -3,7 +3,7 @@ then the batch results of the `steering` stage (force / suppress rates and the c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,17 @@ if TYPE_CHECKING:
 
 CAKE = "Give me a simple recipe for a chocolate cake."
 
+
+class Preset(TypedDict):
+    """Widget values a preset button sets (by widget key)."""
+
+    prompt: str
+    direction_mode: str
+    scope: str
+    clamped: list[int]
+    feature_value: NotRequired[float]
+
+
 store = current_store()
 st.title("Steering")
 present = require_tables(store, ("refusal_directions", "refusal_tokens", "generations", "prompts"))
@@ -29,14 +40,14 @@ models = queries.query(store, queries.MODELS_SQL)
 tokens = queries.query(store, queries.REFUSAL_TOKENS_SQL)
 test_prompts = queries.query(store, queries.TEST_PROMPTS_SQL)
 studied = queries.query(store, queries.CANDIDATES_SQL)["model"].iloc[0]
-refusal_layer = int(directions.loc["global", "layer"])
+refusal_layer = int(directions["layer"].loc["global"])
 sae_rows = queries.query(store, queries.SAES_SQL) if "saes" in present else pd.DataFrame()
 sae_row = sae_rows[sae_rows["layer"] == refusal_layer].iloc[0] if not sae_rows.empty and (
     sae_rows["layer"] == refusal_layer).any() else None
 features = queries.query(store, queries.STEERING_FEATURES_SQL, (sae_row.hook,)) if sae_row is not None else None
 toxic_example = test_prompts.loc[test_prompts["kind"] == "toxic", "text"].iloc[0]
 
-PRESETS = {
+PRESETS: dict[str, Preset] = {
     "Bypass refusal": {"prompt": toxic_example, "direction_mode": "ablate", "scope": "global", "clamped": []},
     "Induce refusal on a cake recipe": {"prompt": CAKE, "direction_mode": "add", "scope": "global", "clamped": []},
 }
@@ -49,12 +60,12 @@ st.caption("Presets")
 for column, (label, preset) in zip(st.columns(len(PRESETS)), PRESETS.items(), strict=True):
     if column.button(label, width="stretch"):
         st.session_state.update(preset)
-        st.session_state["alpha"] = float(directions.loc[preset["scope"], "norm"])
+        st.session_state["alpha"] = float(directions["norm"].loc[preset["scope"]])
 
 left, right = st.columns([3, 2])
 with left:
-    role = st.selectbox("Model", models["model"].tolist(),
-                        index=models["model"].tolist().index(studied) if studied in models["model"].tolist() else 0,
+    roles: list[str] = models["model"].tolist()
+    role = st.selectbox("Model", roles, index=roles.index(studied) if studied in roles else 0,
                         help=f"The directions and SAEs come from the {studied} model.")
     picked = st.selectbox("Pick a test prompt (or type below)", ["—", *test_prompts["text"]],
                           format_func=lambda t: t if t == "—" else
@@ -93,16 +104,17 @@ with right:
             point = sweep[sweep["strength"] == nearest].set_index("kind")
             st.caption(f"Precomputed at strength {nearest:g} x the norm (this alpha is {strength:.2f} x) on the test "
                        "prompts: refused (score > 0) " + ", ".join(
-                           f"{kind} {point.loc[kind, 'rate']:.0%} ({int(point.loc[kind, 'n_refused'])}/"
-                           f"{int(point.loc[kind, 'n'])})" for kind in point.index)
+                           f"{r.Index} {r.rate:.0%} ({int(r.n_refused)}/{int(r.n)})"
+                           for r in queries.rows_of(point))
                        + (f"; KL on safe {point.loc['safe', 'mean_kl']:.3f}" if "safe" in point.index else "")
                        + ". Generate to see this prompt's answer live.")
     clamped, feature_value = [], 0.0
-    if features is not None:
+    if sae_row is not None and features is not None:  # features are of sae_row's SAE: both or neither
         labels = {int(f.feature): f"{int(f.feature)} · attribution {f.attribution:+.3f} · {f.top_tokens}"
-                  for f in features.itertuples()}
+                  for f in queries.rows_of(features)}
         clamped = st.multiselect(f"Clamp features of the SAE at `{sae_row.hook}`", list(labels), key="clamped",
-                                 format_func=labels.get, help="sorted by attribution to the refusal score")
+                                 format_func=labels.__getitem__,
+                                 help="sorted by attribution to the refusal score")
         if clamped:
             st.session_state.setdefault("feature_value", 0.0)
             feature_value = st.number_input("Set them to", -LIMITS.max_abs_feature_value,
@@ -119,6 +131,7 @@ def build_steering() -> Steering:
     vector = np.asarray(vector_row.vector, dtype=np.float32)
     clamps: tuple[FeatureClamp, ...] = ()
     if clamped:
+        assert sae_row is not None  # features to clamp are offered only with an SAE at the refusal layer
         clamps = (FeatureClamp(cached_sae(*stored_sae_source(store, sae_row.to_dict())), tuple(clamped),
                                value=feature_value),)
     return Steering(ablate=(vector,) if direction_mode == "ablate" else (),

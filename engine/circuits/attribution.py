@@ -87,14 +87,14 @@ def metric_gradients(
             applied(model, [(name, keep(h, name)) for h, name in enumerate(hook_names)]), torch.enable_grad():
         for batch, (values, site_gradients, score) in map_encoded(model, instructions, batch_size, forward,
                                                                   desc=desc, keep_last=-min(offsets)):
-            if activations is None:
+            if activations is None or gradients is None:  # both set together, on the first batch
                 activations = np.zeros((len(instructions), *values.shape[1:]), np.float32)
                 gradients = np.zeros_like(activations)
             activations[batch] = values
             gradients[batch] = site_gradients
             scores[batch] = score
             bar.update(len(batch))
-    if activations is None:
+    if activations is None or gradients is None:
         raise ExplorerError("No prompts to take gradients on.", "pass at least one instruction.")
     return SiteGradients(activations, gradients, scores)
 

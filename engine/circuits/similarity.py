@@ -11,14 +11,17 @@ rule built on these is `engine.circuits.verdict`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
 from engine.errors import ExplorerError
+
+Key = TypeVar("Key", bound=Hashable)  # what names a circuit: a category, a (kind, category) pair, ...
 
 
 def ranked_nodes(mean_effects: np.ndarray, *, threshold: float = 0.0, max_nodes: int | None = None) -> np.ndarray:
@@ -28,10 +31,10 @@ def ranked_nodes(mean_effects: np.ndarray, *, threshold: float = 0.0, max_nodes:
     return order if max_nodes is None else order[:max_nodes]
 
 
-def jaccard(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
+def jaccard(a: Iterable[Hashable], b: Iterable[Hashable]) -> float:
     """|a & b| / |a | b| (NaN when both are empty)."""
-    a, b = set(a), set(b)
-    return len(a & b) / len(a | b) if a | b else float("nan")
+    set_a, set_b = set(a), set(b)
+    return len(set_a & set_b) / len(set_a | set_b) if set_a | set_b else float("nan")
 
 
 def cosine(u: np.ndarray, v: np.ndarray) -> float:
@@ -64,7 +67,7 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
 
 
-def pairwise_similarity(circuits: Mapping[Hashable, np.ndarray], size: int, *, n_boot: int, seed: int,
+def pairwise_similarity(circuits: Mapping[Key, np.ndarray], size: int, *, n_boot: int, seed: int,
                         confidence: float = 0.95) -> pd.DataFrame:
     """Cosine and Jaccard (top-`size` node sets) for every pair of circuits, with bootstrap CIs.
     Rows: a, b (keys, a before b in `circuits` order), cosine, cosine_low, cosine_high, jaccard,
@@ -126,7 +129,7 @@ def error_share(mean_effects: np.ndarray, is_error: np.ndarray) -> float:
     return float(np.abs(mean_effects[is_error]).sum() / total) if total > 0 else float("nan")
 
 
-def shared_core(node_sets: Mapping[Hashable, Sequence[int]], min_share: float) -> pd.DataFrame:
+def shared_core(node_sets: Mapping[Key, Iterable[int]], min_share: float) -> pd.DataFrame:
     """For every node in any set: in how many sets it is, that share, and whether it is in the
     core (in at least `min_share` of the sets). Sorted by count, most shared first."""
     counts = pd.Series([node for nodes in node_sets.values() for node in set(nodes)]).value_counts()

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations, pairwise
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -73,7 +74,8 @@ def grouped(groups: Sequence[np.ndarray], *, min_prompts: int = 4) -> Grouped:
         check_sample_size(f"Category {k}", len(group), min_prompts)
     pooled = np.concatenate(groups).astype(np.float64)
     if pooled.shape[1] > pooled.shape[0]:
-        pooled = np.linalg.qr(pooled.T, mode="r").T  # X.T = Q R, so X @ X.T = R.T @ R
+        # X.T = Q R, so X @ X.T = R.T @ R. mode="r" returns R alone (numpy's stubs say QRResult).
+        pooled = cast(np.ndarray, np.linalg.qr(pooled.T, mode="r")).T
     return Grouped(np.ascontiguousarray(pooled), tuple(len(group) for group in groups))
 
 
@@ -196,8 +198,8 @@ def structure_p(data: Grouped, *, n_permutations: int, seed: int) -> float:
     a constant, large when category means differ in any direction."""
     n, rank = data.factor.shape
 
-    def between(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
-        total = 0.0
+    def between(*samples: np.ndarray, axis: int = -1) -> np.ndarray | float:
+        total: np.ndarray | float = 0.0  # a float for the unbatched (observed) samples
         for sample in samples:  # [batch, n_k] prompt indices
             members = np.zeros((*sample.shape[:-1], n))
             np.put_along_axis(members, sample, 1.0, axis=-1)

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -96,7 +96,8 @@ def matched_sample(targets: Sequence[str], pool: Sequence[str], n: int, seed: in
         candidates = None
         for wanted, have, labels in ((wanted_openers, have_openers, pool_openers),
                                      (wanted_types, have_types, pool_types)):
-            gaps = pd.Series({key: share * total - have[key] for key, share in wanted.items()
+            # The shares' index holds the openers / sentence types (str; the stubs say Hashable).
+            gaps = pd.Series({key: share * total - have[cast(str, key)] for key, share in wanted.items()
                               if (free & (labels == key)).any()}, dtype=float)
             if len(gaps) and gaps.max() > 0:
                 best = gaps[gaps == gaps.max()].index

@@ -240,13 +240,18 @@ def load_advbench(path: str | Path, *, test_fraction: float = 0.3) -> pd.DataFra
 def _kinds(values: dict[str, str], column: str) -> Callable[[pd.DataFrame], pd.Series]:
     """Kinds read from a column through `values`; a value not listed is left as is, so the prompt
     table's kind check names it."""
-    return lambda raw: raw[column].astype(str).str.strip().str.lower().map(lambda v: values.get(v, v))
+    return lambda raw: raw[column].astype(str).str.strip().str.lower().map(
+        lambda v: values.get(v, v), na_action="ignore")  # a missing value stays missing
 
 
 def _with_context(raw: pd.DataFrame) -> pd.Series:
     """HarmBench's contextual behaviors: the context, then the request, as HarmBench's own prompt does."""
     context = raw["ContextString"].fillna("").astype(str).str.strip()
     return context.where(context == "", context + "\n\n---\n\n") + raw["Behavior"]
+
+
+def _first_turn(turns: list[str]) -> str:
+    return turns[0]
 
 
 @dataclass(frozen=True)
@@ -285,7 +290,7 @@ BENCHMARKS: dict[str, BenchmarkLayout] = {
         url="https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/main/{}"),
     # SORRY-Bench (gated on the hub): one JSON line per request, the text in `turns`, 44-45 numbered categories.
     "sorrybench": BenchmarkLayout(
-        {"question.jsonl": "toxic"}, ("category", "turns"), lambda raw: raw["turns"].map(lambda t: t[0]),
+        {"question.jsonl": "toxic"}, ("category", "turns"), lambda raw: raw["turns"].map(_first_turn),
         category="category", filters={"prompt_styles": "prompt_style"}),
     "catqa": BenchmarkLayout(
         {"catqa_english.json": "toxic"}, ("Category", "Subcategory", "Question"), lambda raw: raw["Question"],
@@ -296,7 +301,8 @@ BENCHMARKS: dict[str, BenchmarkLayout] = {
         lambda raw: raw["adversarial"].where(raw["adversarial"].fillna("").str.strip() != "",
                                              raw.get("vanilla", raw["adversarial"])),
         kind=lambda raw: raw["data_type"].fillna("").str.strip().str.lower().map(
-            lambda v: "toxic" if v.endswith("_harmful") else "hard" if v.endswith("_benign") else v)),
+            lambda v: "toxic" if v.endswith("_harmful") else "hard" if v.endswith("_benign") else v,
+            na_action="ignore")),
 }
 
 
@@ -359,7 +365,8 @@ def mapped_categories(prompts: pd.DataFrame, category_map: dict[str, str], where
             isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in category_map.items()):
         raise ExplorerError(f"category_map of {where} is not a mapping of category names to category names.",
                             "write it as {their_name: your_name, ...}.")
-    return prompts.assign(category=prompts["category"].map(lambda c: category_map.get(c, c)).astype("string"))
+    renamed = prompts["category"].map(lambda c: category_map.get(c, c), na_action="ignore")  # NA stays NA
+    return prompts.assign(category=renamed.astype("string"))
 
 
 def load_prompt_source(spec: dict[str, Any], *, test_fraction: float) -> pd.DataFrame:

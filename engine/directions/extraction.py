@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Bool, Float
 from sklearn.linear_model import LogisticRegression
 
 
 def mean_difference(
-    activations: np.ndarray, harmful: np.ndarray, harmless: np.ndarray, *, block: int = 1024
-) -> np.ndarray:
+    activations: Float[np.ndarray, " n *site"], harmful: Bool[np.ndarray, " n"], harmless: Bool[np.ndarray, " n"],
+    *, block: int = 1024,
+) -> Float[np.ndarray, "*site"]:
     """Mean over `harmful` rows minus mean over `harmless` rows: [n, ...] -> [...].
 
     Reads `activations` (an array or a disk-backed memmap) `block` rows at a time, so memory
@@ -64,7 +66,8 @@ class GroupSums:
 
     def add_partial_sums(self, rows: pd.DataFrame) -> None:
         """Add `partial_sums` rows (of any number of shards) to the totals."""
-        for name, group in rows.groupby("group"):
+        for label, group in rows.groupby("group"):
+            name = cast(str, label)  # the totals' keys, as `partial_sums` wrote them
             flat = self.totals[name].reshape(-1, self.shape[-1])  # a view: added in place
             np.add.at(flat, group["cell"].to_numpy(), np.stack(group["total"].to_numpy()).astype(np.float64))
             self.counts[name] += int(group["n"].sum())
@@ -77,7 +80,8 @@ class GroupSums:
         return (self.totals[harmful] / counts[0] - self.totals[harmless] / counts[1]).astype(np.float32)
 
 
-def refusal_filter(toxic: np.ndarray, safe: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def refusal_filter(toxic: Bool[np.ndarray, " n"], safe: Bool[np.ndarray, " n"],
+                   scores: Float[np.ndarray, " n"]) -> Bool[np.ndarray, " n"]:
     """Arditi et al. (2024)'s filter of the prompts that fit and choose a direction: the toxic ones
     the model refuses (refusal score > 0) and the safe ones it does not (< 0). Unscored rows (NaN)
     are dropped."""
@@ -85,13 +89,13 @@ def refusal_filter(toxic: np.ndarray, safe: np.ndarray, scores: np.ndarray) -> n
         return (toxic & (scores > 0)) | (safe & (scores < 0))
 
 
-def unit(vectors: np.ndarray) -> np.ndarray:
+def unit(vectors: Float[np.ndarray, "*batch d"]) -> Float[np.ndarray, "*batch d"]:
     """Normalise along the last axis (zero vectors stay zero)."""
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
-def cosine_matrix(directions: np.ndarray) -> np.ndarray:
+def cosine_matrix(directions: Float[np.ndarray, "k d"]) -> Float[np.ndarray, "k k"]:
     """Pairwise cosine similarity of [k, d] directions -> [k, k]."""
     normed = unit(directions)
     return normed @ normed.T

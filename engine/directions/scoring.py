@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -178,7 +179,8 @@ def addition_table(per_prompt: pd.DataFrame, *, n_boot: int, seed: int) -> pd.Da
     with a Wilson 95% interval; for safe prompts the mean KL with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed)
     rows = []
-    for (strength, kind), group in per_prompt.groupby(["strength", "kind"], sort=True):
+    for keys, group in per_prompt.groupby(["strength", "kind"], sort=True):
+        strength, kind = cast(tuple[float, str], keys)
         refused = int((group["score"] > 0).sum())
         low, high = wilson_interval(refused, len(group))
         kl = group["kl"].dropna().to_numpy()

@@ -84,8 +84,10 @@ def classify(model: LoadedModel, name: ClassifierName, prompts: Sequence[str], r
             encoded = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(model.device)
             with torch.inference_mode():
-                output = model.hf_model.generate(**encoded, max_new_tokens=spec.max_new_tokens, do_sample=False,
-                                                 pad_token_id=tokenizer.pad_token_id)
+                # transformers types generate's self as a Protocol that its models do not match under pyright.
+                output = model.hf_model.generate(  # pyright: ignore[reportAttributeAccessIssue]
+                    **encoded, max_new_tokens=spec.max_new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id)
             verdicts += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side

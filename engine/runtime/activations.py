@@ -12,10 +12,11 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar, overload
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from engine.errors import ExplorerError
@@ -77,6 +78,20 @@ def prompt_end_positions(tokenizer) -> PositionSet:
     return PositionSet(offsets=tuple(range(-n, 0)), labels=("<instruction end>", *post))
 
 
+Out = TypeVar("Out", bound="np.ndarray | ActivationSink")
+
+
+@overload
+def capture(model: LoadedModel, instructions: Sequence[str], hook_names: Sequence[str], offsets: Sequence[int],
+            *, batch_size: int, desc: str = ..., out: None = None
+            ) -> Float[np.ndarray, "n_prompts n_hooks n_offsets ..."]: ...
+
+
+@overload
+def capture(model: LoadedModel, instructions: Sequence[str], hook_names: Sequence[str], offsets: Sequence[int],
+            *, batch_size: int, desc: str = ..., out: Out) -> Out: ...
+
+
 def capture(
     model: LoadedModel,
     instructions: Sequence[str],
@@ -86,7 +101,7 @@ def capture(
     batch_size: int,
     desc: str = "capture",
     out: np.ndarray | ActivationSink | None = None,
-) -> np.ndarray:
+) -> np.ndarray | ActivationSink:
     """Activations [n_prompts, n_hooks, n_offsets, d_model] (float32) in input order (any
     per-position shape in place of d_model for hooks such as attn.hook_z, the same at every hook).
 
@@ -202,7 +217,8 @@ def capture_tokens(
             return activation
         return hook
 
-    def forward(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, ...]:
+    def forward(batch: list[int], ids: torch.Tensor,
+                mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         current.clear()
         body_until_captured(model, {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)})
         rows, cols = kept_token_mask(ids, mask, skip_token_ids, skip_first=skip_first).nonzero(as_tuple=True)
@@ -213,12 +229,12 @@ def capture_tokens(
             applied(model, [(name, keep(name)) for name in hook_names]), \
             contextlib.nullcontext() if spill is None else open(spill, "wb") as sink:
         batches = map_right_padded(encoded_texts, batch_size, tokenizer.pad_token_id, forward, desc=desc)
-        for batch, (stacked, *index) in batches:
+        for batch, (stacked, row_texts, row_positions, row_tokens) in batches:
             if sink is None:
                 values.append(stacked)
             else:
                 sink.write(stacked.tobytes())  # float32, C order
-            indices.append(tuple(index))
+            indices.append((row_texts, row_positions, row_tokens))
             row_shape = stacked.shape[1:]  # [n_hooks, d_model]
             bar.update(len(batch))
     text_index, position, token_id = (np.concatenate(column) for column in zip(*indices, strict=True))

@@ -60,13 +60,11 @@ def backed_off(
                 raise ExplorerError(f"{desc}: out of memory on a single prompt.",
                                     "use a smaller dtype (bfloat16), spread the model over GPUs with "
                                     "generation.device_map, or use a GPU with more memory.") from error
-            failed = True
         else:
-            failed = False
-        if failed:  # outside the except block, so the error's traceback (and its tensors) is gone
-            free_memory()
-            size = _fitted_sizes[desc] = len(batch) // 2
-            logger.warning("%s: out of memory at batch size %d, retrying at %d", desc, len(batch), size)
+            yield batch, result
+            start += len(batch)
             continue
-        yield batch, result
-        start += len(batch)
+        # Out of memory, handled outside the except block, so the error's traceback (and its tensors) is gone.
+        free_memory()
+        size = _fitted_sizes[desc] = len(batch) // 2
+        logger.warning("%s: out of memory at batch size %d, retrying at %d", desc, len(batch), size)

@@ -47,8 +47,9 @@ def length_order(lengths: Sequence[int]) -> list[int]:
 
 def template_head(tokenizer: Any) -> list[int]:
     """The chat template's token ids before the instruction, the same for every instruction."""
-    probes = (tokenizer(chat_prompt(tokenizer, probe), add_special_tokens=False)["input_ids"] for probe in ("A", "Z"))
-    return list(os.path.commonprefix(list(probes)))
+    probes: list[list[int]] = [tokenizer(chat_prompt(tokenizer, probe), add_special_tokens=False)["input_ids"]
+                               for probe in ("A", "Z")]
+    return list(os.path.commonprefix(probes))
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class EncodedBatch:
     head_cache: DynamicCache | None  # the head's keys and values at batch size 1
 
     def _cache(self) -> DynamicCache:
+        assert self.head_cache is not None, "called only with a cached head"
         cache = copy.deepcopy(self.head_cache)  # a forward pass appends to it
         cache.batch_repeat_interleave(len(self.input_ids))
         return cache
@@ -172,8 +174,9 @@ def generate(
     def complete(batch: list[int], encoded: EncodedBatch) -> list[Generation]:
         inputs = encoded.generate_inputs()
         with torch.inference_mode(), model.generating() as generator:
-            output = generator.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
+            # transformers types generate's self as a Protocol that its models do not match under pyright.
+            output = generator.generate(  # pyright: ignore[reportAttributeAccessIssue]
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         generations = []
         for ids in output[:, inputs["input_ids"].shape[1] :].tolist():
             generations.append(Generation(

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+from jaxtyping import Float
 
 from engine.errors import ExplorerError
 from engine.runtime.models import LoadedModel
@@ -64,7 +65,8 @@ def _unit(direction: torch.Tensor, d_model: int) -> torch.Tensor:
     return direction / norm
 
 
-def ablation_hooks(model: LoadedModel, directions: torch.Tensor, weight: float = 1.0) -> list[Hook]:
+def ablation_hooks(model: LoadedModel, directions: Float[torch.Tensor, "*k d_model"], weight: float = 1.0
+                   ) -> list[Hook]:
     """Hooks projecting the span of `directions` ([d_model] or [k, d_model]) out everywhere; a `weight`
     below 1 removes only that share of the projection (a point on the refusal / side-effect curve)."""
     rows = directions.float()[None] if directions.dim() == 1 else directions.float()
@@ -81,7 +83,7 @@ def ablation_hooks(model: LoadedModel, directions: torch.Tensor, weight: float =
 
 
 def addition_hooks(
-    model: LoadedModel, direction: torch.Tensor, layer: int, alpha: float | None = None
+    model: LoadedModel, direction: Float[torch.Tensor, " d_model"], layer: int, alpha: float | None = None
 ) -> list[Hook]:
     """A hook adding `alpha` times the unit `direction` to the residual stream entering block `layer`.
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 from transformer_lens.hook_points import HookPoint
@@ -29,6 +29,12 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from engine.data.paths import models_dir
 from engine.errors import ExplorerError
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What AutoModelForCausalLM loads (e.g. LlamaForCausalLM): a model that also generates."""
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +59,12 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @property
-    def hf_model(self) -> torch.nn.Module:
+    def hf_model(self) -> CausalLM:
         """The wrapped Hugging Face model; bridge hooks fire inside its forward and generate."""
-        return self.bridge.original_model
+        return cast("CausalLM", self.bridge.original_model)  # the bridge types it as a plain Module
 
     @functools.cached_property
-    def plain_model(self) -> torch.nn.Module:
+    def plain_model(self) -> CausalLM:
         """The same model without the bridge's hook points, sharing its weights: generation with no hook
         attached skips a Python call per hook point and token (1.16x on a 2-core CPU, `bench --only generation`).
         The bridged model itself under a device map (its placement hooks live on the bridged modules)."""
@@ -74,12 +80,12 @@ class LoadedModel:
     def _hook_points(self) -> tuple[HookPoint, ...]:
         return tuple(module for module in self.hf_model.modules() if isinstance(module, HookPoint))
 
-    def generator(self) -> torch.nn.Module:
+    def generator(self) -> CausalLM:
         """The model to generate with: the plain twin when no hook is attached, else the bridged one."""
         return self.hf_model if self.hooks_attached() else self.plain_model
 
     @contextmanager
-    def generating(self) -> Iterator[torch.nn.Module]:
+    def generating(self) -> Iterator[CausalLM]:
         """`generator()`, attending with PyTorch's fused attention (SDPA) for the block, where the bridge
         otherwise attends eagerly (its hook points inside attention need the pattern): eager attention
         copies every key/value head group of the cache at each generated token (grouped-query attention's
@@ -107,7 +113,7 @@ class LoadedModel:
         return int(self.bridge.cfg.d_model)
 
 
-def plain_twin(bridged: torch.nn.Module) -> torch.nn.Module:
+def plain_twin(bridged: CausalLM) -> CausalLM:
     """A model of `bridged`'s class built around its very parameter and buffer tensors (no copy), with
     none of the bridge's wrappers: each bridged module keeps the original as `_original_component`.
     Its config is a copy, so `LoadedModel.generating` can switch its attention without the bridge's."""
@@ -214,7 +220,7 @@ def embedded_gguf_path() -> Path:
 
 def export_embedded_base(target: Path | None = None) -> Path:
     """Dequantize the embedded GGUF to float32 and save it as a plain Llama directory (once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     target = target or models_dir() / EMBEDDED_BASE
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -225,9 +231,10 @@ def export_embedded_base(target: Path | None = None) -> Path:
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    config = quantized.config
-    # A config that still carries the GGUF quantization config cannot be saved or reloaded.
-    del config.quantization_config
+    config = cast(LlamaConfig, quantized.config)  # the embedded model is a Llama
+    # A config that still carries the GGUF quantization config cannot be saved or reloaded. (An attribute
+    # only a quantized model's config has, so not one the config class declares.)
+    delattr(config, "quantization_config")
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantized.state_dict())
     partial = target.with_name(target.name + ".partial")
@@ -328,7 +335,7 @@ def load_model(
     embedding's device."""
     source = resolve_model_source(spec)
     if device_map is None:
-        placement = {"device": resolve_device("auto" if device is None else device)}
+        target = resolve_device("auto" if device is None else device)
     else:
         if device is not None:
             raise ExplorerError("Both device and device_map are set.", "pass one: device_map places every module.")
@@ -336,9 +343,9 @@ def load_model(
         if importlib.util.find_spec("accelerate") is None:
             raise ExplorerError("device_map needs the accelerate package, which is not installed.",
                                 "run `pip install accelerate` (requirements.txt pins the version).")
-        placement = {"device_map": device_map}
+        target = None
     try:
-        bridge = TransformerBridge.boot_transformers(source, dtype=dtype, **placement)
+        bridge = TransformerBridge.boot_transformers(source, dtype=dtype, device=target, device_map=device_map)
     except (OSError, ValueError) as exc:  # hub unreachable, repo missing, unsupported config or device map
         raise ExplorerError(
             f"Could not load model '{spec}' from {source}: {exc.__class__.__name__}: "
@@ -356,4 +363,5 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     bridge.eval()
     # The bridge's device is the one asked for, or under a device map the embedding's: where inputs go.
+    assert bridge.cfg.device is not None, "the bridge records the device it loaded the model on"
     return LoadedModel(name=spec, bridge=bridge, tokenizer=tokenizer, device=torch.device(bridge.cfg.device))

@@ -7,9 +7,11 @@ Every function runs under whatever interventions are attached (engine.runtime.in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
+from jaxtyping import Float
 
 from engine.runtime.generation import EncodedBatch, map_encoded, map_right_padded
 from engine.runtime.models import LoadedModel
@@ -22,7 +24,7 @@ def next_token_logprobs(
     *,
     batch_size: int,
     token_ids: Sequence[int] | None = None,
-) -> np.ndarray:
+) -> Float[np.ndarray, "n vocab"]:
     """Log-softmax at the first response position: [n, d_vocab], or [n, len(token_ids)]."""
     rows: list[np.ndarray | None] = [None] * len(instructions)
     wanted = None if token_ids is None else torch.tensor(list(token_ids), dtype=torch.long)
@@ -38,10 +40,12 @@ def next_token_logprobs(
         for row, index in enumerate(batch):
             rows[index] = logprobs[row]
     width = len(token_ids) if token_ids is not None else 0
-    return np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
+    # map_encoded's batches cover every index, so no row is left None.
+    return np.stack(cast(list[np.ndarray], rows)) if rows else np.zeros((0, width), dtype=np.float32)
 
 
-def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+def kl_divergence(reference: Float[np.ndarray, "n vocab"], other: Float[np.ndarray, "n vocab"]
+                  ) -> Float[np.ndarray, " n"]:
     """KL(reference || other) per row, from log-probabilities [n, d_vocab]."""
     return np.sum(np.exp(reference) * (reference - other), axis=-1)
 

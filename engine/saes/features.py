@@ -7,9 +7,11 @@ dozen latents per token, so the whole corpus fits in memory however wide the SAE
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from sae_lens import SAE
 from scipy import sparse
 
@@ -20,7 +22,7 @@ from engine.runtime.models import LoadedModel
 from engine.saes.training import check_sae_fits
 
 
-def encode_sparse(sae: SAE, values: np.ndarray, batch_size: int = 4096) -> sparse.csc_array:
+def encode_sparse(sae: SAE, values: Float[np.ndarray, "n_tokens d_in"], batch_size: int = 4096) -> sparse.csc_array:
     """SAE codes of [n_tokens, d_in] activations (in memory or a read-only memmap, read
     `batch_size` rows at a time) as a sparse [n_tokens, d_sae] matrix."""
     blocks = []
@@ -30,7 +32,7 @@ def encode_sparse(sae: SAE, values: np.ndarray, batch_size: int = 4096) -> spars
             blocks.append(sparse.csr_array(sae.encode(chunk).float().cpu().numpy()))
     if not blocks:
         return sparse.csc_array((0, sae.cfg.d_sae), dtype=np.float32)
-    return sparse.vstack(blocks).tocsc()
+    return cast(sparse.csc_array, sparse.vstack(blocks).tocsc())  # arrays in, an array out (scipy is untyped)
 
 
 def check_feature(sae: SAE, feature: int) -> None:
@@ -50,7 +52,7 @@ class FeatureSummary:
 
 
 def summarize(codes: sparse.csc_array, bins: int) -> FeatureSummary:
-    n_tokens, d_sae = codes.shape
+    n_tokens, d_sae = cast(tuple[int, int], codes.shape)  # scipy infers its shape as possibly None
     counts = np.diff(codes.indptr)
     density = counts / max(n_tokens, 1)
     histogram = np.zeros((d_sae, bins), dtype=np.int64)
@@ -78,7 +80,7 @@ def top_texts(codes: sparse.csc_array, text_index: np.ndarray, position: np.ndar
     5 decimals rank by text index: template tokens after the same prefix tie exactly, and which of them
     float noise (another batch, another shard) puts first must not decide which texts are shown."""
     columns: list[tuple[int, int, int, int, float]] = []
-    for feature in range(codes.shape[1]):
+    for feature in range(cast(tuple[int, int], codes.shape)[1]):
         rows = codes.indices[codes.indptr[feature]:codes.indptr[feature + 1]]
         if len(rows) == 0:
             continue
@@ -104,7 +106,8 @@ def token_activations(codes: sparse.csc_array, text_index: np.ndarray, position:
     return out
 
 
-def logit_effects(sae: SAE, unembedding: torch.Tensor, k: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def logit_effects(sae: SAE, unembedding: Float[torch.Tensor, "d_vocab d_model"], k: int, chunk: int = 256
+                  ) -> tuple[Int[np.ndarray, "d_sae k"], Int[np.ndarray, "d_sae k"]]:
     """Token ids each feature's decoder direction promotes most and suppresses most through the
     unembedding [d_vocab, d_model]: ([d_sae, k] top ids, [d_sae, k] bottom ids)."""
     top, bottom = [], []
@@ -116,7 +119,7 @@ def logit_effects(sae: SAE, unembedding: torch.Tensor, k: int, chunk: int = 256)
     return np.concatenate(top), np.concatenate(bottom)
 
 
-def decoder_cosines(sae: SAE, direction: np.ndarray) -> np.ndarray:
+def decoder_cosines(sae: SAE, direction: Float[np.ndarray, " d_in"]) -> Float[np.ndarray, " d_sae"]:
     """Cosine of each feature's decoder direction with `direction` [d_in]."""
     decoder = sae.W_dec.detach().float().cpu().numpy()
     unit_direction = direction / (np.linalg.norm(direction) or 1.0)

@@ -77,7 +77,11 @@ def clamp_hook(model: LoadedModel, clamp: FeatureClamp) -> Hook:
     def steer(activation: torch.Tensor, hook: object) -> torch.Tensor:
         with torch.no_grad():
             codes = clamp.sae.encode(activation.float().to(decoder.device))[..., index]
-            target = torch.full_like(codes, clamp.value) if clamp.value is not None else codes * clamp.scale
+            if clamp.value is not None:
+                target = torch.full_like(codes, clamp.value)
+            else:
+                assert clamp.scale is not None, "a clamp has exactly one of value and scale"
+                target = codes * clamp.scale
             return activation + ((target - codes) @ decoder).to(activation.device, activation.dtype)
 
     return hook_name, steer
@@ -137,11 +141,12 @@ def compare_answers(model: LoadedModel, instruction: str, steering: Steering, re
     hooks = [_rows_only(hook, steered_row) for hook in steering.hooks(model)]
     streamer = _RowStreamer(tokenizer, 2, on_text) if on_text is not None else None
     with applied(model, hooks), torch.inference_mode():
-        # The first step's logits come with the generation: no extra forward pass.
-        output = model.hf_model.generate(**encoded, max_new_tokens=max_new_tokens,
-                                         min_new_tokens=min(min_new_tokens, max_new_tokens), do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id, streamer=streamer,
-                                         return_dict_in_generate=True, output_logits=True)
+        # The first step's logits come with the generation: no extra forward pass. (transformers types
+        # generate's self as a Protocol that its models do not match under pyright.)
+        output = model.hf_model.generate(  # pyright: ignore[reportAttributeAccessIssue]
+            **encoded, max_new_tokens=max_new_tokens, min_new_tokens=min(min_new_tokens, max_new_tokens),
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+            return_dict_in_generate=True, output_logits=True)
     logprobs = torch.log_softmax(output.logits[0].float(), dim=-1)  # [2, vocab] at the first step
     ids = torch.tensor(list(refusal_token_ids), dtype=torch.long, device=logprobs.device)
     scores = refusal_log_odds(logprobs[:, ids])

@@ -10,7 +10,7 @@ gain effect, and how much of the drop the removed features' attributions predict
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from engine.circuits.refusal_metric import RefusalMetric
 from engine.data.prompts import seeded_texts
@@ -60,7 +60,8 @@ class BackupStage(Stage):
                                  metric, ks=REMOVED_COUNTS, ranking=ranking,
                                  offsets=prompt_end_positions(model.tokenizer).offsets,
                                  batch_size=max(1, config.generation.batch_size // 4))
+        # "removed" holds lists of feature ids (pandas-stubs type map's argument as possibly NA).
         recovery = result.recovery.assign(hook=removed_hook, removed=result.recovery["removed"].map(
-            lambda features: ", ".join(map(str, features))), n_prompts=len(sample["toxic"]))
+            lambda features: ", ".join(map(str, cast(list[int], features)))), n_prompts=len(sample["toxic"]))
         return StageOutput(tables={"backup_recovery": recovery, "backup_gains": result.gains},
                            models=(config.models[settings.model],))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -161,10 +161,12 @@ class CircuitsStage(ModelSectionStage):
     def _setup(self, context: StageContext) -> CircuitSetup:
         """The model, its SAEs, the metric, the prompt groups and their baselines."""
         config = context.config
-        settings: CircuitsConfig = config.circuits
+        settings = config.circuits
+        assert settings is not None  # applies() guarantees it
         model = config.generation.load(config.models[settings.model])
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
-        sae_rows = context.table("saes").sort_values("layer").to_dict("records")
+        # Keyed by column name (pandas-stubs say any hashable).
+        sae_rows = cast(list[dict[str, Any]], context.table("saes").sort_values("layer").to_dict("records"))
         hooks = [row["hook"] for row in sae_rows]
         saes = [load_sae(*stored_sae_source(config.store, row), device=model.device) for row in sae_rows]
         offsets = prompt_end_positions(model.tokenizer).offsets
@@ -191,7 +193,8 @@ class CircuitsStage(ModelSectionStage):
                                                                            dict[tuple[str, str], NodeEffects]]:
         """Each of `groups`' circuit (its nodes, faithfulness curve and edges), the toxic ones'
         head and MLP patching, and every group's per-prompt node effects."""
-        settings: CircuitsConfig = context.config.circuits
+        settings = context.config.circuits
+        assert settings is not None  # applies() guarantees it
         batch_size = context.config.generation.batch_size
         model, hooks, offsets, metric = setup.model, setup.hooks, setup.offsets, setup.metric
         effects: dict[tuple[str, str], NodeEffects] = {}
@@ -238,14 +241,16 @@ class CircuitsStage(ModelSectionStage):
     def _output(self, context: StageContext, setup: CircuitSetup, tables: Mapping[str, pd.DataFrame],
                 effects: dict[tuple[str, str], NodeEffects]) -> StageOutput:
         """Every circuit's tables, compared: similarity, reliability, verdicts and the shared core."""
-        settings: CircuitsConfig = context.config.circuits
+        settings = context.config.circuits
+        assert settings is not None  # applies() guarantees it
         effects = {key: effects[key] for key in setup.groups}  # one order, however the groups were computed
         faithfulness = tables["circuit_faithfulness"]
         similarity, per_circuit, verdicts, core, calibration = self._compare(effects, settings)
         summary = pd.DataFrame(setup.status).merge(per_circuit, on=["kind", "category"], how="left").merge(
             faithfulness.query("is_circuit")[["kind", "category", "n_nodes", "faithfulness", "metric_full",
                                               "metric_empty"]], on=["kind", "category"], how="left")
-        for row in summary.query("status == 'ok' and kind == 'toxic'").itertuples():
+        # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
+        for row in cast(Iterable[Any], summary.query("status == 'ok' and kind == 'toxic'").itertuples()):
             logger.info("circuit toxic/%s: %d nodes keep %.0f%% of the metric", row.category, row.n_nodes,
                         100 * row.faithfulness)
         for row in verdicts.itertuples():
@@ -283,7 +288,7 @@ class CircuitsStage(ModelSectionStage):
         effects = {}
         for (kind, category), rows in tables["node_effects"].groupby(["kind", "category"]):
             rows = rows.sort_values("prompt")
-            effects[(kind, category)] = NodeEffects(node_table(setup.sites[BASELINE_KIND[kind]]),
+            effects[(kind, category)] = NodeEffects(node_table(setup.sites[BASELINE_KIND[str(kind)]]),
                                                     np.stack(rows["effects"].to_numpy()), rows["metric"].to_numpy())
         if missing := sorted(set(setup.groups) - set(effects)):
             raise ExplorerError(f"The circuits shards hold no node effects for {missing}.",
@@ -326,7 +331,7 @@ class CircuitsStage(ModelSectionStage):
         """Edges between the circuit's nodes at each pair of consecutive SAE'd hooks, on `texts`
         with their metric gradients [n, n_hooks, n_offsets, d_in]."""
         in_circuit = effects.nodes.iloc[circuit]
-        frames = []
+        frames: list[pd.DataFrame] = []
         for h in range(len(sites) - 1):
             up = in_circuit.loc[in_circuit["hook"] == sites[h].hook, "feature"].astype(int).tolist()
             down = in_circuit.loc[in_circuit["hook"] == sites[h + 1].hook, "feature"].astype(int).tolist()
@@ -368,7 +373,8 @@ class CircuitsStage(ModelSectionStage):
         rule = Rule(alpha=settings.alpha, monolithic_ratio=settings.monolithic_ratio,
                     modular_ratio=settings.modular_ratio, n_boot=settings.bootstrap,
                     n_permutations=settings.permutations)
-        verdict_rows, core_frames, pair_frames, centred_frames, calibration_frames = [], [], [], [], []
+        verdict_rows, core_frames, centred_frames, calibration_frames = [], [], [], []
+        pair_frames: list[pd.DataFrame] = []
         for kind in settings.kinds:
             keys = [key for key in circuits if key[0] == kind]
             if len(keys) < 2:
@@ -467,7 +473,9 @@ class CircuitsStage(ModelSectionStage):
         return core.assign(kind=kind, hook=nodes["hook"].to_numpy()[core["node"]],
                            feature=nodes["feature"].to_numpy()[core["node"]],
                            mean_effect=mean_effects[:, core["node"]].mean(0),
-                           categories=[[c for c, s in sets.items() if node in s] for node in core["node"]])
+                           # A column of lists, which pandas-stubs do not allow for.
+                           categories=cast(list[Any], [[c for c, s in sets.items() if node in s]
+                                                       for node in core["node"]]))
 
     @staticmethod
     def _components(model: LoadedModel, prompts: pd.DataFrame, groups, effects, offsets,

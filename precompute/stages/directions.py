@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -150,7 +150,7 @@ class Selection:
 
     def category_directions(self) -> dict[str, np.ndarray]:
         rows = self.tables["refusal_directions"].query("scope != 'global' and chosen")
-        return {row.scope: np.asarray(row.vector, dtype=np.float32) for row in rows.itertuples()}
+        return {str(row.scope): np.asarray(row.vector, dtype=np.float32) for row in rows.itertuples()}
 
 
 class DirectionsStage(Stage):
@@ -230,12 +230,14 @@ class DirectionsStage(Stage):
         """Every model's activation sums over each prompt group, at every (layer, position), over
         the prompts in `rows`, as rows (model, group, cell, total): a shard's part of the totals."""
         config = context.config
-        role = config.directions.model
-        frames = []
+        settings = config.directions
+        assert settings is not None  # applies() guarantees it
+        role = settings.model
+        frames: list[pd.DataFrame] = []
         # The studied model's refusal filter picks the prompts for every model: the same prompts
         # make each model's direction comparable (a base model may refuse none of them).
         kept = None
-        if config.directions.filter_by_refusal:
+        if settings.filter_by_refusal:
             token_ids = refusal_token_ids(context.table("refusal_tokens"), role)
             kept = split.refusal_kept(load(role), rows & split.fit, token_ids, batch_size=config.generation.batch_size)
         for other_role in config.models:
@@ -259,6 +261,7 @@ class DirectionsStage(Stage):
         """Candidates from the summed activations, scored on the validation prompts; the chosen one."""
         config = context.config
         settings = config.directions
+        assert settings is not None  # applies() guarantees it
         role = settings.model
         batch_size = config.generation.batch_size
         model = load(role)
@@ -303,7 +306,7 @@ class DirectionsStage(Stage):
         rule = SelectionRule(max_kl=settings.max_kl, prune_last_fraction=settings.prune_last_fraction)
         candidates = select_candidate(scored, model.n_layers, rule)
         if not candidates["chosen"].any():
-            best = candidates["ablation_score"].idxmin()
+            best = cast(int, candidates["ablation_score"].idxmin())  # a label of select_candidate's RangeIndex
             candidates.loc[best, "chosen"] = True
             logger.warning("No candidate passed the selection filters; using the lowest ablation score "
                            "(layer %d), marked in direction_candidates.", candidates.loc[best, "layer"])
@@ -336,9 +339,11 @@ class DirectionsStage(Stage):
         under its direction, and the studied model's refusal score with each direction ablated."""
         config = context.config
         settings = config.directions
+        assert settings is not None  # applies() guarantees it
         role, batch_size = settings.model, config.generation.batch_size
         tokens, generations = context.table("refusal_tokens"), context.table("generations")
-        evaluated, safe_effects = [], []
+        evaluated: list[pd.DataFrame] = []
+        safe_effects: list[pd.DataFrame] = []
         for other_role in sorted(config.models, key=lambda name: name != role):
             model = load(other_role)
             token_ids = refusal_token_ids(tokens, other_role)
@@ -371,6 +376,7 @@ class DirectionsStage(Stage):
         """The test prompts' effects aggregated, and the geometry at the chosen position."""
         config = context.config
         settings = config.directions
+        assert settings is not None  # applies() guarantees it
         role, batch_size = settings.model, config.generation.batch_size
         prompts, toxic, safe, fit, test = split.prompts, split.toxic, split.safe, split.fit, split.test
         kind = prompts["kind"].to_numpy()
@@ -379,7 +385,8 @@ class DirectionsStage(Stage):
         groups = test_prompts[["id", "category", "kind"]]
         models = sorted(config.models, key=lambda name: name != role)
 
-        judged_frames, harmless_frames = [], []
+        judged_frames: list[pd.DataFrame] = []
+        harmless_frames: list[pd.DataFrame] = []
         for model_role in models:
             baseline = generations[(generations["model"] == model_role)
                                    & generations["prompt_id"].isin(test_prompts["id"])].assign(condition="baseline")
@@ -409,7 +416,8 @@ class DirectionsStage(Stage):
         # at the last instruction token (harm recognition, Zhao et al. 2025), from the same pass.
         layer, position = selection.layer, selection.position
         slots = sorted({0, position})  # positions captured: the instruction's end and the chosen one
-        separation_rows, projection_frames = [], []
+        separation_rows: list[pd.DataFrame] = []
+        projection_frames: list[pd.DataFrame] = []
         both = toxic | safe
         site = instruction_end = None
         for model_role in config.models:
@@ -431,6 +439,7 @@ class DirectionsStage(Stage):
             projection_frames.append(
                 prompts.loc[captured, ["id", "category", "kind", "split"]].rename(columns={"id": "prompt_id"})
                 .assign(model=model_role, projection=chosen_layer @ unit(selection.vector(model_role))))
+        assert site is not None and instruction_end is not None  # role is one of config.models (StudyConfig checks)
         cosines = category_cosine_variants(site, instruction_end, split, selection.vector(role),
                                            selection.chosen["position_label"], n_boot=settings.bootstrap,
                                            seed=settings.seed)

@@ -59,7 +59,8 @@ class EvaluationStage(Stage):
         fitted = set(study.loc[study["split"] == "train", "id"])
         if "tune_data" in context.available:
             fitted |= set(context.table("tune_data")["prompt_id"])
-        sets, left_out = [], {}
+        sets: list[pd.DataFrame] = []
+        left_out = {}
         for entry in settings.sets:
             loaded = load_prompt_source(entry["source"], test_fraction=config.prompts.test_fraction)
             kept, left_out[entry["name"]] = held_out(loaded, fitted)
@@ -68,7 +69,7 @@ class EvaluationStage(Stage):
             sets.append(kept.assign(set=entry["name"]))
         prompts = pd.concat(sets, ignore_index=True)
         tokens = context.table("refusal_tokens")
-        frames = []
+        frames: list[pd.DataFrame] = []
         for role, spec in config.models.items():
             model = config.generation.load(spec)
             answers = judged_answers(model, prompts, "baseline", [], refusal_token_ids(tokens, role),

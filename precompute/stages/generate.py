@@ -125,7 +125,9 @@ class GenerateStage(Stage):
                 selected: pd.DataFrame) -> StageOutput:
         """Judge every model's answers (one model in memory at a time) into the stage's tables."""
         config = context.config
-        frames, tokens, agreements = [], [], []
+        frames: list[pd.DataFrame] = []
+        tokens: list[pd.DataFrame] = []
+        agreements = []
         for role, spec in config.models.items():
             model = config.generation.load(spec)
             frame, found, agreement = self._judge(context, model, role, spec, answers_of(model, role, spec), selected)
@@ -154,7 +156,7 @@ class GenerateStage(Stage):
     def run_shard(self, context: ShardContext, shard: ShardSpec, current: ShardRound) -> dict[str, pd.DataFrame]:
         selected = self._selected(context)
         selected = selected[in_shard(selected["id"], shard)].reset_index(drop=True)
-        answers = []
+        answers: list[pd.DataFrame] = []
         for role, spec in context.config.models.items():
             model = context.config.generation.load(spec)
             answers.append(self._answers(context, model, role, spec, selected, shard).assign(model=role))

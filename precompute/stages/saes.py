@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -195,7 +195,8 @@ class SaesStage(ModelSectionStage):
     def _setup(self, context: StageContext) -> SaeSetup:
         """The model, the SAEs to load, their hooks, and the transcript corpus."""
         config = context.config
-        settings: SaesConfig = config.saes
+        settings = config.saes
+        assert settings is not None  # applies() guarantees it
         model = config.generation.load(config.models[settings.model])
         prompts = context.table("prompts").drop(columns="run_id").reset_index(drop=True)
         tables = {name: context.table(name).drop(columns="run_id") for name in
@@ -225,7 +226,8 @@ class SaesStage(ModelSectionStage):
     def _measure(self, context: StageContext, setup: SaeSetup, tokens: TokenActivations) -> StageOutput:
         """Train (or load) each SAE on the corpus' activations and describe its features."""
         config = context.config
-        settings: SaesConfig = config.saes
+        settings = config.saes
+        assert settings is not None  # applies() guarantees it
         batch_size = config.generation.batch_size
         role = settings.model
         model, prompts, tables, saes, directions, hooks, rows, corpus = (
@@ -243,8 +245,14 @@ class SaesStage(ModelSectionStage):
         site_rows = self._decision_rows(directions, tokens, corpus, len(prompts), positions.offsets)
         attribution_inputs = self._attribution_inputs(context, model, prompts, hooks, positions.offsets,
                                                       tables["refusal_tokens"], batch_size)
-        unembedding = model.hf_model.get_output_embeddings().weight
-        sae_rows, feature_frames, example_frames, group_frames, cosine_frames = [], [], [], [], []
+        output_embeddings = model.hf_model.get_output_embeddings()
+        assert output_embeddings is not None  # a causal LM's lm_head
+        unembedding = output_embeddings.weight
+        sae_rows = []
+        feature_frames: list[pd.DataFrame] = []
+        example_frames: list[pd.DataFrame] = []
+        group_frames: list[pd.DataFrame] = []
+        cosine_frames: list[pd.DataFrame] = []
         for h, hook in enumerate(hooks):
             started = time.perf_counter()
             saved = self.folder(context) / hook
@@ -286,7 +294,8 @@ class SaesStage(ModelSectionStage):
             group_frames.append(groups)
             cosine_frames.append(cosines)
         corpus_table = rows[["text_id", "prompt_id", "source", "category", "kind"]].assign(
-            prompt_tokens=corpus.prompt_lengths, tokens=corpus.tokens)
+            prompt_tokens=corpus.prompt_lengths,
+            tokens=cast(list[Any], corpus.tokens))  # a column of lists, which pandas-stubs do not allow for
         return StageOutput(
             tables={
                 "saes": pd.DataFrame(sae_rows).assign(model=role),
@@ -322,6 +331,7 @@ class SaesStage(ModelSectionStage):
         Train split only: the steering stage picks its features by this attribution and tests them
         on the test split."""
         settings = context.config.saes
+        assert settings is not None  # applies() guarantees it
         rng = np.random.default_rng(settings.seed)
 
         def sample(kind: str) -> list[str]:
@@ -340,6 +350,7 @@ class SaesStage(ModelSectionStage):
                         prompts: pd.DataFrame, site_rows: np.ndarray, attribution_inputs,
                         unembedding, directions: pd.DataFrame, decode):
         settings = context.config.saes
+        assert settings is not None  # applies() guarantees it
         codes = encode_sparse(sae, tokens.values[:, h])
         summary = summarize(codes, settings.histogram_bins)
         d_sae = sae.cfg.d_sae
@@ -355,9 +366,11 @@ class SaesStage(ModelSectionStage):
         # Activation at each prompt's decision token, by category and kind.
         per_prompt = codes.tocsr()[np.where(site_rows >= 0, site_rows, 0)].toarray()
         per_prompt[site_rows < 0] = np.nan
-        groups = []
+        groups: list[pd.DataFrame] = []
         kinds = prompts["kind"].to_numpy()
-        for (category, kind), index in prompts.groupby(["category", "kind"]).indices.items():
+        # Keyed by (category, kind) (pandas-stubs say any hashable).
+        indices = cast(dict[tuple[str, str], np.ndarray], prompts.groupby(["category", "kind"]).indices)
+        for (category, kind), index in indices.items():
             values = per_prompt[index]
             groups.append(pd.DataFrame({"hook": hook, "feature": np.arange(d_sae), "category": category,
                                         "kind": kind, "n": int(np.isfinite(values[:, 0]).sum()),
@@ -367,7 +380,7 @@ class SaesStage(ModelSectionStage):
         fired = {kind: (per_prompt[kinds == kind] > 0).sum(0) for kind in ("toxic", "safe")}
         toxic_by_category = pd.concat(groups).query("kind == 'toxic'").pivot(
             index="feature", columns="category", values="mean_activation").fillna(0.0)
-        totals = toxic_by_category.sum(1).replace(0, np.nan)
+        totals = toxic_by_category.sum(axis=1).replace(0, np.nan)
 
         # Decoder geometry: promoted / suppressed tokens, cosine with each refusal direction.
         top_ids, bottom_ids = logit_effects(sae, unembedding, settings.top_logits)
@@ -392,7 +405,7 @@ class SaesStage(ModelSectionStage):
             "n_toxic_fired": fired["toxic"], "n_toxic": int((kinds == "toxic").sum()),
             "n_safe_fired": fired["safe"], "n_safe": int((kinds == "safe").sum()),
             "top_category": toxic_by_category.idxmax(1).where(totals.notna()).reindex(range(d_sae)).to_numpy(),
-            "top_category_share": (toxic_by_category.max(1) / totals).reindex(range(d_sae)).to_numpy(),
+            "top_category_share": (toxic_by_category.max(axis=1) / totals).reindex(range(d_sae)).to_numpy(),
             "attribution": effects.mean(0),
             "attribution_se": effects.std(0, ddof=1) / np.sqrt(len(effects)),
             "top_tokens": [[decode(i) for i in row] for row in top_ids.tolist()],

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -63,14 +63,16 @@ class SteeringStage(ModelSectionStage):
     def _interventions(self, context: StageContext,
                        device: torch.device) -> list[tuple[str, str, Steering, Steering]]:
         """(name, type, suppress, force) for every intervention of the study; SAEs load on `device`."""
-        settings = context.config.steering
+        settings, studied = context.config.steering, context.config.directions
+        assert settings is not None and studied is not None  # applies(); StudyConfig requires directions with steering
         directions = context.table("refusal_directions")
         chosen = directions[directions["chosen"]]
         interventions = []
-        for row in chosen.itertuples():
+        # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
+        for row in cast(Iterable[Any], chosen.itertuples()):
             vector = np.asarray(row.vector, dtype=np.float32)
             interventions.append((row.scope, "direction", Steering(ablate=(vector,)), Steering(
-                add=(Addition(vector, int(row.layer), context.config.directions.addition_alpha),))))
+                add=(Addition(vector, int(row.layer), studied.addition_alpha),))))
         if settings.top_features and "features" in context.available:
             saes = context.table("saes")
             refusal_layer = int(chosen["layer"].iloc[0])
@@ -81,7 +83,7 @@ class SteeringStage(ModelSectionStage):
             sae_row = at_layer.iloc[0]
             sae = load_sae(*stored_sae_source(context.config.store, sae_row.to_dict()), device=device)
             features = context.table("features").query("hook == @sae_row.hook and density > 0")
-            for feature in features.nlargest(settings.top_features, "attribution").itertuples():
+            for feature in cast(Iterable[Any], features.nlargest(settings.top_features, "attribution").itertuples()):
                 force_value = float(feature.max_activation) * settings.feature_force_multiple
                 interventions.append((
                     f"feature {int(feature.feature)}", "feature",
@@ -97,7 +99,8 @@ class SteeringStage(ModelSectionStage):
         """Every intervention's effect on each of `prompts` (test prompts, or one shard's slice):
         refusal scores, KL and completion cross-entropy on safe prompts, and judged answers."""
         config = context.config
-        settings = config.steering
+        settings, studied = config.steering, config.directions
+        assert settings is not None and studied is not None  # applies(); StudyConfig requires directions with steering
         batch_size = config.generation.batch_size
         role = settings.model
         model = config.generation.load(config.models[role])
@@ -144,7 +147,7 @@ class SteeringStage(ModelSectionStage):
                     **which, "prompt_id": safe_ids, "kl": kl_divergence(baseline_logprobs[safe], suppressed[safe]),
                     "cross_entropy": ce, "in_depth": in_depth, "baseline_cross_entropy": baseline_ce}),
             }
-            if name == "global" and role == config.directions.model:
+            if name == "global" and role == studied.model:
                 # The directions stage generated these very answers (its studied model, this vector); for
                 # another model it used that model's own direction, so they are generated here instead.
                 frames["answers"] = direction_answers(context.table("direction_generations"), prompts, role)
@@ -174,7 +177,9 @@ class SteeringStage(ModelSectionStage):
 
     def _output(self, context: StageContext, prompts: pd.DataFrame, rows: Mapping[str, pd.DataFrame]) -> StageOutput:
         """The stage's tables from every test prompt's rows (`_per_prompt`, maybe over shards)."""
-        role = context.config.steering.model
+        settings = context.config.steering
+        assert settings is not None  # applies() guarantees it
+        role = settings.model
         groups = prompts[["id", "category", "kind"]]
         scores = rows["steering_scores"].merge(groups, left_on="prompt_id", right_on="id")
         effects = scores.groupby(["order", "intervention", "type", "mode", "category", "kind"], sort=False).agg(
@@ -191,7 +196,7 @@ class SteeringStage(ModelSectionStage):
                                  "cross_entropy": float(np.nanmean(g["cross_entropy"])) if g["in_depth"].all()
                                  else np.nan,
                                  "baseline_cross_entropy": float(np.nanmean(g["baseline_cross_entropy"]))}),
-            include_groups=False).reset_index()
+        ).reset_index()
         steered = rows["steering_answers"].merge(groups, left_on="prompt_id", right_on="id").drop(columns="id")
         return StageOutput(
             tables={"steering_effects": effects.drop(columns="order").reset_index(drop=True).assign(model=role),

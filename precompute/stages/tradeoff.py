@@ -34,8 +34,8 @@ on, so an interrupted run resumes and a change to one part does not redo the oth
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -202,15 +202,16 @@ class TradeoffStage(Stage):
                        *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))
 
         def answers() -> dict[str, pd.DataFrame]:
+            # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
             conditions: list[tuple[str, list[Hook], tuple[str, ...]]] = [
                 (row.point, ablation_hooks(model, torch.from_numpy(np.stack(row.vectors).astype(np.float32)),
                                              float(row.weight)),
-                 ABLATION_ANSWER_KINDS) for row in ablated["directions"].itertuples()]
+                 ABLATION_ANSWER_KINDS) for row in cast(Iterable[Any], ablated["directions"].itertuples())]
             norm = float(np.linalg.norm(vector))
             conditions += [(point_label("strength", strength),
                             addition_hooks(model, torch.from_numpy(vector), layer, strength * norm) if strength else [],
                             ADDITION_ANSWER_KINDS) for strength in ADDITION_STRENGTHS]
-            frames = []
+            frames: list[pd.DataFrame] = []
             for point, hooks, kinds in conditions:
                 sample = pd.concat([seeded_sample(test, kind, ANSWER_PROMPTS, settings.seed) for kind in kinds])
                 frames.append(judged_answers(model, sample, point, hooks, token_ids,

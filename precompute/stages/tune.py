@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -82,6 +83,7 @@ class TuneStage(Stage):
         """The base model's own greedy answers, cached per prompt (resumable; a later tune drawing other
         prompts from the same pool reuses them); the model is freed on return."""
         tune = context.config.tune
+        assert tune is not None  # applies() guarantees it
         base = context.config.generation.load(EMBEDDED_BASE)
 
         def answer(chunk: pd.DataFrame) -> pd.DataFrame:
@@ -121,7 +123,8 @@ class TuneStage(Stage):
                     "opener distance %.2f", balance.n_a, balance.n_b,
                     int((~data["source"].isin(prompts["source"])).sum()), balance.max_type_gap,
                     balance.opener_distance)
-        examples = [SftExample(r.text, r.response, bool(r.complete)) for r in data.itertuples()]
+        # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
+        examples = [SftExample(r.text, r.response, bool(r.complete)) for r in cast(Iterable[Any], data.itertuples())]
         target = models_dir() / str(self.tuned_spec(context.config))
         built = built_with(context.hashes[self.name])
         if built is not None and built != target:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from app.labels import ALL_FEATURES, CATEGORY_CIRCUIT, FEATURE_DASHBOARD
-from engine import store as study_store
+from engine.data import store as study_store
 from engine.data.paths import REPO_ROOT
 from engine.errors import ExplorerError
 from tools.browser import driver

@@ -60,7 +60,9 @@ class Interaction:
 
 
 def _pick_other(label: str) -> Callable[[AppTab, int], None]:
-    return lambda tab, _: tab.pick(label) and None
+    def act(tab: AppTab, _: int) -> None:
+        tab.pick(label)
+    return act
 
 
 def _radio(label: str, first: str, second: str) -> Callable[[AppTab, int], None]:
@@ -124,7 +126,8 @@ def bench_app(store: Path, *, repeats: int = 3, data_dir: Path | None = None) ->
     """Start the app on `store`, time every page and the interactions; returns (pages, interactions)."""
     require_playwright()
     chromium_path()
-    from playwright.sync_api import Error as PlaywrightError
+    # An optional dependency (requirements-browser.txt), checked by require_playwright.
+    from playwright.sync_api import Error as PlaywrightError  # pyright: ignore[reportMissingImports]
 
     if not store.is_file():
         raise ExplorerError(f"No study store at {store}.", "build it first: python -m precompute run.")

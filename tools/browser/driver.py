@@ -36,8 +36,10 @@ from urllib.parse import urljoin, urlparse
 from engine.data.paths import REPO_ROOT
 from engine.errors import ExplorerError
 
-if TYPE_CHECKING:  # playwright is an optional dependency
-    from playwright.sync_api import Browser, Locator, Page
+# playwright is an optional dependency (requirements-browser.txt), absent where pyright may run: hence the
+# reportMissingImports ignores on its imports.
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Locator, Page  # pyright: ignore[reportMissingImports]
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +223,7 @@ def chromium_path() -> Path:
 
 def require_playwright() -> None:
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401  # pyright: ignore[reportMissingImports]
     except ImportError as exc:
         raise ExplorerError("Playwright is not installed in this environment.", INSTALL_PLAYWRIGHT) from exc
 
@@ -288,7 +290,7 @@ def chromium() -> Iterator[Browser]:
     """Headless system Chromium through Playwright."""
     require_playwright()
     executable = chromium_path()
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # pyright: ignore[reportMissingImports]
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(executable), args=list(CHROMIUM_ARGS))
@@ -421,7 +423,7 @@ class AppTab:
         """Choose `option` in the selectbox labelled `label`, or the first option shown that is not the current
         one; returns the option chosen. The list opens by the selectbox's toggle button (clicking the input
         opens it only when it was not focused already, e.g. not right after a pick)."""
-        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout  # pyright: ignore[reportMissingImports]
 
         current = self.selectbox_value(label)
         options = self.page.get_by_role("option")
@@ -433,7 +435,8 @@ class AppTab:
             try:
                 options.first.wait_for(timeout=3000)
                 if option is None:
-                    others = [text for text in (t.strip() for t in options.all_inner_texts()) if text != current]
+                    others: list[str] = [text for text in (t.strip() for t in options.all_inner_texts())
+                                         if text != current]
                     if not others:
                         self.page.keyboard.press("Escape")
                         raise AssertionError(f"The selectbox {label!r} offers nothing but {current!r}.")
