@@ -182,6 +182,31 @@ def backup_section(path: Path, present: frozenset[str]) -> str:
             "attributions; recovered share = 1 - actual / predicted.\n\n" + _table(shown))
 
 
+def harm_recognition_section(path: Path, present: frozenset[str]) -> str:
+    """Category directions four ways (refusal, refusal beyond the global direction, harm beyond phrasing,
+    harm recognition at the instruction's last token) summarised over category pairs, and the
+    cross-ablation specificity (`directions` stage): "distinct geometry, shared function" read off."""
+    if "category_cosines" not in present:
+        return ""
+    cosines = queries.query(path, queries.COSINES_SQL)
+    pairs = cosines[cosines["category_a"] < cosines["category_b"]]
+    summary = pairs.groupby("variant", sort=False)["cosine"].agg(["median", "min", "max", "size"]).reset_index()
+    shown = pd.DataFrame({
+        "category directions": summary["variant"], "pairs": summary["size"],
+        "median cosine": summary["median"].map("{:.2f}".format),
+        "range": [f"{row.min:.2f} to {row.max:.2f}" for row in summary.itertuples()]})
+    text = ("## Harm recognition versus refusal\n\nCosines between the harm categories' directions (fit-split "
+            "prompts, at the chosen layer), over every pair of categories; the Directions page shows each pair with "
+            "its bootstrap interval.\n\n" + _table(shown))
+    if "cross_ablation_specificity" in present:
+        own = queries.query(path, queries.SPECIFICITY_SQL).iloc[0]
+        text += ("\n\nCross-ablation specificity: ablating a toxic test prompt's own category direction lowers its "
+                 f"refusal score by {own.own_drop:.2f}, another category's by {own.other_drop:.2f}; difference "
+                 f"{_interval(own.difference, own.ci_low, own.ci_high)} (95% bootstrap CI, {int(own.n_prompts)} "
+                 "prompts). An interval including 0 means this test cannot tell the directions' function apart.")
+    return text
+
+
 INDEPENDENCE_SQL = """
 SELECT a, b, dependence, ci_low, ci_high FROM direction_independence WHERE model = ? ORDER BY a, b
 """
@@ -225,7 +250,8 @@ def headline_markdown(path: Path) -> str:
     present = queries.tables(path)
     sections = [title_section(path, findings), headline_section(findings), caveats_section(findings), evaluation_section(path, present),
                 benchmark_section(path, present), sae_section(path, present), tradeoff_section(path, present, findings),
-                addition_section(path, present, findings), independence_section(path, present, findings),
+                addition_section(path, present, findings), harm_recognition_section(path, present),
+                independence_section(path, present, findings),
                 backup_section(path, present),
                 replication_section(path, present, findings)]
     return "\n\n".join(section for section in sections if section) + "\n"

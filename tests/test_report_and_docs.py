@@ -55,6 +55,12 @@ def test_report_carries_the_stores_numbers(tiny_store: Path, capsys) -> None:
     addition = text.split("## Addition strength")[1].split("\n## ")[0]
     for row in store.read_table(tiny_store, "addition_tradeoff").itertuples():
         assert f"({row.n_refused}/{row.n};" in addition
+    harm = text.split("## Harm recognition versus refusal")[1].split("\n## ")[0]
+    cosines = store.read_table(tiny_store, "category_cosines").query("category_a < category_b")
+    for variant, pairs in cosines.groupby("variant"):
+        assert re.search(rf"\| {re.escape(str(variant))} +\| {len(pairs)} +\| {pairs['cosine'].median():.2f} ", harm)
+    specificity = store.read_table(tiny_store, "cross_ablation_specificity").iloc[0]
+    assert f"{specificity.difference:.2f} [{specificity.ci_low:.2f}, {specificity.ci_high:.2f}]" in harm
     independence = text.split("## Independence of refusal directions")[1].split("\n## ")[0]
     for cell in store.read_table(tiny_store, "direction_independence").itertuples():
         assert f"{cell.dependence:.2f} [{cell.ci_low:.2f}, {cell.ci_high:.2f}]" in independence
