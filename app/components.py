@@ -19,8 +19,8 @@ from streamlit.elements.vega_charts import AltairChart, VegaLiteState
 
 from app.classroom import JUDGE, KEPT_WORDS, is_harmful_compliance
 from app.export import ChartSpec, chart_png, chart_spec, chart_svg, file_stem, table_csv
-from app.queries import rows_of
 from app.top_texts import WINDOW, peak_window
+from engine.data.store import rows_of
 from engine.judging.refusal_phrases import is_refusal
 from precompute.progress import FAILED, FINISHED, BuildProgress
 

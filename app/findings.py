@@ -13,6 +13,7 @@ import pandas as pd
 
 from app import queries
 from engine.data.schema import KINDS, STAGE_ORDER
+from engine.data.store import rows_of
 from engine.stats import wilson_interval
 
 TARGET_FAITHFULNESS = 0.6  # a circuit that keeps less of the refusal metric explains it only in part
@@ -83,6 +84,11 @@ class DirectionFinding:
     # ABLATED_TARGET still refused), else the one leaving the fewest refused.
     best_within_kl: AblationPointFinding | None = None
     cheapest_removal: AblationPointFinding | None = None
+
+    @property
+    def carries_refusal(self) -> bool:
+        """Whether ablating the direction leaves at most ABLATED_TARGET of toxic prompts refused."""
+        return self.toxic_ablated.rate <= ABLATED_TARGET
 
 
 @dataclass(frozen=True)
@@ -224,11 +230,11 @@ def _refusal(store: Path, present: frozenset[str]) -> tuple[tuple[ModelRefusal, 
     for model, rows in totals.groupby("model", sort=True):
         models.append(ModelRefusal(
             model=str(model), spec=str(specs.get(model, model)),
-            by_kind={row.kind: Rate(int(row.n_refused), int(row.n)) for row in queries.rows_of(rows)},
+            by_kind={row.kind: Rate(int(row.n_refused), int(row.n)) for row in rows_of(rows)},
             smallest_group=int(rows.loc[rows["kind"] != "safe", "smallest_group"].min()
                                if (rows["kind"] != "safe").any() else rows["smallest_group"].min())))
     agreement = queries.query(store, queries.AGREEMENT_SQL)
-    kappa = {row.model: float(row.cohen_kappa) for row in queries.rows_of(agreement) if row.kind == "all"}
+    kappa = {row.model: float(row.cohen_kappa) for row in rows_of(agreement) if row.kind == "all"}
     return tuple(models), kappa
 
 
@@ -295,7 +301,7 @@ def _verdicts(store: Path, present: frozenset[str]) -> tuple[VerdictFinding, ...
         false_modular=row.false_modular, decisive_prompts=row.decisive_prompts, core_size=int(row.core_size),
         circuit_size=int(row.circuit_size), monolithic_ratio=row.monolithic_ratio, modular_ratio=row.modular_ratio,
         labels_by_seed=seeds.get(row.kind, ()),
-    ) for row in queries.rows_of(frame))
+    ) for row in rows_of(frame))
 
 
 def _shared(store: Path, present: frozenset[str]) -> tuple[SharedFeature, ...]:
@@ -306,7 +312,7 @@ def _shared(store: Path, present: frozenset[str]) -> tuple[SharedFeature, ...]:
                                mean_effect=float(row.mean_effect), top_tokens=row.top_tokens or "",
                                refusal_cosine=float(row.refusal_cosine) if pd.notna(row.refusal_cosine)
                                else float("nan"))
-                 for row in queries.rows_of(frame))
+                 for row in rows_of(frame))
 
 
 def _coverage(store: Path, present: frozenset[str]) -> tuple[CircuitCoverage, ...]:
@@ -317,7 +323,7 @@ def _coverage(store: Path, present: frozenset[str]) -> tuple[CircuitCoverage, ..
                                  fewest_prompts=int(row.fewest_prompts) if pd.notna(row.fewest_prompts) else 0,
                                  faithfulness_low=float(row.faithfulness_low),
                                  faithfulness_high=float(row.faithfulness_high), n_nodes=int(row.n_nodes))
-                 for row in queries.rows_of(frame))
+                 for row in rows_of(frame))
 
 
 def caveats(findings: Findings) -> tuple[str, ...]:
@@ -332,7 +338,7 @@ def caveats(findings: Findings) -> tuple[str, ...]:
             notes.append(f"For the {model} model the two refusal judges agree only weakly "
                          f"(Cohen's kappa {kappa:.2f}); its rates depend on the judge.")
     direction = findings.direction
-    if direction and direction.toxic_ablated.rate > ABLATED_TARGET:
+    if direction and not direction.carries_refusal:
         notes.append(f"Ablating the chosen refusal direction still leaves {direction.toxic_ablated.text()} of toxic "
                      f"prompts refused (a direction that carries refusal leaves at most {ABLATED_TARGET:.0%}): "
                      "one direction does not carry this model's refusal; the ablation trade-off (cones of k "

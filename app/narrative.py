@@ -96,8 +96,7 @@ def _direction(findings: Findings) -> Section:
         return Section("direction", "The refusal direction", "The directions stage has not run yet.", "directions")
     # Arditi et al. find one direction carries refusal (ablated, chat models refuse almost nothing);
     # say "causal" only as far as this model's numbers go.
-    carries = d.toxic_ablated.rate <= ABLATED_TARGET
-    lead = ("It is causal:" if carries else
+    lead = ("It is causal:" if d.carries_refusal else
             f"Its effect is partial: with it ablated, {d.toxic_ablated.rate:.0%} of toxic prompts are still refused "
             f"(a direction that carries refusal leaves at most {ABLATED_TARGET:.0%}), so one direction does not "
             f"hold this model's refusal.{_beyond_one_direction(d)} The chosen direction:")

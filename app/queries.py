@@ -7,9 +7,7 @@ last few file versions open; precompute's atomic rename never waits for it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pandas as pd
@@ -224,11 +222,6 @@ def query(path: str | Path, sql: str, params: tuple = ()) -> pd.DataFrame:
 def tables(path: str | Path) -> frozenset[str]:
     return available_tables(str(path), store_version(path))
 
-
-def rows_of(frame: pd.DataFrame) -> Iterable[Any]:
-    """`frame.itertuples()` with untyped fields: pandas-stubs types each as any pandas scalar, missing
-    values included, whatever its column holds."""
-    return frame.itertuples()
 
 CANDIDATES_SQL = """
 SELECT model, layer, position, position_label, ablation_score, induce_score, kl, eligible,

@@ -78,7 +78,7 @@ def evaluation_section(path: Path, present: frozenset[str]) -> str:
     rates = queries.query(path, queries.EVALUATION_RATES_SQL)
     shown = pd.DataFrame({
         "set": rates["set"], "model": rates["model"], "kind": rates["kind"],
-        "refused (95% CI)": [Rate(int(row.n_refused), int(row.n)).text() for row in queries.rows_of(rates)],
+        "refused (95% CI)": [Rate(int(row.n_refused), int(row.n)).text() for row in store.rows_of(rates)],
         "left out (trained or fitted on)": rates["n_left_out"],
     })
     return "## Held-out evaluation\n\n" + _table(shown)
@@ -99,8 +99,8 @@ def benchmark_section(path: Path, present: frozenset[str]) -> str:
     bypassed = rates["n"] - rates["n_refused"]
     shown = pd.DataFrame({
         "set": rates["set"], "kind": rates["kind"], "model": rates["model"], "condition": rates["condition"],
-        "refused (95% CI)": [Rate(int(row.n_refused), int(row.n)).text() for row in queries.rows_of(rates)],
-        "answered coherently (95% CI)": [Rate(int(row.n_coherent), int(row.n)).text() for row in queries.rows_of(rates)],
+        "refused (95% CI)": [Rate(int(row.n_refused), int(row.n)).text() for row in store.rows_of(rates)],
+        "answered coherently (95% CI)": [Rate(int(row.n_coherent), int(row.n)).text() for row in store.rows_of(rates)],
         "not refused but degenerate": [f"{d} of {b}" for d, b in zip(rates["n_degenerate"], bypassed, strict=True)],
     })
     return ("## Other prompt sets\n\nEach set in its own categories, prompts the study trained or fitted on left out "
@@ -117,7 +117,7 @@ def sae_section(path: Path, present: frozenset[str]) -> str:
     shown = pd.DataFrame({
         "hook": saes["hook"],
         "source": [row.source if pd.isna(row.release) else f"{row.release} / {row.sae_id}"
-                   for row in queries.rows_of(saes)],
+                   for row in store.rows_of(saes)],
         "architecture": saes["architecture"], "latents": saes["d_sae"],
         "L0": saes["l0"].map("{:.1f}".format),
         "FVU": saes["fraction_variance_unexplained"].map("{:.3f}".format),
@@ -137,8 +137,8 @@ def tradeoff_section(path: Path, present: frozenset[str], findings: Findings) ->
     shown = pd.DataFrame({
         "ablated": points["source"] + " " + points["size"].map("{:g}".format), "directions": points["sites"],
         "toxic still refused (score > 0, 95% CI)": [Rate(int(row.n_refused), int(row.n_toxic)).text()
-                                                   for row in queries.rows_of(points)],
-        "KL on safe [95% CI]": [f"{row.mean_kl:.3f} [{row.kl_low:.3f}, {row.kl_high:.3f}]" for row in queries.rows_of(points)],
+                                                   for row in store.rows_of(points)],
+        "KL on safe [95% CI]": [f"{row.mean_kl:.3f} [{row.kl_low:.3f}, {row.kl_high:.3f}]" for row in store.rows_of(points)],
         "Pareto front": points["pareto"].map({True: "yes", False: ""}),
     })
     return ("## Ablation trade-off\n\nOn the test prompts; weight w removes that share of the chosen direction, "
@@ -152,7 +152,7 @@ def addition_section(path: Path, present: frozenset[str], findings: Findings) ->
         return ""
     model = findings.direction.model if findings.direction is not None else None
     sweep = queries.query(path, queries.ADDITION_TRADEOFF_SQL, (model,))
-    cells = sweep.assign(cell=[Rate(int(row.n_refused), int(row.n)).text() for row in queries.rows_of(sweep)])
+    cells = sweep.assign(cell=[Rate(int(row.n_refused), int(row.n)).text() for row in store.rows_of(sweep)])
     shown = cells.pivot(index="strength", columns="kind", values="cell").reset_index()
     safe = sweep[sweep["kind"] == "safe"].set_index("strength")
     shown["KL on safe [95% CI]"] = [f"{safe.loc[s, 'mean_kl']:.3f} [{safe.loc[s, 'kl_low']:.3f}, {safe.loc[s, 'kl_high']:.3f}]"
@@ -235,9 +235,9 @@ def replication_section(path: Path, present: frozenset[str], findings: Findings)
     seeds = queries.query(path, REPLICATION_SQL)
     shown = pd.DataFrame({
         "kind": seeds["kind"], "seed": seeds["seed"], "verdict": seeds["label"],
-        "ratio [95% CI]": [_interval(row.ratio, row.ratio_low, row.ratio_high) for row in queries.rows_of(seeds)],
+        "ratio [95% CI]": [_interval(row.ratio, row.ratio_low, row.ratio_high) for row in store.rows_of(seeds)],
         "category decoding": [f"{row.decoding_accuracy:.0%} vs {row.decoding_chance:.0%} chance, "
-                              f"p = {row.decoding_p:.3g}" for row in queries.rows_of(seeds)],
+                              f"p = {row.decoding_p:.3g}" for row in store.rows_of(seeds)],
         "smallest detectable q": seeds["detectable_share"].map(_detectable),
     })
     return f"## Replication\n\n{summary}\n\nSeed 0 is the study itself (`{REPLICATE_COMMAND}`).\n\n{_table(shown)}"

@@ -17,6 +17,7 @@ from app.findings import TARGET_FAITHFULNESS
 from app.labels import CIRCUIT_CATEGORY_TABS, CIRCUITS_TABS
 from engine.circuits.similarity import SEED_BANDS
 from engine.data.schema import KINDS
+from engine.data.store import rows_of
 
 KIND_LABELS = {"toxic": "toxic", "hard": "hard (safe, toxic-looking)", "safe": "safe"}
 GRAPH_NODES = 30  # shown by default: a readable graph
@@ -105,7 +106,7 @@ def show_calibration(kind: str) -> None:
     if len(more):
         st.caption("More prompts, at the study's estimated share: " + "; ".join(
             f"{int(r.prompts_per_category)} per category decide it in {1 - r.inconclusive:.0%} of simulations"
-            for r in queries.rows_of(more)) + ".")
+            for r in rows_of(more)) + ".")
 
 
 # --- Similarity heatmaps (a fragment: switching the measure reruns only this part) -------------------
@@ -235,7 +236,7 @@ def circuit_graph(kind: str, category: str, row: pd.Series, nodes: pd.DataFrame,
     # The ignore: pandas-stubs types a list column as scalars only, but None (an empty link) is valid.
     table = shown_nodes.assign(dashboard=[  # pyright: ignore[reportArgumentType]
         f"features?hook={r.hook}&feature={int(r.feature)}" if r.feature >= 0 else None
-        for r in queries.rows_of(shown_nodes)])
+        for r in rows_of(shown_nodes)])
     ranked_on, held_out = int(nodes["n_prompts"].max()), int(nodes["n_held_out"].max())
     show_table(table[["rank", "hook", "feature", "effect", "effect_se", "effect_held_out", "share_positive", "label",
                       "dashboard"]],

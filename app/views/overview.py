@@ -12,6 +12,7 @@ from app.components import show_chart, show_table
 from app.context import classroom_mode, current_store, require_tables
 from engine.data.prompts import category_label
 from engine.data.schema import KINDS
+from engine.data.store import rows_of
 
 SET_LABELS = {"plain_instructions": "plain instructions", "harmful_heldout": "harmful requests (held out)",
               "study_hard_test": "sounds harmful, is safe (hard test prompts)"}
@@ -41,7 +42,7 @@ for column, kind in zip(columns, KINDS):
     rows = totals[totals["kind"] == kind]
     with column:
         st.markdown(f"**{kind}** — {KIND_HELP[kind]}")
-        for row in queries.rows_of(rows):
+        for row in rows_of(rows):
             st.metric(f"{row.model} refused ({kind})", f"{row.n_refused / row.n:.0%}",
                       help=f"{row.n_refused} of {row.n} prompts")
 

@@ -11,6 +11,7 @@ from app.components import show_table
 from app.context import classroom_mode, current_store, require_tables
 from app.judges import JUDGES, judge_agreement_matrix
 from engine.data.schema import KINDS
+from engine.data.store import rows_of
 
 MAX_ROWS = 500
 store = current_store()
@@ -65,7 +66,7 @@ st.caption(f"`{prompt.id}` · category **{prompt.category}** · kind **{prompt.k
 answers = queries.query(store, queries.PROMPT_GENERATIONS_SQL, (prompt.id,))
 if answers.empty:
     st.info("No generations for this prompt (only the configured splits are generated).")
-for column, answer in zip(st.columns(max(len(answers), 1)), queries.rows_of(answers)):
+for column, answer in zip(st.columns(max(len(answers), 1)), rows_of(answers)):
     with column:
         verdict = "refused" if answer.refused else "complied"
         st.markdown(f"**{answer.model}** (`{answer.model_spec}`, {answer.condition})")

@@ -12,6 +12,7 @@ import streamlit as st
 from app import charts, queries
 from app.components import figure_spec, show_chart, show_table
 from app.context import BUILD_COMMAND, current_store, require_tables, warm_model_stack
+from engine.data.store import rows_of
 from engine.errors import ExplorerError
 from engine.steering.limits import DEFAULT_LIMITS as LIMITS
 
@@ -105,13 +106,13 @@ with right:
             st.caption(f"Precomputed at strength {nearest:g} x the norm (this alpha is {strength:.2f} x) on the test "
                        "prompts: refused (score > 0) " + ", ".join(
                            f"{r.Index} {r.rate:.0%} ({int(r.n_refused)}/{int(r.n)})"
-                           for r in queries.rows_of(point))
+                           for r in rows_of(point))
                        + (f"; KL on safe {point.loc['safe', 'mean_kl']:.3f}" if "safe" in point.index else "")
                        + ". Generate to see this prompt's answer live.")
     clamped, feature_value = [], 0.0
     if sae_row is not None and features is not None:  # features are of sae_row's SAE: both or neither
         labels = {int(f.feature): f"{int(f.feature)} · attribution {f.attribution:+.3f} · {f.top_tokens}"
-                  for f in queries.rows_of(features)}
+                  for f in rows_of(features)}
         clamped = st.multiselect(f"Clamp features of the SAE at `{sae_row.hook}`", list(labels), key="clamped",
                                  format_func=labels.__getitem__,
                                  help="sorted by attribution to the refusal score")

@@ -17,11 +17,12 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -250,3 +251,9 @@ def write_stage(
             os.fsync(handle.fileno())
         os.replace(scratch, path)
     logger.info("Stored %s: %s", run.stage, ", ".join(f"{k} ({len(v)})" for k, v in tables.items()))
+
+
+def rows_of(frame: pd.DataFrame) -> Iterable[Any]:
+    """`frame.itertuples()` with untyped fields: pandas-stubs types each as any pandas scalar, missing
+    values included, whatever its column holds."""
+    return frame.itertuples()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, cast
 
@@ -65,6 +65,7 @@ from engine.circuits.similarity import (
     split_half,
 )
 from engine.circuits.verdict import Estimate, Rule, assess, grouped, pairwise_p
+from engine.data.store import rows_of
 from engine.errors import ExplorerError
 from engine.judging.judge import refusal_token_ids
 from engine.runtime.activations import capture, prompt_end_positions
@@ -249,8 +250,7 @@ class CircuitsStage(ModelSectionStage):
         summary = pd.DataFrame(setup.status).merge(per_circuit, on=["kind", "category"], how="left").merge(
             faithfulness.query("is_circuit")[["kind", "category", "n_nodes", "faithfulness", "metric_full",
                                               "metric_empty"]], on=["kind", "category"], how="left")
-        # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
-        for row in cast(Iterable[Any], summary.query("status == 'ok' and kind == 'toxic'").itertuples()):
+        for row in rows_of(summary.query("status == 'ok' and kind == 'toxic'")):
             logger.info("circuit toxic/%s: %d nodes keep %.0f%% of the metric", row.category, row.n_nodes,
                         100 * row.faithfulness)
         for row in verdicts.itertuples():

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, cast
+from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
 from engine.data.chunked import cached_frames
+from engine.data.store import rows_of
 from engine.judging.evaluation import judged_answers
 from engine.judging.judge import refusal_rate_table, refusal_score, refusal_token_ids
 from engine.runtime.interventions import applied
@@ -68,8 +69,7 @@ class SteeringStage(ModelSectionStage):
         directions = context.table("refusal_directions")
         chosen = directions[directions["chosen"]]
         interventions = []
-        # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
-        for row in cast(Iterable[Any], chosen.itertuples()):
+        for row in rows_of(chosen):
             vector = np.asarray(row.vector, dtype=np.float32)
             interventions.append((row.scope, "direction", Steering(ablate=(vector,)), Steering(
                 add=(Addition(vector, int(row.layer), studied.addition_alpha),))))
@@ -83,7 +83,7 @@ class SteeringStage(ModelSectionStage):
             sae_row = at_layer.iloc[0]
             sae = load_sae(*stored_sae_source(context.config.store, sae_row.to_dict()), device=device)
             features = context.table("features").query("hook == @sae_row.hook and density > 0")
-            for feature in cast(Iterable[Any], features.nlargest(settings.top_features, "attribution").itertuples()):
+            for feature in rows_of(features.nlargest(settings.top_features, "attribution")):
                 force_value = float(feature.max_activation) * settings.feature_force_multiple
                 interventions.append((
                     f"feature {int(feature.feature)}", "feature",

@@ -34,8 +34,8 @@ on, so an interrupted run resumes and a change to one part does not redo the oth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,7 @@ import torch
 from engine.data.chunked import cached_frames
 from engine.data.prompts import seeded_sample, seeded_texts
 from engine.data.schema import KINDS
+from engine.data.store import rows_of
 from engine.directions.independence import SiteDirection, independence_matrix
 from engine.directions.rdo import RdoSettings, optimise_refusal_directions
 from engine.directions.scoring import (
@@ -202,11 +203,10 @@ class TradeoffStage(Stage):
                        *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))
 
         def answers() -> dict[str, pd.DataFrame]:
-            # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
             conditions: list[tuple[str, list[Hook], tuple[str, ...]]] = [
                 (row.point, ablation_hooks(model, torch.from_numpy(np.stack(row.vectors).astype(np.float32)),
                                              float(row.weight)),
-                 ABLATION_ANSWER_KINDS) for row in cast(Iterable[Any], ablated["directions"].itertuples())]
+                 ABLATION_ANSWER_KINDS) for row in rows_of(ablated["directions"])]
             norm = float(np.linalg.norm(vector))
             conditions += [(point_label("strength", strength),
                             addition_hooks(model, torch.from_numpy(vector), layer, strength * norm) if strength else [],

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pandas as pd
 
@@ -19,6 +18,7 @@ from engine.data.chunked import map_by_id
 from engine.data.paths import models_dir
 from engine.data.prompt_forms import form_balance
 from engine.data.prompt_sources import load_prompt_source
+from engine.data.store import rows_of
 from engine.judging.refusal_phrases import is_refusal
 from engine.runtime.generation import answer_table
 from engine.runtime.models import EMBEDDED_BASE, export_embedded_base, is_embedded_tuned
@@ -123,8 +123,7 @@ class TuneStage(Stage):
                     "opener distance %.2f", balance.n_a, balance.n_b,
                     int((~data["source"].isin(prompts["source"])).sum()), balance.max_type_gap,
                     balance.opener_distance)
-        # Rows as Any: pandas-stubs type each field as any pandas scalar, NA included.
-        examples = [SftExample(r.text, r.response, bool(r.complete)) for r in cast(Iterable[Any], data.itertuples())]
+        examples = [SftExample(r.text, r.response, bool(r.complete)) for r in rows_of(data)]
         target = models_dir() / str(self.tuned_spec(context.config))
         built = built_with(context.hashes[self.name])
         if built is not None and built != target:
