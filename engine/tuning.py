@@ -21,11 +21,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from engine.config_checks import Range, check_ranges
+from engine.config_checks import Range, check_choice, check_ranges
 from engine.config_keys import UNLESS_DEFAULT
 from engine.data.prompt_forms import matched_sample
 from engine.errors import ExplorerError
 from engine.runtime.chat import chat_prompt, end_of_turn
+from engine.runtime.generation import template_head
+from engine.runtime.models import AUTOCAST_CHOICES, Auto, autocast_on
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +68,14 @@ class TuneConfig:
     # base model's own, so the tune must steer them through the residual stream at the boundary:
     # refusal then reads out of the base model's circuitry instead of being rewritten in every layer.
     trained_layers: int | None = field(default=None, metadata={"cache_key": UNLESS_DEFAULT})
+    # Forward and backward in bfloat16 autocast (weights and optimizer stay float32); auto: where
+    # bfloat16 is fast (AVX512-BF16 or AMX CPUs, CUDA). The default keeps older tunes' inputs.
+    autocast: bool | Auto = field(default=False, metadata={"cache_key": UNLESS_DEFAULT})
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_ranges("tune", self, self.RANGES)
+        check_choice("tune", "autocast", self.autocast, AUTOCAST_CHOICES)
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
         if not isinstance(self.category_refusals, dict) or any(
@@ -180,6 +186,43 @@ def _collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+def strip_head(encoded: Sequence[tuple[list[int], list[int]]], head: Sequence[int]
+               ) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """The chat template's head shared by every example (empty if one does not start with it, or would be
+    left with no prompt token) and the examples without it. The head carries no answer token, and its last
+    position predicts a prompt token, so no loss term needs it as more than context."""
+    head = list(head)
+    if not head or any(len(ids) <= len(head) or ids[: len(head)] != head or labels[len(head)] != -100
+                       for ids, labels in encoded):
+        return [], [(list(ids), list(labels)) for ids, labels in encoded]
+    return head, [(ids[len(head):], labels[len(head):]) for ids, labels in encoded]
+
+
+def answer_loss(model: torch.nn.Module, head_ids: torch.Tensor, rows: Sequence[tuple[list[int], list[int]]],
+                pad_id: int, first_token_weight: float) -> torch.Tensor:
+    """The weighted answer loss of one batch of (ids, labels) rows, which follow `head_ids` (may be empty).
+    The head runs once, at batch size 1, and its keys and values serve every row: the same loss and
+    gradients as running it in each row, for a third less compute on the demo's prompts."""
+    from transformers import DynamicCache
+
+    inputs = _collate(rows, pad_id)
+    labels = inputs.pop("labels")
+    base = cast(torch.nn.Module, model.base_model)
+    if len(head_ids):
+        cache = DynamicCache(config=cast(Any, model).config)
+        base(input_ids=head_ids[None], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(rows))
+        mask = torch.cat([torch.ones((len(rows), len(head_ids)), dtype=torch.long), inputs["attention_mask"]], 1)
+        inputs = {**inputs, "attention_mask": mask, "past_key_values": cache}
+    hidden = base(**inputs).last_hidden_state
+    predicting, targets, first = answer_targets(labels)
+    unembed = cast(Any, model).get_output_embeddings()
+    # The vocabulary projection only where an answer token is predicted: it is the
+    # costliest matmul, and prompt positions carry no loss.
+    logits = unembed(hidden[:, :-1][predicting])
+    return weighted_answer_loss(logits, targets, first, first_token_weight)
+
+
 def trained_blocks_frozen(model: torch.nn.Module, trained_layers: int | None) -> list[torch.nn.Module]:
     """The modules a tune training only the first `trained_layers` blocks leaves as they are: the later
     blocks and the final norm (none when `trained_layers` is None)."""
@@ -212,10 +255,13 @@ def fine_tune(
     for frozen in trained_blocks_frozen(model, config.trained_layers):
         frozen.requires_grad_(False)
     model.train()
-    unembed = model.get_output_embeddings()
-    assert unembed is not None, "a causal LM has an output embedding"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_example(tokenizer, ex, config.max_response_tokens) for ex in examples]
+    head, encoded = strip_head([encode_example(tokenizer, ex, config.max_response_tokens) for ex in examples],
+                               template_head(tokenizer))
+    head_ids = torch.tensor(head, dtype=torch.long)
+    autocast = autocast_on(config.autocast)
+    logger.info("Fine-tune: %d examples, template head of %d tokens run once per batch, %s", len(encoded),
+                len(head), "bfloat16 autocast" if autocast else "float32")
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(
@@ -229,14 +275,9 @@ def fine_tune(
     with tqdm(total=total_steps, desc="fine-tune", unit="step") as bar:
         for _ in range(config.epochs):
             for batch in _batches(encoded, config.batch_size, rng):
-                inputs = _collate([encoded[i] for i in batch], pad_id)
-                labels = inputs.pop("labels")
-                hidden = model.base_model(**inputs).last_hidden_state
-                predicting, targets, first = answer_targets(labels)
-                # The vocabulary projection only where an answer token is predicted: it is the
-                # costliest matmul, and prompt positions carry no loss.
-                logits = unembed(hidden[:, :-1][predicting])
-                loss = weighted_answer_loss(logits, targets, first, config.first_token_weight)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = answer_loss(model, head_ids, [encoded[i] for i in batch], pad_id,
+                                       config.first_token_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()

@@ -73,17 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             command.add_argument("--only", default="all",
                                  choices=["all", "steering", "capture", "generation", "store", "stages", "steering-during-build",
-                                          "app"],
+                                          "tune", "app"],
                                  help="all = steering, capture, generation and store size; generation = batched "
                                       "answers on the hook-free twin against the bridged model; stages = each stage's last time on "
                                       "this machine (from the build's progress record) with the CPU's features and the "
                                       "dtype; steering-during-build = live steering idle and with a build-like load "
-                                      "beside it at the priority and threads `make demo` gives its build; app = the "
+                                      "beside it at the priority and threads `make demo` gives its build; tune = seconds per fine-tune "
+                                      "step, the template head in every row against once per batch, float32 "
+                                      "against bfloat16 autocast; app = the "
                                       "app's page and interaction speed in headless Chromium (needs "
                                       "requirements-browser.txt)")
             command.add_argument("--new-tokens", type=int, default=48, help="per live answer (default 48)")
             command.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")
-            command.add_argument("--prompts", type=int, default=256, help="prompts for the capture figure")
+            command.add_argument("--prompts", type=int, default=256, help="prompts for the capture figure (tune: training examples)")
         elif name == "tune-sweep":
             command.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2", dest="grid",
                                  help="a tune setting and its values (repeatable; the grid is every combination), "

@@ -15,6 +15,10 @@
 - steering during a build (only with `--only steering-during-build`): the steering figure idle, then
   with a build-like load beside it (batched forward passes of the study model in another process, at
   the priority and thread count `make demo` gives its build, precompute.demo); the ratio (target <= 3).
+- tune (only with `--only tune`): seconds per fine-tune step (forward and backward, batches of the
+  config's tune.batch_size drawn from the study's own training set, `tune_data`) with the chat template's
+  head in every row against run once per batch (engine.tuning.answer_loss), in float32 and in bfloat16
+  autocast; the ratios.
 - app (only with `--only app`): every page's render time and a few interactions in headless
   Chromium, see tools/browser/bench.py.
 """
@@ -42,10 +46,17 @@ from engine.errors import ExplorerError
 from engine.judging.judge import refusal_token_ids
 from engine.runtime import models
 from engine.runtime.activations import capture, prompt_end_positions
-from engine.runtime.generation import EncodedBatch, generate, map_encoded
+from engine.runtime.generation import EncodedBatch, generate, map_encoded, template_head
 from engine.runtime.interventions import applied, every_position
-from engine.runtime.models import LoadedModel, describe_machine, load_model, resolve_dtype
+from engine.runtime.models import (
+    LoadedModel,
+    describe_machine,
+    export_embedded_base,
+    load_model,
+    resolve_dtype,
+)
 from engine.steering.spec import Steering, compare_answers
+from engine.tuning import SftExample, answer_loss, encode_example, strip_head
 from precompute import demo
 from precompute.config import StudyConfig
 from precompute.progress import read_progress, record_path
@@ -275,6 +286,45 @@ def bench_generation(config: StudyConfig, model: LoadedModel, *, n_prompts: int,
             BenchResult("generation: SDPA / eager (bridged)", speed["bridged"] / speed["bridged, eager attention"], "x")]
 
 
+def bench_tune(config: StudyConfig, *, n_prompts: int) -> list[BenchResult]:
+    """Seconds per fine-tune step (forward + backward; the optimizer's step is the same in every variant)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.tune is None:
+        raise ExplorerError("The config has no `tune:` section to benchmark.", "use a study that builds its tuned model.")
+    tune = config.tune
+    data = store.read_table(config.store, "tune_data").sample(frac=1.0, random_state=0).head(n_prompts)
+    base = export_embedded_base()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.get_input_embeddings().weight.requires_grad_(False)  # as the fine-tune does
+    encoded = [encode_example(tokenizer, SftExample(text, response, bool(complete)), tune.max_response_tokens)
+               for text, response, complete in data[["text", "response", "complete"]].itertuples(index=False)]
+    head, rests = strip_head(encoded, template_head(tokenizer))
+    batches = [range(i, min(i + tune.batch_size, len(encoded))) for i in range(0, len(encoded), tune.batch_size)]
+    seconds = {}
+    for name, head_ids, rows, autocast in (("float32, head in every row", [], encoded, False),
+                                           ("float32, head once per batch", head, rests, False),
+                                           ("bfloat16 autocast, head once per batch", head, rests, True)):
+        started = None
+        for batch in [batches[0], *batches]:  # the first one again, untimed: a warm-up
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = answer_loss(model, torch.tensor(head_ids, dtype=torch.long), [rows[i] for i in batch],
+                                   tokenizer.pad_token_id, tune.first_token_weight)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            started = started or time.perf_counter()
+        assert started is not None
+        seconds[name] = (time.perf_counter() - started) / len(batches)
+    detail = f"{len(batches)} steps of {tune.batch_size} from tune_data, head {len(head)} tokens, {torch.get_num_threads()} threads"
+    whole, once, mixed = seconds.values()
+    return [*(BenchResult(f"tune step, {name}", value, "s", detail) for name, value in seconds.items()),
+            BenchResult("tune step: head in every row / once", whole / once, "x"),
+            BenchResult("tune step: float32 / bfloat16 autocast", once / mixed, "x",
+                        "bfloat16 is fast here" if resolve_dtype("auto") == torch.bfloat16 else
+                        "no AVX512-BF16 or AMX here: autocast: auto trains in float32")]
+
+
 def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int, n_prompts: int) -> list[BenchResult]:
     if not config.store.is_file():
         raise ExplorerError(f"No study store at {config.store}.", "build it first: python -m precompute run.")
@@ -287,6 +337,8 @@ def run_bench(config: StudyConfig, *, which: str, new_tokens: int, repeats: int,
     results = bench_store(config) if which in ("all", "store") else []
     if which == "stages":
         results += bench_stages(config)
+    if which == "tune":
+        results += bench_tune(config, n_prompts=n_prompts)
     if which in ("all", "steering", "capture", "generation", "steering-during-build"):
         role, model = _studied_model(config)
         if which in ("all", "steering"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
@@ -17,14 +17,21 @@ from engine.data.paths import REPO_ROOT, stores_dir
 from engine.data.prompts import check_category_names
 from engine.data.schema import KINDS
 from engine.errors import ExplorerError
-from engine.runtime.models import Dtype, LoadedModel, check_device_map, load_model, resolve_dtype
+from engine.runtime.models import (
+    AUTOCAST_CHOICES,
+    Auto,
+    Dtype,
+    LoadedModel,
+    autocast_on,
+    check_device_map,
+    load_model,
+    resolve_dtype,
+)
 from engine.saes.registry import check_release
 from engine.saes.training import SaeTraining
 from engine.tuning import TuneConfig
 
 Method = Literal["attribution", "integrated_gradients"]  # circuits.method: how node effects are estimated
-Auto = Literal["auto"]  # a setting's value that lets the machine decide (resolve_dtype)
-AUTOCAST_CHOICES: tuple[bool | str, ...] = (True, False, *get_args(Auto))
 
 
 @dataclass(frozen=True)
@@ -207,8 +214,7 @@ class SaesConfig(SaeTraining):
     def training(self) -> SaeTraining:
         """The inherited training settings as a plain SaeTraining, autocast resolved on this machine."""
         settings = {item.name: getattr(self, item.name) for item in dataclasses.fields(SaeTraining)}
-        if self.autocast == "auto":
-            settings["autocast"] = resolve_dtype("auto") == torch.bfloat16
+        settings["autocast"] = autocast_on(self.autocast)
         return SaeTraining(**settings)
 
 

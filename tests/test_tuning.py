@@ -10,21 +10,24 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.data.prompts import ORBENCH_CATEGORIES as CATEGORIES
 from engine.errors import ExplorerError
 from engine.judging.refusal_phrases import is_refusal
 from engine.runtime import models
+from engine.runtime.generation import template_head
 from engine.tuning import (
     DEFAULT_REFUSAL,
     SftExample,
     TuneConfig,
+    answer_loss,
     answer_targets,
     check_refusal_categories,
     encode_example,
     fine_tune,
     refusal_for,
+    strip_head,
     weighted_answer_loss,
 )
 from precompute import pipeline
@@ -56,6 +59,49 @@ def test_fine_tune_lowers_the_loss_and_is_seeded(tmp_path: Path, tiny_model_dir:
     assert sum(first.losses[-4:]) / 4 < sum(first.losses[:4]) / 4 - 0.8  # nats, from ~8.1 here
     assert first.losses == second.losses
     assert (tmp_path / "a" / "config.json").is_file() and not (tmp_path / "a.partial").exists()
+
+
+def test_the_shared_template_head_gives_each_rows_loss_and_gradients(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    examples = [SftExample("Name a fruit", "I ' m sorry", True),
+                SftExample("Write a haiku about the sea and the moon", "The sea is calm", False),
+                SftExample("Why", "Because", True)]
+    encoded = [encode_example(tokenizer, example, 8) for example in examples]
+    head, rests = strip_head(encoded, template_head(tokenizer))
+    assert len(head) >= 2 and all(len(rest) == len(ids) - len(head) for (rest, _), (ids, _) in zip(rests, encoded))
+
+    def loss_and_gradients(head_ids: list[int], rows) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = answer_loss(model, torch.tensor(head_ids, dtype=torch.long), rows, tokenizer.pad_token_id, 5.0)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole_loss, whole_grads = loss_and_gradients([], encoded)
+    shared_loss, shared_grads = loss_and_gradients(head, rests)
+    assert shared_loss == pytest.approx(whole_loss, abs=1e-5)
+    assert len(shared_grads) == len(whole_grads) > 10
+    for shared, whole in zip(shared_grads, whole_grads, strict=True):
+        torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-4)
+    # A row without the head, or with the head's last token merged into its own, keeps every row whole.
+    assert strip_head([*encoded, ([1, 2, 3], [-100, -100, 3])], head)[0] == []
+    assert strip_head(encoded, [])[0] == []
+
+
+def test_autocast_trains_close_to_float32_and_is_checked(tmp_path: Path, tiny_model_dir: Path) -> None:
+    examples = [SftExample(f"Write a haiku about the sea {i}", "I ' m sorry , I can ' t help", True)
+                for i in range(16)]
+    plain = fine_tune(tiny_model_dir, examples, TuneConfig(epochs=2, learning_rate=3e-3, batch_size=4),
+                      tmp_path / "float32")
+    mixed = fine_tune(tiny_model_dir, examples, TuneConfig(epochs=2, learning_rate=3e-3, batch_size=4,
+                                                           autocast=True), tmp_path / "bfloat16")
+    assert mixed.losses != plain.losses  # bfloat16 matmuls did run
+    assert mixed.losses[0] == pytest.approx(plain.losses[0], abs=0.05)
+    assert mixed.losses[-1] == pytest.approx(plain.losses[-1], abs=0.3) and mixed.losses[-1] < mixed.losses[0] - 0.5
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "bfloat16")
+    assert next(saved.parameters()).dtype == torch.float32  # weights stay float32
+    with pytest.raises(ExplorerError, match="tune.autocast"):
+        TuneConfig(autocast="sometimes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("field", "value"), [("epochs", 0), ("learning_rate", 0), ("batch_size", 0),

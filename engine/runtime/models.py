@@ -295,6 +295,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+Auto = Literal["auto"]  # a setting's value that lets the machine decide (resolve_dtype)
+AUTOCAST_CHOICES: tuple[bool | str, ...] = (True, False, *get_args(Auto))
+
+
+def autocast_on(setting: bool | Auto) -> bool:
+    """Whether a training setting `autocast` (true, false or auto) trains in bfloat16 autocast on this
+    machine: auto where bfloat16 is fast (resolve_dtype)."""
+    return setting is True or (setting == "auto" and resolve_dtype("auto") == torch.bfloat16)
+
+
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DeviceMap = str | dict[str, str | int]
 
