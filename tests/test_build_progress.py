@@ -151,6 +151,29 @@ def test_bench_times_live_steering_idle_and_beside_a_build_like_load(tiny_store,
     assert started[0].args[:3] == ["nice", "-n", str(demo.BUILD_NICENESS)] and started[0].poll() is not None
 
 
+def test_bench_times_a_tune_step_with_the_head_shared_and_in_autocast(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    import pandas as pd
+
+    from precompute import bench
+
+    path = tmp_path / "t.duckdb"
+    data = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(12)], "text": [f"Name a fruit number {i}" for i in range(12)],
+                         "kind": "safe", "category": "privacy", "source": "builtin", "response": "An apple", "complete": True})
+    store.write_stage(path, run=store.RunRecord(study="tiny", stage="tune", models=("base",), dataset="builtin", config={}),
+                      input_hash="tune", tables={"tune_data": data})
+    settings = {**tiny_study_settings(path, tiny_model_dir), "tune": {"batch_size": 4, "max_response_tokens": 8}}
+    monkeypatch.setattr(bench, "export_embedded_base", lambda: tiny_model_dir)
+    results = {r.name: r for r in run_bench(parse_config(settings), which="tune", new_tokens=4, repeats=1, n_prompts=8)}
+    steps = ["float32, head in every row", "float32, head once per batch", "bfloat16 autocast, head once per batch"]
+    assert all(results[f"tune step, {name}"].value > 0 for name in steps)
+    assert results["tune step, float32, head once per batch"].detail.startswith("2 steps of 4 from tune_data, head 2 tokens")
+    assert results["tune step: head in every row / once"].value == pytest.approx(
+        results[f"tune step, {steps[0]}"].value / results[f"tune step, {steps[1]}"].value)
+    with pytest.raises(ExplorerError, match="no `tune:` section"):
+        run_bench(parse_config(tiny_study_settings(path, tiny_model_dir)), which="tune", new_tokens=4, repeats=1,
+                  n_prompts=8)
+
+
 # The app on a store whose stages after `generate` are still being built.
 
 def _partial_store(path: Path, full: Path) -> None:
