@@ -345,7 +345,7 @@ def caveats(findings: Findings) -> tuple[str, ...]:
                      "directions, RDO) shows what does.")
     if direction and direction.kl > direction.max_kl:
         notes.append(f"Ablating the refusal direction shifts safe prompts' next-token distribution by a mean "
-                     f"KL of {direction.kl:.2f}, above the {direction.max_kl:g} target: the direction carries "
+                     f"KL of {direction.kl:.3f}, above the {direction.max_kl:g} target: the direction carries "
                      "some non-refusal information too.")
     for verdict in findings.verdicts:
         if verdict.label == "inconclusive":

@@ -163,8 +163,9 @@ class DirectionsConfig:
     bootstrap: int = 200
     eval_max_new_tokens: int = 48
     # Refusal direction optimisation (engine.directions.rdo) in the `tradeoff` stage: Adam steps per cone size k = 1-4,
-    # fitted on train-split prompts, measured on test; 0 leaves it out (each step is a backward pass).
-    rdo_steps: int = field(default=0, metadata={"cache_key": UNLESS_DEFAULT})
+    # fitted on train-split prompts, measured on test; 0 leaves it out (each step is a backward pass). Keyed by
+    # the tradeoff stage alone (its inputs), so adding RDO to a built study re-runs that stage, not directions.
+    rdo_steps: int = field(default=0, metadata={"cache_key": False})
     seed: int = 0
 
     def __post_init__(self) -> None:

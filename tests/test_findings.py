@@ -105,7 +105,10 @@ def test_answer_and_caveats_follow_the_numbers(tiny_store: Path) -> None:
         label="inconclusive", reason="the ratio's 95% interval (0.60–1.05) is too wide", detectable_share=float("nan"),
         false_modular=0.1, error_share=0.4),))
     notes = " ".join(caveats(over_kl))
-    assert "mean KL of 0.50, above the 0.1 target" in notes
+    assert "mean KL of 0.500, above the 0.1 target" in notes
+    # Just above the limit reads as above it, not as a rounded "0.10, above the 0.1 target".
+    just_over = replace(findings, direction=replace(findings.direction, kl=0.1033, max_kl=0.1))
+    assert "mean KL of 0.103, above the 0.1 target" in " ".join(caveats(just_over))
     carrying = replace(findings.direction, toxic_ablated=Rate(1, 20))
     leaking = replace(findings.direction, toxic_ablated=Rate(16, 20))
     assert "still leaves" not in " ".join(caveats(replace(findings, direction=carrying)))

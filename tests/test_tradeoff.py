@@ -152,8 +152,13 @@ def test_rdo_cones_join_the_tradeoff_when_asked_for(tmp_path, tiny_model_dir) ->
     # without rdo_steps the stage's inputs, and so every stored hash, are what they were
     from precompute.stages.tradeoff import TradeoffStage
 
-    assert "rdo_steps" not in TradeoffStage().inputs(parse_config(tiny_study_settings(tmp_path / "x.duckdb",
-                                                                                    tiny_model_dir)))
+    plain = parse_config(tiny_study_settings(tmp_path / "x.duckdb", tiny_model_dir))
+    assert "rdo_steps" not in TradeoffStage().inputs(plain)
+    # and asking for RDO on a built study re-runs the tradeoff stage only: the directions stage's inputs stay
+    from precompute.stages.directions import DirectionsStage
+
+    assert DirectionsStage().inputs(config) == DirectionsStage().inputs(plain)
+    assert TradeoffStage().inputs(config) != TradeoffStage().inputs(plain)
 
 
 def test_answers_at_the_points_are_the_directions_stage_answers_where_the_intervention_is_the_same(tiny_store) -> None:
