@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from engine.errors import ExplorerError
 from engine.judging.judge import refusal_log_odds
@@ -101,7 +102,7 @@ def optimise_refusal_directions(model: LoadedModel, toxic: Sequence[str], safe: 
         return total / len(prompts)
 
     history = []
-    for step in range(settings.steps):
+    for step in tqdm(range(settings.steps), desc=f"RDO, k = {settings.k}", unit="step", leave=False):
         optimiser.zero_grad()
         with applied(model, hooks), torch.enable_grad():
             refusal = mean_over(toxic, lambda batch, logprobs: refusal_loss(logprobs[:, ids.to(logprobs.device)]))
