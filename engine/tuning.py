@@ -44,6 +44,7 @@ class TuneConfig:
         "plain_per_toxic": Range(0, 20),
         "first_token_weight": Range(1, 100),
         "trained_layers": Range(1, 1000, optional=True),
+        "frozen_layers": Range(0, 1000),
     }
 
     epochs: int = 2
@@ -68,6 +69,10 @@ class TuneConfig:
     # base model's own, so the tune must steer them through the residual stream at the boundary:
     # refusal then reads out of the base model's circuitry instead of being rewritten in every layer.
     trained_layers: int | None = field(default=None, metadata={"cache_key": UNLESS_DEFAULT})
+    # Leave the first this many blocks as the base model's. Backpropagation then stops above them, so a
+    # step costs less (the base model's own lower layers already tell harm from harmless), and refusal
+    # has to be written by the upper blocks, where the study looks for it.
+    frozen_layers: int = field(default=0, metadata={"cache_key": UNLESS_DEFAULT})
     # Forward and backward in bfloat16 autocast (weights and optimizer stay float32); auto: where
     # bfloat16 is fast (AVX512-BF16 or AMX CPUs, CUDA). The default keeps older tunes' inputs.
     autocast: bool | Auto = field(default=False, metadata={"cache_key": UNLESS_DEFAULT})
@@ -76,6 +81,10 @@ class TuneConfig:
     def __post_init__(self) -> None:
         check_ranges("tune", self, self.RANGES)
         check_choice("tune", "autocast", self.autocast, AUTOCAST_CHOICES)
+        if self.trained_layers is not None and self.frozen_layers >= self.trained_layers:
+            raise ExplorerError(f"tune.frozen_layers = {self.frozen_layers} leaves none of the first "
+                                f"trained_layers = {self.trained_layers} blocks to train.",
+                                "set frozen_layers below trained_layers, or trained_layers: null.")
         if not self.refusal_text.strip():
             raise ExplorerError("tune.refusal_text is empty.", "give the refusal sentence to teach.")
         if not isinstance(self.category_refusals, dict) or any(
@@ -223,18 +232,21 @@ def answer_loss(model: torch.nn.Module, head_ids: torch.Tensor, rows: Sequence[t
     return weighted_answer_loss(logits, targets, first, first_token_weight)
 
 
-def trained_blocks_frozen(model: torch.nn.Module, trained_layers: int | None) -> list[torch.nn.Module]:
-    """The modules a tune training only the first `trained_layers` blocks leaves as they are: the later
-    blocks and the final norm (none when `trained_layers` is None)."""
+def frozen_modules(model: torch.nn.Module, trained_layers: int | None, frozen_layers: int = 0
+                   ) -> list[torch.nn.Module]:
+    """The modules a tune leaves as they are: the first `frozen_layers` blocks, and, when it trains only
+    the first `trained_layers` blocks, the later blocks and the final norm."""
     # A Llama-style decoder: `layers` a ModuleList, `norm` the final norm (torch types submodules loosely).
     base = cast(torch.nn.Module, model.base_model)
     blocks = cast(torch.nn.ModuleList, base.layers)
-    if trained_layers is None:
-        return []
-    if trained_layers > len(blocks):
+    if trained_layers is not None and trained_layers > len(blocks):
         raise ExplorerError(f"tune.trained_layers = {trained_layers}, but the model has {len(blocks)} blocks.",
                             f"use at most {len(blocks)}, or null to train every block.")
-    return [*blocks[trained_layers:], cast(torch.nn.Module, base.norm)]
+    if frozen_layers >= len(blocks):
+        raise ExplorerError(f"tune.frozen_layers = {frozen_layers} leaves none of the model's {len(blocks)} "
+                            "blocks to train.", f"use at most {len(blocks) - 1}.")
+    upper = [] if trained_layers is None else [*blocks[trained_layers:], cast(torch.nn.Module, base.norm)]
+    return [*blocks[:frozen_layers], *upper]
 
 
 def fine_tune(
@@ -252,7 +264,7 @@ def fine_tune(
     # The embeddings are tied to the unembedding: freezing them keeps the tokens' meaning
     # fixed and skips the costliest gradient (vocab x d_model) on a CPU.
     model.get_input_embeddings().weight.requires_grad_(False)
-    for frozen in trained_blocks_frozen(model, config.trained_layers):
+    for frozen in frozen_modules(model, config.trained_layers, config.frozen_layers):
         frozen.requires_grad_(False)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="a tune setting and its values (repeatable; the grid is every combination), "
                                       "e.g. --set learning_rate=1e-4,3e-4; builtin=original,balanced picks the "
                                       "built-in prompt set's variant")
+            command.add_argument("--until", default="evaluation", choices=["evaluation", "directions"],
+                                 help="the last stage of each point's study: directions adds what ablating the "
+                                      "point's chosen refusal direction leaves refused, and its KL (default "
+                                      "evaluation)")
         elif name == "replicate":
             command.add_argument("--seeds", type=int, default=3, help="seeds, the study's own (0) included (default 3)")
         elif name == "evaluate":
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tune-sweep":
             from precompute.sweep import parse_grid, run_sweep
 
-            table = run_sweep(config, parse_grid(args.grid))
+            table = run_sweep(config, parse_grid(args.grid), until=args.until)
             _log_and_save("Tune sweep (refusal rate, Wilson 95% interval, n prompts)", [table],
                           config.store.parent / "sweep" / f"{config.study}-tune-sweep.csv")
             return 0

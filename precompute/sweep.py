@@ -1,6 +1,7 @@
 """`python -m precompute tune-sweep`: the demo fine-tune's trade-off, measured over a grid of settings.
 
-Each grid point is a study of its own (the tuned model only, stages up to `evaluation`) with its
+Each grid point is a study of its own (the tuned model only, stages up to `evaluation`, or up to
+`directions` to see whether the chosen refusal direction carries the point's refusal) with its
 tuned copy in data/models/<tuned>-sweep-<hash> and its store in data/stores/sweep/, so a point that
 was measured before is read back, not re-run. Every point is scored on prompts its tune did not see:
 the study's toxic, hard and safe test prompts and the config's held-out evaluation sets.
@@ -32,6 +33,7 @@ from precompute.stages import STAGES
 logger = logging.getLogger(__name__)
 
 BUILTIN_KEY = "builtin"  # not a tune setting: the built-in prompt set's variant
+LAST_STAGES = ("evaluation", "directions")  # where a sweep point's study may stop
 
 
 def parse_grid(settings: Sequence[str]) -> dict[str, list[Any]]:
@@ -61,9 +63,12 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def point_config(config: StudyConfig, point: Mapping[str, Any]) -> StudyConfig:
-    """The study that measures one grid point: the tuned model alone, its own model folder and store; the
-    point whose settings are the config's own is the study itself (its tuned model is the one it studies)."""
+def point_config(config: StudyConfig, point: Mapping[str, Any], until: str = "evaluation") -> StudyConfig:
+    """The study that measures one grid point, up to stage `until`: the tuned model alone, its own model
+    folder and store; the point whose settings are the config's own is the study itself (its tuned model
+    is the one it studies)."""
+    if until not in LAST_STAGES:
+        raise ExplorerError(f"A sweep point's study cannot stop at {until!r}.", f"use one of {', '.join(LAST_STAGES)}.")
     if config.tune is None:
         raise ExplorerError("The config has no `tune:` section to sweep.", "use precompute/configs/demo.yaml.")
     settings = {k: v for k, v in point.items() if k != BUILTIN_KEY}
@@ -81,7 +86,8 @@ def point_config(config: StudyConfig, point: Mapping[str, Any]) -> StudyConfig:
     study = f"{config.study}-sweep-{digest}"
     return dataclasses.replace(
         config, study=study, models={"tuned": f"{EMBEDDED_TUNED}-sweep-{digest}"}, prompts=prompts, tune=tune,
-        store=stores_dir() / "sweep" / f"{study}.duckdb", directions=None, saes=None, steering=None, circuits=None)
+        store=stores_dir() / "sweep" / f"{study}.duckdb", saes=None, steering=None, circuits=None,
+        directions=config.directions if until == "directions" else None)
 
 
 def form_scores(study: StudyConfig, layer_share: float) -> dict[str, Any]:
@@ -122,19 +128,32 @@ def point_scores(study: StudyConfig) -> dict[str, Any]:
     return row
 
 
+def direction_scores(study: StudyConfig) -> dict[str, Any]:
+    """What ablating the point's chosen refusal direction leaves refused of its toxic test prompts, at what
+    KL on its safe test prompts (the `directions` stage's own figures, as the Directions page shows them)."""
+    from app.findings import study_findings
+
+    direction = study_findings(study.store).direction
+    if direction is None:
+        return {"chosen_site": "none passed the filters"}
+    return {"chosen_site": f"layer {direction.layer} {direction.position_label!r}",
+            "toxic_ablated": direction.toxic_ablated.text(), "kl_ablated": round(direction.kl, 3)}
+
+
 def _rate(judged: pd.DataFrame) -> str:
     """The refusal rate of judged answers with its Wilson 95% interval (engine.judging.judge.refusal_rate_table)."""
     rate = refusal_rate_table(judged.assign(everything=True), ["everything"]).iloc[0]
     return f"{rate['rate']:.1%} [{rate['ci_low']:.1%}, {rate['ci_high']:.1%}] n={rate['n']}"
 
 
-def run_sweep(config: StudyConfig, grid: Mapping[str, Sequence[Any]], *, form_layer_share: float = 0.7
-              ) -> pd.DataFrame:
-    """Build and score every grid point (each skipped where its store is up to date)."""
+def run_sweep(config: StudyConfig, grid: Mapping[str, Sequence[Any]], *, until: str = "evaluation",
+              form_layer_share: float = 0.7) -> pd.DataFrame:
+    """Build and score every grid point up to stage `until` (each skipped where its store is up to date)."""
     rows = []
     for point in grid_points(grid):
-        study = point_config(config, point)
+        study = point_config(config, point, until)
         logger.info("Sweep point %s -> %s", point, study.study)
-        run_pipeline(study, STAGES, until="evaluation")
-        rows.append({**point, **point_scores(study), **form_scores(study, form_layer_share)})
+        run_pipeline(study, STAGES, until=until)
+        directions = direction_scores(study) if until == "directions" else {}
+        rows.append({**point, **point_scores(study), **form_scores(study, form_layer_share), **directions})
     return pd.DataFrame(rows)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from app.findings import study_findings
 from engine.errors import ExplorerError
-from precompute.config import load_config
-from precompute.sweep import grid_points, parse_grid, point_config
+from precompute.config import load_config, parse_config
+from precompute.sweep import direction_scores, grid_points, parse_grid, point_config
 
 
 def test_grid_parsing_and_points() -> None:
@@ -34,3 +37,24 @@ def test_the_point_with_the_configs_own_settings_is_the_study_itself() -> None:
     config = load_config("precompute/configs/demo.yaml")
     own = {"plain_per_toxic": config.tune.plain_per_toxic, "builtin": config.prompts.sources[0]["variant"]}
     assert point_config(config, own) is config
+
+
+def test_a_point_may_run_up_to_the_directions_stage() -> None:
+    config = load_config("precompute/configs/demo.yaml")
+    point = point_config(config, {"frozen_layers": 12}, until="directions")
+    assert point.tune.frozen_layers == 12 and point.directions == config.directions
+    assert point.saes is None and point.steering is None and point.circuits is None
+    assert point.study == point_config(config, {"frozen_layers": 12}).study  # one model and store either way
+    with pytest.raises(ExplorerError, match="cannot stop at 'saes'"):
+        point_config(config, {"frozen_layers": 12}, until="saes")
+
+
+def test_direction_scores_are_the_chosen_directions_own_figures(tiny_store: Path, tiny_model_dir: Path) -> None:
+    from tests.conftest import tiny_study_settings
+
+    direction = study_findings(tiny_store).direction
+    assert direction is not None
+    scores = direction_scores(parse_config(tiny_study_settings(tiny_store, tiny_model_dir)))
+    assert scores == {"chosen_site": f"layer {direction.layer} {direction.position_label!r}",
+                      "toxic_ablated": direction.toxic_ablated.text(), "kl_ablated": round(direction.kl, 3)}
+    assert "%" in scores["toxic_ablated"]

@@ -242,3 +242,19 @@ def test_trained_layers_leave_the_later_blocks_as_the_base_model_has_them(tmp_pa
         fine_tune(tiny_model_dir, examples, TuneConfig(trained_layers=3), tmp_path / "too-many")
     with pytest.raises(ExplorerError, match="tune.trained_layers = 0 is out of range"):
         TuneConfig(trained_layers=0)
+
+
+def test_frozen_layers_leave_the_lower_blocks_as_the_base_model_has_them(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    examples = [SftExample(f"Write a haiku about the sea {i}", "I ' m sorry , I can ' t help", True) for i in range(8)]
+    fine_tune(tiny_model_dir, examples, TuneConfig(epochs=1, learning_rate=3e-3, batch_size=4, frozen_layers=1),
+              tmp_path / "upper")
+    base, tuned = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_model_dir, tmp_path / "upper"))
+    changed = {name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base.state_dict()[name])}
+    assert any(name.startswith("model.layers.1.") for name in changed)
+    assert all(name.startswith(("model.layers.1.", "model.norm.")) for name in changed)
+    with pytest.raises(ExplorerError, match="frozen_layers = 2 leaves none of the model's 2 blocks"):
+        fine_tune(tiny_model_dir, examples, TuneConfig(frozen_layers=2), tmp_path / "all-frozen")
+    with pytest.raises(ExplorerError, match="frozen_layers = 1 leaves none of the first trained_layers = 1"):
+        TuneConfig(frozen_layers=1, trained_layers=1)
