@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from engine.judging.judge import refusal_score
 from engine.runtime.interventions import applied
@@ -36,12 +37,6 @@ class SiteDirection:
     alpha: float | None = None  # None: the vector's own norm
 
 
-def _scores(model: LoadedModel, prompts: Sequence[str], steering: Steering, token_ids: Sequence[int],
-            batch_size: int) -> np.ndarray:
-    with applied(model, steering.hooks(model)):
-        return refusal_score(next_token_logprobs(model, list(prompts), batch_size=batch_size, token_ids=token_ids))
-
-
 def dependence(induced: np.ndarray, induced_without: np.ndarray) -> float:
     """1 - (b's induced refusal with a ablated) / (b's induced refusal); NaN when b induces nothing."""
     whole = float(np.mean(induced))
@@ -54,14 +49,21 @@ def independence_matrix(model: LoadedModel, directions: Mapping[str, SiteDirecti
     """dependence(a -> b) for every ordered pair (a ablated, b added), with a bootstrap 95% interval over
     prompts; rows a, b, dependence, ci_low, ci_high, induced (b's mean induced score), n."""
     names = list(directions)
-    baseline = _scores(model, prompts, Steering(), token_ids, batch_size)
-    ablated = {a: _scores(model, prompts, Steering(ablate=(directions[a].vector,)), token_ids, batch_size)
-               for a in names}
+    # One forward pass per steering: the baseline, each ablation, each addition alone and under each ablation.
+    bar = tqdm(total=1 + 2 * len(names) + len(names) ** 2, desc="independence", unit="pass")
+
+    def scores(steering: Steering) -> np.ndarray:
+        with applied(model, steering.hooks(model)):
+            score = refusal_score(next_token_logprobs(model, list(prompts), batch_size=batch_size, token_ids=token_ids))
+        bar.update(1)
+        return score
+
+    baseline = scores(Steering())
+    ablated = {a: scores(Steering(ablate=(directions[a].vector,))) for a in names}
 
     def added(b: str, ablate: tuple[np.ndarray, ...] = ()) -> np.ndarray:
         site = directions[b]
-        return _scores(model, prompts, Steering(ablate=ablate, add=(Addition(site.vector, site.layer, site.alpha),)),
-                       token_ids, batch_size)
+        return scores(Steering(ablate=ablate, add=(Addition(site.vector, site.layer, site.alpha),)))
 
     induced = {b: added(b) - baseline for b in names}
     rng = np.random.default_rng(seed)
@@ -74,4 +76,5 @@ def independence_matrix(model: LoadedModel, directions: Mapping[str, SiteDirecti
             low, high = np.nanpercentile(boot, [2.5, 97.5]) if np.isfinite(boot).any() else (np.nan, np.nan)
             rows.append({"a": a, "b": b, "dependence": dependence(induced[b], without), "ci_low": float(low),
                          "ci_high": float(high), "induced": float(np.mean(induced[b])), "n": len(prompts)})
+    bar.close()
     return pd.DataFrame(rows)
