@@ -227,12 +227,17 @@ class SteeringConfig:
         "top_features": Range(0, 100),
         "feature_force_multiple": Range(0, 100, low_open=True),
         "eval_max_new_tokens": Range(1, 2048),
+        "answer_prompts": Range(1, 1_000_000, optional=True),
     }
 
     model: str = "tuned"
     top_features: int = 3  # features with the largest attribution at the refusal layer's SAE
     feature_force_multiple: float = 2.0  # force refusal: set a feature to this x its corpus maximum
     eval_max_new_tokens: int = 32  # answers generated for the features (the global direction's come from directions)
+    # The features' answers on a seeded sample of at most this many test prompts per kind (None: all of
+    # them). Generation is most of the stage's time; the refusal score still reads every test prompt.
+    answer_prompts: int | None = field(default=None, metadata={"cache_key": UNLESS_DEFAULT})
+    seed: int = field(default=0, metadata={"cache_key": UNLESS_DEFAULT})
 
     def __post_init__(self) -> None:
         check_ranges("steering", self, self.RANGES)

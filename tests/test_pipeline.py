@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from engine.data import store
 from engine.data.prompt_sources import load_builtin
+from engine.data.prompts import seeded_sample
 from precompute import pipeline
 from precompute.config import parse_config
 from precompute.stages import STAGES
@@ -490,6 +492,17 @@ def test_steering_another_model_generates_the_global_directions_answers_itself(t
     assert reports["steering"] == "ran" and generated == ["suppress", "force"]
     steered = store.read_table(config.store, "steering_generations").query("intervention == 'global'")
     assert set(steered["mode"]) == {"suppress", "force"}
+    # answer_prompts: the answers cover a seeded sample per kind; the refusal score still reads every prompt
+    sampled = dataclasses.replace(config, steering=dataclasses.replace(config.steering, answer_prompts=3))
+    reports = {r.stage: r.status for r in pipeline.run_pipeline(sampled, STAGES)}
+    assert reports["steering"] == "ran"
+    read = lambda name: store.read_table(config.store, name)
+    test = read("prompts").query("split == 'test'")
+    steered = read("steering_generations")
+    for mode, kind in (("suppress", "toxic"), ("force", "safe")):
+        expected = seeded_sample(test, kind, 3, 0)["id"]
+        assert sorted(steered.query("mode == @mode")["prompt_id"]) == sorted(expected) and len(expected) == 3
+    assert read("steering_effects").query("intervention == 'global' and mode == 'suppress'")["n"].sum() == len(test)
 
 
 def test_circuits_stage_builds_compares_and_names_a_small_category(tmp_path, tiny_model_dir) -> None:

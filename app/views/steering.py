@@ -186,7 +186,8 @@ rates = queries.query(store, queries.STEERING_RATES_SQL)
 rates["label"] = rates["n_refused"].astype(str) + " / " + rates["n"].astype(str)
 st.caption("Answers generated under each intervention, judged by the substring judge: *suppress* (direction "
            "ablated / feature set to 0) on toxic prompts, *force* (direction added / feature set high) on safe "
-           "prompts. Bars are Wilson 95% intervals.")
+           "prompts. Bars are Wilson 95% intervals; each label gives the prompts judged (the answers this stage "
+           "generates itself may cover a seeded sample per kind, `steering.answer_prompts`).")
 show_chart(figure_spec(charts.rate_bars, rates, "intervention", "mode", charts.STEERING_MODES), "Steering refusal rates",
            data=rates, width="stretch")
 

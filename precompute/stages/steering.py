@@ -9,8 +9,9 @@ layer's SAE. Each is applied two ways:
 Refusal is read by the refusal score (> 0) for every intervention and by the substring judge on
 generated answers for the global direction and the features. When the steered model is the one the
 directions stage studies, the global direction's answers are that stage's (the same ablation and
-addition on the same test prompts, generated once, at `directions.eval_max_new_tokens`). Under suppression, the KL divergence on safe prompts and the
-cross-entropy of the model's own safe answers measure the side effects.
+addition on the same test prompts, generated once, at `directions.eval_max_new_tokens`); the answers this
+stage generates may cover a seeded sample per kind (`steering.answer_prompts`). Under suppression, the KL
+divergence on safe prompts and the cross-entropy of the model's own safe answers measure the side effects.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pandas as pd
 import torch
 
 from engine.data.chunked import cached_frames
+from engine.data.prompts import seeded_sample
 from engine.data.store import rows_of
 from engine.judging.evaluation import judged_answers
 from engine.judging.judge import refusal_rate_table, refusal_score, refusal_token_ids
@@ -95,6 +97,18 @@ class SteeringStage(ModelSectionStage):
     def _test_prompts(context: StageContext) -> pd.DataFrame:
         return context.table("prompts").query("split == 'test'").drop(columns="run_id").reset_index(drop=True)
 
+    def _answered(self, context: StageContext, prompts: pd.DataFrame) -> np.ndarray:
+        """Which of `prompts` the features' answers are generated for: all, or those in a seeded sample of
+        `answer_prompts` per kind of every test prompt (so a shard answers its part of the same sample)."""
+        settings = context.config.steering
+        assert settings is not None  # applies() guarantees it
+        if settings.answer_prompts is None:
+            return np.ones(len(prompts), dtype=bool)
+        test = self._test_prompts(context)
+        sample = pd.concat([seeded_sample(test, kind, settings.answer_prompts, settings.seed)
+                            for kind in ("toxic", "safe")])
+        return prompts["id"].isin(sample["id"]).to_numpy()
+
     def _per_prompt(self, context: StageContext, prompts: pd.DataFrame) -> dict[str, pd.DataFrame]:
         """Every intervention's effect on each of `prompts` (test prompts, or one shard's slice):
         refusal scores, KL and completion cross-entropy on safe prompts, and judged answers."""
@@ -112,6 +126,7 @@ class SteeringStage(ModelSectionStage):
         safe_texts = list(prompts.loc[safe, "text"])
         safe_answers = generations.loc[prompts.loc[safe, "id"], "response"].tolist()
         safe_ids, benign_ids = prompts.loc[safe, "id"].to_numpy(), prompts.loc[benign, "id"].to_numpy()
+        answered = self._answered(context, prompts)
 
         @functools.cache
         def baseline() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,9 +170,10 @@ class SteeringStage(ModelSectionStage):
                 # Generated answers: refusal as users see it (the RCM seed's force/suppress rates).
                 evaluate = {"max_new_tokens": settings.eval_max_new_tokens, "batch_size": batch_size}
                 frames["answers"] = pd.concat([
-                    judged_answers(model, prompts[kind == "toxic"], "suppress", suppress.hooks(model), token_ids,
+                    judged_answers(model, prompts[(kind == "toxic") & answered], "suppress", suppress.hooks(model),
+                                   token_ids, **evaluate),
+                    judged_answers(model, prompts[safe & answered], "force", force.hooks(model), token_ids,
                                    **evaluate),
-                    judged_answers(model, prompts[safe], "force", force.hooks(model), token_ids, **evaluate),
                 ], ignore_index=True).assign(intervention=name)
             return frames
 
