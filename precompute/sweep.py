@@ -135,8 +135,12 @@ def direction_scores(study: StudyConfig) -> dict[str, Any]:
 
     direction = study_findings(study.store).direction
     if direction is None:
-        return {"chosen_site": "none passed the filters"}
-    return {"chosen_site": f"layer {direction.layer} {direction.position_label!r}",
+        return {"chosen_site": "none"}
+    candidates = store.read_table(study.store, "direction_candidates")
+    chosen = candidates[(candidates["model"] == direction.model) & candidates["chosen"]]
+    # With no candidate passing the filters the stage falls back to the lowest ablation score: say so.
+    fallback = "" if chosen["eligible"].all() else " (none passed the filters: lowest ablation score)"
+    return {"chosen_site": f"layer {direction.layer} {direction.position_label!r}{fallback}",
             "toxic_ablated": direction.toxic_ablated.text(), "kl_ablated": round(direction.kl, 3)}
 
 

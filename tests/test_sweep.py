@@ -49,12 +49,23 @@ def test_a_point_may_run_up_to_the_directions_stage() -> None:
         point_config(config, {"frozen_layers": 12}, until="saes")
 
 
-def test_direction_scores_are_the_chosen_directions_own_figures(tiny_store: Path, tiny_model_dir: Path) -> None:
+def test_direction_scores_are_the_chosen_directions_own_figures(tiny_store: Path, tiny_model_dir: Path,
+                                                                tmp_path: Path) -> None:
+    import shutil
+
+    import duckdb
+
     from tests.conftest import tiny_study_settings
 
     direction = study_findings(tiny_store).direction
     assert direction is not None
-    scores = direction_scores(parse_config(tiny_study_settings(tiny_store, tiny_model_dir)))
-    assert scores == {"chosen_site": f"layer {direction.layer} {direction.position_label!r}",
-                      "toxic_ablated": direction.toxic_ablated.text(), "kl_ablated": round(direction.kl, 3)}
-    assert "%" in scores["toxic_ablated"]
+    figures = {"toxic_ablated": direction.toxic_ablated.text(), "kl_ablated": round(direction.kl, 3)}
+    site = f"layer {direction.layer} {direction.position_label!r}"
+    for eligible, suffix in ((True, ""), (False, " (none passed the filters: lowest ablation score)")):
+        copy = tmp_path / f"eligible-{eligible}.duckdb"
+        shutil.copy(tiny_store, copy)
+        with duckdb.connect(str(copy)) as con:
+            con.execute("UPDATE direction_candidates SET eligible = ? WHERE chosen", [eligible])
+        scores = direction_scores(parse_config(tiny_study_settings(copy, tiny_model_dir)))
+        assert scores == {"chosen_site": site + suffix, **figures}
+    assert "%" in figures["toxic_ablated"]
