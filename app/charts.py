@@ -138,7 +138,8 @@ def addition_sweep(sweep: pd.DataFrame, picked: alt.Parameter | None = None) -> 
     line = base.mark_line(point=alt.OverlayMarkDef(size=70, filled=True)).encode(
         y="rate:Q", tooltip=[alt.Tooltip("point:N"), alt.Tooltip("kind:N"), alt.Tooltip("n_refused:Q", title="refused"),
                              alt.Tooltip("n:Q", title="prompts"), alt.Tooltip("rate:Q", format=".0%"),
-                             alt.Tooltip("mean_kl:Q", format=".3f", title="KL on safe prompts")])
+                             alt.Tooltip("mean_kl:Q", format=".3f", title="KL on safe prompts"),
+                             alt.Tooltip("mean_ce:Q", format=".3f", title="CE of safe answers (nats/token)")])
     if picked is not None:
         line = line.add_params(picked)
     return unfaceted(band + line).properties(height=260,
@@ -178,6 +179,10 @@ def ablation_tradeoff(points: pd.DataFrame, max_kl: float, target_rate: float,
                alt.Tooltip("ci_high:Q", format=".0%", title="95% CI high"), alt.Tooltip("n_toxic:Q"),
                alt.Tooltip("mean_kl:Q", format=".3f"), alt.Tooltip("kl_low:Q", format=".3f", title="KL 95% CI low"),
                alt.Tooltip("kl_high:Q", format=".3f", title="KL 95% CI high"), alt.Tooltip("n_safe:Q"),
+               alt.Tooltip("mean_ce:Q", format=".3f", title="CE of safe answers (nats/token)"),
+               alt.Tooltip("ce_low:Q", format=".3f", title="CE 95% CI low"),
+               alt.Tooltip("ce_high:Q", format=".3f", title="CE 95% CI high"),
+               alt.Tooltip("baseline_ce:Q", format=".3f", title="CE unablated"),
                alt.Tooltip("front:N", title="Pareto front")]
     marks = base.mark_point(filled=True, size=80).encode(
         shape=alt.Shape("front:N", title="Pareto front", scale=alt.Scale(domain=["on the front", "dominated"],

@@ -148,6 +148,15 @@ def _data(findings: Findings) -> Section:
     return Section("data", "Models and data", body, "prompts", table=table)
 
 
+def answer_ce_text(sweep: pd.DataFrame, strength: float) -> str:
+    """The safe answers' cross-entropy at `strength` against the unsteered model's, where the store has it."""
+    if "mean_ce" not in sweep or pd.isna(sweep.at[strength, "mean_ce"]):
+        return ""
+    return (f" and the cross-entropy of the model's own safe answers {sweep.at[strength, 'mean_ce']:.3f} nats/token "
+            f"[{sweep.at[strength, 'ce_low']:.3f}, {sweep.at[strength, 'ce_high']:.3f}], against "
+            f"{sweep.at[0.0, 'mean_ce']:.3f} unsteered")
+
+
 def sections(findings: Findings) -> tuple[Section, ...]:
     return (_answer(findings), _refusal(findings), _direction(findings), _shared(findings),
             _caveats(findings), _data(findings))

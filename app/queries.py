@@ -244,8 +244,7 @@ SELECT * EXCLUDE (run_id),
 FROM ablation_tradeoff WHERE model = ? ORDER BY source, size
 """
 ADDITION_TRADEOFF_SQL = """
-SELECT point, strength, kind, n, n_refused, rate, ci_low, ci_high, mean_refusal_score, mean_kl, kl_low, kl_high
-FROM addition_tradeoff WHERE model = ? ORDER BY strength, kind
+SELECT * EXCLUDE (run_id, model) FROM addition_tradeoff WHERE model = ? ORDER BY strength, kind
 """
 TRADEOFF_ANSWERS_SQL = """
 SELECT kind, prompt, response, refused, refusal_score FROM tradeoff_answers

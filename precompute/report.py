@@ -139,11 +139,24 @@ def tradeoff_section(path: Path, present: frozenset[str], findings: Findings) ->
         "toxic still refused (score > 0, 95% CI)": [Rate(int(row.n_refused), int(row.n_toxic)).text()
                                                    for row in store.rows_of(points)],
         "KL on safe [95% CI]": [f"{row.mean_kl:.3f} [{row.kl_low:.3f}, {row.kl_high:.3f}]" for row in store.rows_of(points)],
+        "CE of safe answers [95% CI]": [_mean_text(row, "ce") for row in store.rows_of(points)],
         "Pareto front": points["pareto"].map({True: "yes", False: ""}),
     })
+    unablated = f" Unablated, the safe answers' cross-entropy is {points['baseline_ce'].iloc[0]:.3f} nats/token." \
+        if "baseline_ce" in points and points["baseline_ce"].notna().any() else ""
     return ("## Ablation trade-off\n\nOn the test prompts; weight w removes that share of the chosen direction, "
             "cone k the span of the k best layers' directions at the chosen position, categories the span of every "
-            "category's direction (Directions page).\n\n" + _table(shown))
+            "category's direction, rdo k the k directions refusal direction optimisation found (Directions page). "
+            f"CE: cross-entropy (nats/token) of the model's own unablated answers to the safe prompts.{unablated}\n\n"
+            + _table(shown))
+
+
+def _mean_text(row, measure: str) -> str:
+    """`mean_<measure>` with its interval, or "not measured" for a store built before the measure was."""
+    mean = getattr(row, f"mean_{measure}", float("nan"))
+    if pd.isna(mean):
+        return "not measured"
+    return f"{mean:.3f} [{getattr(row, measure + '_low'):.3f}, {getattr(row, measure + '_high'):.3f}]"
 
 
 def addition_section(path: Path, present: frozenset[str], findings: Findings) -> str:
@@ -157,6 +170,7 @@ def addition_section(path: Path, present: frozenset[str], findings: Findings) ->
     safe = sweep[sweep["kind"] == "safe"].set_index("strength")
     shown["KL on safe [95% CI]"] = [f"{safe.loc[s, 'mean_kl']:.3f} [{safe.loc[s, 'kl_low']:.3f}, {safe.loc[s, 'kl_high']:.3f}]"
                                     for s in shown["strength"]]
+    shown["CE of safe answers [95% CI]"] = [_mean_text(row, "ce") for row in store.rows_of(safe.loc[shown["strength"]])]
     shown["strength"] = shown["strength"].map("{:g}".format)
     return ("## Addition strength\n\nThe chosen direction added at its layer, strength times its norm (1: the "
             "directions stage's addition), on the test prompts; refused by the refusal score (> 0).\n\n" + _table(shown))

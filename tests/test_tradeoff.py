@@ -149,6 +149,9 @@ def test_rdo_cones_join_the_tradeoff_when_asked_for(tmp_path, tiny_model_dir) ->
     rdo = tradeoff[tradeoff["source"] == "rdo"].set_index("size")
     assert sorted(rdo.index) == [1, 2, 3, 4] and (rdo["n_directions"] == rdo.index).all()
     assert (rdo["n_toxic"] == tradeoff["n_toxic"].iloc[0]).all()  # measured on the test prompts like the others
+    # RDO's first direction joins the independence matrix, and ablating it removes what adding it does
+    matrix = store.read_table(config.store, "direction_independence").set_index(["a", "b"])
+    assert "rdo" in set(matrix.index.get_level_values("a")) and matrix.loc[("rdo", "rdo"), "dependence"] > 0.99
     # without rdo_steps the stage's inputs, and so every stored hash, are what they were
     from precompute.stages.tradeoff import TradeoffStage
 
@@ -212,3 +215,54 @@ def test_a_rerun_redoes_only_the_parts_whose_inputs_changed(tmp_path, tiny_model
     assert answers.groupby(["point", "kind"]).size().eq(2).all()
     pd.testing.assert_frame_equal(store.read_table(config.store, "ablation_tradeoff").drop(columns="run_id"),
                                   before.drop(columns="run_id"))
+
+
+def test_the_tables_carry_the_safe_answers_cross_entropy_with_intervals() -> None:
+    from engine.directions.scoring import addition_table
+
+    points = [_point("weight", 1.0)]
+    rows = pd.concat([
+        pd.DataFrame({"source": "weight", "size": 1.0, "kind": "toxic", "prompt": range(2), "value": [1.0, -1.0]}),
+        pd.DataFrame({"source": "weight", "size": 1.0, "kind": "safe", "prompt": range(3), "value": [0.1, 0.2, 0.3]}),
+        pd.DataFrame({"source": "weight", "size": 1.0, "kind": "answer_ce", "prompt": range(3),
+                      "value": [2.0, np.nan, 4.0]}),  # an empty answer has no cross-entropy
+        pd.DataFrame({"source": "none", "size": 0, "kind": "answer_ce", "prompt": range(3), "value": [1.0, 1.5, 2.0]}),
+    ])
+    row = tradeoff_table(rows, points, n_boot=200, seed=0).iloc[0]
+    assert row["mean_ce"] == pytest.approx(3.0) and row["baseline_ce"] == pytest.approx(1.5)
+    assert 2.0 <= row["ce_low"] <= 3.0 <= row["ce_high"] <= 4.0
+    without = tradeoff_table(rows[rows["kind"] != "answer_ce"], points, n_boot=200, seed=0).iloc[0]
+    assert np.isnan(without["mean_ce"]) and np.isnan(without["baseline_ce"])
+    sweep = pd.DataFrame({"strength": 1.0, "kind": ["safe", "safe", "toxic"], "prompt": [0, 1, 0],
+                          "score": [1.0, -1.0, 2.0], "kl": [0.1, 0.3, np.nan], "ce": [2.0, 3.0, np.nan]})
+    table = addition_table(sweep, n_boot=200, seed=0).set_index("kind")
+    assert table.loc["safe", "mean_ce"] == pytest.approx(2.5) and np.isnan(table.loc["toxic", "mean_ce"])
+
+
+def test_ablation_points_measure_the_answers_cross_entropy_under_their_own_ablation(tiny_model) -> None:
+    from engine.directions.scoring import ablation_tradeoff
+    from engine.runtime.interventions import applied
+    from engine.runtime.scoring import completion_cross_entropy
+
+    prompts = ["Write a poem about rain", "Name three fruits", "How do I bake bread?"]
+    answers = ["Rain falls softly", "Apple, pear, plum", "Mix flour and water"]
+    direction = np.random.default_rng(0).standard_normal((1, tiny_model.d_model)).astype(np.float32) * 5
+    point = AblationPoint("weight", 1.0, direction)
+    per_prompt = ablation_tradeoff(tiny_model, [point], prompts[:2], prompts, [5, 6], batch_size=8,
+                                   safe_answers=answers)
+    measured = per_prompt[per_prompt["kind"] == "answer_ce"].set_index(["source", "prompt"])["value"]
+    plain = completion_cross_entropy(tiny_model, prompts, answers, batch_size=8)
+    with applied(tiny_model, ablation_hooks(tiny_model, torch.from_numpy(direction), 1.0)):
+        ablated = completion_cross_entropy(tiny_model, prompts, answers, batch_size=8)
+    assert measured.loc["none"].to_numpy() == pytest.approx(plain, abs=1e-5)
+    assert measured.loc["weight"].to_numpy() == pytest.approx(ablated, abs=1e-5)
+    assert not np.allclose(plain, ablated)  # the ablation changes what the answers cost
+
+
+def test_the_stage_reads_the_same_unsteered_cross_entropy_in_both_sweeps(tiny_store) -> None:
+    tradeoff = store.read_table(tiny_store, "ablation_tradeoff")
+    sweep = store.read_table(tiny_store, "addition_tradeoff").set_index(["strength", "kind"])
+    assert tradeoff["mean_ce"].notna().all() and (tradeoff["ce_low"] <= tradeoff["ce_high"]).all()
+    # strength 0 is the unsteered model on the same safe prompts and answers as the ablation's baseline
+    assert sweep.loc[(0.0, "safe"), "mean_ce"] == pytest.approx(tradeoff["baseline_ce"].iloc[0], abs=1e-6)
+    assert sweep.xs("toxic", level="kind")["mean_ce"].isna().all()

@@ -11,6 +11,7 @@ from app.classroom import masked_answers
 from app.components import figure_spec, show_chart, show_table
 from app.context import classroom_mode, current_store, require_tables
 from app.findings import ABLATED_TARGET
+from app.narrative import answer_ce_text
 from engine.data.schema import KINDS
 
 store = current_store()
@@ -118,11 +119,13 @@ def tradeoff_section() -> None:
         "the span of the k layers' directions at the chosen position that scored best on the validation prompts "
         "(among those whose addition induces refusal); **categories** removes the span of every category's "
         "direction; **rdo** k the span refusal direction optimisation found on train prompts. Refusal is read by "
-        "the refusal score (> 0), the side effect is the KL of the next-token distribution on safe prompts; "
+        "the refusal score (> 0), the side effect is the KL of the next-token distribution on safe prompts (the "
+        "cross-entropy of the model's own answers to them on hover: does the ablation damage what it says?); "
         f"whiskers are Wilson and bootstrap 95% intervals, diamonds the Pareto front. {within} **Right**, the "
         "chosen direction added at its layer with a strength times its own norm (1 is the addition above, 0 the "
         f"unsteered model); bands are Wilson 95% intervals; at strength 1 the KL on safe prompts is "
-        f"{safe.at[1.0, 'mean_kl']:.3f} [{safe.at[1.0, 'kl_low']:.3f}, {safe.at[1.0, 'kl_high']:.3f}]. This "
+        f"{safe.at[1.0, 'mean_kl']:.3f} [{safe.at[1.0, 'kl_low']:.3f}, {safe.at[1.0, 'kl_high']:.3f}]"
+        f"{answer_ce_text(safe, 1.0)}. This "
         "tests Wollschläger et al. (ICML 2025)'s claim that refusal is mediated by a multi-dimensional cone rather "
         "than one direction: a cone that removes refusal where single directions do not supports it here; that "
         "it costs more KL says the removed span also carries other information. Refusal that rises on safe and "

@@ -108,29 +108,51 @@ class AblationPoint:
 
 def ablation_tradeoff(model: LoadedModel, points: Sequence[AblationPoint], toxic_prompts: Sequence[str],
                       safe_prompts: Sequence[str], refusal_token_ids: Sequence[int], *,
-                      batch_size: int) -> pd.DataFrame:
+                      batch_size: int, safe_answers: Sequence[str] | None = None) -> pd.DataFrame:
     """Per point and prompt (its index in its list): the refusal score of each toxic prompt and the KL of
-    each safe prompt's next-token distribution to the unablated model's, under the point's ablation.
-    Columns: source, size, kind (toxic/safe), prompt, value."""
+    each safe prompt's next-token distribution to the unablated model's, under the point's ablation; with
+    `safe_answers` (the model's own unsteered answers to `safe_prompts`) also each answer's cross-entropy
+    (kind `answer_ce`; unablated under source `none`). Columns: source, size, kind, prompt, value."""
     ids = list(refusal_token_ids)
     plain = next_token_logprobs(model, safe_prompts, batch_size=batch_size)
-    frames = []
+
+    def answer_ce(source: str, size: float) -> list[pd.DataFrame]:
+        if safe_answers is None:
+            return []
+        ce = completion_cross_entropy(model, safe_prompts, safe_answers, batch_size=batch_size)
+        return [pd.DataFrame({"source": source, "size": size, "kind": "answer_ce", "prompt": np.arange(len(ce)),
+                              "value": ce})]
+
+    frames = answer_ce("none", 0)
     for point in tqdm(points, desc="trade-off points", unit="point"):
         with applied(model, ablation_hooks(model, torch.from_numpy(point.directions), point.weight)):
             scores = refusal_score(next_token_logprobs(model, toxic_prompts, batch_size=batch_size, token_ids=ids))
             kl = kl_divergence(plain, next_token_logprobs(model, safe_prompts, batch_size=batch_size))
+            frames += answer_ce(point.source, point.size)
         which = {"source": point.source, "size": point.size}
         frames += [pd.DataFrame({**which, "kind": "toxic", "prompt": np.arange(len(scores)), "value": scores}),
                    pd.DataFrame({**which, "kind": "safe", "prompt": np.arange(len(kl)), "value": kl})]
     return pd.concat(frames, ignore_index=True)
 
 
+def mean_interval(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float, float]:
+    """The mean of `values` (NaNs left out) and its percentile bootstrap 95% interval; NaNs when empty."""
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return np.nan, np.nan, np.nan
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 def tradeoff_table(per_prompt: pd.DataFrame, points: Sequence[AblationPoint], *, n_boot: int,
                    seed: int) -> pd.DataFrame:
     """One row per point from `ablation_tradeoff`'s rows: toxic prompts still refused by the refusal score
-    (> 0) with a Wilson 95% interval, the mean KL on safe prompts with a bootstrap 95% interval, and
-    whether the point is on the Pareto front (no other point refuses less at no more KL)."""
+    (> 0) with a Wilson 95% interval, the mean KL on safe prompts and the mean cross-entropy of the safe
+    answers (NaN where not measured; `baseline_ce` unablated) with bootstrap 95% intervals, and whether the
+    point is on the Pareto front (no other point refuses less at no more KL)."""
     rng = np.random.default_rng(seed)
+    unablated = per_prompt[(per_prompt["source"] == "none") & (per_prompt["kind"] == "answer_ce")]["value"]
+    baseline_ce = float(np.nanmean(unablated)) if len(unablated) else np.nan
     rows = []
     for point in points:
         mine = per_prompt[(per_prompt["source"] == point.source) & (per_prompt["size"] == point.size)]
@@ -138,13 +160,14 @@ def tradeoff_table(per_prompt: pd.DataFrame, points: Sequence[AblationPoint], *,
         kl = mine.loc[mine["kind"] == "safe", "value"].to_numpy()
         refused = int((scores > 0).sum())
         low, high = wilson_interval(refused, len(scores))
-        means = kl[rng.integers(0, len(kl), (n_boot, len(kl)))].mean(axis=1)
+        mean_kl, kl_low, kl_high = mean_interval(kl, rng, n_boot)
+        mean_ce, ce_low, ce_high = mean_interval(mine.loc[mine["kind"] == "answer_ce", "value"].to_numpy(), rng, n_boot)
         rows.append({"point": point.label, "source": point.source, "size": point.size, "weight": point.weight,
                      "n_directions": len(point.directions), "sites": point.sites, "n_toxic": len(scores),
                      "n_refused": refused, "rate": refused / len(scores), "ci_low": float(low),
                      "ci_high": float(high), "mean_refusal_score": float(scores.mean()), "n_safe": len(kl),
-                     "mean_kl": float(kl.mean()), "kl_low": float(np.quantile(means, 0.025)),
-                     "kl_high": float(np.quantile(means, 0.975))})
+                     "mean_kl": mean_kl, "kl_low": kl_low, "kl_high": kl_high, "mean_ce": mean_ce,
+                     "ce_low": ce_low, "ce_high": ce_high, "baseline_ce": baseline_ce})
     table = pd.DataFrame(rows)
     rate, kl = table["rate"].to_numpy(), table["mean_kl"].to_numpy()
     dominated = [bool(((rate <= r) & (kl <= k) & ((rate < r) | (kl < k))).any()) for r, k in zip(rate, kl, strict=True)]
@@ -153,10 +176,11 @@ def tradeoff_table(per_prompt: pd.DataFrame, points: Sequence[AblationPoint], *,
 
 def addition_sweep(model: LoadedModel, direction: np.ndarray, layer: int, strengths: Sequence[float],
                    prompts: dict[str, Sequence[str]], refusal_token_ids: Sequence[int], *,
-                   batch_size: int) -> pd.DataFrame:
+                   batch_size: int, safe_answers: Sequence[str] | None = None) -> pd.DataFrame:
     """Per strength (times the direction's own norm; 0 = unsteered), kind and prompt: the refusal score
     with the direction added at `layer`, and for safe prompts the KL of the next-token distribution to
-    the unsteered one. Columns: strength, kind, prompt, score, kl (NaN but for safe prompts)."""
+    the unsteered one and, given `safe_answers` (the model's own unsteered answers), each answer's
+    cross-entropy. Columns: strength, kind, prompt, score, kl, ce (NaN where not measured)."""
     ids = list(refusal_token_ids)
     norm = float(np.linalg.norm(direction))
     plain = next_token_logprobs(model, list(prompts["safe"]), batch_size=batch_size)
@@ -168,28 +192,33 @@ def addition_sweep(model: LoadedModel, direction: np.ndarray, layer: int, streng
             for kind, texts in prompts.items():
                 logprobs = next_token_logprobs(model, list(texts), batch_size=batch_size)
                 scores = refusal_score(logprobs[:, ids])
-                kl = kl_divergence(plain, logprobs) if kind == "safe" else np.full(len(texts), np.nan)
+                nothing = np.full(len(texts), np.nan)
+                kl = kl_divergence(plain, logprobs) if kind == "safe" else nothing
+                ce = completion_cross_entropy(model, list(texts), list(safe_answers), batch_size=batch_size) \
+                    if kind == "safe" and safe_answers is not None else nothing
                 frames.append(pd.DataFrame({"strength": strength, "kind": kind, "prompt": np.arange(len(texts)),
-                                            "score": scores, "kl": kl}))
+                                            "score": scores, "kl": kl, "ce": ce}))
     return pd.concat(frames, ignore_index=True)
 
 
 def addition_table(per_prompt: pd.DataFrame, *, n_boot: int, seed: int) -> pd.DataFrame:
     """One row per strength and kind from `addition_sweep`: prompts refused by the refusal score (> 0)
-    with a Wilson 95% interval; for safe prompts the mean KL with a bootstrap 95% interval."""
+    with a Wilson 95% interval; for safe prompts the mean KL and the mean cross-entropy of the model's own
+    answers (where measured), each with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed)
     rows = []
     for keys, group in per_prompt.groupby(["strength", "kind"], sort=True):
         strength, kind = cast(tuple[float, str], keys)
         refused = int((group["score"] > 0).sum())
         low, high = wilson_interval(refused, len(group))
-        kl = group["kl"].dropna().to_numpy()
-        means = kl[rng.integers(0, len(kl), (n_boot, len(kl)))].mean(axis=1) if len(kl) else np.array([np.nan])
-        rows.append({"point": point_label("strength", strength), "strength": float(strength), "kind": kind, "n": len(group), "n_refused": refused,
-                     "rate": refused / len(group), "ci_low": float(low), "ci_high": float(high),
-                     "mean_refusal_score": float(group["score"].mean()),
-                     "mean_kl": float(kl.mean()) if len(kl) else np.nan,
-                     "kl_low": float(np.quantile(means, 0.025)), "kl_high": float(np.quantile(means, 0.975))})
+        mean_kl, kl_low, kl_high = mean_interval(group["kl"].to_numpy(dtype=float), rng, n_boot)
+        ce = group["ce"].to_numpy(dtype=float) if "ce" in group else np.array([])
+        mean_ce, ce_low, ce_high = mean_interval(ce, rng, n_boot)
+        rows.append({"point": point_label("strength", strength), "strength": float(strength), "kind": kind,
+                     "n": len(group), "n_refused": refused, "rate": refused / len(group), "ci_low": float(low),
+                     "ci_high": float(high), "mean_refusal_score": float(group["score"].mean()),
+                     "mean_kl": mean_kl, "kl_low": kl_low, "kl_high": kl_high,
+                     "mean_ce": mean_ce, "ce_low": ce_low, "ce_high": ce_high})
     return pd.DataFrame(rows)
 
 

@@ -13,15 +13,17 @@ ablates a span of directions at every layer and position, with a weight:
   (engine.directions.rdo, started from the chosen direction), fitted on train-split prompts the directions stage
   validates on, measured on the test prompts like every other point.
 Refusal is read by the refusal score (> 0) on the toxic test prompts (under the chosen direction's
-ablation it matched the substring judge on the demo's answers within a point), the side effect by the
-KL of the next-token distribution on the safe test prompts. Writes `ablation_tradeoff`.
+ablation it matched the substring judge on the demo's answers within a point), the side effects on the
+safe test prompts by the KL of the next-token distribution and the cross-entropy of the model's own
+unsteered answers. Writes `ablation_tradeoff`.
 
-The same stage asks whether the global and category directions are one mechanism read several times:
+The same stage asks whether the global and category directions (and RDO's, when fitted) are one
+mechanism read several times:
 `direction_independence` holds, for every ordered pair, the share of the second direction's induced
 refusal (added at the chosen layer, on safe test prompts) that ablating the first removes
 (engine.directions.independence), with bootstrap intervals. `addition_tradeoff` sweeps the strength of the chosen
 direction's addition (times its norm; 1 is the directions stage's addition): refusal by the refusal
-score on the toxic, hard and safe test prompts and the KL on the safe ones, the curve the Steering
+score on the toxic, hard and safe test prompts, the KL and answer cross-entropy on the safe ones, the curve the Steering
 page's strength slider reads.
 
 `tradeoff_answers` holds what the points look like: greedy answers (`directions.eval_max_new_tokens`
@@ -70,6 +72,9 @@ INDEPENDENCE_PROMPTS = 32  # safe test prompts (a seeded sample): (directions + 
 ANSWER_PROMPTS = 4  # test prompts of each kind (a seeded sample) answered at every point
 ABLATION_ANSWER_KINDS = ("toxic", "safe")  # does refusal go, and do safe answers stay intact?
 ADDITION_ANSWER_KINDS = ("safe", "hard")  # does refusal come, and what does it look like?
+# Side effects measured on the safe test prompts at every point: the next-token KL, and the cross-entropy
+# of the model's own unsteered answers (does the intervention damage what it says, not only how it starts?)
+SIDE_EFFECTS = ("kl", "answer_ce")
 
 
 def chosen_direction(directions: pd.DataFrame) -> pd.Series:
@@ -111,7 +116,7 @@ def tradeoff_points(directions: pd.DataFrame, candidates: pd.DataFrame) -> list[
 
 class TradeoffStage(Stage):
     name = "tradeoff"
-    version = 4
+    version = 5
     upstream = ("prompts", "generate", "directions")
 
     def applies(self, config: StudyConfig) -> bool:
@@ -124,7 +129,7 @@ class TradeoffStage(Stage):
                 "cone_sizes": CONE_SIZES, "bootstrap": config.directions.bootstrap, "seed": config.directions.seed,
                 "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name,
                 "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS,
-                "addition_strengths": ADDITION_STRENGTHS,
+                "addition_strengths": ADDITION_STRENGTHS, "side_effects": SIDE_EFFECTS,
                 "answer_prompts": ANSWER_PROMPTS, "eval_max_new_tokens": config.directions.eval_max_new_tokens,
                 **({"rdo_steps": config.directions.rdo_steps, "rdo_prompts": RDO_PROMPTS}
                    if config.directions.rdo_steps else {})}
@@ -162,6 +167,9 @@ class TradeoffStage(Stage):
         batch_size = config.generation.batch_size
         chosen = chosen_direction(directions)
         vector, layer = np.asarray(chosen["vector"], np.float32), int(chosen["layer"])
+        safe_test = test[test["kind"] == "safe"]
+        own_answers = context.table("generations").query("model == @role").set_index("prompt_id")["response"]
+        safe_answers = own_answers.loc[safe_test["id"]].tolist()
         inputs = self.inputs(config)
         upstream = {name: context.hashes[name] for name in self.upstream}
 
@@ -179,8 +187,8 @@ class TradeoffStage(Stage):
         def ablation() -> dict[str, pd.DataFrame]:
             measured = points()
             per_prompt = ablation_tradeoff(model, measured, list(test.loc[test["kind"] == "toxic", "text"]),
-                                           list(test.loc[test["kind"] == "safe", "text"]), token_ids,
-                                           batch_size=batch_size)
+                                           list(safe_test["text"]), token_ids, batch_size=batch_size,
+                                           safe_answers=safe_answers)
             return {"table": tradeoff_table(per_prompt, measured, n_boot=settings.bootstrap, seed=settings.seed),
                     "directions": pd.DataFrame({"point": [p.label for p in measured],
                                                 "weight": [p.weight for p in measured],
@@ -188,18 +196,24 @@ class TradeoffStage(Stage):
 
         def independence() -> dict[str, pd.DataFrame]:
             sample = seeded_texts(test, "safe", INDEPENDENCE_PROMPTS, settings.seed)
-            return {"table": independence_matrix(
-                model, independence_directions(directions, settings.addition_alpha), sample, token_ids,
-                batch_size=batch_size, n_boot=settings.bootstrap, seed=settings.seed)}
+            sites = independence_directions(directions, settings.addition_alpha)
+            optimised = ablated["directions"].query("point == 'rdo 1'")
+            if len(optimised):
+                # RDO's direction is a unit vector: added at the chosen direction's norm, like the others' scale.
+                found = np.asarray(optimised["vectors"].iloc[0][0], np.float32)
+                sites["rdo"] = SiteDirection(found / np.linalg.norm(found) * np.linalg.norm(vector), layer,
+                                             settings.addition_alpha)
+            return {"table": independence_matrix(model, sites, sample, token_ids, batch_size=batch_size,
+                                                 n_boot=settings.bootstrap, seed=settings.seed)}
 
         def addition() -> dict[str, pd.DataFrame]:
             sweep = addition_sweep(model, vector, layer, ADDITION_STRENGTHS,
                                    {kind: test.loc[test["kind"] == kind, "text"].tolist() for kind in KINDS
                                     if (test["kind"] == kind).any()},
-                                   token_ids, batch_size=batch_size)
+                                   token_ids, batch_size=batch_size, safe_answers=safe_answers)
             return {"table": addition_table(sweep, n_boot=settings.bootstrap, seed=settings.seed)}
 
-        ablated = part("ablation", ablation, "weights", "cone_sizes", "bootstrap", "seed",
+        ablated = part("ablation", ablation, "weights", "cone_sizes", "bootstrap", "seed", "side_effects",
                        *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))
 
         def answers() -> dict[str, pd.DataFrame]:
@@ -223,8 +237,10 @@ class TradeoffStage(Stage):
         tables = {
             "ablation_tradeoff": ablated["table"],
             "direction_independence": part("independence", independence, "addition_alpha", "independence_prompts",
-                                           "bootstrap", "seed")["table"],
-            "addition_tradeoff": part("addition", addition, "addition_strengths", "bootstrap", "seed")["table"],
+                                           "bootstrap", "seed",
+                                           *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))["table"],
+            "addition_tradeoff": part("addition", addition, "addition_strengths", "bootstrap", "seed",
+                                      "side_effects")["table"],
             "tradeoff_answers": part("answers", answers, "weights", "cone_sizes", "addition_strengths",
                                      "answer_prompts", "eval_max_new_tokens", "seed",
                                      *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))["table"],
