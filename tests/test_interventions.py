@@ -113,8 +113,9 @@ def test_kl_and_cross_entropy(tiny_model) -> None:
     with applied(tiny_model, addition_hooks(tiny_model, torch.randn(64) * 5, layer=0, alpha=1.0)):
         shifted = next_token_logprobs(tiny_model, PROMPTS, batch_size=2)
     assert (kl_divergence(logprobs, shifted) > 1e-4).all()
-    completions = ["Sure , here", "I can help"]
-    ce = completion_cross_entropy(tiny_model, PROMPTS[:2], completions, batch_size=2)
+    completions = ["Sure , here", "I can help you with that", ""]  # lengths differ within a batch
+    ce = completion_cross_entropy(tiny_model, PROMPTS[:3], completions, batch_size=3)
+    assert np.isnan(ce[2])  # an empty completion has no cross-entropy
     for i in range(2):  # against a direct, unbatched computation
         prompt_ids = tiny_model.tokenizer(chat_prompt(tiny_model.tokenizer, PROMPTS[i]), add_special_tokens=False)["input_ids"]
         answer_ids = tiny_model.tokenizer(completions[i], add_special_tokens=False)["input_ids"]

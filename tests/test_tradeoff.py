@@ -233,14 +233,16 @@ def test_the_tables_carry_the_safe_answers_cross_entropy_with_intervals() -> Non
     assert 2.0 <= row["ce_low"] <= 3.0 <= row["ce_high"] <= 4.0
     without = tradeoff_table(rows[rows["kind"] != "answer_ce"], points, n_boot=200, seed=0).iloc[0]
     assert np.isnan(without["mean_ce"]) and np.isnan(without["baseline_ce"])
-    sweep = pd.DataFrame({"strength": 1.0, "kind": ["safe", "safe", "toxic"], "prompt": [0, 1, 0],
-                          "score": [1.0, -1.0, 2.0], "kl": [0.1, 0.3, np.nan], "ce": [2.0, 3.0, np.nan]})
+    sweep = pd.DataFrame({"strength": 1.0, "kind": ["safe", "safe", "toxic", "answer_ce", "answer_ce"],
+                          "prompt": [0, 1, 0, 0, 1], "score": [1.0, -1.0, 2.0, np.nan, np.nan],
+                          "kl": [0.1, 0.3, np.nan, np.nan, np.nan], "ce": [np.nan, np.nan, np.nan, 2.0, 3.0]})
     table = addition_table(sweep, n_boot=200, seed=0).set_index("kind")
+    assert set(table.index) == {"safe", "toxic"} and table.loc["safe", "n"] == 2  # CE rows are not prompts' rows
     assert table.loc["safe", "mean_ce"] == pytest.approx(2.5) and np.isnan(table.loc["toxic", "mean_ce"])
 
 
 def test_ablation_points_measure_the_answers_cross_entropy_under_their_own_ablation(tiny_model) -> None:
-    from engine.directions.scoring import ablation_tradeoff
+    from engine.directions.scoring import OwnAnswers, ablation_tradeoff
     from engine.runtime.interventions import applied
     from engine.runtime.scoring import completion_cross_entropy
 
@@ -249,7 +251,7 @@ def test_ablation_points_measure_the_answers_cross_entropy_under_their_own_ablat
     direction = np.random.default_rng(0).standard_normal((1, tiny_model.d_model)).astype(np.float32) * 5
     point = AblationPoint("weight", 1.0, direction)
     per_prompt = ablation_tradeoff(tiny_model, [point], prompts[:2], prompts, [5, 6], batch_size=8,
-                                   safe_answers=answers)
+                                   own_answers=OwnAnswers(prompts, answers))
     measured = per_prompt[per_prompt["kind"] == "answer_ce"].set_index(["source", "prompt"])["value"]
     plain = completion_cross_entropy(tiny_model, prompts, answers, batch_size=8)
     with applied(tiny_model, ablation_hooks(tiny_model, torch.from_numpy(direction), 1.0)):
@@ -263,6 +265,7 @@ def test_the_stage_reads_the_same_unsteered_cross_entropy_in_both_sweeps(tiny_st
     tradeoff = store.read_table(tiny_store, "ablation_tradeoff")
     sweep = store.read_table(tiny_store, "addition_tradeoff").set_index(["strength", "kind"])
     assert tradeoff["mean_ce"].notna().all() and (tradeoff["ce_low"] <= tradeoff["ce_high"]).all()
+    assert "answer_ce" not in set(store.read_table(tiny_store, "addition_tradeoff")["kind"])
     # strength 0 is the unsteered model on the same safe prompts and answers as the ablation's baseline
     assert sweep.loc[(0.0, "safe"), "mean_ce"] == pytest.approx(tradeoff["baseline_ce"].iloc[0], abs=1e-6)
     assert sweep.xs("toxic", level="kind")["mean_ce"].isna().all()

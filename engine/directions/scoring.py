@@ -106,20 +106,28 @@ class AblationPoint:
         return point_label(self.source, self.size)
 
 
+@dataclass(frozen=True)
+class OwnAnswers:
+    """Prompts and the model's own unsteered answers to them, whose cross-entropy an intervention may raise."""
+
+    prompts: list[str]
+    answers: list[str]
+
+
 def ablation_tradeoff(model: LoadedModel, points: Sequence[AblationPoint], toxic_prompts: Sequence[str],
                       safe_prompts: Sequence[str], refusal_token_ids: Sequence[int], *,
-                      batch_size: int, safe_answers: Sequence[str] | None = None) -> pd.DataFrame:
+                      batch_size: int, own_answers: OwnAnswers | None = None) -> pd.DataFrame:
     """Per point and prompt (its index in its list): the refusal score of each toxic prompt and the KL of
     each safe prompt's next-token distribution to the unablated model's, under the point's ablation; with
-    `safe_answers` (the model's own unsteered answers to `safe_prompts`) also each answer's cross-entropy
-    (kind `answer_ce`; unablated under source `none`). Columns: source, size, kind, prompt, value."""
+    `own_answers` also each answer's cross-entropy (kind `answer_ce`; unablated under source `none`).
+    Columns: source, size, kind, prompt, value."""
     ids = list(refusal_token_ids)
     plain = next_token_logprobs(model, safe_prompts, batch_size=batch_size)
 
     def answer_ce(source: str, size: float) -> list[pd.DataFrame]:
-        if safe_answers is None:
+        if own_answers is None:
             return []
-        ce = completion_cross_entropy(model, safe_prompts, safe_answers, batch_size=batch_size)
+        ce = completion_cross_entropy(model, own_answers.prompts, own_answers.answers, batch_size=batch_size)
         return [pd.DataFrame({"source": source, "size": size, "kind": "answer_ce", "prompt": np.arange(len(ce)),
                               "value": ce})]
 
@@ -176,11 +184,11 @@ def tradeoff_table(per_prompt: pd.DataFrame, points: Sequence[AblationPoint], *,
 
 def addition_sweep(model: LoadedModel, direction: np.ndarray, layer: int, strengths: Sequence[float],
                    prompts: dict[str, Sequence[str]], refusal_token_ids: Sequence[int], *,
-                   batch_size: int, safe_answers: Sequence[str] | None = None) -> pd.DataFrame:
+                   batch_size: int, own_answers: OwnAnswers | None = None) -> pd.DataFrame:
     """Per strength (times the direction's own norm; 0 = unsteered), kind and prompt: the refusal score
     with the direction added at `layer`, and for safe prompts the KL of the next-token distribution to
-    the unsteered one and, given `safe_answers` (the model's own unsteered answers), each answer's
-    cross-entropy. Columns: strength, kind, prompt, score, kl, ce (NaN where not measured)."""
+    the unsteered one; given `own_answers`, the cross-entropy of each of those answers (kind
+    `answer_ce`, score and kl NaN). Columns: strength, kind, prompt, score, kl, ce (NaN where not measured)."""
     ids = list(refusal_token_ids)
     norm = float(np.linalg.norm(direction))
     plain = next_token_logprobs(model, list(prompts["safe"]), batch_size=batch_size)
@@ -191,13 +199,13 @@ def addition_sweep(model: LoadedModel, direction: np.ndarray, layer: int, streng
         with applied(model, hooks):
             for kind, texts in prompts.items():
                 logprobs = next_token_logprobs(model, list(texts), batch_size=batch_size)
-                scores = refusal_score(logprobs[:, ids])
-                nothing = np.full(len(texts), np.nan)
-                kl = kl_divergence(plain, logprobs) if kind == "safe" else nothing
-                ce = completion_cross_entropy(model, list(texts), list(safe_answers), batch_size=batch_size) \
-                    if kind == "safe" and safe_answers is not None else nothing
+                kl = kl_divergence(plain, logprobs) if kind == "safe" else np.full(len(texts), np.nan)
                 frames.append(pd.DataFrame({"strength": strength, "kind": kind, "prompt": np.arange(len(texts)),
-                                            "score": scores, "kl": kl, "ce": ce}))
+                                            "score": refusal_score(logprobs[:, ids]), "kl": kl, "ce": np.nan}))
+            if own_answers is not None:
+                ce = completion_cross_entropy(model, own_answers.prompts, own_answers.answers, batch_size=batch_size)
+                frames.append(pd.DataFrame({"strength": strength, "kind": "answer_ce", "prompt": np.arange(len(ce)),
+                                            "score": np.nan, "kl": np.nan, "ce": ce}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -206,13 +214,15 @@ def addition_table(per_prompt: pd.DataFrame, *, n_boot: int, seed: int) -> pd.Da
     with a Wilson 95% interval; for safe prompts the mean KL and the mean cross-entropy of the model's own
     answers (where measured), each with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed)
+    ce_by_strength = {float(cast(float, strength)): rows["ce"].to_numpy(dtype=float)
+                      for strength, rows in per_prompt[per_prompt["kind"] == "answer_ce"].groupby("strength")}
     rows = []
-    for keys, group in per_prompt.groupby(["strength", "kind"], sort=True):
+    for keys, group in per_prompt[per_prompt["kind"] != "answer_ce"].groupby(["strength", "kind"], sort=True):
         strength, kind = cast(tuple[float, str], keys)
         refused = int((group["score"] > 0).sum())
         low, high = wilson_interval(refused, len(group))
         mean_kl, kl_low, kl_high = mean_interval(group["kl"].to_numpy(dtype=float), rng, n_boot)
-        ce = group["ce"].to_numpy(dtype=float) if "ce" in group else np.array([])
+        ce = ce_by_strength.get(float(strength), np.array([])) if kind == "safe" else np.array([])
         mean_ce, ce_low, ce_high = mean_interval(ce, rng, n_boot)
         rows.append({"point": point_label("strength", strength), "strength": float(strength), "kind": kind,
                      "n": len(group), "n_refused": refused, "rate": refused / len(group), "ci_low": float(low),

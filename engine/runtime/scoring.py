@@ -57,18 +57,26 @@ def completion_cross_entropy(
     sequences, prompt_lengths = chat_sequences(model.tokenizer, instructions, completions)
     result = np.full(len(instructions), np.nan)
 
+    base, unembed = model.hf_model.base_model, model.hf_model.get_output_embeddings()
+
     def forward(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        # Each completion token is predicted at the position before it: [start - 1, end - 1) of its row.
+        spans = [(row, int(prompt_lengths[i]), len(sequences[i])) for row, i in enumerate(batch)]
+        rows = torch.tensor([row for row, start, end in spans for _ in range(start, end)], dtype=torch.long)
+        columns = torch.tensor([c for _, start, end in spans for c in range(start - 1, end - 1)], dtype=torch.long)
         with torch.inference_mode():
-            logprobs = torch.log_softmax(model.hf_model(input_ids=ids.to(model.device),
-                                                        attention_mask=mask.to(model.device)).logits.float(), -1)
+            hidden = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
+            # The vocabulary projection only where a completion token is predicted: it is the costliest
+            # matmul, and its log-softmax the largest array, at every other position for nothing.
+            picked = hidden[rows.to(hidden.device), columns.to(hidden.device)].to(unembed.weight.device)
+            logprobs = torch.log_softmax(unembed(picked).float(), -1)
+            token_losses = -logprobs.gather(-1, ids[rows, columns + 1][:, None].to(logprobs.device))[:, 0].cpu()
         losses = np.full(len(batch), np.nan)
-        for row, i in enumerate(batch):
-            start, end = int(prompt_lengths[i]), len(sequences[i])
-            if end == start:
-                continue  # an empty completion has no cross-entropy
-            targets = ids[row, start:end].to(logprobs.device)
-            predicted = logprobs[row, start - 1:end - 1]
-            losses[row] = float(-predicted.gather(-1, targets[:, None]).mean())
+        offset = 0
+        for row, start, end in spans:
+            if end > start:  # an empty completion has no cross-entropy
+                losses[row] = float(token_losses[offset:offset + end - start].mean())
+            offset += end - start
         return losses
 
     for batch, losses in map_right_padded(sequences, batch_size, model.tokenizer.pad_token_id, forward,

@@ -15,7 +15,7 @@ ablates a span of directions at every layer and position, with a weight:
 Refusal is read by the refusal score (> 0) on the toxic test prompts (under the chosen direction's
 ablation it matched the substring judge on the demo's answers within a point), the side effects on the
 safe test prompts by the KL of the next-token distribution and the cross-entropy of the model's own
-unsteered answers. Writes `ablation_tradeoff`.
+unsteered answers (a seeded sample of CE_PROMPTS of them: each pass is a forward over prompt and answer). Writes `ablation_tradeoff`.
 
 The same stage asks whether the global and category directions (and RDO's, when fitted) are one
 mechanism read several times:
@@ -51,6 +51,7 @@ from engine.directions.independence import SiteDirection, independence_matrix
 from engine.directions.rdo import RdoSettings, optimise_refusal_directions
 from engine.directions.scoring import (
     AblationPoint,
+    OwnAnswers,
     ablation_tradeoff,
     addition_sweep,
     addition_table,
@@ -75,6 +76,7 @@ ADDITION_ANSWER_KINDS = ("safe", "hard")  # does refusal come, and what does it 
 # Side effects measured on the safe test prompts at every point: the next-token KL, and the cross-entropy
 # of the model's own unsteered answers (does the intervention damage what it says, not only how it starts?)
 SIDE_EFFECTS = ("kl", "answer_ce")
+CE_PROMPTS = 48  # safe test prompts (a seeded sample) whose answers' cross-entropy is read at every point
 
 
 def chosen_direction(directions: pd.DataFrame) -> pd.Series:
@@ -129,7 +131,7 @@ class TradeoffStage(Stage):
                 "cone_sizes": CONE_SIZES, "bootstrap": config.directions.bootstrap, "seed": config.directions.seed,
                 "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name,
                 "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS,
-                "addition_strengths": ADDITION_STRENGTHS, "side_effects": SIDE_EFFECTS,
+                "addition_strengths": ADDITION_STRENGTHS, "side_effects": SIDE_EFFECTS, "ce_prompts": CE_PROMPTS,
                 "answer_prompts": ANSWER_PROMPTS, "eval_max_new_tokens": config.directions.eval_max_new_tokens,
                 **({"rdo_steps": config.directions.rdo_steps, "rdo_prompts": RDO_PROMPTS}
                    if config.directions.rdo_steps else {})}
@@ -167,9 +169,9 @@ class TradeoffStage(Stage):
         batch_size = config.generation.batch_size
         chosen = chosen_direction(directions)
         vector, layer = np.asarray(chosen["vector"], np.float32), int(chosen["layer"])
-        safe_test = test[test["kind"] == "safe"]
-        own_answers = context.table("generations").query("model == @role").set_index("prompt_id")["response"]
-        safe_answers = own_answers.loc[safe_test["id"]].tolist()
+        answered = context.table("generations").query("model == @role").set_index("prompt_id")["response"]
+        ce_sample = seeded_sample(test, "safe", CE_PROMPTS, settings.seed)
+        own_answers = OwnAnswers(ce_sample["text"].tolist(), answered.loc[ce_sample["id"]].tolist())
         inputs = self.inputs(config)
         upstream = {name: context.hashes[name] for name in self.upstream}
 
@@ -187,8 +189,8 @@ class TradeoffStage(Stage):
         def ablation() -> dict[str, pd.DataFrame]:
             measured = points()
             per_prompt = ablation_tradeoff(model, measured, list(test.loc[test["kind"] == "toxic", "text"]),
-                                           list(safe_test["text"]), token_ids, batch_size=batch_size,
-                                           safe_answers=safe_answers)
+                                           list(test.loc[test["kind"] == "safe", "text"]), token_ids,
+                                           batch_size=batch_size, own_answers=own_answers)
             return {"table": tradeoff_table(per_prompt, measured, n_boot=settings.bootstrap, seed=settings.seed),
                     "directions": pd.DataFrame({"point": [p.label for p in measured],
                                                 "weight": [p.weight for p in measured],
@@ -210,10 +212,10 @@ class TradeoffStage(Stage):
             sweep = addition_sweep(model, vector, layer, ADDITION_STRENGTHS,
                                    {kind: test.loc[test["kind"] == kind, "text"].tolist() for kind in KINDS
                                     if (test["kind"] == kind).any()},
-                                   token_ids, batch_size=batch_size, safe_answers=safe_answers)
+                                   token_ids, batch_size=batch_size, own_answers=own_answers)
             return {"table": addition_table(sweep, n_boot=settings.bootstrap, seed=settings.seed)}
 
-        ablated = part("ablation", ablation, "weights", "cone_sizes", "bootstrap", "seed", "side_effects",
+        ablated = part("ablation", ablation, "weights", "cone_sizes", "bootstrap", "seed", "side_effects", "ce_prompts",
                        *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))
 
         def answers() -> dict[str, pd.DataFrame]:
@@ -240,7 +242,7 @@ class TradeoffStage(Stage):
                                            "bootstrap", "seed",
                                            *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))["table"],
             "addition_tradeoff": part("addition", addition, "addition_strengths", "bootstrap", "seed",
-                                      "side_effects")["table"],
+                                      "side_effects", "ce_prompts")["table"],
             "tradeoff_answers": part("answers", answers, "weights", "cone_sizes", "addition_strengths",
                                      "answer_prompts", "eval_max_new_tokens", "seed",
                                      *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))["table"],
