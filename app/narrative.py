@@ -3,6 +3,7 @@ page, presentation mode and the report render these same sections, so they never
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -149,12 +150,15 @@ def _data(findings: Findings) -> Section:
 
 
 def answer_ce_text(sweep: pd.DataFrame, strength: float) -> str:
-    """The safe answers' cross-entropy at `strength` against the unsteered model's, where the store has it."""
-    if "mean_ce" not in sweep or pd.isna(sweep.at[strength, "mean_ce"]):
+    """The safe answers' cross-entropy at `strength` (rows indexed by strength) against the unsteered
+    model's, where the store has it."""
+    if "mean_ce" not in sweep:
         return ""
-    return (f" and the cross-entropy of the model's own safe answers {sweep.at[strength, 'mean_ce']:.3f} nats/token "
-            f"[{sweep.at[strength, 'ce_low']:.3f}, {sweep.at[strength, 'ce_high']:.3f}], against "
-            f"{sweep.at[0.0, 'mean_ce']:.3f} unsteered")
+    (mean, low, high), (unsteered, _, _) = sweep.reindex([strength, 0.0])[["mean_ce", "ce_low", "ce_high"]].to_numpy(float)
+    if math.isnan(mean):
+        return ""
+    return (f" and the cross-entropy of the model's own safe answers {mean:.3f} nats/token [{low:.3f}, {high:.3f}], "
+            f"against {unsteered:.3f} unsteered")
 
 
 def sections(findings: Findings) -> tuple[Section, ...]:

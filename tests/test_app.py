@@ -350,7 +350,13 @@ def test_directions_page_shows_the_addition_sweep(tiny_store: Path) -> None:
     assert not app.exception and not app.error
     assert any("inducing refusal: addition" in chart.proto.spec for chart in app.get("vega_lite_chart"))
     safe = store.read_table(tiny_store, "addition_tradeoff").query("kind == 'safe' and strength == 1.0").iloc[0]
-    assert f"at strength 1 the KL on safe prompts is {safe['mean_kl']:.3f}" in " ".join(c.value for c in app.caption)
+    captions = " ".join(c.value for c in app.caption)
+    assert f"at strength 1 the KL on safe prompts is {safe['mean_kl']:.3f}" in captions
+    unsteered = store.read_table(tiny_store, "addition_tradeoff").query("kind == 'safe' and strength == 0").iloc[0]
+    assert (f"the cross-entropy of the model's own safe answers {safe['mean_ce']:.3f} nats/token "
+            f"[{safe['ce_low']:.3f}, {safe['ce_high']:.3f}], against {unsteered['mean_ce']:.3f} unsteered") in captions
+    spec = next(chart.proto.spec for chart in app.get("vega_lite_chart") if "removing refusal" in chart.proto.spec)
+    assert "CE of safe answers (nats/token)" in spec and "CE unablated" in spec  # on hover, both halves
 
 
 def test_directions_page_shows_the_answers_at_the_chosen_directions_ablation_until_a_point_is_clicked(
@@ -374,3 +380,15 @@ def test_features_page_shows_backup_recovery_and_gains_from_the_store(tiny_store
     gains = next(frame.value for frame in app.dataframe if "gain" in frame.value.columns)
     stored = store.read_table(tiny_store, "backup_gains").query("k == 1").sort_values("gain", ascending=False)
     assert gains["feature"].tolist() == stored["feature"].tolist()
+
+
+def test_the_cross_entropy_sentence_is_left_out_for_a_store_built_without_it() -> None:
+    import pandas as pd
+
+    from app.narrative import answer_ce_text
+
+    sweep = pd.DataFrame({"mean_kl": [0.0, 0.1]}, index=[0.0, 1.0])
+    assert answer_ce_text(sweep, 1.0) == ""
+    measured = sweep.assign(mean_ce=[1.0, 2.0], ce_low=[0.9, 1.8], ce_high=[1.1, 2.2])
+    assert answer_ce_text(measured, 1.0) == (" and the cross-entropy of the model's own safe answers 2.000 nats/token "
+                                             "[1.800, 2.200], against 1.000 unsteered")

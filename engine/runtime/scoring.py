@@ -57,7 +57,9 @@ def completion_cross_entropy(
     sequences, prompt_lengths = chat_sequences(model.tokenizer, instructions, completions)
     result = np.full(len(instructions), np.nan)
 
-    base, unembed = model.hf_model.base_model, model.hf_model.get_output_embeddings()
+    base = model.hf_model.base_model
+    unembed = cast(torch.nn.Module, model.hf_model.get_output_embeddings())
+    unembed_device = next(unembed.parameters()).device
 
     def forward(batch: list[int], ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         # Each completion token is predicted at the position before it: [start - 1, end - 1) of its row.
@@ -68,7 +70,7 @@ def completion_cross_entropy(
             hidden = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
             # The vocabulary projection only where a completion token is predicted: it is the costliest
             # matmul, and its log-softmax the largest array, at every other position for nothing.
-            picked = hidden[rows.to(hidden.device), columns.to(hidden.device)].to(unembed.weight.device)
+            picked = hidden[rows.to(hidden.device), columns.to(hidden.device)].to(unembed_device)
             logprobs = torch.log_softmax(unembed(picked).float(), -1)
             token_losses = -logprobs.gather(-1, ids[rows, columns + 1][:, None].to(logprobs.device))[:, 0].cpu()
         losses = np.full(len(batch), np.nan)
