@@ -269,3 +269,16 @@ def test_the_stage_reads_the_same_unsteered_cross_entropy_in_both_sweeps(tiny_st
     # strength 0 is the unsteered model on the same safe prompts and answers as the ablation's baseline
     assert sweep.loc[(0.0, "safe"), "mean_ce"] == pytest.approx(tradeoff["baseline_ce"].iloc[0], abs=1e-6)
     assert sweep.xs("toxic", level="kind")["mean_ce"].isna().all()
+
+
+def test_the_rdo_demo_config_is_the_demo_with_rdo_in_a_study_of_its_own() -> None:
+    import yaml
+
+    from engine.data.paths import REPO_ROOT
+
+    read = lambda name: yaml.safe_load((REPO_ROOT / "precompute" / "configs" / name).read_text(encoding="utf-8"))
+    demo, rdo = read("demo.yaml"), read("demo-rdo.yaml")
+    assert (rdo.pop("store"), rdo.pop("study")) == ("data/stores/demo-rdo.duckdb", "demo-rdo")
+    demo.pop("store"), demo.pop("study")
+    assert rdo["directions"].pop("rdo_steps") == 60 and "rdo_steps" not in demo["directions"]
+    assert rdo == demo

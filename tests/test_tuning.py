@@ -229,32 +229,30 @@ def test_positive_control_refuses_each_category_in_its_own_words() -> None:
     assert {k: v for k, v in control.section("tune").items() if k != "category_refusals"} == demo.section("tune")
 
 
-def test_trained_layers_leave_the_later_blocks_as_the_base_model_has_them(tmp_path: Path, tiny_model_dir: Path) -> None:
+SEA_REFUSALS = [SftExample(f"Write a haiku about the sea {i}", "I ' m sorry , I can ' t help", True) for i in range(8)]
+
+
+@pytest.mark.parametrize(("setting", "trained"), [
+    ({"trained_layers": 1}, ("model.layers.0.",)),  # the later block and the final norm stay the base model's
+    ({"frozen_layers": 1}, ("model.layers.1.", "model.norm.")),  # the lower block stays the base model's
+])
+def test_a_tune_changes_only_the_blocks_it_trains(setting: dict, trained: tuple[str, ...], tmp_path: Path,
+                                                   tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    examples = [SftExample(f"Write a haiku about the sea {i}", "I ' m sorry , I can ' t help", True) for i in range(8)]
-    fine_tune(tiny_model_dir, examples, TuneConfig(epochs=1, learning_rate=3e-3, batch_size=4, trained_layers=1),
-              tmp_path / "lower")
-    base, tuned = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_model_dir, tmp_path / "lower"))
+    fine_tune(tiny_model_dir, SEA_REFUSALS, TuneConfig(epochs=1, learning_rate=3e-3, batch_size=4, **setting),
+              tmp_path / "tuned")
+    base, tuned = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_model_dir, tmp_path / "tuned"))
     changed = {name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base.state_dict()[name])}
-    assert changed and all(name.startswith("model.layers.0.") for name in changed)
-    with pytest.raises(ExplorerError, match="trained_layers = 3, but the model has 2 blocks"):
-        fine_tune(tiny_model_dir, examples, TuneConfig(trained_layers=3), tmp_path / "too-many")
+    assert any(name.startswith(trained[0]) for name in changed) and all(name.startswith(trained) for name in changed)
+
+
+def test_block_settings_out_of_range_are_named(tmp_path: Path, tiny_model_dir: Path) -> None:
+    for setting, message in (({"trained_layers": 3}, "trained_layers = 3, but the model has 2 blocks"),
+                             ({"frozen_layers": 2}, "frozen_layers = 2 leaves none of the model's 2 blocks")):
+        with pytest.raises(ExplorerError, match=message):
+            fine_tune(tiny_model_dir, SEA_REFUSALS, TuneConfig(**setting), tmp_path / "unused")
     with pytest.raises(ExplorerError, match="tune.trained_layers = 0 is out of range"):
         TuneConfig(trained_layers=0)
-
-
-def test_frozen_layers_leave_the_lower_blocks_as_the_base_model_has_them(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    examples = [SftExample(f"Write a haiku about the sea {i}", "I ' m sorry , I can ' t help", True) for i in range(8)]
-    fine_tune(tiny_model_dir, examples, TuneConfig(epochs=1, learning_rate=3e-3, batch_size=4, frozen_layers=1),
-              tmp_path / "upper")
-    base, tuned = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_model_dir, tmp_path / "upper"))
-    changed = {name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base.state_dict()[name])}
-    assert any(name.startswith("model.layers.1.") for name in changed)
-    assert all(name.startswith(("model.layers.1.", "model.norm.")) for name in changed)
-    with pytest.raises(ExplorerError, match="frozen_layers = 2 leaves none of the model's 2 blocks"):
-        fine_tune(tiny_model_dir, examples, TuneConfig(frozen_layers=2), tmp_path / "all-frozen")
     with pytest.raises(ExplorerError, match="frozen_layers = 1 leaves none of the first trained_layers = 1"):
         TuneConfig(frozen_layers=1, trained_layers=1)
