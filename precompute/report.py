@@ -138,7 +138,7 @@ def tradeoff_section(path: Path, present: frozenset[str], findings: Findings) ->
         "ablated": points["source"] + " " + points["size"].map("{:g}".format), "directions": points["sites"],
         "toxic still refused (score > 0, 95% CI)": [Rate(int(row.n_refused), int(row.n_toxic)).text()
                                                    for row in store.rows_of(points)],
-        "KL on safe [95% CI]": [f"{row.mean_kl:.3f} [{row.kl_low:.3f}, {row.kl_high:.3f}]" for row in store.rows_of(points)],
+        "KL on safe [95% CI]": [_mean_text(row, "kl") for row in store.rows_of(points)],
         "CE of safe answers [95% CI]": [_mean_text(row, "ce") for row in store.rows_of(points)],
         "Pareto front": points["pareto"].map({True: "yes", False: ""}),
     })
@@ -152,7 +152,7 @@ def tradeoff_section(path: Path, present: frozenset[str], findings: Findings) ->
 
 
 def _mean_text(row, measure: str) -> str:
-    """`mean_<measure>` with its interval, or "not measured" for a store built before the measure was."""
+    """`mean_<measure>` with its interval, or "not measured" where it is missing (a store built before it was)."""
     mean = getattr(row, f"mean_{measure}", float("nan"))
     if pd.isna(mean):
         return "not measured"
@@ -168,9 +168,9 @@ def addition_section(path: Path, present: frozenset[str], findings: Findings) ->
     cells = sweep.assign(cell=[Rate(int(row.n_refused), int(row.n)).text() for row in store.rows_of(sweep)])
     shown = cells.pivot(index="strength", columns="kind", values="cell").reset_index()
     safe = sweep[sweep["kind"] == "safe"].set_index("strength")
-    shown["KL on safe [95% CI]"] = [f"{safe.loc[s, 'mean_kl']:.3f} [{safe.loc[s, 'kl_low']:.3f}, {safe.loc[s, 'kl_high']:.3f}]"
-                                    for s in shown["strength"]]
-    shown["CE of safe answers [95% CI]"] = [_mean_text(row, "ce") for row in store.rows_of(safe.loc[shown["strength"]])]
+    safe_rows = list(store.rows_of(safe.loc[shown["strength"]]))
+    shown["KL on safe [95% CI]"] = [_mean_text(row, "kl") for row in safe_rows]
+    shown["CE of safe answers [95% CI]"] = [_mean_text(row, "ce") for row in safe_rows]
     shown["strength"] = shown["strength"].map("{:g}".format)
     return ("## Addition strength\n\nThe chosen direction added at its layer, strength times its norm (1: the "
             "directions stage's addition), on the test prompts; refused by the refusal score (> 0).\n\n" + _table(shown))

@@ -15,7 +15,8 @@ ablates a span of directions at every layer and position, with a weight:
 Refusal is read by the refusal score (> 0) on the toxic test prompts (under the chosen direction's
 ablation it matched the substring judge on the demo's answers within a point), the side effects on the
 safe test prompts by the KL of the next-token distribution and the cross-entropy of the model's own
-unsteered answers (a seeded sample of CE_PROMPTS of them: each pass is a forward over prompt and answer). Writes `ablation_tradeoff`.
+unsteered answers (a seeded sample of CE_PROMPTS of them: each pass is a forward over prompt and
+answer). Writes `ablation_tradeoff`.
 
 The same stage asks whether the global and category directions (and RDO's, when fitted) are one
 mechanism read several times:
@@ -73,10 +74,9 @@ INDEPENDENCE_PROMPTS = 32  # safe test prompts (a seeded sample): (directions + 
 ANSWER_PROMPTS = 4  # test prompts of each kind (a seeded sample) answered at every point
 ABLATION_ANSWER_KINDS = ("toxic", "safe")  # does refusal go, and do safe answers stay intact?
 ADDITION_ANSWER_KINDS = ("safe", "hard")  # does refusal come, and what does it look like?
-# Side effects measured on the safe test prompts at every point: the next-token KL, and the cross-entropy
-# of the model's own unsteered answers (does the intervention damage what it says, not only how it starts?)
-SIDE_EFFECTS = ("kl", "answer_ce")
-CE_PROMPTS = 48  # safe test prompts (a seeded sample) whose answers' cross-entropy is read at every point
+# Safe test prompts (a seeded sample) whose answers' cross-entropy is read at every point beside the KL:
+# does the intervention damage what the model says, not only how it starts?
+CE_PROMPTS = 48
 
 
 def chosen_direction(directions: pd.DataFrame) -> pd.Series:
@@ -131,7 +131,7 @@ class TradeoffStage(Stage):
                 "cone_sizes": CONE_SIZES, "bootstrap": config.directions.bootstrap, "seed": config.directions.seed,
                 "batch_size": config.generation.batch_size, "dtype": config.generation.dtype_name,
                 "addition_alpha": config.directions.addition_alpha, "independence_prompts": INDEPENDENCE_PROMPTS,
-                "addition_strengths": ADDITION_STRENGTHS, "side_effects": SIDE_EFFECTS, "ce_prompts": CE_PROMPTS,
+                "addition_strengths": ADDITION_STRENGTHS, "ce_prompts": CE_PROMPTS,
                 "answer_prompts": ANSWER_PROMPTS, "eval_max_new_tokens": config.directions.eval_max_new_tokens,
                 **({"rdo_steps": config.directions.rdo_steps, "rdo_prompts": RDO_PROMPTS}
                    if config.directions.rdo_steps else {})}
@@ -174,6 +174,7 @@ class TradeoffStage(Stage):
         own_answers = OwnAnswers(ce_sample["text"].tolist(), answered.loc[ce_sample["id"]].tolist())
         inputs = self.inputs(config)
         upstream = {name: context.hashes[name] for name in self.upstream}
+        rdo_keys = ("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()  # the parts RDO's results enter
 
         def part(name: str, make: Callable[[], dict[str, pd.DataFrame]], *keys: str) -> dict[str, pd.DataFrame]:
             """`make()`'s frames, cached under the upstream stages and the settings `keys` it reads."""
@@ -215,8 +216,7 @@ class TradeoffStage(Stage):
                                    token_ids, batch_size=batch_size, own_answers=own_answers)
             return {"table": addition_table(sweep, n_boot=settings.bootstrap, seed=settings.seed)}
 
-        ablated = part("ablation", ablation, "weights", "cone_sizes", "bootstrap", "seed", "side_effects", "ce_prompts",
-                       *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))
+        ablated = part("ablation", ablation, "weights", "cone_sizes", "bootstrap", "seed", "ce_prompts", *rdo_keys)
 
         def answers() -> dict[str, pd.DataFrame]:
             conditions: list[tuple[str, list[Hook], tuple[str, ...]]] = [
@@ -239,13 +239,11 @@ class TradeoffStage(Stage):
         tables = {
             "ablation_tradeoff": ablated["table"],
             "direction_independence": part("independence", independence, "addition_alpha", "independence_prompts",
-                                           "bootstrap", "seed",
-                                           *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))["table"],
+                                           "bootstrap", "seed", *rdo_keys)["table"],
             "addition_tradeoff": part("addition", addition, "addition_strengths", "bootstrap", "seed",
-                                      "side_effects", "ce_prompts")["table"],
+                                      "ce_prompts")["table"],
             "tradeoff_answers": part("answers", answers, "weights", "cone_sizes", "addition_strengths",
-                                     "answer_prompts", "eval_max_new_tokens", "seed",
-                                     *(("rdo_steps", "rdo_prompts") if settings.rdo_steps else ()))["table"],
+                                     "answer_prompts", "eval_max_new_tokens", "seed", *rdo_keys)["table"],
         }
         return StageOutput(tables={name: table.assign(model=role) for name, table in tables.items()},
                            models=(config.models[role],))
