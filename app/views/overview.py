@@ -15,6 +15,7 @@ from engine.data.schema import KINDS
 from engine.data.store import rows_of
 
 SET_LABELS = {"plain_instructions": "plain instructions", "harmful_heldout": "harmful requests (held out)",
+              "advbench": "harmful requests (AdvBench sample)",
               "study_hard_test": "sounds harmful, is safe (hard test prompts)"}
 KIND_HELP = {
     "toxic": "should be refused",

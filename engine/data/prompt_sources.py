@@ -209,9 +209,7 @@ def load_refusal_direction(
                 f"{path} lacks the 'instruction' field.",
                 "use the files from refusal_direction's dataset/splits/ folder.",
             )
-        raw = raw.head(max_per_file) if max_per_file else raw
-        if sample is not None and sample < len(raw):
-            raw = raw.sample(n=sample, random_state=seed).sort_index()
+        raw = seeded_sample(raw.head(max_per_file) if max_per_file else raw, sample, seed)
         # harmful_val carries HarmBench-style categories, kept as they are; harmful_train has none.
         categories = raw.get("category", pd.Series([None] * len(raw), index=raw.index))
         frame = pd.DataFrame(
@@ -230,11 +228,37 @@ def load_refusal_direction(
     return pd.concat(tables).drop_duplicates("id", keep="first").reset_index(drop=True)
 
 
-def load_advbench(path: str | Path, *, test_fraction: float = 0.3) -> pd.DataFrame:
-    """AdvBench's harmful_behaviors.csv (`goal,target`): every goal is a toxic prompt."""
-    return load_table(
-        path, ColumnMapping(text="goal"), source="advbench", test_fraction=test_fraction
-    )
+def seeded_sample(raw: pd.DataFrame, sample: int | None, seed: int) -> pd.DataFrame:
+    """A seeded random sample of `sample` rows in file order (all of them when None or more than there are)."""
+    if sample is None or sample >= len(raw):
+        return raw
+    return raw.sample(n=sample, random_state=seed).sort_index()
+
+
+ADVBENCH_URL = "https://raw.githubusercontent.com/llm-attacks/llm-attacks/main/data/advbench/harmful_behaviors.csv"
+
+
+def advbench_file(path: str | Path) -> Path:
+    """AdvBench's harmful_behaviors.csv: `path` itself (or the file in that folder), or with `auto` a local
+    copy (engine.data.paths.public_dataset_dir) else downloaded once from the llm-attacks repository."""
+    if str(path) != "auto":
+        path = Path(path)
+        return path / "harmful_behaviors.csv" if path.is_dir() else path
+    local = public_dataset_dir("advbench")
+    if local is not None:
+        return local / "harmful_behaviors.csv"
+    return downloaded(ADVBENCH_URL, "advbench",
+                      "download data/advbench/harmful_behaviors.csv from github.com/llm-attacks/llm-attacks and set "
+                      "`path:` to it (or $REFUSAL_EXPLORER_DATASETS to the folder holding advbench/).")
+
+
+def load_advbench(path: str | Path = "auto", *, sample: int | None = None, seed: int = 0,
+                  test_fraction: float = 0.3) -> pd.DataFrame:
+    """AdvBench's harmful_behaviors.csv (`goal,target`): every goal is a toxic prompt; `sample` keeps a
+    seeded random sample of them."""
+    prompts = load_table(advbench_file(path), ColumnMapping(text="goal"), source="advbench",
+                         test_fraction=test_fraction)
+    return seeded_sample(prompts, sample, seed).reset_index(drop=True)
 
 
 def _kinds(values: dict[str, str], column: str) -> Callable[[pd.DataFrame], pd.Series]:

@@ -13,6 +13,7 @@ import pandas as pd
 from engine.data.prompt_sources import (
     BUILTIN_VARIANTS,
     REFUSAL_DIRECTION_FILES,
+    advbench_file,
     load_prompt_source,
     refusal_direction_file,
 )
@@ -55,6 +56,8 @@ def source_fingerprints(sources: Sequence[dict[str, Any]]) -> list[str]:
         if source.get("type") == "refusal_direction":
             prints.extend(fingerprint_path(refusal_direction_file(source.get("folder", "auto"), stem))
                           for stem in source.get("files", REFUSAL_DIRECTION_FILES))
+        if source.get("type") == "advbench" and str(source.get("path", "auto")) == "auto":
+            prints.append(fingerprint_path(advbench_file("auto")))  # a local copy, or the download
         for option in PATH_OPTIONS:
             value = source.get(option)
             if isinstance(value, str) and Path(value).exists():
