@@ -162,12 +162,18 @@ def refusal_direction_file(folder: str | Path, stem: str) -> Path:
     (engine.data.paths.public_dataset_dir) else downloaded once from the project's GitHub repository."""
     if str(folder) != "auto":
         return Path(folder) / f"{stem}.json"
-    local = public_dataset_dir("refusal_direction")
+    return local_or_downloaded("refusal_direction", f"{stem}.json", REFUSAL_DIRECTION_URL.format(stem),
+                               "download dataset/splits/ from github.com/andyrdt/refusal_direction and set `folder:` "
+                               "to it")
+
+
+def local_or_downloaded(dataset: str, filename: str, url: str, fix: str) -> Path:
+    """A public set's file for location `auto`: a local copy (engine.data.paths.public_dataset_dir), else
+    downloaded once from `url`; `fix` says how to get it by hand when the download fails."""
+    local = public_dataset_dir(dataset)
     if local is not None:
-        return local / f"{stem}.json"
-    return downloaded(REFUSAL_DIRECTION_URL.format(stem), "refusal_direction",
-                      "download dataset/splits/ from github.com/andyrdt/refusal_direction and set `folder:` to it "
-                      "(or $REFUSAL_EXPLORER_DATASETS to the folder holding refusal_direction/).")
+        return local / filename
+    return downloaded(url, dataset, f"{fix} (or $REFUSAL_EXPLORER_DATASETS to the folder holding {dataset}/).")
 
 
 def downloaded(url: str, dataset: str, fix: str) -> Path:
@@ -244,12 +250,9 @@ def advbench_file(path: str | Path) -> Path:
     if str(path) != "auto":
         path = Path(path)
         return path / "harmful_behaviors.csv" if path.is_dir() else path
-    local = public_dataset_dir("advbench")
-    if local is not None:
-        return local / "harmful_behaviors.csv"
-    return downloaded(ADVBENCH_URL, "advbench",
-                      "download data/advbench/harmful_behaviors.csv from github.com/llm-attacks/llm-attacks and set "
-                      "`path:` to it (or $REFUSAL_EXPLORER_DATASETS to the folder holding advbench/).")
+    return local_or_downloaded("advbench", "harmful_behaviors.csv", ADVBENCH_URL,
+                               "download data/advbench/harmful_behaviors.csv from github.com/llm-attacks/llm-attacks "
+                               "and set `path:` to it")
 
 
 def load_advbench(path: str | Path = "auto", *, sample: int | None = None, seed: int = 0,

@@ -2,8 +2,8 @@
 
 This is how over-refusal is measured on prompts the fine-tune never saw: plain instructions (for the
 demo a fixed sample of refusal_direction's `harmless_val`, Alpaca-style) and held-out harmful
-requests (`harmful_val`, and a fixed sample of AdvBench). A prompt the tune trained on or the study fits on (its train split) is left
-out of every set and counted. Writes `evaluation_generations` (per set x prompt x model) and
+requests (`harmful_val`, and a fixed sample of AdvBench). A prompt the tune trained on or the study
+fits on (its train split) is left out of every set and counted. Writes `evaluation_generations` (per set x prompt x model) and
 `evaluation_rates` (per set x model x kind, Wilson 95% intervals; with the study's own hard test
 prompts, from `generate`, as the set `study_hard_test`).
 """
