@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -127,14 +128,17 @@ class TuneResult:
     seconds: float
 
 
-def training_prompts(prompts: pd.DataFrame, plain_pool: pd.DataFrame, config: TuneConfig) -> pd.DataFrame:
+def training_prompts(prompts: pd.DataFrame, plain_pool: pd.DataFrame, config: TuneConfig,
+                     held_out: np.ndarray | None = None) -> pd.DataFrame:
     """The fine-tune's prompts: the study's (`prompts`) toxic train prompts (to be refused), its safe and hard
     train prompts, and `plain_per_toxic` safe prompts per toxic one drawn from `plain_pool` so that the
-    whole benign side opens like the toxic side (to be answered). Pool prompts that are also study prompts are left out,
-    so no prompt the study evaluates on is trained on. Columns: prompt_id, text, kind, category,
-    source."""
+    whole benign side opens like the toxic side (to be answered). Study prompts marked `held_out` (the
+    directions' validation prompts) are not trained on, nor are pool prompts that are also study prompts,
+    so no prompt the study chooses or evaluates on is trained on. Columns: prompt_id, text, kind,
+    category, source."""
     columns = {"id": "prompt_id", "text": "text", "kind": "kind", "category": "category", "source": "source"}
-    train = prompts[prompts["split"] == "train"]
+    kept = np.ones(len(prompts), dtype=bool) if held_out is None else ~held_out
+    train = prompts[(prompts["split"] == "train").to_numpy() & kept]
     toxic = train[train["kind"] == "toxic"]
     benign = train[train["kind"] != "toxic"]
     pool = plain_pool[(plain_pool["kind"] == "safe") & ~plain_pool["id"].isin(prompts["id"])].reset_index(drop=True)

@@ -8,6 +8,8 @@ import pytest
 from engine.data.prompt_forms import form_balance, matched_sample, opener, sentence_type
 from engine.data.prompt_sources import load_builtin, load_refusal_direction
 from engine.tuning import TuneConfig, training_prompts
+from precompute.config import load_config
+from precompute.stages.tune import TuneStage
 from tests.conftest import shared_dataset
 
 
@@ -68,14 +70,16 @@ def test_the_demo_tune_set_is_matched_in_form() -> None:
     than the built-in set alone."""
     folder = shared_dataset("refusal_direction")
     pool = load_refusal_direction(folder, files=("harmless_train",))
-    config = TuneConfig(plain_per_toxic=1.0, benign_sources=({"type": "refusal_direction"},))
+    study = load_config("precompute/configs/demo.yaml")
+    assert study.tune is not None
 
     def balance(variant: str, tune: TuneConfig):
-        chosen = training_prompts(load_builtin(variant=variant), pool, tune)
+        prompts = load_builtin(variant=variant)
+        chosen = training_prompts(prompts, pool, tune, held_out=TuneStage._held_out(study, prompts))
         return form_balance(list(chosen.loc[chosen["kind"] == "toxic", "text"]),
                             list(chosen.loc[chosen["kind"] != "toxic", "text"]))
 
-    demo = balance("balanced", config)
+    demo = balance("balanced", study.tune)
     before = balance("original", TuneConfig())
     assert demo.max_type_gap <= 0.12 and demo.opener_distance <= 0.25
     assert before.max_type_gap >= 0.2 and before.opener_distance >= 0.5

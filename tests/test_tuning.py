@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.data.prompts import ORBENCH_CATEGORIES as CATEGORIES
+from engine.data.prompts import direction_validation
 from engine.errors import ExplorerError
 from engine.judging.refusal_phrases import is_refusal
 from engine.runtime import models
@@ -143,6 +144,7 @@ def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, 
         "tune": {"epochs": 1, "batch_size": 4, "max_response_tokens": 4, "plain_per_toxic": 1.0,
                  "benign_sources": [{"type": "table", "path": str(plain),
                                      "mapping": {"default_category": "none", "default_kind": "safe"}}]},
+        "directions": {"validation_fraction": 0.3},
     })
     first = {r.stage: r.status for r in pipeline.run_pipeline(config, STAGES, until="tune")}
     assert first == {"prompts": "ran", "tune": "ran"}
@@ -151,9 +153,13 @@ def test_tune_stage_builds_and_caches_the_tuned_model(tmp_path, tiny_model_dir, 
     data = pipeline.store.read_table(config.store, "tune_data")
     study = pipeline.store.read_table(config.store, "prompts")
     train = study.query("split == 'train'")
+    # The directions stage chooses its direction on these train prompts: the tune must not see them.
+    validation = train[direction_validation(train["text"], 0.3)]
+    assert len(validation) and not data["prompt_id"].isin(validation["id"]).any()
+    train = train[~train["id"].isin(validation["id"])]
     n_toxic = (train["kind"] == "toxic").sum()
-    # Every toxic and benign train prompt, plus one plain instruction per toxic prompt (the tiny base
-    # model refuses nothing, so no benign answer is left out).
+    # Every other toxic and benign train prompt, plus one plain instruction per toxic prompt (the tiny
+    # base model refuses nothing, so no benign answer is left out).
     assert info["n_examples"] == len(data) == len(train) + n_toxic
     assert (data["source"] == "plain").sum() == n_toxic and (data["kind"] == "toxic").sum() == n_toxic
     assert not data["prompt_id"].isin(study.query("split == 'test'")["id"]).any()  # "Name a fruit 0" stays out

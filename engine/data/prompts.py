@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
 from engine.data.schema import KINDS
@@ -47,6 +49,12 @@ def stable_split(text: str, test_fraction: float) -> str:
     """'test' for a fixed `test_fraction` of texts chosen by hash, 'train' otherwise."""
     bucket = int(hashlib.sha256(("split:" + text.strip()).encode("utf-8")).hexdigest()[:8], 16)
     return "test" if bucket / 0xFFFFFFFF < test_fraction else "train"
+
+
+def direction_validation(texts: Iterable[str], fraction: float) -> np.ndarray:
+    """Which prompts (a fixed `fraction`, by hash) the directions stage holds out of its train split to
+    choose a direction: the tune leaves them out too, so the choice is not measured on tuned prompts."""
+    return np.array([stable_split("validation:" + text, fraction) == "test" for text in texts], dtype=bool)
 
 
 def check_category_names(categories: list[str] | tuple[str, ...], where: str) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.data.prompts import NO_CATEGORY, UNCATEGORIZED, stable_split
+from engine.data.prompts import NO_CATEGORY, UNCATEGORIZED, direction_validation
 from engine.directions.extraction import (
     GroupSums,
     SelectionRule,
@@ -209,8 +209,7 @@ class DirectionsStage(Stage):
         kind, category = prompts["kind"].to_numpy(), prompts["category"].to_numpy()
         toxic = kind == "toxic"
         train = (prompts["split"] == "train").to_numpy()
-        validation = train & np.array(
-            [stable_split("validation:" + t, settings.validation_fraction) == "test" for t in prompts["text"]])
+        validation = train & direction_validation(prompts["text"], settings.validation_fraction)
         fit = train & ~validation
         # The configured categories, else every named category with toxic prompts (in the data's order).
         wanted = (list(config.prompts.categories) if config.prompts.categories is not None

@@ -12,12 +12,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from engine.data.chunked import map_by_id
 from engine.data.paths import models_dir
 from engine.data.prompt_forms import form_balance
 from engine.data.prompt_sources import load_prompt_source
+from engine.data.prompts import direction_validation
 from engine.data.store import rows_of
 from engine.judging.refusal_phrases import is_refusal
 from engine.runtime.generation import answer_table
@@ -50,7 +52,7 @@ def built_with(input_hash: str) -> Path | None:
 
 class TuneStage(Stage):
     name = "tune"
-    version = 3
+    version = 4
     upstream = ("prompts",)
     runs_in_every_shard = False  # it saves the tuned model under data/models
 
@@ -64,7 +66,16 @@ class TuneStage(Stage):
 
     def inputs(self, config: StudyConfig) -> dict[str, Any]:
         return {"tune": config.section("tune"), "base": EMBEDDED_BASE, "dtype": config.generation.dtype_name,
-                "benign_files": source_fingerprints(config.tune.benign_sources if config.tune else ())}
+                "benign_files": source_fingerprints(config.tune.benign_sources if config.tune else ()),
+                "directions_validation": config.directions.validation_fraction if config.directions else None}
+
+    @staticmethod
+    def _held_out(config: StudyConfig, prompts: pd.DataFrame) -> np.ndarray | None:
+        """The directions' validation prompts: the direction is chosen on prompts the tune never saw, so
+        its side effects (KL) are not measured where the fine-tune fixed the answers."""
+        if config.directions is None:
+            return None
+        return direction_validation(prompts["text"], config.directions.validation_fraction)
 
     def is_fresh(self, context: StageContext) -> bool:
         info = models_dir() / str(self.tuned_spec(context.config)) / TUNE_INFO
@@ -101,7 +112,7 @@ class TuneStage(Stage):
         tune = context.config.tune
         assert tune is not None  # applies() guarantees it
         prompts = context.table("prompts").drop(columns="run_id")
-        chosen = training_prompts(prompts, self._plain_pool(tune), tune)
+        chosen = training_prompts(prompts, self._plain_pool(tune), tune, held_out=self._held_out(context.config, prompts))
         benign = chosen[chosen["kind"] != "toxic"].rename(columns={"prompt_id": "id"})
         answers = self._base_answers(context, benign)
         # A harmless prompt the base model itself refuses would teach over-refusal: leave it out.
